@@ -1,0 +1,3 @@
+from camjobs.cli import app
+
+app(prog_name="camjobs")
