@@ -1,0 +1,170 @@
+"""Read an image's bytes and turn them into the model's input, one row at a time.
+
+Each file is read and decoded on its own, so one corrupt file becomes one error row
+instead of taking a whole block down with it. The size check happens on the header,
+before any pixel is decoded, so a decompression bomb costs no memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyarrow.fs as pafs
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageInputError(Exception):
+    """An input that cannot be processed; error_type is one of schema.ERROR_CODES."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # (input_size, input_size, 3) uint8 RGB, the whole image squashed
+    width: int  # original size after EXIF orientation
+    height: int
+    content_sha256: str
+
+
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local path or any URI pyarrow.fs understands."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    return pafs.FileSystem.from_uri(uri)
+
+
+def read_bytes(source_path: str) -> bytes:
+    fs, path = open_filesystem(source_path)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ImageInputError("missing_file", f"file not found: {source_path}")
+    if info.type != pafs.FileType.File:
+        raise ImageInputError("read_error", f"not a regular file: {source_path}")
+    try:
+        with fs.open_input_stream(path) as stream:
+            data = stream.read()
+    except OSError as exc:
+        raise ImageInputError("read_error", f"could not read {source_path}: {exc}") from exc
+    if not data:
+        raise ImageInputError("empty_file", f"file is empty (0 bytes): {source_path}")
+    return data
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """RGB uint8 from any mode Pillow decodes: L, P, RGBA, CMYK, 16-bit and 32-bit grey."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        grey = np.clip(grey * (255.0 / peak), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        grey = np.asarray(image, dtype=np.float32)
+        grey = np.clip(grey * (255.0 if grey.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels composite onto black, as most viewers show a flattened image.
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "") -> np.ndarray:
+    """Decode bytes to an RGB uint8 array, EXIF orientation applied.
+
+    Raises ImageInputError(decode_error | too_large).
+    """
+    where = f" ({source})" if source else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            # Header only so far: refuse oversized images before decoding any pixel.
+            if image.width * image.height > max_pixels:
+                raise ImageInputError(
+                    "too_large",
+                    f"{image.width}x{image.height} = {image.width * image.height:,} pixels "
+                    f"is over the limit of {max_pixels:,}{where}",
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except ImageInputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError("too_large", f"{exc}{where}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageInputError("decode_error", f"not a recognised image format{where}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageInputError("decode_error", f"corrupt or truncated image{where}: {exc}") from exc
+
+
+def resize_for_model(rgb: np.ndarray, input_size: int) -> np.ndarray:
+    """The whole image squashed to input_size x input_size: no crop, so the map covers it all."""
+    height, width = rgb.shape[:2]
+    # INTER_AREA averages when shrinking (no aliasing); INTER_LINEAR when enlarging.
+    shrinking = width >= input_size and height >= input_size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    resized = cv2.resize(rgb, (input_size, input_size), interpolation=interpolation)
+    return np.ascontiguousarray(resized)
+
+
+def load_image(source_path: str, *, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Read, hash, decode and resize one image. Raises ImageInputError."""
+    data = read_bytes(source_path)
+    rgb = decode_image(data, max_pixels=max_pixels, source=source_path)
+    height, width = rgb.shape[:2]
+    return DecodedImage(
+        pixels=resize_for_model(rgb, input_size),
+        width=width,
+        height=height,
+        content_sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """The decode stage over a batch of listed inputs (a Ray Data numpy batch).
+
+    Rows already marked bad at listing time pass through; a row that fails here gets
+    its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
+    """
+    count = len(batch["image_id"])
+    pixels = np.zeros((count, input_size, input_size, 3), dtype=np.uint8)
+    width = np.zeros(count, dtype=np.int32)
+    height = np.zeros(count, dtype=np.int32)
+    sha256 = np.full(count, None, dtype=object)
+    error_type = np.array(batch["error_type"], dtype=object)
+    error_message = np.array(batch["error_message"], dtype=object)
+    for row in range(count):
+        if error_type[row] is not None:
+            continue
+        try:
+            image = load_image(str(batch["source_path"][row]), input_size=input_size, max_pixels=max_pixels)
+        except ImageInputError as exc:
+            error_type[row], error_message[row] = exc.error_type, str(exc)
+            continue
+        except Exception as exc:  # one unexpected failure must not take the batch down
+            error_type[row], error_message[row] = "decode_error", f"{type(exc).__name__}: {exc}"
+            continue
+        pixels[row], width[row], height[row], sha256[row] = image.pixels, image.width, image.height, image.content_sha256
+    return {
+        "image_id": np.asarray(batch["image_id"], dtype=object),
+        "source_path": np.asarray(batch["source_path"], dtype=object),
+        "label": np.asarray(batch["label"], dtype=object),
+        "error_type": error_type,
+        "error_message": error_message,
+        "content_sha256": sha256,
+        "width": width,
+        "height": height,
+        "pixels": pixels,
+    }

@@ -1,0 +1,204 @@
+"""`camjobs run` as a Ray Data job: list -> read+decode (CPU tasks) -> model actors -> Parquet.
+
+The stages, top to bottom:
+  layouts.list_images       the inputs, with labels and listing-time errors
+  decode.decode_batch       read bytes, hash, decode, resize (CPU tasks, one file at a time)
+  predictor.CamPredictor    predict, CAM, upsample, heatmap, boxes (an actor pool)
+  sink.CamParquetSink       cams/ and errors/ to staging, then sink.publish_run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import ray
+from ray.data import ActorPoolStrategy
+
+from camjobs import __version__
+from camjobs.config import RunConfig
+from camjobs.decode import decode_batch
+from camjobs.layouts import list_images
+from camjobs.predictor import CamPredictor, ModelSpec
+from camjobs.sink import CamParquetSink, publish_run
+from camjobs.schema import SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ERROR_BUDGET = 3
+
+DEFAULT_CPU_BATCH = 16
+DEFAULT_GPU_BATCH = 64
+DECODE_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many model actors, and what each one reserves from Ray."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int | None
+    batch_size: int
+
+
+def plan_actors(cfg: RunConfig, cluster: dict) -> ActorPlan:
+    """Size the actor pool from the cluster's resources.
+
+    CPU actors must leave CPUs to the read/decode and write tasks, or the pipeline
+    starves and hangs; each reserves at most half of the CPUs, and sets its torch
+    threads itself (Ray would pin it to its reservation, often one thread).
+    """
+    total_cpus = float(cluster.get("CPU", os.cpu_count() or 1))
+    total_gpus = float(cluster.get("GPU", 0))
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if total_gpus > 0 else 0.0)
+    if gpus_per_actor > 0:
+        if total_gpus < gpus_per_actor:
+            raise ValueError(f"--gpus-per-actor {gpus_per_actor} but the cluster has {total_gpus:g} GPUs")
+        actors = cfg.actors or max(1, int(total_gpus // gpus_per_actor))
+        return ActorPlan(actors, 1.0, gpus_per_actor, None, cfg.batch_size or DEFAULT_GPU_BATCH)
+    actors = cfg.actors or 1
+    cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
+    threads = max(1, int(total_cpus // actors))
+    return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or DEFAULT_CPU_BATCH)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a local one."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=True)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    summary: dict
+    summary_path: str
+    exit_code: int
+    message: str
+
+
+def run_job(cfg: RunConfig) -> RunResult:
+    started = time.time()
+    run_id = new_run_id()
+    listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks)
+    spec = ModelSpec(cfg.checkpoint, cfg.model, tuple(cfg.classes) if cfg.classes else None, cfg.weights, cfg.input_size)
+    # Load once here too: a bad checkpoint fails now, with its message, not inside actors.
+    model = spec.load()
+    listed = time.time()
+    log.info("%d inputs (%s layout), model %s (%s)", len(listing.records), listing.layout, model.arch, model.model_sha256[:12])
+
+    init_ray(cfg.address)
+    plan = plan_actors(cfg, ray.cluster_resources())
+    log.info("%d model actor(s), %g CPU / %g GPU each, batch %d", plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size)
+    ray_ready = time.time()
+
+    rows = [dataclasses.asdict(record) for record in listing.records]
+    for row in rows:
+        row.pop("mask_path", None)
+    sink = CamParquetSink(cfg.output, run_id)
+    if rows:
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH, 1000)))
+        dataset = dataset.map_batches(
+            decode_batch,
+            fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels},
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            num_cpus=0.5,
+        )
+        dataset = dataset.map_batches(
+            CamPredictor,
+            fn_constructor_args=(spec,),
+            fn_constructor_kwargs={
+                "method": cfg.method,
+                "threshold": cfg.threshold,
+                "target": cfg.target,
+                "run_id": run_id,
+                "torch_threads": plan.torch_threads,
+            },
+            batch_size=plan.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=plan.actors),
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+        )
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    finished = time.time()
+
+    stats = sink.stats
+    processed = stats.processed if stats else 0
+    errors = stats.errors if stats else 0
+    inputs = len(rows)
+    summary = {
+        "run_id": run_id,
+        "schema_version": SCHEMA_VERSION,
+        "status": "completed",
+        "config": cfg.to_dict(),
+        "layout": listing.layout,
+        "model": {
+            "arch": model.arch,
+            "classes": list(model.classes),
+            "input_size": model.input_size,
+            "mean": list(model.mean),
+            "std": list(model.std),
+            "model_sha256": model.model_sha256,
+        },
+        "versions": library_versions(),
+        "counts": {"inputs": inputs, "processed": processed, "skipped": 0, "errors": errors},
+        "error_types": dict(stats.error_types) if stats else {},
+        "rows_per_node": dict(stats.rows_per_node) if stats else {},
+        "actors": dataclasses.asdict(plan),
+        "timings": {
+            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "list_and_load_s": round(listed - started, 3),
+            "ray_init_s": round(ray_ready - listed, 3),
+            "pipeline_s": round(finished - ray_ready, 3),
+            "total_s": round(finished - started, 3),
+        },
+        "throughput": {
+            "images_per_s": round(inputs / (finished - started), 3) if inputs else 0.0,
+            "pipeline_images_per_s": round(inputs / (finished - ray_ready), 3) if inputs else 0.0,
+        },
+    }
+    # Every input ends up exactly once in cams or errors; anything else is a bug, loudly.
+    if processed + errors != inputs:
+        raise RuntimeError(f"lost rows: {inputs} inputs but {processed} processed + {errors} errors; run {run_id} not published")
+    summary_path = publish_run(cfg.output, run_id, summary)
+    exit_code, message = EXIT_OK, f"{processed} processed, {errors} errors"
+    if inputs and errors / inputs > cfg.max_error_fraction:
+        exit_code = EXIT_ERROR_BUDGET
+        message += f": error fraction {errors / inputs:.1%} is over --max-error-fraction {cfg.max_error_fraction:.1%}"
+    return RunResult(run_id, summary, summary_path, exit_code, message)
+
+
+def library_versions() -> dict[str, str]:
+    import cv2
+    import numpy
+    import pyarrow
+    import torch
+    import torchvision
+
+    return {
+        "camjobs": __version__,
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pyarrow": pyarrow.__version__,
+        "numpy": numpy.__version__,
+        "opencv": cv2.__version__,
+    }

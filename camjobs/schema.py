@@ -1,0 +1,82 @@
+"""The output contract: Arrow schemas of DIR/cams and DIR/errors, and the error codes.
+
+Readers (pandas.read_parquet, pyarrow.dataset, camjobs' own evaluate/export) rely on
+these column names and types; change them only together with SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Short codes written to errors.error_type. Listing-time codes come from camjobs.layouts,
+# read/decode codes from camjobs.decode, the last one from the model actor.
+ERROR_CODES = {
+    "missing_file": "the metadata names a file that does not exist",
+    "invalid_path": "the id or path would leave the dataset root (../, absolute, symlink outside)",
+    "duplicate_id": "a second file with an image_id that is already taken",
+    "empty_file": "the file has zero bytes",
+    "read_error": "the file exists but could not be read (permissions, I/O error)",
+    "decode_error": "not a decodable image: corrupt, truncated, or another format behind an image extension",
+    "too_large": "more pixels than --max-pixels (decompression bomb guard), checked before decoding",
+    "model_error": "the model stage failed on this image (e.g. non-finite activations)",
+}
+
+BOX_TYPE = pa.struct(
+    [
+        ("x_min", pa.float32()),
+        ("y_min", pa.float32()),
+        ("x_max", pa.float32()),
+        ("y_max", pa.float32()),
+        ("score", pa.float32()),
+    ]
+)
+
+CAMS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_path", pa.string()),
+        ("content_sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("label", pa.string()),
+        ("pred_index", pa.int32()),
+        ("pred_label", pa.string()),
+        ("pred_score", pa.float32()),
+        ("target_index", pa.int32()),
+        ("target_label", pa.string()),
+        ("method", pa.string()),
+        ("cam", pa.list_(pa.float32())),
+        ("cam_height", pa.int32()),
+        ("cam_width", pa.int32()),
+        ("heatmap_png", pa.binary()),
+        ("threshold", pa.float32()),
+        ("boxes", pa.list_(BOX_TYPE)),
+        ("model_sha256", pa.string()),
+        ("input_size", pa.int32()),
+        ("run_id", pa.string()),
+        ("schema_version", pa.int32()),
+    ],
+    metadata={"camjobs.schema_version": str(SCHEMA_VERSION)},
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_path", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("run_id", pa.string()),
+        ("schema_version", pa.int32()),
+    ],
+    metadata={"camjobs.schema_version": str(SCHEMA_VERSION)},
+)
+
+# What flows out of the model actor into the sink: every column of both tables (an
+# error row has nulls in the cam columns), plus the node that did the work.
+RESULT_SCHEMA = pa.schema(
+    list(CAMS_SCHEMA)
+    + [f for f in ERRORS_SCHEMA if f.name not in CAMS_SCHEMA.names]
+    + [pa.field("node_id", pa.string())]
+)

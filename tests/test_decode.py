@@ -1,0 +1,118 @@
+"""Reading and decoding: awkward-but-valid images decode right, bad ones get the right code."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from camjobs.decode import ImageInputError, decode_batch, decode_image, load_image, resize_for_model
+
+
+def _jpeg(array: np.ndarray, **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95, **save)
+    return buffer.getvalue()
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), np.full_like(x, 128)], axis=2).astype(np.uint8)
+
+
+def test_exif_orientation_swaps_width_and_height():
+    array = _gradient(40, 100)  # stored landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    rgb = decode_image(_jpeg(array, exif=exif))
+    assert rgb.shape == (100, 40, 3)  # displayed portrait
+    # Clockwise: the stored top-left corner ends up top-right.
+    assert np.abs(rgb[0, -1].astype(int) - array[0, 0].astype(int)).max() < 12
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P"])
+def test_other_modes_decode_to_rgb(mode, tmp_path):
+    array = _gradient(30, 50)
+    image = Image.fromarray(array).convert(mode)
+    path = tmp_path / f"x.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
+    image.save(path)
+    rgb = decode_image(path.read_bytes())
+    assert rgb.shape == (30, 50, 3) and rgb.dtype == np.uint8
+    expected = np.asarray(image.convert("RGB")).astype(int)
+    assert np.abs(rgb.astype(int) - expected).mean() < 3
+
+
+def test_16_bit_png_scales_to_8_bits(tmp_path):
+    grey16 = (np.linspace(0, 65535, 64 * 32).reshape(32, 64)).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    cv2.imwrite(str(path), grey16)
+    rgb = decode_image(path.read_bytes())
+    assert rgb.shape == (32, 64, 3)
+    expected = (grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.abs(rgb[:, :, 0].astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_bad_inputs_get_their_codes(tmp_path):
+    good = _jpeg(_gradient(64, 64))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.jpg").write_bytes(b"this is not an image\n" * 10)
+    expectations = {"empty.jpg": "empty_file", "truncated.jpg": "decode_error", "text.jpg": "decode_error", "gone.jpg": "missing_file"}
+    for name, code in expectations.items():
+        with pytest.raises(ImageInputError) as caught:
+            load_image(str(tmp_path / name), input_size=32)
+        assert caught.value.error_type == code, name
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path):
+    # A 20000x20000 PNG of zeros compresses to a few hundred KB but would need 1.2 GB decoded.
+    path = tmp_path / "bomb.png"
+    Image.new("L", (20000, 20000)).save(path, optimize=False)
+    with pytest.raises(ImageInputError) as caught:
+        load_image(str(path), input_size=32, max_pixels=100_000_000)
+    assert caught.value.error_type == "too_large"
+    with pytest.raises(ImageInputError) as small_limit:
+        decode_image(_jpeg(_gradient(64, 64)), max_pixels=64 * 64 - 1)
+    assert small_limit.value.error_type == "too_large"
+
+
+def test_load_image_hashes_bytes_and_resizes_whole_image(tmp_path):
+    import hashlib
+
+    data = _jpeg(_gradient(90, 120))
+    path = tmp_path / "Ünïcode name.JPG"
+    path.write_bytes(data)
+    image = load_image(str(path), input_size=48)
+    assert (image.width, image.height) == (120, 90)
+    assert image.content_sha256 == hashlib.sha256(data).hexdigest()
+    assert image.pixels.shape == (48, 48, 3)
+    expected = cv2.resize(decode_image(data), (48, 48), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(image.pixels, expected)
+    # The whole image is kept, no crop: left edge dark red channel, right edge bright.
+    assert image.pixels[:, 0, 0].mean() < 20 and image.pixels[:, -1, 0].mean() > 235
+
+
+def test_upscaling_small_images_uses_linear():
+    small = _gradient(10, 10)
+    np.testing.assert_array_equal(resize_for_model(small, 32), cv2.resize(small, (32, 32), interpolation=cv2.INTER_LINEAR))
+
+
+def test_decode_batch_keeps_every_row(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(_jpeg(_gradient(20, 30)))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    batch = {
+        "image_id": np.array(["ok", "bad", "listed"], dtype=object),
+        "source_path": np.array([str(tmp_path / "ok.jpg"), str(tmp_path / "bad.jpg"), "/nowhere"], dtype=object),
+        "label": np.array(["nv", None, None], dtype=object),
+        "error_type": np.array([None, None, "invalid_path"], dtype=object),
+        "error_message": np.array([None, None, "escapes root"], dtype=object),
+    }
+    out = decode_batch(batch, input_size=16)
+    assert list(out["error_type"]) == [None, "decode_error", "invalid_path"]
+    assert out["error_message"][2] == "escapes root"
+    assert out["pixels"].shape == (3, 16, 16, 3)
+    assert (out["width"][0], out["height"][0]) == (30, 20)
+    assert out["content_sha256"][0] is not None and out["content_sha256"][1] is None

@@ -1,0 +1,89 @@
+"""Upsampling, heatmap and boxes against independent implementations."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import cv2
+import numpy as np
+import torch
+
+from camjobs.localize import boxes_from_normalized, heatmap_uint8, localize, normalized, upsample
+
+
+def components_by_flood_fill(mask: np.ndarray) -> list[tuple[int, int, int, int, int]]:
+    """Oracle: 8-connected components by breadth-first search -> (area, x0, y0, x1, y1, pixels)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    found = []
+    height, width = mask.shape
+    for sy, sx in zip(*np.nonzero(mask)):
+        if seen[sy, sx]:
+            continue
+        queue, pixels = deque([(sy, sx)]), []
+        seen[sy, sx] = True
+        while queue:
+            y, x = queue.popleft()
+            pixels.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        ys, xs = zip(*pixels)
+        found.append((len(pixels), min(xs), min(ys), max(xs) + 1, max(ys) + 1, (np.array(ys), np.array(xs))))
+    return sorted(found, key=lambda c: -c[0])
+
+
+def test_upsample_matches_opencv_bilinear():
+    cam = torch.randn(7, 9)
+    upsampled = upsample(cam, 50, 80).numpy()
+    expected = cv2.resize(cam.numpy(), (80, 50), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(upsampled, expected, atol=1e-4)
+
+
+def test_heatmap_is_rounded_fraction_of_peak():
+    norm = normalized(torch.tensor([[-1.0, 0.0, 0.5], [1.0, 2.0, 4.0]]))
+    np.testing.assert_array_equal(heatmap_uint8(norm), [[0, 0, 32], [64, 128, 255]])
+
+
+def test_boxes_are_components_largest_first_with_mean_score():
+    rng = np.random.default_rng(3)
+    cam = torch.from_numpy(rng.normal(size=(6, 8)).astype(np.float32))
+    norm = normalized(upsample(cam, 60, 90))
+    boxes = boxes_from_normalized(norm, 0.2)
+    mask = norm.numpy() >= 0.2
+    oracle = components_by_flood_fill(mask)
+    assert len(boxes) == len(oracle) >= 2
+    for box, (area, *_rest) in zip(boxes, oracle):
+        assert (box.x_max - box.x_min) * (box.y_max - box.y_min) >= area
+    # Largest first; equal areas may come in either order, so compare the largest exactly.
+    assert (boxes[0].x_min, boxes[0].y_min, boxes[0].x_max, boxes[0].y_max) == oracle[0][1:5]
+    # score: mean of U / max U over the component's own pixels.
+    assert abs(boxes[0].score - float(norm.numpy()[oracle[0][5]].mean())) < 1e-5
+    assert all(0.2 <= b.score <= 1.0 for b in boxes)
+
+
+def test_box_convention_is_exclusive_and_in_bounds():
+    cam = torch.zeros(4, 4)
+    cam[1, 2] = 1.0
+    located = localize(cam, 40, 40, 0.2)
+    box = located.boxes[0]
+    assert 0 <= box.x_min < box.x_max <= 40 and 0 <= box.y_min < box.y_max <= 40
+    region = located.heatmap >= 51
+    ys, xs = np.nonzero(region)
+    # heatmap >= 51 is (up to rounding) the thresholded region; its extent is the box.
+    assert abs(xs.min() - box.x_min) <= 1 and abs(xs.max() + 1 - box.x_max) <= 1
+    assert abs(ys.min() - box.y_min) <= 1 and abs(ys.max() + 1 - box.y_max) <= 1
+
+
+def test_no_positive_evidence_means_no_boxes():
+    for cam in (torch.zeros(3, 3), -torch.ones(3, 3)):
+        located = localize(cam, 10, 12)
+        assert located.boxes == [] and located.heatmap.shape == (10, 12) and located.heatmap.max() == 0
+
+
+def test_whole_map_above_threshold_is_one_full_box():
+    located = localize(torch.ones(5, 5), 30, 20)
+    assert [(b.x_min, b.y_min, b.x_max, b.y_max) for b in located.boxes] == [(0, 0, 20, 30)]
+    assert abs(located.boxes[0].score - 1.0) < 1e-6
