@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -132,19 +133,21 @@ def load_image(source_path: str, *, input_size: int, max_pixels: int = DEFAULT_M
     )
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     """The decode stage over a batch of listed inputs (a Ray Data numpy batch).
 
     Rows already marked bad at listing time pass through; a row that fails here gets
     its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
+    The result is an Arrow table with explicit types: a column of nothing but nulls
+    must stay a string column, or the next stage would see NaNs.
     """
     count = len(batch["image_id"])
     pixels = np.zeros((count, input_size, input_size, 3), dtype=np.uint8)
     width = np.zeros(count, dtype=np.int32)
     height = np.zeros(count, dtype=np.int32)
-    sha256 = np.full(count, None, dtype=object)
-    error_type = np.array(batch["error_type"], dtype=object)
-    error_message = np.array(batch["error_message"], dtype=object)
+    sha256: list[str | None] = [None] * count
+    error_type = list(batch["error_type"])
+    error_message = list(batch["error_message"])
     for row in range(count):
         if error_type[row] is not None:
             continue
@@ -157,14 +160,16 @@ def decode_batch(batch: dict[str, np.ndarray], *, input_size: int, max_pixels: i
             error_type[row], error_message[row] = "decode_error", f"{type(exc).__name__}: {exc}"
             continue
         pixels[row], width[row], height[row], sha256[row] = image.pixels, image.width, image.height, image.content_sha256
-    return {
-        "image_id": np.asarray(batch["image_id"], dtype=object),
-        "source_path": np.asarray(batch["source_path"], dtype=object),
-        "label": np.asarray(batch["label"], dtype=object),
+    strings = {
+        "image_id": list(batch["image_id"]),
+        "source_path": list(batch["source_path"]),
+        "label": list(batch["label"]),
         "error_type": error_type,
         "error_message": error_message,
         "content_sha256": sha256,
-        "width": width,
-        "height": height,
-        "pixels": pixels,
     }
+    columns = {name: pa.array(values, pa.string()) for name, values in strings.items()}
+    columns["width"] = pa.array(width, pa.int32())
+    columns["height"] = pa.array(height, pa.int32())
+    columns["pixels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
+    return pa.table(columns)

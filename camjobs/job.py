@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -27,7 +28,7 @@ from camjobs.decode import decode_batch
 from camjobs.layouts import list_images
 from camjobs.predictor import CamPredictor, ModelSpec
 from camjobs.sink import CamParquetSink, publish_run
-from camjobs.schema import SCHEMA_VERSION
+from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,15 @@ def plan_actors(cfg: RunConfig, cluster: dict) -> ActorPlan:
     return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or DEFAULT_CPU_BATCH)
 
 
+def listing_blocks(records: list, rows_per_block: int = 4 * DECODE_BATCH, max_blocks: int = 1000) -> list[pa.Table]:
+    """The listing as typed Arrow blocks: typed, so an all-null column stays a string column."""
+    table = pa.Table.from_pylist(
+        [{name: getattr(record, name) for name in LISTING_SCHEMA.names} for record in records], schema=LISTING_SCHEMA
+    )
+    rows_per_block = max(rows_per_block, -(-table.num_rows // max_blocks))
+    return [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -107,12 +117,10 @@ def run_job(cfg: RunConfig) -> RunResult:
     log.info("%d model actor(s), %g CPU / %g GPU each, batch %d", plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size)
     ray_ready = time.time()
 
-    rows = [dataclasses.asdict(record) for record in listing.records]
-    for row in rows:
-        row.pop("mask_path", None)
+    inputs = len(listing.records)
     sink = CamParquetSink(cfg.output, run_id)
-    if rows:
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH, 1000)))
+    if inputs:
+        dataset = ray.data.from_arrow(listing_blocks(listing.records))
         dataset = dataset.map_batches(
             decode_batch,
             fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels},
@@ -142,7 +150,6 @@ def run_job(cfg: RunConfig) -> RunResult:
     stats = sink.stats
     processed = stats.processed if stats else 0
     errors = stats.errors if stats else 0
-    inputs = len(rows)
     summary = {
         "run_id": run_id,
         "schema_version": SCHEMA_VERSION,

@@ -73,6 +73,11 @@ ERRORS_SCHEMA = pa.schema(
     metadata={"camjobs.schema_version": str(SCHEMA_VERSION)},
 )
 
+# What the listing stage hands to the decode stage (camjobs.layouts.ImageRecord).
+LISTING_SCHEMA = pa.schema(
+    [(name, pa.string()) for name in ("image_id", "source_path", "label", "error_type", "error_message")]
+)
+
 # What flows out of the model actor into the sink: every column of both tables (an
 # error row has nulls in the cam columns), plus the node that did the work.
 RESULT_SCHEMA = pa.schema(

@@ -1,0 +1,384 @@
+"""Tests for camjobs.layouts: one reader test per public layout, the real ISIC 2017 sample, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from camjobs import layouts
+from camjobs.layouts import LAYOUTS, DatasetListing, LayoutError, detect_layout, list_images
+from layout_fixtures import (
+    make_folder,
+    make_ham10000,
+    make_isic2017,
+    make_isic2018,
+    make_isic2019,
+    make_isic2020,
+    write_csv,
+    write_image,
+)
+
+ISIC2017_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/isic2017-sample"
+
+
+def by_id(listing: DatasetListing) -> dict:
+    return {r.image_id: r for r in listing.records}
+
+
+def errors(listing: DatasetListing) -> dict[str, str]:
+    return {r.image_id: r.error_type for r in listing.records if r.error_type}
+
+
+def assert_matches_fixture(listing: DatasetListing, info) -> None:
+    """The listing holds exactly the fixture's images, with their labels, paths and masks, no errors."""
+    assert listing.layout == info.layout
+    assert listing.classes == info.classes
+    assert [r.image_id for r in listing.records] == info.image_ids  # sorted, one per image
+    for record in listing.records:
+        assert record.error_type is None and record.error_message is None, record
+        assert record.label == info.labels[record.image_id]
+        assert record.source_path == str(info.paths[record.image_id])
+        assert os.path.isabs(record.source_path)
+        mask = info.masks.get(record.image_id)
+        assert record.mask_path == (str(mask) if mask else None)
+    listed = {r.source_path for r in listing.records}
+    assert not listed & {str(p) for p in info.decoys}
+
+
+# --------------------------------------------------------------------------- one test per layout
+def test_layout_names():
+    assert LAYOUTS == ("ham10000", "isic2017", "isic2018", "isic2019", "isic2020", "folder")
+    assert issubclass(LayoutError, ValueError)
+
+
+def test_ham10000(tmp_path):
+    info = make_ham10000(tmp_path, n=9, n_masks=3, dataset_column=True)
+    assert detect_layout(str(tmp_path)) == "ham10000"
+    listing = list_images(str(tmp_path))
+    assert listing.root == str(tmp_path)
+    assert len(listing.records) == 9
+    assert_matches_fixture(listing, info)
+    # images come from both parts; labels cover the whole vocabulary
+    assert {Path(r.source_path).parent.name for r in listing.records} == {"HAM10000_images_part_1", "HAM10000_images_part_2"}
+    assert Counter(r.label for r in listing.records)["akiec"] == 2
+    assert sum(r.mask_path is not None for r in listing.records) == 3
+
+
+def test_ham10000_alternative_part_dir_names(tmp_path):
+    info = make_ham10000(tmp_path, n=4, n_masks=0, part_dirs=("HAM10000_images_part1", "HAM10000_images_part2"))
+    assert_matches_fixture(list_images(str(tmp_path)), info)
+
+
+def test_isic2017_all_splits(tmp_path):
+    train = make_isic2017(tmp_path, n=6, split="Training", n_masks=4)
+    val = make_isic2017(tmp_path, n=3, split="Validation", start=100)
+    test = make_isic2017(tmp_path, n=3, split="Test_v2", start=200, n_masks=0)
+    assert detect_layout(str(tmp_path)) == "isic2017"
+    listing = list_images(str(tmp_path))
+    assert len(listing.records) == 12  # the 12 _superpixels.png decoys are not records
+    info = train
+    for other in (val, test):
+        info.labels |= other.labels
+        info.paths |= other.paths
+        info.masks |= other.masks
+        info.decoys += other.decoys
+    assert_matches_fixture(listing, info)
+    assert Counter(r.label for r in listing.records) == {"melanoma": 4, "seborrheic_keratosis": 4, "nevus": 4}
+    assert sum(r.mask_path is not None for r in listing.records) == 4 + 3 + 0
+
+
+def test_isic2018(tmp_path):
+    info = make_isic2018(tmp_path, n=7, n_masks=2)
+    assert detect_layout(str(tmp_path)) == "isic2018"
+    listing = list_images(str(tmp_path))
+    assert_matches_fixture(listing, info)
+    assert [r.label for r in listing.records] == ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+
+
+def test_isic2018_ground_truth_inside_its_folder(tmp_path):
+    info = make_isic2018(tmp_path, n=3, gt_in_folder=True)
+    assert (tmp_path / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv").is_file()
+    assert_matches_fixture(list_images(str(tmp_path)), info)
+
+
+def test_isic2019_downsampled_ids(tmp_path):
+    info = make_isic2019(tmp_path, n=9)
+    assert detect_layout(str(tmp_path)) == "isic2019"
+    listing = list_images(str(tmp_path))
+    assert_matches_fixture(listing, info)
+    assert by_id(listing)["ISIC_0000000_downsampled"].label == "MEL"
+    assert by_id(listing)["ISIC_0000008"].label == "UNK"
+    assert listing.classes == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_isic2020(tmp_path, v2):
+    info = make_isic2020(tmp_path, n=6, v2=v2)
+    assert detect_layout(str(tmp_path)) == "isic2020"
+    listing = list_images(str(tmp_path))
+    assert_matches_fixture(listing, info)
+    assert Counter(r.label for r in listing.records) == {"benign": 4, "malignant": 2}
+
+
+def test_folder_names_spaces_unicode_and_case(tmp_path):
+    info = make_folder(tmp_path)
+    assert detect_layout(str(tmp_path)) == "folder"
+    listing = list_images(str(tmp_path))
+    assert_matches_fixture(listing, info)
+    assert [r.image_id for r in listing.records] == [
+        "a", "b", "c", "sub dir/deeper/x", "sub dir/Ünïcode name", "z/ISIC_0024306"]
+    assert listing.classes == []
+
+
+def test_explicit_layout_and_wrapping_folder(tmp_path):
+    info = make_ham10000(tmp_path / "skin-cancer-mnist-ham10000", n=3, n_masks=1)
+    assert detect_layout(str(tmp_path)) == "ham10000"
+    listing = list_images(str(tmp_path), "ham10000")
+    assert listing.root == str(tmp_path)
+    assert_matches_fixture(listing, info)
+    # forcing "folder" on the same tree lists every image file with a relative id, no labels
+    as_folder = list_images(str(tmp_path), "folder")
+    assert len(as_folder.records) == 3 + 1  # three images and one mask
+    assert all(r.label is None for r in as_folder.records)
+
+
+def test_relative_path_and_file_uri(tmp_path, monkeypatch):
+    info = make_isic2020(tmp_path / "data", n=2)
+    monkeypatch.chdir(tmp_path)
+    assert_matches_fixture(list_images("data"), info)
+    assert_matches_fixture(list_images(f"file://{tmp_path}/data"), info)
+
+
+@pytest.fixture
+def fake_s3(tmp_path, monkeypatch):
+    """Serve tmp_path/<bucket>/... as s3://<bucket>/... through a non-local pyarrow file system."""
+    def from_uri(uri):
+        assert uri.startswith("s3://"), uri
+        return pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), uri[len("s3://"):]
+    fake_pafs = types.SimpleNamespace(**{**vars(pafs), "FileSystem": types.SimpleNamespace(from_uri=from_uri)})
+    monkeypatch.setattr(layouts, "pafs", fake_pafs)
+    return tmp_path
+
+
+def test_remote_filesystem_paths_keep_the_scheme(fake_s3):
+    make_isic2017(fake_s3 / "bucket" / "isic", n=3, n_masks=1)
+    listing = list_images("s3://bucket/isic")
+    assert listing.layout == "isic2017" and listing.root == "s3://bucket/isic"
+    assert [(r.image_id, r.source_path, r.label) for r in listing.records] == [
+        ("ISIC_0000000", "s3://bucket/isic/ISIC-2017_Training_Data/ISIC_0000000.jpg", "melanoma"),
+        ("ISIC_0000001", "s3://bucket/isic/ISIC-2017_Training_Data/ISIC_0000001.jpg", "seborrheic_keratosis"),
+        ("ISIC_0000002", "s3://bucket/isic/ISIC-2017_Training_Data/ISIC_0000002.jpg", "nevus"),
+    ]
+    assert [r.mask_path for r in listing.records] == [
+        "s3://bucket/isic/ISIC-2017_Training_Part1_GroundTruth/ISIC_0000000_segmentation.png", None, None]
+
+    make_folder(fake_s3 / "bucket" / "plain")
+    folder = list_images("s3://bucket/plain")
+    assert folder.layout == "folder"
+    assert [r.image_id for r in folder.records] == [
+        "a", "b", "c", "sub dir/deeper/x", "sub dir/Ünïcode name", "z/ISIC_0024306"]
+    assert by_id(folder)["sub dir/Ünïcode name"].source_path == "s3://bucket/plain/sub dir/Ünïcode name.jpg"
+
+
+def test_does_not_import_ray_or_torch():
+    code = "import sys, camjobs.layouts; assert not {'ray', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- the real ISIC 2017 sample
+def test_isic2017_real_sample():
+    if not ISIC2017_SAMPLE.is_dir():
+        pytest.skip(f"{ISIC2017_SAMPLE} not present")
+    with open(ISIC2017_SAMPLE / "ISIC-2017_Training_Part3_GroundTruth.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = {}
+    for row in rows:
+        mel, sk = float(row["melanoma"]), float(row["seborrheic_keratosis"])
+        expected[row["image_id"]] = "melanoma" if mel else "seborrheic_keratosis" if sk else "nevus"
+    assert Counter(expected.values()) == {"nevus": 83, "seborrheic_keratosis": 40, "melanoma": 27}
+
+    assert detect_layout(str(ISIC2017_SAMPLE)) == "isic2017"
+    listing = list_images(str(ISIC2017_SAMPLE))
+    assert listing.layout == "isic2017"
+    assert len(listing.records) == 150
+    assert {r.image_id: r.label for r in listing.records} == expected
+    for record in listing.records:
+        assert record.error_type is None
+        assert Path(record.source_path).is_file()
+        assert record.source_path.endswith(f"ISIC-2017_Training_Data/{record.image_id}.jpg")
+        assert record.mask_path and Path(record.mask_path).is_file()
+        assert Path(record.mask_path).name == f"{record.image_id}_segmentation.png"
+
+
+# --------------------------------------------------------------------------- bad inputs
+def test_missing_file_named_by_metadata(tmp_path):
+    info = make_ham10000(tmp_path, n=4)
+    info.paths["ISIC_0024307"].unlink()
+    listing = list_images(str(tmp_path))
+    assert len(listing.records) == 4
+    record = by_id(listing)["ISIC_0024307"]
+    assert record.error_type == "missing_file"
+    assert record.label == info.labels["ISIC_0024307"]
+    assert "HAM10000_images_part_1/ISIC_0024307.jpg" in record.error_message
+    assert "HAM10000_images_part_2/ISIC_0024307.jpg" in record.error_message
+    assert errors(listing) == {"ISIC_0024307": "missing_file"}
+
+
+@pytest.mark.parametrize("bad_id", ["..", "../outside", "../../etc/passwd", "/etc/passwd", "sub/../x", "a\\b", "a\0b", "C:\\x"])
+def test_metadata_ids_escaping_the_root_are_invalid(tmp_path, bad_id):
+    make_isic2018(tmp_path, n=2, n_masks=0)
+    write_image(tmp_path / "outside.jpg")  # would be found if ../outside were resolved
+    gt = tmp_path / "ISIC2018_Task3_Training_GroundTruth.csv"
+    with open(gt, "a", newline="") as f:
+        csv.writer(f).writerow([bad_id, 1, 0, 0, 0, 0, 0, 0])
+    listing = list_images(str(tmp_path))
+    assert len(listing.records) == 3
+    record = by_id(listing)[bad_id]
+    assert record.error_type == "invalid_path"
+    assert record.source_path == ""
+    assert record.label == "MEL"
+    assert errors(listing) == {bad_id: "invalid_path"}
+
+
+def test_empty_metadata_id_is_invalid_not_dropped(tmp_path):
+    make_isic2020(tmp_path, n=2)
+    with open(tmp_path / "ISIC_2020_Training_GroundTruth.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["", "IP_1", "male", 40, "torso", "nevus", "benign", 0])
+    listing = list_images(str(tmp_path))
+    assert len(listing.records) == 3
+    assert list(errors(listing).values()) == ["invalid_path"]
+
+
+def test_symlink_outside_root(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    info = make_isic2019(root, n=3)
+    target = write_image(outside / "secret.jpg")
+    info.paths["ISIC_0000001"].unlink()
+    info.paths["ISIC_0000001"].symlink_to(target)
+
+    listing = list_images(str(root))
+    assert len(listing.records) == 3
+    record = by_id(listing)["ISIC_0000001"]
+    assert record.error_type == "invalid_path"
+    assert "symlink outside the dataset root; use --follow-symlinks to allow" in record.error_message
+    assert errors(listing) == {"ISIC_0000001": "invalid_path"}
+
+    allowed = list_images(str(root), follow_symlinks=True)
+    assert errors(allowed) == {}
+    assert by_id(allowed)["ISIC_0000001"].label == "NV"
+
+
+def test_symlinks_inside_root_are_fine_and_folder_links_are_checked(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    write_image(root / "real" / "a.jpg")
+    (root / "alias.jpg").symlink_to(root / "real" / "a.jpg")  # file link inside the root: allowed
+    (root / "loop").symlink_to(root)  # a folder loop must not multiply the listing
+    (root / "alias_dir").symlink_to(root / "real")  # an aliased folder is listed once, by its real name
+    write_image(outside / "x.jpg")
+    (root / "linked").symlink_to(outside)  # a folder outside the root
+    listing = list_images(str(root))
+    assert sorted(by_id(listing)) == ["alias", "linked/x", "real/a"]
+    assert errors(listing) == {"linked/x": "invalid_path"}
+    assert errors(list_images(str(root), follow_symlinks=True)) == {}
+
+
+def test_duplicate_ids_across_ham_parts(tmp_path):
+    info = make_ham10000(tmp_path, n=4)
+    copy = tmp_path / "HAM10000_images_part_2" / "ISIC_0024306.jpg"
+    assert info.paths["ISIC_0024306"].parent.name == "HAM10000_images_part_1"
+    copy.write_bytes(info.paths["ISIC_0024306"].read_bytes())
+    listing = list_images(str(tmp_path))
+    assert len(listing.records) == 5
+    ids = [r.image_id for r in listing.records]
+    assert len(set(ids)) == len(ids)
+    first, second = by_id(listing)["ISIC_0024306"], by_id(listing)["ISIC_0024306#2"]
+    assert first.error_type is None and first.source_path == str(info.paths["ISIC_0024306"])
+    assert second.error_type == "duplicate_id" and second.source_path == str(copy)
+    assert second.label == first.label == "akiec"
+    assert errors(listing) == {"ISIC_0024306#2": "duplicate_id"}
+
+
+def test_duplicate_ids_in_folder_layout(tmp_path):
+    for name in ("a.png", "a.jpg", "a.JPEG", "b.jpg"):
+        write_image(tmp_path / name)
+    listing = list_images(str(tmp_path))
+    assert [(r.image_id, Path(r.source_path).name, r.error_type) for r in listing.records] == [
+        ("a", "a.JPEG", None),  # sorted by path: "a.JPEG" < "a.jpg" < "a.png"
+        ("a#2", "a.jpg", "duplicate_id"),
+        ("a#3", "a.png", "duplicate_id"),
+        ("b", "b.jpg", None),
+    ]
+
+
+def test_upper_case_extension_in_isic_layout(tmp_path):
+    info = make_isic2017(tmp_path, n=3)
+    upper = info.paths["ISIC_0000001"].with_suffix(".JPG")
+    info.paths["ISIC_0000001"].rename(upper)
+    info.paths["ISIC_0000001"] = upper
+    assert_matches_fixture(list_images(str(tmp_path)), info)
+
+
+def test_images_not_in_metadata_are_records_without_label(tmp_path):
+    info = make_isic2018(tmp_path, n=3)
+    extra = write_image(tmp_path / "ISIC2018_Task3_Training_Input" / "ISIC_0099999.jpg")
+    listing = list_images(str(tmp_path))
+    assert len(listing.records) == 4
+    record = by_id(listing)["ISIC_0099999"]
+    assert (record.label, record.error_type, record.source_path) == (None, None, str(extra))
+
+
+def test_unreadable_label_is_none_not_error(tmp_path):
+    make_isic2018(tmp_path, n=2)
+    with open(tmp_path / "ISIC2018_Task3_Training_GroundTruth.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["ISIC_0050000", *["0.0"] * 7])  # no class set
+        csv.writer(f).writerow(["ISIC_0050001", "1.0", "1.0", *["0.0"] * 5])  # two classes set
+    for image_id in ("ISIC_0050000", "ISIC_0050001"):
+        write_image(tmp_path / "ISIC2018_Task3_Training_Input" / f"{image_id}.jpg")
+    listing = list_images(str(tmp_path))
+    assert errors(listing) == {}
+    assert by_id(listing)["ISIC_0050000"].label is None
+    assert by_id(listing)["ISIC_0050001"].label is None
+
+
+def test_missing_csv_column_raises(tmp_path):
+    make_ham10000(tmp_path, n=2)
+    write_csv(tmp_path / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx_type"], [["HAM_1", "ISIC_0024306", "histo"]])
+    with pytest.raises(LayoutError, match=r"HAM10000_metadata\.csv.*'dx'"):
+        list_images(str(tmp_path))
+
+
+def test_empty_dir_raises_listing_what_was_looked_for(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(LayoutError) as excinfo:
+        detect_layout(str(tmp_path))
+    for marker in ("HAM10000_metadata.csv", "ISIC-2017_*_Data", "ISIC2018_Task3_", "ISIC_2019_Training_",
+                   "ISIC_2020_Training_GroundTruth.csv", ".jpg"):
+        assert marker in str(excinfo.value)
+    with pytest.raises(LayoutError):
+        list_images(str(tmp_path))
+
+
+def test_bad_roots_and_layout_names(tmp_path):
+    with pytest.raises(LayoutError, match="does not exist"):
+        list_images(str(tmp_path / "nope"))
+    make_isic2020(tmp_path, n=1)
+    with pytest.raises(LayoutError, match="unknown layout"):
+        list_images(str(tmp_path), "isic2016")
+    with pytest.raises(LayoutError, match="none of the expected"):
+        list_images(str(tmp_path), "ham10000")
+
+
+def test_ambiguous_root_raises(tmp_path):
+    make_ham10000(tmp_path, n=2)
+    make_isic2018(tmp_path, n=2)
+    with pytest.raises(LayoutError, match="several layouts"):
+        detect_layout(str(tmp_path))
+    assert len(list_images(str(tmp_path), "isic2018").records) == 2
