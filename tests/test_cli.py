@@ -1,0 +1,78 @@
+"""The CLI: typed config from YAML and flags, exit codes a scheduler can act on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from camjobs.cli import app, load_run_config
+from camjobs.config import ConfigError, RunConfig
+
+runner = CliRunner()
+
+
+def test_yaml_then_flags_override(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("data: /d\noutput: /o\nmodel: resnet18\nclasses: [a, b]\nthreshold: 0.3\nactors: 2\n")
+    cfg = load_run_config(config, {"threshold": 0.25, "actors": None, "method": "gradcam"})
+    assert (cfg.data, cfg.threshold, cfg.actors, cfg.method, cfg.classes) == ("/d", 0.25, 2, "gradcam", ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "values, named",
+    [
+        ({"data": "d", "output": "o", "model": "resnet18", "classes": "a", "treshold": 0.2}, "treshold"),
+        ({"data": "d", "output": "o", "model": "resnet18", "classes": "a", "threshold": "high"}, "threshold"),
+        ({"data": "d", "output": "o", "model": "resnet18", "classes": "a", "actors": 1.5}, "actors"),
+        ({"data": "d", "output": "o", "model": "resnet18", "classes": "a", "method": "lime"}, "method"),
+        ({"data": "d", "output": "o"}, "checkpoint"),
+        ({"output": "o", "checkpoint": "c"}, "data"),
+    ],
+)
+def test_bad_options_are_named(values, named):
+    with pytest.raises(ConfigError, match=named):
+        RunConfig.from_mapping(values)
+
+
+def test_usage_error_exits_2_and_names_the_key(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("data: /d\noutput: /o\ncheckpoint: c.pt\nbatchsize: 4\n")
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2 and "batchsize" in result.output
+
+
+@pytest.mark.slow
+def test_run_command_writes_parquet_and_exit_3_over_error_budget(ray_cluster, isic2017_mini, tmp_path):
+    output = tmp_path / "out"
+    args = ["run", "--data", str(isic2017_mini), "--output", str(output), "--model", "resnet18",
+            "--classes", "melanoma,nevus,seborrheic_keratosis", "--input-size", "64"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "6 processed, 0 errors" in result.output
+    assert len(pd.read_parquet(output / "cams")) == 6
+
+    data = tmp_path / "folder"
+    data.mkdir()
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (data / "ok.png").write_bytes((isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth/ISIC_0014628_segmentation.png").read_bytes())
+    failing = runner.invoke(app, ["run", "--data", str(data), "--output", str(tmp_path / "out2"), "--model", "resnet18",
+                                  "--classes", "a,b", "--input-size", "64", "--max-error-fraction", "0.1"])
+    assert failing.exit_code == 3 and "max-error-fraction" in failing.output
+    assert len(pd.read_parquet(tmp_path / "out2" / "errors")) == 1 and len(pd.read_parquet(tmp_path / "out2" / "cams")) == 1
+
+
+def test_bad_checkpoint_fails_with_exit_1(tmp_path, isic2017_mini):
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["run", "--data", str(isic2017_mini), "--output", str(tmp_path / "o"), "--checkpoint", str(bogus)])
+    assert result.exit_code == 1 and str(bogus) in result.output
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "camjobs", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "run" in result.stdout and "demo" in result.stdout
