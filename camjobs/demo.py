@@ -10,10 +10,10 @@ from typing import Callable
 import pandas as pd
 
 from camjobs.config import RunConfig
-from camjobs.evaluate import box_iou, mask_box, read_mask
+from camjobs.evaluate import box_iou, centre_box, mask_box, read_mask
 from camjobs.job import run_job
 from camjobs.layouts import list_images
-from camjobs.synth import centre_box, synth_dataset
+from camjobs.synth import synth_dataset
 from camjobs.train import TrainConfig, train_model
 
 DEMO_ARCH = "resnet18"

@@ -18,12 +18,22 @@ def read_mask(path: str) -> np.ndarray:
     return mask > 127
 
 
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """The tightest xyxy box (max exclusive) around all foreground pixels; None if empty."""
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
+    ys = np.flatnonzero(np.any(mask, axis=1))
+    if ys.size == 0:
         return None
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+    xs = np.flatnonzero(np.any(mask, axis=0))
+    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+
+
+def centre_box(width: float, height: float, frac: float = 0.5) -> tuple[float, float, float, float]:
+    """The baseline: a centred box with `frac` of the image's width and height."""
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    box_width, box_height = width * frac, height * frac
+    x0, y0 = (width - box_width) / 2.0, (height - box_height) / 2.0
+    return x0, y0, x0 + box_width, y0 + box_height
 
 
 def box_iou(a: Box, b: Box) -> float:
