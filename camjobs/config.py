@@ -39,6 +39,7 @@ class RunConfig:
     max_error_fraction: float = 0.05
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
+    incremental: bool = False
     address: str | None = None
 
     def __post_init__(self) -> None:

@@ -18,6 +18,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from camjobs.incremental import item_key
+from camjobs.storage import open_filesystem
+
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
@@ -35,13 +38,6 @@ class DecodedImage:
     width: int  # original size after EXIF orientation
     height: int
     content_sha256: str
-
-
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local path or any URI pyarrow.fs understands."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    return pafs.FileSystem.from_uri(uri)
 
 
 def read_bytes(source_path: str) -> bytes:
@@ -133,11 +129,19 @@ def load_image(source_path: str, *, input_size: int, max_pixels: int = DEFAULT_M
     )
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skip_keys: frozenset[str] = frozenset(),
+) -> pa.Table:
     """The decode stage over a batch of listed inputs (a Ray Data numpy batch).
 
     Rows already marked bad at listing time pass through; a row that fails here gets
     its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
+    An incremental run passes `skip_keys` (camjobs.incremental.item_key of image_id and
+    content hash): a matching file is read and hashed but not decoded, and marked skipped.
     The result is an Arrow table with explicit types: a column of nothing but nulls
     must stay a string column, or the next stage would see NaNs.
     """
@@ -146,20 +150,28 @@ def decode_batch(batch: dict[str, np.ndarray], *, input_size: int, max_pixels: i
     width = np.zeros(count, dtype=np.int32)
     height = np.zeros(count, dtype=np.int32)
     sha256: list[str | None] = [None] * count
+    skipped = [False] * count
     error_type = list(batch["error_type"])
     error_message = list(batch["error_message"])
     for row in range(count):
         if error_type[row] is not None:
             continue
+        source = str(batch["source_path"][row])
         try:
-            image = load_image(str(batch["source_path"][row]), input_size=input_size, max_pixels=max_pixels)
+            data = read_bytes(source)
+            sha256[row] = hashlib.sha256(data).hexdigest()
+            if skip_keys and item_key(str(batch["image_id"][row]), sha256[row]) in skip_keys:
+                skipped[row] = True
+                continue
+            rgb = decode_image(data, max_pixels=max_pixels, source=source)
         except ImageInputError as exc:
             error_type[row], error_message[row] = exc.error_type, str(exc)
             continue
         except Exception as exc:  # one unexpected failure must not take the batch down
             error_type[row], error_message[row] = "decode_error", f"{type(exc).__name__}: {exc}"
             continue
-        pixels[row], width[row], height[row], sha256[row] = image.pixels, image.width, image.height, image.content_sha256
+        pixels[row] = resize_for_model(rgb, input_size)
+        height[row], width[row] = rgb.shape[:2]
     strings = {
         "image_id": list(batch["image_id"]),
         "source_path": list(batch["source_path"]),
@@ -171,5 +183,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, input_size: int, max_pixels: i
     columns = {name: pa.array(values, pa.string()) for name, values in strings.items()}
     columns["width"] = pa.array(width, pa.int32())
     columns["height"] = pa.array(height, pa.int32())
+    columns["skipped"] = pa.array(skipped, pa.bool_())
     columns["pixels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
     return pa.table(columns)

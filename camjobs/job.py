@@ -27,7 +27,8 @@ from camjobs.config import RunConfig
 from camjobs.decode import decode_batch
 from camjobs.layouts import list_images
 from camjobs.predictor import CamPredictor, ModelSpec
-from camjobs.sink import CamParquetSink, publish_run
+from camjobs.incremental import existing_keys
+from camjobs.sink import CamParquetSink, SinkStats, output_lock, publish_run
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,31 @@ class RunResult:
 
 
 def run_job(cfg: RunConfig) -> RunResult:
-    started = time.time()
+    """Run the whole job under the output's lock; publish it; say how it went."""
     run_id = new_run_id()
+    with output_lock(cfg.output, run_id):
+        return _run_locked(cfg, run_id)
+
+
+def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
+    started = time.time()
     listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks)
     spec = ModelSpec(cfg.checkpoint, cfg.model, tuple(cfg.classes) if cfg.classes else None, cfg.weights, cfg.input_size)
     # Load once here too: a bad checkpoint fails now, with its message, not inside actors.
     model = spec.load()
+    settings = {
+        "model_sha256": model.model_sha256,
+        "method": cfg.method,
+        "threshold": cfg.threshold,
+        "target_mode": cfg.target,
+        "input_size": model.input_size,
+    }
+    skip_keys = existing_keys(cfg.output, settings) if cfg.incremental else frozenset()
     listed = time.time()
-    log.info("%d inputs (%s layout), model %s (%s)", len(listing.records), listing.layout, model.arch, model.model_sha256[:12])
+    log.info(
+        "%d inputs (%s layout), model %s (%s)%s", len(listing.records), listing.layout, model.arch,
+        model.model_sha256[:12], f", {len(skip_keys)} done before" if cfg.incremental else "",
+    )
 
     init_ray(cfg.address)
     plan = plan_actors(cfg, ray.cluster_resources())
@@ -123,7 +141,7 @@ def run_job(cfg: RunConfig) -> RunResult:
         dataset = ray.data.from_arrow(listing_blocks(listing.records))
         dataset = dataset.map_batches(
             decode_batch,
-            fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels},
+            fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys},
             batch_size=DECODE_BATCH,
             batch_format="numpy",
             num_cpus=0.5,
@@ -147,9 +165,8 @@ def run_job(cfg: RunConfig) -> RunResult:
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     finished = time.time()
 
-    stats = sink.stats
-    processed = stats.processed if stats else 0
-    errors = stats.errors if stats else 0
+    stats = sink.stats or SinkStats()
+    processed, errors, skipped = stats.processed, stats.errors, stats.skipped
     summary = {
         "run_id": run_id,
         "schema_version": SCHEMA_VERSION,
@@ -164,10 +181,11 @@ def run_job(cfg: RunConfig) -> RunResult:
             "std": list(model.std),
             "model_sha256": model.model_sha256,
         },
+        "settings": settings,
         "versions": library_versions(),
-        "counts": {"inputs": inputs, "processed": processed, "skipped": 0, "errors": errors},
-        "error_types": dict(stats.error_types) if stats else {},
-        "rows_per_node": dict(stats.rows_per_node) if stats else {},
+        "counts": {"inputs": inputs, "processed": processed, "skipped": skipped, "errors": errors},
+        "error_types": dict(stats.error_types),
+        "rows_per_node": dict(stats.rows_per_node),
         "actors": dataclasses.asdict(plan),
         "timings": {
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
@@ -181,14 +199,18 @@ def run_job(cfg: RunConfig) -> RunResult:
             "pipeline_images_per_s": round(inputs / (finished - ray_ready), 3) if inputs else 0.0,
         },
     }
-    # Every input ends up exactly once in cams or errors; anything else is a bug, loudly.
-    if processed + errors != inputs:
-        raise RuntimeError(f"lost rows: {inputs} inputs but {processed} processed + {errors} errors; run {run_id} not published")
+    # Every input ends up exactly once in cams, errors or skipped; anything else is a bug.
+    if processed + errors + skipped != inputs:
+        raise RuntimeError(
+            f"lost rows: {inputs} inputs but {processed} processed + {errors} errors + {skipped} skipped; "
+            f"run {run_id} not published"
+        )
     summary_path = publish_run(cfg.output, run_id, summary)
-    exit_code, message = EXIT_OK, f"{processed} processed, {errors} errors"
-    if inputs and errors / inputs > cfg.max_error_fraction:
+    exit_code, message = EXIT_OK, f"{processed} processed, {errors} errors" + (f", {skipped} skipped" if cfg.incremental else "")
+    attempted = inputs - skipped
+    if attempted and errors / attempted > cfg.max_error_fraction:
         exit_code = EXIT_ERROR_BUDGET
-        message += f": error fraction {errors / inputs:.1%} is over --max-error-fraction {cfg.max_error_fraction:.1%}"
+        message += f": error fraction {errors / attempted:.1%} is over --max-error-fraction {cfg.max_error_fraction:.1%}"
     return RunResult(run_id, summary, summary_path, exit_code, message)
 
 

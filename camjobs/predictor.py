@@ -87,18 +87,20 @@ class CamPredictor:
         error_type = list(batch["error_type"])
         error_message = list(batch["error_message"])
         columns: dict[str, list] = {name: [None] * count for name in RESULT_SCHEMA.names}
-        good = [row for row in range(count) if error_type[row] is None]
+        skipped = [bool(v) for v in batch["skipped"]]
+        good = [row for row in range(count) if error_type[row] is None and not skipped[row]]
         if good:
             self._explain(batch, good, columns, error_type, error_message)
         for name in ("image_id", "source_path", "label", "content_sha256"):
             columns[name] = list(batch[name])
-        ok = [e is None for e in error_type]
+        ok = [e is None and not s for e, s in zip(error_type, skipped)]
         columns["width"] = [int(w) if k else None for w, k in zip(batch["width"], ok)]
         columns["height"] = [int(h) if k else None for h, k in zip(batch["height"], ok)]
         columns["error_type"], columns["error_message"] = error_type, error_message
         columns["run_id"] = [self.run_id] * count
         columns["schema_version"] = [SCHEMA_VERSION] * count
         columns["node_id"] = [self.node_id] * count
+        columns["skipped"] = skipped
         return pa.table(columns, schema=RESULT_SCHEMA)
 
     @torch.no_grad()
@@ -138,6 +140,7 @@ class CamPredictor:
                 "threshold": self.threshold,
                 "boxes": [box.as_dict() for box in located.boxes],
                 "model_sha256": self.model_sha256,
+                "target_mode": self.target,
                 "input_size": self.input_size,
             }
             for name, value in values.items():

@@ -54,6 +54,7 @@ CAMS_SCHEMA = pa.schema(
         ("threshold", pa.float32()),
         ("boxes", pa.list_(BOX_TYPE)),
         ("model_sha256", pa.string()),
+        ("target_mode", pa.string()),
         ("input_size", pa.int32()),
         ("run_id", pa.string()),
         ("schema_version", pa.int32()),
@@ -79,9 +80,14 @@ LISTING_SCHEMA = pa.schema(
 )
 
 # What flows out of the model actor into the sink: every column of both tables (an
-# error row has nulls in the cam columns), plus the node that did the work.
+# error row has nulls in the cam columns), the node that did the work, and whether an
+# incremental run skipped the image.
 RESULT_SCHEMA = pa.schema(
     list(CAMS_SCHEMA)
     + [f for f in ERRORS_SCHEMA if f.name not in CAMS_SCHEMA.names]
-    + [pa.field("node_id", pa.string())]
+    + [pa.field("node_id", pa.string()), pa.field("skipped", pa.bool_())]
 )
+
+# What an incremental run compares: a row with the same values in these columns, for the
+# same image_id and content_sha256, makes processing that image again pointless.
+SETTINGS_COLUMNS = ("model_sha256", "method", "threshold", "target_mode", "input_size")
