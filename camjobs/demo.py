@@ -16,8 +16,8 @@ from camjobs.layouts import list_images
 from camjobs.synth import synth_dataset
 from camjobs.train import TrainConfig, train_model
 
-DEMO_ARCH = "resnet18"
-DEMO_INPUT_SIZE = 160
+DEMO_ARCH = "shufflenet_v2_x1_0"
+DEMO_INPUT_SIZE = 224
 
 
 @dataclass
@@ -59,7 +59,7 @@ def run_demo(output: Path, *, n: int = 240, train_seconds: float = 60.0, seed: i
     trained = train_model(
         TrainConfig(
             data=str(data), out=str(checkpoint), arch=DEMO_ARCH, epochs=1000, input_size=DEMO_INPUT_SIZE,
-            batch_size=32, lr=2e-3, seed=seed, max_seconds=train_seconds,
+            batch_size=32, lr=3e-3, seed=seed, max_seconds=train_seconds,
         )
     )
     echo(f"    {trained.epochs_run} epochs, validation accuracy {trained.val_accuracy:.1%}")

@@ -74,7 +74,7 @@ def plan_actors(cfg: RunConfig, cluster: dict) -> ActorPlan:
     return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or DEFAULT_CPU_BATCH)
 
 
-def listing_blocks(records: list, rows_per_block: int = 4 * DECODE_BATCH, max_blocks: int = 1000) -> list[pa.Table]:
+def listing_blocks(records: list, rows_per_block: int = DECODE_BATCH, max_blocks: int = 5000) -> list[pa.Table]:
     """The listing as typed Arrow blocks: typed, so an all-null column stays a string column."""
     table = pa.Table.from_pylist(
         [{name: getattr(record, name) for name in LISTING_SCHEMA.names} for record in records], schema=LISTING_SCHEMA

@@ -149,21 +149,21 @@ class _Style:
 _STYLES: dict[str, _Style] = {
     # common mole: small-medium, round, symmetric, uniform brown, soft edge, regular network
     "nv": _Style(
-        radius=(0.09, 0.19), aspect=(0.78, 1.0), asym=(0.0, 0.04), irregular=(0.0, 0.012),
+        radius=(0.13, 0.26), aspect=(0.78, 1.0), asym=(0.0, 0.04), irregular=(0.0, 0.012),
         palette=("brown", "light_brown", "dark_brown"), n_base=1, n_colours=(1, 2),
         sharp=1.2, cells=(2, 3), network=(0.10, 0.28), texture=0.04,
         fade=(6.0, 14.0), edge_floor=(0.2, 0.45), opacity=(0.85, 0.97),
     ),
     # melanoma: larger, asymmetric, irregular border, variegated dark brown/black/blue-grey/red
     "mel": _Style(
-        radius=(0.14, 0.29), aspect=(0.55, 0.92), asym=(0.07, 0.15), irregular=(0.03, 0.07),
+        radius=(0.19, 0.36), aspect=(0.55, 0.92), asym=(0.07, 0.15), irregular=(0.03, 0.07),
         palette=("dark_brown", "black", "blue_grey", "brown", "red", "white", "blue_grey"),
         n_base=2, n_colours=(3, 5), sharp=2.2, cells=(3, 6), network=(0.2, 0.45),
         texture=0.07, fade=(1.0, 4.0), edge_floor=(0.55, 0.85), opacity=(0.92, 1.0),
     ),
     # benign keratosis: medium, waxy light brown/tan, cerebriform texture, milia, sharp edge
     "bkl": _Style(
-        radius=(0.11, 0.23), aspect=(0.6, 0.95), asym=(0.04, 0.1), irregular=(0.02, 0.05),
+        radius=(0.15, 0.31), aspect=(0.6, 0.95), asym=(0.04, 0.1), irregular=(0.02, 0.05),
         palette=("light_brown", "tan", "yellow_tan", "brown"), n_base=1, n_colours=(2, 3),
         sharp=1.5, cells=(2, 4), network=(0.0, 0.0), texture=0.10,
         fade=(1.0, 3.0), edge_floor=(0.85, 0.95), opacity=(0.85, 0.95),

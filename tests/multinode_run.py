@@ -1,0 +1,37 @@
+"""Run one camjobs job on a simulated 3-node Ray cluster (head + 2 workers with 1 GPU each).
+
+Started in its own process by test_multinode.py: ray.cluster_utils.Cluster cannot share a
+process with the session's local cluster. Prints the run summary as JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import ray
+from ray.cluster_utils import Cluster
+
+from camjobs.config import RunConfig
+from camjobs.job import run_job
+
+
+def main(data: str, output: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        cfg = RunConfig(data=data, output=output, layout="folder", model="resnet18", classes=["a", "b"],
+                        input_size=64, batch_size=2)
+        result = run_job(cfg)
+        summary = dict(result.summary, worker_node_ids=[node.node_id for node in workers])
+        print(json.dumps(summary, default=str))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

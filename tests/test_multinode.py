@@ -1,0 +1,34 @@
+"""Two simulated GPU nodes both run model actors, and the summary says how many rows each did."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
+    output = tmp_path / "out"
+    script = Path(__file__).with_name("multinode_run.py")
+    completed = subprocess.run([sys.executable, str(script), str(data), str(output)], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    # One actor per logical GPU by default, each on its own worker node.
+    assert summary["actors"]["actors"] == 2 and summary["actors"]["num_gpus"] == 1.0
+    rows_per_node = summary["rows_per_node"]
+    assert set(rows_per_node) == set(summary["worker_node_ids"])
+    assert all(count > 0 for count in rows_per_node.values()) and sum(rows_per_node.values()) == 24
+    assert len(pd.read_parquet(output / "cams")) == 24
