@@ -191,3 +191,13 @@ def test_actor_plan_leaves_cpus_for_decoding():
     assert (gpu.actors, gpu.num_gpus, gpu.torch_threads) == (4, 1.0, None)
     with pytest.raises(ValueError, match="GPUs"):
         plan_actors(RunConfig(data="d", output="o", model="resnet18", classes=["a"], gpus_per_actor=1), {"CPU": 2.0})
+
+
+def test_uris_for_data_and_output(ray_cluster, isic2017_mini, tmp_path):
+    """file:// URIs go through pyarrow.fs like s3:// or gs:// would, for reading and writing."""
+    cfg = RunConfig(data=isic2017_mini.as_uri(), output=(tmp_path / "out").as_uri(), model="resnet18",
+                    classes=ISIC2017_CLASSES, input_size=64)
+    result = run_job(cfg)
+    assert result.summary["counts"]["processed"] == 6
+    cams = pd.read_parquet(tmp_path / "out" / "cams")
+    assert len(cams) == 6 and cams.source_path.str.startswith(str(isic2017_mini)).all()
