@@ -1,0 +1,428 @@
+"""`camjobs submit/status/logs/stop/list` against a real `ray start --head` with token auth on.
+
+The head is a separate cluster from the in-process one of conftest's `ray_cluster`: it listens on
+free ports of 127.0.0.1 only, keeps its files in its own temp dir, and at the end only the
+processes that use that temp dir are stopped. `submit` runs as a subprocess of this venv's
+`camjobs`, the quick commands in-process through CliRunner; both with a clean environment (no RAY_*
+variables, a HOME without ~/.ray/auth_token), and no output of any command may contain the token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from camjobs import submit as jobs
+from camjobs.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+MINI = REPO / "tests" / "fixtures" / "isic2017-mini"
+BIN = Path(sys.executable).parent
+CLASSES = "melanoma,nevus,seborrheic_keratosis"
+SMALL_JOB = ["--data", str(MINI), "--model", "resnet18", "--classes", CLASSES, "--input-size", "64"]
+
+
+# --- unit tests: no cluster -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["http://10.1.2.3:8265", "http://192.168.0.7:8265", "http://head.example.org:8265", "http://[2001:db8::1]:8265"],
+)
+def test_plain_http_to_another_machine_warns(address):
+    warning = jobs.insecure_address_warning(address)
+    assert warning and jobs.SECURITY_URL in warning and "run code" in warning
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["http://127.0.0.1:8265", "http://127.3.4.5:8265", "http://localhost:8265", "http://[::1]:8265", "https://10.1.2.3:8265"],
+)
+def test_loopback_or_https_does_not_warn(address):
+    assert jobs.insecure_address_warning(address) is None
+
+
+def test_address_flag_then_api_server_address_then_ray_address():
+    env = {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:2", "RAY_ADDRESS": "http://127.0.0.1:3"}
+    assert jobs.resolve_address("http://127.0.0.1:1/", env) == ("http://127.0.0.1:1", "--address")
+    assert jobs.resolve_address(None, env) == ("http://127.0.0.1:2", "RAY_API_SERVER_ADDRESS")
+    assert jobs.resolve_address(None, {"RAY_ADDRESS": "https://h:8265"}) == ("https://h:8265", "RAY_ADDRESS")
+    with pytest.raises(jobs.SubmitError, match="no cluster address") as none:
+        jobs.resolve_address(None, {})
+    assert none.value.exit_code == 2
+    for bad in ("127.0.0.1:6379", "auto", "ray://head:10001"):
+        with pytest.raises(jobs.SubmitError, match="not an http"):
+            jobs.resolve_address(None, {"RAY_ADDRESS": bad})
+
+
+def test_token_lookup_follows_ray(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    token_file = tmp_path / "token"
+    token_file.write_text("  from-file\n")
+    env = {"RAY_AUTH_TOKEN": " from-env ", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    assert jobs.resolve_token(" from-flag ", env) == ("from-flag", "--token")
+    assert jobs.resolve_token(None, env) == ("from-env", "RAY_AUTH_TOKEN")
+    assert jobs.resolve_token(None, {**env, "RAY_AUTH_TOKEN": ""}) == ("from-file", f"RAY_AUTH_TOKEN_PATH ({token_file})")
+    with pytest.raises(jobs.SubmitError, match="RAY_AUTH_TOKEN_PATH is set but"):
+        jobs.resolve_token(None, {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    assert jobs.resolve_token(None, {}) == (None, "")
+    default = tmp_path / "home" / ".ray" / "auth_token"
+    default.parent.mkdir(parents=True)
+    default.write_text("from-home\n")
+    assert jobs.resolve_token(None, {}) == ("from-home", str(default))
+
+
+def test_entrypoint_is_a_shell_safe_camjobs_run_command():
+    command = jobs.entrypoint(
+        {"data": "/data/my images", "output": "s3://b/o", "classes": "a,b", "threshold": 0.25, "actors": None,
+         "follow_symlinks": True, "incremental": False, "verbose": False},
+        python="/opt/venv/bin/python",
+    )
+    assert shlex.split(command) == [
+        "/opt/venv/bin/python", "-m", "camjobs", "run", "--data", "/data/my images", "--output", "s3://b/o",
+        "--classes", "a,b", "--threshold", "0.25", "--follow-symlinks",
+    ]
+
+
+def test_submit_takes_every_run_option_but_address():
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    run_options = {p.name for p in commands["run"].params}
+    submit_options = {p.name for p in commands["submit"].params}
+    assert run_options <= submit_options  # --address and --config are submit's own
+    assert {"token", "wait", "submission_id", "python", "pip"} <= submit_options
+
+
+@pytest.mark.parametrize(
+    "status, code, expected",
+    [("SUCCEEDED", 0, 0), ("FAILED", 3, 3), ("FAILED", 1, 1), ("FAILED", None, 1), ("FAILED", -9, 137), ("STOPPED", None, 1)],
+)
+def test_exit_code_is_the_jobs_own(status, code, expected):
+    assert jobs.exit_code(SimpleNamespace(status=status, driver_exit_code=code)) == expected
+
+
+class FakeClient:
+    """Stands in for JobSubmissionClient: records how it was built, sends nothing anywhere."""
+
+    made: list = []
+
+    def __init__(self, address, headers=None, **kwargs):
+        FakeClient.made.append((address, os.environ.get("RAY_API_SERVER_ADDRESS"), dict(headers or {})))
+        raise ConnectionError(f"Failed to connect to Ray at address: {address}.")
+
+
+def test_cli_warns_about_plain_http_and_sends_the_token_only_as_a_header(monkeypatch):
+    import ray.job_submission
+
+    FakeClient.made.clear()
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # --address must win over it
+    token = "unit-" + secrets.token_hex(8)
+    result = CliRunner().invoke(app, ["list", "--address", "http://10.20.30.40:8265", "--token", token])
+    assert result.exit_code == 2
+    assert "plain http" in result.stderr and jobs.SECURITY_URL in result.stderr
+    assert "cannot reach the Ray Jobs API at http://10.20.30.40:8265" in result.stderr
+    assert token not in result.output + result.stderr
+    assert FakeClient.made == [("http://10.20.30.40:8265", "http://10.20.30.40:8265", {"Authorization": f"Bearer {token}"})]
+
+
+def test_submit_checks_job_options_before_contacting_anything(monkeypatch):
+    import ray.job_submission
+
+    FakeClient.made.clear()
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    result = CliRunner().invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--data", "/d", "--output", "/o", "--method", "nope"])
+    assert result.exit_code == 2 and "method" in result.stderr
+    assert FakeClient.made == []
+
+
+# --- a real head node -----------------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _cluster_pids(root: str) -> set[int]:
+    """Live processes of the cluster kept in `root`: those naming it or holding a file under it."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if root.encode() in f.read():
+                    found.add(int(entry))
+                    continue
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                try:
+                    if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(root):
+                        found.add(int(entry))
+                        break
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return found
+
+
+def _stop_cluster(root: str) -> None:
+    # Not `ray stop`: that stops every Ray process on the machine, other clusters' too.
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        for pid in _cluster_pids(root):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and _cluster_pids(root):
+            time.sleep(0.2)
+        if not _cluster_pids(root):
+            return
+
+
+def _start_head(root: str, token: str) -> str:
+    port, dashboard, client, agent, agent_grpc, env_agent, metrics, objects, nodes = _free_ports(9)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        # Bind to 127.0.0.1, not the machine's network address (Ray swaps loopback for it otherwise).
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        # Jobs run `python`: make it this venv's, as on a cluster started from an activated venv.
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    command = [
+        str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
+        "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
+        "--metrics-export-port", str(metrics), "--object-manager-port", str(objects),
+        "--node-manager-port", str(nodes), "--temp-dir", root, "--disable-usage-stats",
+    ]
+    import ray._private.utils
+
+    if ray._private.utils.get_ray_client_dependency_error() is None:
+        command += ["--ray-client-server-port", str(client)]  # else it would take 10001
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"ray start failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return f"http://127.0.0.1:{dashboard}"
+
+
+@pytest.fixture(scope="module")
+def head():
+    import ray._private.utils
+
+    missing = ray._private.utils.get_dashboard_dependency_error()
+    if missing:
+        pytest.skip(f"the Ray Jobs API needs ray[default] (the dashboard): {missing}")
+    token = "cjtok-" + secrets.token_hex(20)
+    root = tempfile.mkdtemp(prefix="cjray-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        for attempt in range(2):  # a free port can be taken between picking and binding it
+            try:
+                address = _start_head(root, token)
+                break
+            except RuntimeError:
+                _stop_cluster(root)
+                if attempt:
+                    raise
+        deadline = time.time() + 90
+        while True:
+            try:
+                jobs.list_jobs(jobs.connect(address, token, "--token"))
+                break
+            except jobs.SubmitError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield SimpleNamespace(address=address, token=token, root=root)
+    finally:
+        _stop_cluster(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A HOME without ~/.ray/auth_token, so the token comes only from what a test gives."""
+    return tmp_path_factory.mktemp("home")
+
+
+def _clean_env(home, env):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**clean, "HOME": str(home), **(env or {})}
+
+
+def camjobs(head, home, *args, env=None, timeout=300):
+    """`camjobs ARGS` as a subprocess in a clean environment; its output must not hold the token."""
+    exe = [str(BIN / "camjobs")] if (BIN / "camjobs").exists() else [sys.executable, "-m", "camjobs"]
+    result = subprocess.run(exe + list(args), env=_clean_env(home, env), capture_output=True, text=True, timeout=timeout)
+    assert head.token not in result.stdout + result.stderr
+    return SimpleNamespace(returncode=result.returncode, stdout=result.stdout, stderr=result.stderr)
+
+
+def cli(head, home, *args, env=None):
+    """The same in this process (CliRunner: no interpreter start, for the quick commands)."""
+    unset = {k: None for k in os.environ if k.startswith("RAY_")}
+    result = CliRunner().invoke(app, list(args), env={**unset, "HOME": str(home), **(env or {})})
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert head.token not in result.stdout + result.stderr
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
+def wait_for(head, home, job_id, statuses, timeout=240) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        result = cli(head, home, "status", job_id, "--json", "--address", head.address, "--token", head.token)
+        assert result.returncode == 0, result.stderr
+        info = json.loads(result.stdout)
+        if info["status"] in statuses:
+            return info
+        assert time.time() < deadline, f"{job_id} still {info['status']}"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_submit_wait_runs_the_job_and_exits_with_its_code(head, home, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(head.token + "\n")
+    closed_port = _free_ports(1)[0]
+    result = camjobs(
+        head, home, "submit", *SMALL_JOB, "--output", str(tmp_path / "out"), "--address", head.address,
+        env={"RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_ADDRESS": f"http://127.0.0.1:{closed_port}"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = result.stdout.splitlines()[-1]
+    assert job_id.startswith("raysubmit_")
+    assert "6 processed, 0 errors" in result.stdout  # the job's own output, streamed
+    assert f"job {job_id} SUCCEEDED" in result.stderr
+    assert "python -m camjobs run --data" in result.stdout  # Ray logs the entrypoint it ran
+    assert len(pd.read_parquet(tmp_path / "out" / "cams")) == 6
+
+
+@pytest.mark.slow
+def test_submit_no_wait_then_status_logs_and_list(head, home, tmp_path):
+    result = camjobs(
+        head, home, "submit", *SMALL_JOB, "--output", str(tmp_path / "out"), "--no-wait", "--token", head.token,
+        env={"RAY_API_SERVER_ADDRESS": head.address},
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.splitlines()[-1]
+    assert result.stdout.strip() == job_id
+    info = wait_for(head, home, job_id, {"SUCCEEDED", "FAILED", "STOPPED"})
+    assert info["status"] == "SUCCEEDED" and info["driver_exit_code"] == 0
+
+    logs = cli(head, home, "logs", job_id, "--address", head.address, "--token", head.token)
+    assert logs.returncode == 0 and "6 processed, 0 errors" in logs.stdout
+    status = cli(head, home, "status", job_id, "--address", head.address, "--token", head.token)
+    assert "status: SUCCEEDED" in status.stdout and "exit_code: 0" in status.stdout
+    listed = cli(head, home, "list", env={"RAY_ADDRESS": head.address, "RAY_AUTH_TOKEN": head.token})
+    assert listed.returncode == 0 and job_id in listed.stdout
+    assert len(pd.read_parquet(tmp_path / "out" / "cams")) == 6
+
+
+@pytest.mark.slow
+def test_stop_a_running_job(head, home):
+    cluster = jobs.connect(head.address, head.token, "--token")
+    job_id = jobs.submit(cluster, "python -c 'import time; time.sleep(600)'", {})
+    wait_for(head, home, job_id, {"RUNNING"}, timeout=60)
+
+    stopped = cli(head, home, "stop", job_id, "--address", head.address, "--token", head.token)
+    assert stopped.returncode == 0 and f"stopping {job_id}" in stopped.stdout
+    info = wait_for(head, home, job_id, {"STOPPED", "SUCCEEDED", "FAILED"}, timeout=60)
+    assert info["status"] == "STOPPED"
+    assert jobs.exit_code(jobs.job_info(cluster, job_id)) == 1
+    again = cli(head, home, "stop", job_id, "--address", head.address, "--token", head.token)
+    assert again.returncode == 0 and "is not running (STOPPED)" in again.stdout
+
+
+@pytest.mark.slow
+def test_failed_jobs_exit_with_their_own_code(head, home, tmp_path):
+    # A checkpoint that does not exist: the job's `camjobs run` exits 1.
+    missing = camjobs(
+        head, home, "submit", "--data", str(MINI), "--output", str(tmp_path / "out1"),
+        "--checkpoint", str(tmp_path / "missing.pt"), "--address", head.address, "--token", head.token,
+    )
+    assert missing.returncode == 1, missing.stderr
+    assert "does not exist" in missing.stdout and "FAILED, exit code 1" in missing.stderr
+    job_id = missing.stdout.splitlines()[-1]
+    status = cli(head, home, "status", job_id, "--address", head.address, "--token", head.token)
+    assert "status: FAILED" in status.stdout and "exit_code: 1" in status.stdout
+
+    # Over the error budget (one image of two is empty): the run writes everything and exits 3.
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(next((MINI / "ISIC-2017_Training_Data").glob("*.jpg")), data / "good.jpg")
+    (data / "empty.jpg").write_bytes(b"")
+    over = camjobs(
+        head, home, "submit", "--data", str(data), "--output", str(tmp_path / "out2"), "--model", "resnet18",
+        "--classes", CLASSES, "--input-size", "64", "--address", head.address, "--token", head.token,
+    )
+    assert over.returncode == 3, over.stdout[-3000:] + over.stderr[-3000:]
+    assert "1 processed, 1 errors" in over.stdout and "FAILED, exit code 3" in over.stderr
+
+
+@pytest.mark.slow
+def test_wrong_or_missing_token_is_a_clear_error(head, home, tmp_path):
+    wrong = "wrong-" + secrets.token_hex(12)
+    result = cli(head, home, "list", "--address", head.address, "--token", wrong)
+    assert result.returncode == 2
+    assert "authentication failed" in result.stderr and "rejected the auth token from --token" in result.stderr
+    assert wrong not in result.stdout + result.stderr
+
+    before = len(jobs.list_jobs(jobs.connect(head.address, head.token)))
+    result = camjobs(
+        head, home, "submit", *SMALL_JOB, "--output", str(tmp_path / "out"), "--no-wait", "--address", head.address,
+        env={"RAY_AUTH_TOKEN": wrong},
+    )
+    assert result.returncode == 2 and "authentication failed" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
+    assert wrong not in result.stdout + result.stderr
+    assert len(jobs.list_jobs(jobs.connect(head.address, head.token))) == before  # nothing was submitted
+
+    result = cli(head, home, "status", "raysubmit_x", "--address", head.address)  # no token anywhere
+    assert result.returncode == 2 and "authentication required" in result.stderr and "--token" in result.stderr
+
+
+@pytest.mark.slow
+def test_unknown_job_unreachable_and_missing_address(head, home):
+    auth = ["--address", head.address, "--token", head.token]
+    for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
+        result = cli(head, home, *command, "raysubmit_doesnotexist", *auth)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "no job 'raysubmit_doesnotexist'" in result.stderr
+
+    closed_port = _free_ports(1)[0]
+    result = cli(head, home, "list", "--address", f"http://127.0.0.1:{closed_port}", "--token", head.token)
+    assert result.returncode == 2 and "cannot reach the Ray Jobs API" in result.stderr
+
+    result = cli(head, home, "list", "--token", head.token)
+    assert result.returncode == 2 and "no cluster address" in result.stderr

@@ -1,0 +1,83 @@
+"""camjobs verify: a clean output passes; planted damage is caught and the files are named."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camjobs.config import RunConfig
+from camjobs.job import run_job
+from camjobs.verify import verify_output
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def clean_output(ray_cluster, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("verify")
+    data = base / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(data / f"i{i}.jpg")
+    (data / "broken.jpg").write_bytes(b"nope")
+    output = base / "out"
+    run_job(RunConfig(data=str(data), output=str(output), layout="folder", model="resnet18", classes=["a", "b"],
+                      input_size=64, max_error_fraction=0.5))
+    return output
+
+
+def _copy(output: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "out"
+    shutil.copytree(output, target)
+    return target
+
+
+def test_clean_output_passes(clean_output):
+    report = verify_output(str(clean_output))
+    assert report.ok, report.problems
+    assert report.rows == {"cams": 5, "errors": 1} and report.runs == 1
+
+
+def test_duplicated_file_is_caught(clean_output, tmp_path):
+    output = _copy(clean_output, tmp_path)
+    part = next((output / "cams").rglob("*.parquet"))
+    shutil.copy(part, part.with_name("copied.parquet"))
+    problems = verify_output(str(output)).problems
+    assert any("appears twice" in p and "copied.parquet" in p for p in problems)
+    assert any("processed = 5" in p and "10 rows" in p for p in problems)
+
+
+def test_truncated_parquet_is_caught(clean_output, tmp_path):
+    output = _copy(clean_output, tmp_path)
+    part = next((output / "cams").rglob("*.parquet"))
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])
+    problems = verify_output(str(output)).problems
+    assert any(str(part) in p and "unreadable" in p for p in problems)
+
+
+def test_rows_without_summary_are_caught(clean_output, tmp_path):
+    output = _copy(clean_output, tmp_path)
+    summary = next((output / "runs").glob("*.json"))
+    summary.unlink()
+    problems = verify_output(str(output)).problems
+    assert any("without a run summary" in p and summary.stem in p for p in problems)
+
+
+def test_verify_command_exit_codes(clean_output, tmp_path):
+    from typer.testing import CliRunner
+
+    from camjobs.cli import app
+
+    runner = CliRunner()
+    good = runner.invoke(app, ["verify", "--output", str(clean_output)])
+    assert good.exit_code == 0 and "0 problems" in good.output
+    output = _copy(clean_output, tmp_path)
+    next((output / "runs").glob("*.json")).unlink()
+    bad = runner.invoke(app, ["verify", "--output", str(output)])
+    assert bad.exit_code == 1 and "without a run summary" in bad.output
