@@ -88,10 +88,15 @@ def new_run_id() -> str:
 
 
 def init_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS); else start a local one."""
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a new local one.
+
+    "local" is explicit: a bare ray.init() would join whatever `ray start` cluster happens
+    to run on this machine, and a laptop smoke test must not land on someone else's.
+    """
     if ray.is_initialized():
         return
-    ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
 @dataclass

@@ -81,3 +81,26 @@ def test_verify_command_exit_codes(clean_output, tmp_path):
     next((output / "runs").glob("*.json")).unlink()
     bad = runner.invoke(app, ["verify", "--output", str(output)])
     assert bad.exit_code == 1 and "without a run summary" in bad.output
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("version", [1])
+def test_outputs_of_known_schema_versions_still_read(version, tmp_path):
+    """Outputs written by earlier schema versions stay readable by this camjobs."""
+    import json
+
+    import pandas as pd
+
+    from camjobs.incremental import existing_keys
+
+    output = FIXTURES / f"output-v{version}"
+    report = verify_output(str(output))
+    assert report.ok, report.problems
+    cams = pd.read_parquet(output / "cams")
+    assert set(cams.schema_version) == {version} and len(cams) == 3
+    assert len(pd.read_parquet(output / "errors")) == 1
+    summary = json.loads(next((output / "runs").glob("*.json")).read_text())
+    assert summary["schema_version"] == version
+    assert len(existing_keys(str(output), summary["settings"])) == 3
