@@ -1,0 +1,163 @@
+"""Faults with real processes: killed actors, a killed driver, storage that fails under a run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from camjobs.config import RunConfig
+from camjobs.job import run_job
+from camjobs.sink import LOCK_NAME
+from camjobs.verify import verify_output
+
+pytestmark = pytest.mark.slow
+
+
+def _images(folder: Path, count: int, size=(96, 128), seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.jpg")
+    return folder
+
+
+def _config(data: Path, output: Path, **overrides) -> RunConfig:
+    values = dict(data=str(data), output=str(output), layout="folder", model="resnet18", classes=["a", "b"],
+                  input_size=96, batch_size=4)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    return list(folder.rglob("*.parquet")) if folder.exists() else []
+
+
+def _kill_session(session_id: int) -> None:
+    for _ in range(50):
+        members = [pid for pid in _processes("") if _session_of(pid) == session_id]
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[4])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _processes(pattern: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if pattern in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_model_actor_killed_mid_run(ray_cluster, tmp_path):
+    data, output = _images(tmp_path / "data", 160), tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_actor_once_busy() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            actors = _processes("CamPredictor")
+            if actors and _parquet_files(output / "_staging"):  # some rows written: the run is well under way
+                os.kill(actors[0], signal.SIGKILL)
+                killed.append(actors[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_actor_once_busy)
+    killer.start()
+    result = run_job(_config(data, output, batch_size=2))
+    killer.join()
+    assert killed, "the actor was never seen running"
+    cams = pd.read_parquet(output / "cams")
+    assert result.summary["counts"]["processed"] == 160 and len(cams) == 160 and cams.image_id.is_unique
+    assert verify_output(str(output)).ok
+
+
+def test_driver_killed_mid_run_leaves_nothing_visible_and_next_run_completes(ray_cluster, tmp_path):
+    data, output = _images(tmp_path / "data", 240), tmp_path / "out"
+    command = [sys.executable, "-m", "camjobs", "run", "--data", str(data), "--output", str(output), "--layout", "folder",
+               "--model", "resnet18", "--classes", "a,b", "--input-size", "96", "--batch-size", "2"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and driver.poll() is None and not _parquet_files(output / "_staging"):
+            time.sleep(0.1)
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        # The whole machine of that driver dies: its local Ray cluster, whose workers run in
+        # process groups of their own, but all in the driver's session.
+        _kill_session(driver.pid)
+    assert (output / LOCK_NAME).exists()  # left behind by the dead driver
+    assert not _parquet_files(output / "cams") and not _parquet_files(output / "errors")
+    assert not (output / "runs").exists() or not list((output / "runs").glob("*.json"))
+
+    result = run_job(_config(data, output, incremental=True))
+    assert result.summary["counts"]["processed"] == 240
+    assert not list((output / "_staging").iterdir())
+    assert len(pd.read_parquet(output / "cams")) == 240
+    assert verify_output(str(output)).ok
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 96 KiB file system (tmpfs), where the machine lets us mount one."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mountpoint)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_full_disk_fails_clearly_and_keeps_earlier_runs(ray_cluster, small_disk, tmp_path, isic2017_mini):
+    output = small_disk / "out"
+    first = run_job(_config(_images(tmp_path / "small", 3, size=(24, 32)), output, input_size=64))
+    assert first.summary["counts"]["processed"] == 3
+    big = _images(tmp_path / "big", 48, size=(450, 600), seed=1)  # 48 full-size heatmaps do not fit in 96 KiB
+    with pytest.raises(Exception) as caught:
+        run_job(_config(big, output, input_size=64))
+    assert "No space left" in str(caught.value) or "space" in str(caught.value).lower()
+    report = verify_output(str(output))
+    assert report.ok, report.problems
+    assert report.rows == {"cams": 3, "errors": 0} and not (output / LOCK_NAME).exists()
+
+
+def test_read_only_output_fails_clearly_and_keeps_earlier_runs(ray_cluster, tmp_path):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    output = disk / "out"
+    run_job(_config(_images(tmp_path / "small", 2, size=(24, 32)), output, input_size=64))
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(disk), str(disk)], capture_output=True).returncode:
+        pytest.skip("read-only bind mounts are not permitted here")
+    try:
+        with pytest.raises(OSError, match="Read-only"):
+            run_job(_config(tmp_path / "small", output, input_size=64))
+        assert verify_output(str(output)).ok and len(pd.read_parquet(output / "cams")) == 2
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
