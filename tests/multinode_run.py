@@ -21,7 +21,11 @@ def main(data: str, output: str) -> None:
     workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Start only once both actors are up, so that a slow second start does not leave one
+    # node with nothing to do.
+    context.wait_for_min_actors_s = 120
     try:
         cfg = RunConfig(data=data, output=output, layout="folder", model="resnet18", classes=["a", "b"],
                         input_size=64, batch_size=2)

@@ -19,7 +19,7 @@ def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(24):
+    for i in range(96):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
     output = tmp_path / "out"
     script = Path(__file__).with_name("multinode_run.py")
@@ -30,5 +30,5 @@ def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
     assert summary["actors"]["actors"] == 2 and summary["actors"]["num_gpus"] == 1.0
     rows_per_node = summary["rows_per_node"]
     assert set(rows_per_node) == set(summary["worker_node_ids"])
-    assert all(count > 0 for count in rows_per_node.values()) and sum(rows_per_node.values()) == 24
-    assert len(pd.read_parquet(output / "cams")) == 24
+    assert all(count > 0 for count in rows_per_node.values()) and sum(rows_per_node.values()) == 96
+    assert len(pd.read_parquet(output / "cams")) == 96

@@ -408,7 +408,8 @@ def test_wrong_or_missing_token_is_a_clear_error(head, home, tmp_path):
     assert wrong not in result.stdout + result.stderr
     assert len(jobs.list_jobs(jobs.connect(head.address, head.token))) == before  # nothing was submitted
 
-    result = cli(head, home, "status", "raysubmit_x", "--address", head.address)  # no token anywhere
+    # A fresh process: Ray caches the token of a cluster this test process may have joined.
+    result = camjobs(head, home, "status", "raysubmit_x", "--address", head.address)  # no token anywhere
     assert result.returncode == 2 and "authentication required" in result.stderr and "--token" in result.stderr
 
 
