@@ -179,6 +179,54 @@ def verify(
         raise typer.Exit(EXIT_FAILED)
 
 
+# --- Exports and a gallery of the results ---------------------------------------------------------
+
+
+@app.command("export")
+def export_(
+    output: str = typer.Option(..., "--output", help="The job's output directory or URI (reads OUTPUT/cams and OUTPUT/runs)."),
+    fmt: str = typer.Option(..., "--format", help="coco|labelstudio|yolo"),
+    to: str = typer.Option(..., "--to", help="File to write (coco; labelstudio, with its labeling config next to it) or folder (yolo)."),
+    min_score: float = typer.Option(0.0, "--min-score", help="Drop boxes scoring below this (box scores lie in [threshold, 1])."),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="URL where the dataset root (--data of the run) is served: images are <image-root>/<path below the root>."),
+    categories: str = typer.Option("lesion", "--categories", help="lesion: one category; classes: the model's classes (a box gets its image's target_label)."),
+) -> None:
+    """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels."""
+    _setup_logging(False)
+    from camjobs.export import ExportError, export
+
+    try:
+        result = export(output, fmt, to, min_score=min_score, image_root=image_root, categories=categories)
+    except ExportError as exc:
+        raise _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        raise _fail(str(exc), EXIT_FAILED)
+    typer.echo(result.message())
+
+
+@app.command()
+def viz(
+    output: str = typer.Option(..., "--output", help="The job's output directory or URI (reads OUTPUT/cams)."),
+    to: Path = typer.Option(..., "--to", file_okay=False, help="Local folder for the PNG panels and index.html."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Images to draw."),
+    sort: str = typer.Option("worst", "--sort", help="worst|best|random: by IoU of boxes[0] with the mask's box (needs --data with masks; else by pred_score)."),
+    data: Optional[str] = typer.Option(None, "--data", help="The dataset, for ground-truth masks (HAM10000, ISIC 2017, ISIC 2018 layouts)."),
+    layout: str = typer.Option("auto", help="Layout of --data: auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder."),
+) -> None:
+    """Draw image | heatmap | blend with boxes per image, and a sortable index.html gallery."""
+    _setup_logging(False)
+    from camjobs.export import ExportError
+    from camjobs.viz import VizError, render_gallery
+
+    try:
+        result = render_gallery(output, to, limit=limit, sort=sort, data=data, layout=layout)
+    except (ExportError, VizError, ValueError) as exc:  # LayoutError is a ValueError
+        raise _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        raise _fail(str(exc), EXIT_FAILED)
+    typer.echo(result.message())
+
+
 # --- Ray Jobs API: run the job on a remote cluster -------------------------------------------------
 
 AddressOption = Annotated[

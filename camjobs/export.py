@@ -1,0 +1,416 @@
+"""Export the weak boxes of DIR/cams to the formats labeling and detection tools import.
+
+``camjobs export --output DIR --format coco|labelstudio|yolo --to PATH``
+
+Which rows
+    Every row of DIR/cams, one per image_id: where an image_id has rows from several runs
+    (a re-run, an incremental run over a changed file, a new model), the row of the newest
+    run wins (run ids start with their UTC start time, so the largest run_id is the newest).
+    Boxes with ``score < --min-score`` are dropped; an image whose boxes are all dropped is
+    still listed (COCO, Label Studio) with no box, and gets no label file (YOLO).
+
+Which file name
+    ``file_name`` is the image's path relative to the dataset root of the run that wrote the
+    row (``config.data`` in DIR/runs/<run_id>.json), e.g.
+    ``ISIC-2017_Training_Data/ISIC_0014628.jpg``, so ``--image-root`` is the URL under which that
+    dataset root is served: ``<image-root>/<file_name>``, URL-quoted. Where the root cannot be
+    derived (no run summary, a path outside the root) it is the source file's base name.
+
+Categories
+    ``--categories lesion`` (default): one category, "lesion". ``--categories classes``: the
+    model's classes (from the run summary, in the model's order, else the sorted target labels);
+    each box gets the ``target_label`` of its image, the class its map explains.
+
+Formats
+    coco        one JSON file: ``images`` (id 1..N in image_id order, file_name, width, height,
+                ``camjobs_image_id``, ``coco_url`` with --image-root), ``annotations`` (bbox
+                ``[x, y, w, h]`` absolute pixels, ``w = x_max - x_min``, area, score, iscrowd 0),
+                ``categories`` (ids from 1). ``annotations`` alone is a valid result list for
+                ``pycocotools.coco.COCO.loadRes``.
+    labelstudio a JSON list of tasks with predictions (Label Studio's import format: rectangle
+                values in percent of original_width/original_height), plus the labeling config
+                next to it, ``<PATH minus .json>.label_config.xml``. Without --image-root the task's
+                image is the source path as written (s3://, gs:// URIs are served by Label Studio
+                through a connected cloud storage); local paths need --image-root.
+    yolo        a directory: ``<stem>.txt`` per image with at least one box, lines
+                ``class cx cy w h`` normalized to [0, 1]; ``classes.txt`` (one name per line, line
+                n is class n); ``manifest.csv`` (stem, image_id, file_name, width, height, boxes).
+                The stem is the image_id with "/" and "\\" replaced by "__" (for the ISIC and
+                HAM10000 layouts that is the image file's own stem).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+from urllib.parse import quote
+from xml.sax.saxutils import quoteattr
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from camjobs.schema import CAMS_SCHEMA
+from camjobs.storage import open_filesystem
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("coco", "labelstudio", "yolo")
+CATEGORY_MODES = ("lesion", "classes")
+LESION = "lesion"
+LABEL_CONFIG_SUFFIX = ".label_config.xml"
+
+# Everything an export needs; heatmaps and raw maps (the heavy columns) are never read.
+EXPORT_COLUMNS = (
+    "image_id", "source_path", "width", "height", "label", "pred_label", "pred_score",
+    "target_label", "boxes", "model_sha256", "run_id",
+)
+
+
+class ExportError(ValueError):
+    """Bad export options, or nothing to export from."""
+
+
+# --------------------------------------------------------------------------- reading DIR/cams
+def cams_dataset(output: str) -> tuple[pafs.FileSystem, str, pads.Dataset]:
+    fs, root = open_filesystem(output.rstrip("/"))
+    cams = f"{root}/cams"
+    if fs.get_file_info(cams).type != pafs.FileType.Directory:
+        raise ExportError(f"no results in {output}: {output.rstrip('/')}/cams does not exist (run `camjobs run` first)")
+    return fs, root, pads.dataset(cams, filesystem=fs, format="parquet", schema=CAMS_SCHEMA)
+
+
+def latest_per_image(table: pa.Table) -> pa.Table:
+    """One row per image_id: the one with the largest run_id (the newest run), sorted by image_id."""
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, sort_keys=[("image_id", "ascending"), ("run_id", "descending")])
+    table = table.take(order)
+    # After this sort the first row of each image_id is the newest one.
+    id_list = table["image_id"].to_pylist()
+    keep = [i for i, image_id in enumerate(id_list) if i == 0 or image_id != id_list[i - 1]]
+    return table.take(pa.array(keep, pa.int64()))
+
+
+def read_latest_cams(output: str, columns: Sequence[str] = EXPORT_COLUMNS) -> pa.Table:
+    """The newest row per image_id of OUTPUT/cams, with only `columns` (plus image_id, run_id)."""
+    _, _, dataset = cams_dataset(output)
+    wanted = list(dict.fromkeys(["image_id", "run_id", *columns]))
+    return latest_per_image(dataset.to_table(columns=wanted))
+
+
+def read_run_summaries(output: str, run_ids: Iterable[str]) -> dict[str, dict]:
+    """DIR/runs/<run_id>.json of each run that has one (a run without one did not finish)."""
+    fs, root = open_filesystem(output.rstrip("/"))
+    summaries = {}
+    for run_id in sorted(set(run_ids)):
+        path = f"{root}/runs/{run_id}.json"
+        try:
+            with fs.open_input_stream(path) as stream:
+                summaries[run_id] = json.loads(stream.read().decode("utf-8"))
+        except (FileNotFoundError, OSError, ValueError):
+            log.warning("run %s has no readable summary (%s): file names fall back to base names", run_id, path)
+    return summaries
+
+
+# --------------------------------------------------------------------------- file names
+def _root_of(data: str | None) -> str | None:
+    """The dataset root as source paths spell it: a URI as given, a local path as given or made absolute."""
+    if not data:
+        return None
+    data = data.rstrip("/") or "/"
+    if data.startswith("file://"):
+        return data[len("file://"):].rstrip("/") or "/"
+    return data
+
+
+def relative_file_name(source_path: str, data: str | None) -> str:
+    """source_path relative to the dataset root `data`, else its base name."""
+    base = posixpath.basename(source_path.replace("\\", "/")) or source_path
+    root = _root_of(data)
+    if root is None:
+        return base
+    if "://" in root or os.path.isabs(root):
+        prefix = root if root.endswith("/") else root + "/"
+        return source_path[len(prefix):] if source_path.startswith(prefix) else base
+    # A relative --data (resolved against the run's working directory, which is not recorded):
+    # find it as a run of whole path components inside the absolute source path.
+    parts = [p for p in root.split("/") if p not in ("", ".")]
+    source_parts = source_path.split("/")
+    for start in range(len(source_parts) - len(parts) - 1, -1, -1):
+        if source_parts[start:start + len(parts)] == parts:
+            return "/".join(source_parts[start + len(parts):])
+    return base
+
+
+def image_url(image_root: str, file_name: str) -> str:
+    """<image_root>/<file_name>, the file name percent-quoted (its "/" kept)."""
+    quoted = quote(file_name, safe="/")
+    if image_root.endswith(("/", "=")):  # e.g. Label Studio's /data/local-files/?d=
+        return image_root + quoted
+    return f"{image_root}/{quoted}"
+
+
+def yolo_stem(image_id: str) -> str:
+    return re.sub(r"[/\\]", "__", image_id)
+
+
+# --------------------------------------------------------------------------- the export model
+@dataclass
+class ExportBox:
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+    score: float
+    category: str
+
+
+@dataclass
+class ExportImage:
+    image_id: str
+    source_path: str
+    file_name: str
+    width: int
+    height: int
+    label: str | None
+    pred_label: str | None
+    pred_score: float | None
+    target_label: str | None
+    model_sha256: str | None
+    run_id: str
+    boxes: list[ExportBox] = field(default_factory=list)
+
+
+@dataclass
+class ExportPlan:
+    images: list[ExportImage]
+    categories: list[str]  # category i is COCO id i + 1 and YOLO class i
+    dropped_boxes: int  # below --min-score
+
+
+def _clean_score(value) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION) -> ExportPlan:
+    """Read DIR/cams (newest row per image) and DIR/runs, filter boxes, name files and categories."""
+    if categories not in CATEGORY_MODES:
+        raise ExportError(f"--categories must be one of {', '.join(CATEGORY_MODES)}, got {categories!r}")
+    table = read_latest_cams(output, EXPORT_COLUMNS)
+    summaries = read_run_summaries(output, table["run_id"].to_pylist())
+    model_classes: list[str] = []
+    for run_id in sorted(summaries, reverse=True):  # newest model first
+        for name in summaries[run_id].get("model", {}).get("classes", []) or []:
+            if name not in model_classes:
+                model_classes.append(str(name))
+    images, dropped, seen_targets = [], 0, []
+    for row in table.to_pylist():
+        data = summaries.get(row["run_id"], {}).get("config", {}).get("data")
+        target = row["target_label"]
+        category = LESION if categories == LESION else (target if target is not None else LESION)
+        if category not in seen_targets:
+            seen_targets.append(category)
+        boxes = []
+        for box in row["boxes"] or []:
+            if box["score"] is not None and box["score"] < min_score:
+                dropped += 1
+                continue
+            boxes.append(ExportBox(float(box["x_min"]), float(box["y_min"]), float(box["x_max"]), float(box["y_max"]),
+                                   _clean_score(box["score"]) or 0.0, category))
+        images.append(ExportImage(
+            image_id=row["image_id"], source_path=row["source_path"] or "",
+            file_name=relative_file_name(row["source_path"] or row["image_id"], data),
+            width=int(row["width"]), height=int(row["height"]), label=row["label"],
+            pred_label=row["pred_label"], pred_score=_clean_score(row["pred_score"]),
+            target_label=target, model_sha256=row["model_sha256"], run_id=row["run_id"], boxes=boxes,
+        ))
+    if categories == LESION:
+        names = [LESION]
+    else:
+        names = [c for c in model_classes] + sorted(c for c in seen_targets if c not in model_classes)
+        names = names or [LESION]
+    return ExportPlan(images, names, dropped)
+
+
+# --------------------------------------------------------------------------- COCO
+def to_coco(plan: ExportPlan, *, image_root: str | None = None) -> dict:
+    """A COCO detection dataset dict; its "annotations" list also works as a loadRes result list."""
+    category_id = {name: i + 1 for i, name in enumerate(plan.categories)}
+    images, annotations = [], []
+    for number, image in enumerate(plan.images, start=1):
+        entry = {"id": number, "file_name": image.file_name, "width": image.width, "height": image.height,
+                 "camjobs_image_id": image.image_id}
+        if image_root:
+            entry["coco_url"] = image_url(image_root, image.file_name)
+        images.append(entry)
+        for box in image.boxes:
+            w, h = box.x_max - box.x_min, box.y_max - box.y_min
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": number, "category_id": category_id[box.category],
+                "bbox": [box.x_min, box.y_min, w, h], "area": w * h, "score": box.score, "iscrowd": 0,
+            })
+    return {
+        "info": {
+            "description": "camjobs weak lesion boxes (class activation maps)",
+            "version": "1.0", "contributor": "camjobs",
+            "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": category_id[name], "name": name, "supercategory": LESION} for name in plan.categories],
+    }
+
+
+# --------------------------------------------------------------------------- Label Studio
+def label_config(categories: Sequence[str]) -> str:
+    """The labeling config that matches the tasks: an Image named "image", RectangleLabels "label"."""
+    labels = "\n".join(f"    <Label value={quoteattr(name)}/>" for name in categories)
+    return (
+        "<View>\n"
+        '  <Image name="image" value="$image"/>\n'
+        '  <RectangleLabels name="label" toName="image">\n'
+        f"{labels}\n"
+        "  </RectangleLabels>\n"
+        "</View>\n"
+    )
+
+
+def to_labelstudio(plan: ExportPlan, *, image_root: str | None = None) -> list[dict]:
+    """Label Studio tasks, each with one prediction holding the image's boxes as rectangles."""
+    tasks = []
+    for number, image in enumerate(plan.images, start=1):
+        source = image_url(image_root, image.file_name) if image_root else image.source_path
+        result = []
+        for k, box in enumerate(image.boxes):
+            result.append({
+                "id": f"cam{number}_{k}",
+                "type": "rectanglelabels",
+                "from_name": "label",
+                "to_name": "image",
+                "original_width": image.width,
+                "original_height": image.height,
+                "image_rotation": 0,
+                "value": {
+                    "x": 100.0 * box.x_min / image.width,
+                    "y": 100.0 * box.y_min / image.height,
+                    "width": 100.0 * (box.x_max - box.x_min) / image.width,
+                    "height": 100.0 * (box.y_max - box.y_min) / image.height,
+                    "rotation": 0,
+                    "rectanglelabels": [box.category],
+                },
+                "score": box.score,
+            })
+        prediction = {
+            "model_version": (image.model_sha256 or "")[:12] or image.run_id,
+            "result": result,
+        }
+        if image.pred_score is not None:
+            prediction["score"] = image.pred_score
+        tasks.append({
+            "id": number,
+            "data": {key: value for key, value in (
+                ("image", source), ("image_id", image.image_id), ("pred_label", image.pred_label),
+                ("pred_score", image.pred_score), ("label", image.label), ("run_id", image.run_id),
+            ) if value is not None},
+            "predictions": [prediction],
+        })
+    return tasks
+
+
+def label_config_path(tasks_path: str) -> str:
+    stem = tasks_path[: -len(".json")] if tasks_path.lower().endswith(".json") else tasks_path
+    return stem + LABEL_CONFIG_SUFFIX
+
+
+# --------------------------------------------------------------------------- YOLO
+def yolo_lines(image: ExportImage, categories: Sequence[str]) -> list[str]:
+    index = {name: i for i, name in enumerate(categories)}
+    lines = []
+    for box in image.boxes:
+        cx = (box.x_min + box.x_max) / 2.0 / image.width
+        cy = (box.y_min + box.y_max) / 2.0 / image.height
+        w = (box.x_max - box.x_min) / image.width
+        h = (box.y_max - box.y_min) / image.height
+        lines.append(f"{index[box.category]} {cx:.8f} {cy:.8f} {w:.8f} {h:.8f}")
+    return lines
+
+
+# --------------------------------------------------------------------------- writing
+@dataclass
+class ExportResult:
+    format: str
+    paths: list[str]  # the files written (for yolo: classes.txt, manifest.csv, then the label files)
+    images: int
+    boxes: int
+    dropped_boxes: int
+    categories: list[str]
+
+    def message(self) -> str:
+        return (f"{self.format}: {self.images} images, {self.boxes} boxes"
+                f"{f' ({self.dropped_boxes} below --min-score dropped)' if self.dropped_boxes else ''}, "
+                f"categories {', '.join(self.categories)} -> {self.paths[0] if self.paths else '(nothing)'}")
+
+
+def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode("utf-8"))
+
+
+def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_root: str | None = None,
+           categories: str = LESION) -> ExportResult:
+    """Export the newest row per image of OUTPUT/cams to `to` (a file; a directory for yolo)."""
+    if format not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    plan = plan_export(output, min_score=min_score, categories=categories)
+    if not plan.images:
+        log.warning("%s/cams holds no rows: the export is empty", output.rstrip("/"))
+    fs, path = open_filesystem(to.rstrip("/") if format == "yolo" else to)
+    boxes = sum(len(image.boxes) for image in plan.images)
+    paths: list[str] = []
+    if format == "coco":
+        _write_text(fs, path, json.dumps(to_coco(plan, image_root=image_root), ensure_ascii=False, indent=1))
+        paths = [to]
+    elif format == "labelstudio":
+        if not image_root and any("://" not in image.source_path for image in plan.images):
+            log.warning("no --image-root: tasks name local paths, which Label Studio cannot open from a browser; "
+                        "pass the URL where the dataset root is served")
+        _write_text(fs, path, json.dumps(to_labelstudio(plan, image_root=image_root), ensure_ascii=False, indent=1))
+        config = label_config_path(path)
+        _write_text(fs, config, label_config(plan.categories))
+        paths = [to, label_config_path(to)]
+    else:
+        fs.create_dir(path, recursive=True)
+        stems: dict[str, str] = {}
+        manifest = io.StringIO()
+        writer = csv.writer(manifest, lineterminator="\n")
+        writer.writerow(["stem", "image_id", "file_name", "width", "height", "boxes"])
+        label_files = []
+        for image in plan.images:
+            if not image.boxes:
+                continue
+            stem = yolo_stem(image.image_id)
+            if stem in stems or stem in ("classes", "manifest"):
+                raise ExportError(f"image ids {stems.get(stem, stem)!r} and {image.image_id!r} map to the same "
+                                  f"YOLO label file {stem}.txt")
+            stems[stem] = image.image_id
+            _write_text(fs, f"{path}/{stem}.txt", "\n".join(yolo_lines(image, plan.categories)) + "\n")
+            writer.writerow([stem, image.image_id, image.file_name, image.width, image.height, len(image.boxes)])
+            label_files.append(f"{to.rstrip('/')}/{stem}.txt")
+        _write_text(fs, f"{path}/classes.txt", "\n".join(plan.categories) + "\n")
+        _write_text(fs, f"{path}/manifest.csv", manifest.getvalue())
+        paths = [f"{to.rstrip('/')}/classes.txt", f"{to.rstrip('/')}/manifest.csv", *label_files]
+    return ExportResult(format, paths, len(plan.images), boxes, plan.dropped_boxes, list(plan.categories))

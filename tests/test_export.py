@@ -1,0 +1,401 @@
+"""camjobs.export: COCO, Label Studio and YOLO exports of DIR/cams, read back by their consumers.
+
+The DIR/cams fixtures are built by hand in CAMS_SCHEMA: images of different sizes, several boxes,
+an image without boxes, a non-ASCII image_id with a space and a "/", and one image_id written by
+two runs (the newer row must win). Ground truth for COCOeval comes from lesion masks through
+camjobs.evaluate.mask_box, like the demo's IoU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+from urllib.parse import unquote
+from xml.etree import ElementTree
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from camjobs.evaluate import mask_box
+from camjobs.export import (
+    ExportError, export, image_url, label_config, label_config_path, plan_export, relative_file_name, yolo_stem,
+)
+from camjobs.schema import CAMS_SCHEMA, SCHEMA_VERSION
+
+CLASSES = ["melanoma", "nevus", "seborrheic_keratosis"]
+OLD_RUN = "20240101T000000Z-aaaaaa"
+NEW_RUN = "20240202T000000Z-bbbbbb"
+DATA_ROOT = "/data/derm"
+ODD_ID = "sub dir/Ünïcödé été <1> & \"q\""
+
+
+def _mask(width: int, height: int, centre, axes) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, centre, axes, 0, 0, 360, 255, -1)
+    return mask > 127
+
+
+# image_id -> (width, height, mask); the masks give the ground-truth boxes
+MASKS = {
+    "ISIC_0000001": _mask(800, 500, (300, 260), (120, 90)),
+    ODD_ID: _mask(1022, 767, (500, 400), (200, 150)),
+    "ISIC_0000003": _mask(4288, 2848, (2000, 1500), (900, 700)),
+    "ISIC_0000002": _mask(600, 450, (310, 220), (100, 80)),
+}
+
+
+def _box(xyxy, score):
+    x0, y0, x1, y1 = xyxy
+    return {"x_min": float(x0), "y_min": float(y0), "x_max": float(x1), "y_max": float(y1), "score": float(score)}
+
+
+def _row(image_id, source_path, width, height, boxes, run_id, target="nevus", pred_score=0.8, label=None):
+    row = {name: None for name in CAMS_SCHEMA.names}
+    row.update(
+        image_id=image_id, source_path=source_path, content_sha256="0" * 64, width=width, height=height,
+        label=label, pred_index=CLASSES.index(target), pred_label=target, pred_score=pred_score,
+        target_index=CLASSES.index(target), target_label=target, method="cam", cam=[0.0, 1.0, 2.0, 3.0],
+        cam_height=2, cam_width=2, heatmap_png=b"", threshold=0.2, boxes=boxes,
+        model_sha256=("a" if run_id == OLD_RUN else "b") * 64, target_mode="predicted", input_size=224,
+        run_id=run_id, schema_version=SCHEMA_VERSION,
+    )
+    return row
+
+
+def _write_run(output: Path, run_id: str, rows: list[dict], summary: dict | None) -> None:
+    folder = output / "cams" / run_id
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=CAMS_SCHEMA), folder / "part-0.parquet")
+    if summary is not None:
+        (output / "runs").mkdir(exist_ok=True)
+        (output / "runs" / f"{run_id}.json").write_text(json.dumps(summary))
+
+
+def gt_box(image_id):
+    return mask_box(MASKS[image_id])
+
+
+def shifted(box, dx):
+    return (box[0] + dx, box[1], box[2] + dx, box[3])
+
+
+@pytest.fixture()
+def cams_dir(tmp_path) -> Path:
+    """Two runs. Detections: boxes[0] equals the mask box (high scores); extra boxes are misses
+    with scores below every hit, so COCO AP is exactly 1 for the boxes[0]s."""
+    out = tmp_path / "out"
+    old_rows = [
+        _row("ISIC_0000001", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000001.jpg", 800, 500,
+             [_box(gt_box("ISIC_0000001"), 0.9), _box((700, 10, 790, 60), 0.25)], OLD_RUN, label="nevus"),
+        _row(ODD_ID, f"{DATA_ROOT}/{ODD_ID}.jpg", 1022, 767, [_box(gt_box(ODD_ID), 0.8)], OLD_RUN,
+             target="melanoma", pred_score=0.55),
+        _row("ISIC_0000003", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000003.jpg", 4288, 2848,
+             [_box(gt_box("ISIC_0000003"), 0.7), _box((10, 10, 400, 333), 0.3), _box((4000, 2600, 4288, 2848), 0.21)],
+             OLD_RUN, target="seborrheic_keratosis", pred_score=0.97),
+        _row("ISIC_0000004", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000004.jpg", 640, 480, [], OLD_RUN),
+        # superseded by the newer run's row: a box nowhere near the lesion
+        _row("ISIC_0000002", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000002.jpg", 600, 450,
+             [_box((0, 0, 50, 50), 0.99)], OLD_RUN),
+    ]
+    _write_run(out, OLD_RUN, old_rows, {"run_id": OLD_RUN, "config": {"data": DATA_ROOT + "/"},
+                                        "model": {"classes": CLASSES}})
+    new_rows = [_row("ISIC_0000002", "/elsewhere/ISIC_0000002.jpg", 600, 450,
+                     [_box(gt_box("ISIC_0000002"), 0.6)], NEW_RUN)]
+    _write_run(out, NEW_RUN, new_rows, None)  # no summary: file name falls back to the base name
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+def test_relative_file_name_rules():
+    assert relative_file_name("/data/derm/a/b.jpg", "/data/derm") == "a/b.jpg"
+    assert relative_file_name("/data/derm/a/b.jpg", "/data/derm/") == "a/b.jpg"
+    assert relative_file_name("/data/dermX/b.jpg", "/data/derm") == "b.jpg"
+    assert relative_file_name("/data/derm/a/b.jpg", None) == "b.jpg"
+    assert relative_file_name("/data/derm/a/b.jpg", "file:///data/derm") == "a/b.jpg"
+    assert relative_file_name("s3://bucket/isic/x/y.jpg", "s3://bucket/isic") == "x/y.jpg"
+    # a relative --data, found inside the absolute source path
+    assert relative_file_name("/home/u/camjobs-demo/data/HAM/x.jpg", "camjobs-demo/data") == "HAM/x.jpg"
+    assert relative_file_name("/home/u/other/x.jpg", "camjobs-demo/data") == "x.jpg"
+
+
+def test_image_url_quotes_and_joins():
+    assert image_url("http://h/img", "a b/é#1.jpg") == "http://h/img/a%20b/%C3%A9%231.jpg"
+    assert image_url("http://h/img/", "x.jpg") == "http://h/img/x.jpg"
+    assert image_url("/data/local-files/?d=", "d/x.jpg") == "/data/local-files/?d=d/x.jpg"
+
+
+def test_plan_takes_newest_row_per_image(cams_dir):
+    plan = plan_export(str(cams_dir))
+    by_id = {image.image_id: image for image in plan.images}
+    assert sorted(by_id) == sorted([*MASKS, "ISIC_0000004"])
+    assert [image.image_id for image in plan.images] == sorted(by_id)
+    newest = by_id["ISIC_0000002"]
+    assert newest.run_id == NEW_RUN and newest.file_name == "ISIC_0000002.jpg"
+    assert [(b.x_min, b.y_min, b.x_max, b.y_max) for b in newest.boxes] == [tuple(map(float, gt_box("ISIC_0000002")))]
+    assert by_id["ISIC_0000001"].file_name == "ISIC-2017_Training_Data/ISIC_0000001.jpg"
+    assert by_id[ODD_ID].file_name == f"{ODD_ID}.jpg"
+    assert plan.categories == ["lesion"]
+    assert plan_export(str(cams_dir), categories="classes").categories == CLASSES
+
+
+def test_missing_output_and_bad_options(tmp_path, cams_dir):
+    with pytest.raises(ExportError, match="cams does not exist"):
+        export(str(tmp_path / "nothing"), "coco", str(tmp_path / "x.json"))
+    with pytest.raises(ExportError, match="--format"):
+        export(str(cams_dir), "voc", str(tmp_path / "x.json"))
+    with pytest.raises(ExportError, match="--categories"):
+        export(str(cams_dir), "coco", str(tmp_path / "x.json"), categories="dx")
+
+
+# --------------------------------------------------------------------------- COCO
+def _coco_gt(export_json: dict, category_id: int | None = None):
+    from pycocotools.coco import COCO
+
+    annotations = []
+    for image in export_json["images"]:
+        box = mask_box(MASKS[image["camjobs_image_id"]]) if image["camjobs_image_id"] in MASKS else None
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0,
+                            "category_id": category_id or 1})
+    gt = COCO()
+    gt.dataset = {"images": export_json["images"], "annotations": annotations, "categories": export_json["categories"]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _evaluate(gt, detections) -> np.ndarray:
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(detections)
+        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats
+
+
+def test_coco_export_loads_and_evaluates_with_pycocotools(cams_dir, tmp_path):
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+
+    target = tmp_path / "exports" / "boxes.json"
+    result = export(str(cams_dir), "coco", str(target), image_root="http://files.local/derm")
+    assert result.images == 5 and result.boxes == 7 and result.dropped_boxes == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        dataset = COCO(str(target))  # the export itself is a loadable COCO dataset
+    assert len(dataset.getImgIds()) == 5 and len(dataset.getAnnIds()) == 7
+    data = json.loads(target.read_text(encoding="utf-8"))
+    images = {image["camjobs_image_id"]: image for image in data["images"]}
+    assert [image["id"] for image in data["images"]] == [1, 2, 3, 4, 5]
+    assert images["ISIC_0000003"]["width"] == 4288 and images["ISIC_0000003"]["height"] == 2848
+    assert images[ODD_ID]["file_name"] == f"{ODD_ID}.jpg"
+    assert unquote(images[ODD_ID]["coco_url"]) == f"http://files.local/derm/{ODD_ID}.jpg"
+    assert " " not in images[ODD_ID]["coco_url"]
+    assert data["categories"] == [{"id": 1, "name": "lesion", "supercategory": "lesion"}]
+    for annotation in data["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        assert annotation["area"] == pytest.approx(w * h) and annotation["iscrowd"] == 0 and w > 0 and h > 0
+    first = [a for a in data["annotations"] if a["image_id"] == images["ISIC_0000001"]["id"]]
+    assert [a["bbox"] for a in first] == [[*gt_box("ISIC_0000001")[:2], gt_box("ISIC_0000001")[2] - gt_box("ISIC_0000001")[0],
+                                           gt_box("ISIC_0000001")[3] - gt_box("ISIC_0000001")[1]], [700, 10, 90, 50]]
+    assert not [a for a in data["annotations"] if a["image_id"] == images["ISIC_0000004"]["id"]]
+
+    gt = _coco_gt(data)
+    stats = _evaluate(gt, data["annotations"])
+    # every boxes[0] equals its mask box and outranks every miss: perfect AP at every IoU threshold
+    assert stats[0] == pytest.approx(1.0) and stats[1] == pytest.approx(1.0) and stats[2] == pytest.approx(1.0)
+    assert stats[8] == pytest.approx(1.0)  # AR@100
+
+    # boxes shifted to IoU ~0.6 with the truth: a hit at IoU 0.5, a miss at 0.75
+    moved = []
+    for annotation in data["annotations"]:
+        if annotation["score"] >= 0.6:
+            x, y, w, h = annotation["bbox"]
+            dx = w / 4.0  # IoU = (3/4) / (5/4) = 0.6
+            moved.append({**annotation, "bbox": [x + dx, y, w, h]})
+    stats = _evaluate(gt, moved)
+    assert stats[1] == pytest.approx(1.0) and stats[2] == pytest.approx(0.0)
+
+
+def test_coco_min_score_and_class_categories(cams_dir, tmp_path):
+    pytest.importorskip("pycocotools")
+    target = tmp_path / "classes.json"
+    result = export(str(cams_dir), "coco", str(target), min_score=0.5, categories="classes")
+    assert result.dropped_boxes == 3 and result.boxes == 4
+    data = json.loads(target.read_text(encoding="utf-8"))
+    assert [c["name"] for c in data["categories"]] == CLASSES and [c["id"] for c in data["categories"]] == [1, 2, 3]
+    assert all(a["score"] >= 0.5 for a in data["annotations"])
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    images = {i["id"]: i["camjobs_image_id"] for i in data["images"]}
+    assert {images[a["image_id"]]: names[a["category_id"]] for a in data["annotations"]} == {
+        "ISIC_0000001": "nevus", ODD_ID: "melanoma", "ISIC_0000003": "seborrheic_keratosis", "ISIC_0000002": "nevus",
+    }
+    # per-category evaluation against class-labelled ground truth still gives AP 1
+    gt = _coco_gt(data)
+    for annotation in gt.dataset["annotations"]:
+        annotation["category_id"] = next(a["category_id"] for a in data["annotations"] if a["image_id"] == annotation["image_id"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    assert _evaluate(gt, data["annotations"])[0] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- Label Studio
+def _check_labelstudio_task(task: dict, config_labels: set[str]) -> None:
+    """Label Studio's documented import format for pre-annotated images (labelstud.io/guide/predictions)."""
+    assert set(task) == {"id", "data", "predictions"}
+    assert isinstance(task["data"]["image"], str) and task["data"]["image"]
+    (prediction,) = task["predictions"]
+    assert isinstance(prediction["model_version"], str) and prediction["model_version"]
+    assert 0.0 <= prediction["score"] <= 1.0
+    ids = [region["id"] for region in prediction["result"]]
+    assert len(set(ids)) == len(ids)
+    for region in prediction["result"]:
+        assert region["type"] == "rectanglelabels" and region["from_name"] == "label" and region["to_name"] == "image"
+        assert region["image_rotation"] == 0 and isinstance(region["original_width"], int)
+        value = region["value"]
+        assert set(value) == {"x", "y", "width", "height", "rotation", "rectanglelabels"}
+        for key in ("x", "y", "width", "height"):
+            assert 0.0 <= value[key] <= 100.0
+        assert value["x"] + value["width"] <= 100.0 + 1e-9 and value["y"] + value["height"] <= 100.0 + 1e-9
+        assert value["rotation"] == 0 and len(value["rectanglelabels"]) == 1
+        assert set(value["rectanglelabels"]) <= config_labels
+        assert 0.0 <= region["score"] <= 1.0
+
+
+def _config_labels(xml_text: str) -> set[str]:
+    view = ElementTree.fromstring(xml_text)
+    assert view.tag == "View"
+    image = view.find("Image")
+    assert image.get("name") == "image" and image.get("value") == "$image"
+    rectangles = view.find("RectangleLabels")
+    assert rectangles.get("name") == "label" and rectangles.get("toName") == "image"
+    return {label.get("value") for label in rectangles.findall("Label")}
+
+
+@pytest.mark.parametrize("categories", ["lesion", "classes"])
+def test_labelstudio_export_matches_documented_format(cams_dir, tmp_path, categories):
+    target = tmp_path / "ls" / "tasks.json"
+    result = export(str(cams_dir), "labelstudio", str(target), image_root="https://img.example.org/derm",
+                    categories=categories)
+    config_path = tmp_path / "ls" / "tasks.label_config.xml"
+    assert result.paths == [str(target), str(config_path)] and config_path.exists()
+    labels = _config_labels(config_path.read_text(encoding="utf-8"))
+    assert labels == ({"lesion"} if categories == "lesion" else set(CLASSES))
+    tasks = json.loads(target.read_text(encoding="utf-8"))
+    assert len(tasks) == 5 and [t["id"] for t in tasks] == [1, 2, 3, 4, 5]
+    for task in tasks:
+        _check_labelstudio_task(task, labels)
+    by_id = {task["data"]["image_id"]: task for task in tasks}
+    assert by_id[ODD_ID]["data"]["image"] == "https://img.example.org/derm/" + (
+        "sub%20dir/%C3%9Cn%C3%AFc%C3%B6d%C3%A9%20%C3%A9t%C3%A9%20%3C1%3E%20%26%20%22q%22.jpg")
+    assert by_id["ISIC_0000002"]["predictions"][0]["model_version"] == "b" * 12
+    assert by_id["ISIC_0000004"]["predictions"][0]["result"] == []
+    # percent -> pixels, Label Studio's own conversion, gives back the exported boxes
+    plan = {image.image_id: image for image in plan_export(str(cams_dir), categories=categories).images}
+    for image_id, task in by_id.items():
+        regions = task["predictions"][0]["result"]
+        assert len(regions) == len(plan[image_id].boxes)
+        for region, box in zip(regions, plan[image_id].boxes):
+            value, w, h = region["value"], region["original_width"], region["original_height"]
+            assert (w, h) == (plan[image_id].width, plan[image_id].height)
+            assert value["x"] * w / 100 == pytest.approx(box.x_min, abs=1e-6)
+            assert value["y"] * h / 100 == pytest.approx(box.y_min, abs=1e-6)
+            assert (value["x"] + value["width"]) * w / 100 == pytest.approx(box.x_max, abs=1e-6)
+            assert (value["y"] + value["height"]) * h / 100 == pytest.approx(box.y_max, abs=1e-6)
+            assert region["score"] == pytest.approx(box.score)
+            assert value["rectanglelabels"] == [box.category]
+
+
+def test_labelstudio_without_image_root_names_the_source(cams_dir, tmp_path):
+    target = tmp_path / "tasks"
+    export(str(cams_dir), "labelstudio", str(target))
+    assert (tmp_path / "tasks.label_config.xml").exists()
+    tasks = json.loads(target.read_text(encoding="utf-8"))
+    assert {t["data"]["image"] for t in tasks} >= {f"{DATA_ROOT}/{ODD_ID}.jpg", "/elsewhere/ISIC_0000002.jpg"}
+    assert label_config_path("a/b.json") == "a/b.label_config.xml"
+
+
+def test_label_config_escapes_label_values():
+    xml_text = label_config(['a"b', "<c&d>"])
+    assert _config_labels(xml_text) == {'a"b', "<c&d>"}
+
+
+def test_labelstudio_sdk_validates_tasks(cams_dir, tmp_path):
+    """Label Studio's own validator, where the SDK is installed (it pins opencv < 4.13, so it is
+    not in the dev extra; run this test in an environment that has label-studio-sdk)."""
+    interface_module = pytest.importorskip("label_studio_sdk.label_interface")
+    target = tmp_path / "tasks.json"
+    export(str(cams_dir), "labelstudio", str(target), image_root="http://x/y", categories="classes")
+    interface = interface_module.LabelInterface((tmp_path / "tasks.label_config.xml").read_text(encoding="utf-8"))
+    interface.validate()
+    for task in json.loads(target.read_text(encoding="utf-8")):
+        # validate_task with "predictions" calls validate_prediction() without its argument
+        # (SDK 2.1.2), so the data and the prediction are checked separately.
+        assert interface.validate_task({"data": task["data"]}) is True
+        assert interface.validate_prediction(task["predictions"][0], return_errors=True) == []
+
+
+# --------------------------------------------------------------------------- YOLO
+def test_yolo_export_parses_back_to_the_boxes(cams_dir, tmp_path):
+    target = tmp_path / "yolo"
+    result = export(str(cams_dir), "yolo", str(target), categories="classes")
+    assert (target / "classes.txt").read_text(encoding="utf-8").splitlines() == CLASSES
+    plan = {image.image_id: image for image in plan_export(str(cams_dir), categories="classes").images}
+    label_files = sorted(p.name for p in target.glob("*.txt") if p.name != "classes.txt")
+    with_boxes = [image_id for image_id, image in plan.items() if image.boxes]
+    assert label_files == sorted(f"{yolo_stem(i)}.txt" for i in with_boxes)
+    assert "ISIC_0000004.txt" not in label_files  # no box, no label file
+    assert yolo_stem(ODD_ID) == "sub dir__Ünïcödé été <1> & \"q\""
+    assert len(result.paths) == 2 + len(with_boxes)
+
+    import csv
+
+    with open(target / "manifest.csv", encoding="utf-8", newline="") as handle:
+        manifest = {row["stem"]: row for row in csv.DictReader(handle)}
+    assert manifest[yolo_stem(ODD_ID)]["image_id"] == ODD_ID
+    assert manifest[yolo_stem(ODD_ID)]["file_name"] == f"{ODD_ID}.jpg"
+
+    for image_id in with_boxes:
+        image = plan[image_id]
+        lines = (target / f"{yolo_stem(image_id)}.txt").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == len(image.boxes) == int(manifest[yolo_stem(image_id)]["boxes"])
+        for line, box in zip(lines, image.boxes):
+            fields = line.split()
+            assert len(fields) == 5
+            cls, (cx, cy, w, h) = int(fields[0]), map(float, fields[1:])
+            assert CLASSES[cls] == box.category
+            assert all(0.0 <= v <= 1.0 for v in (cx, cy, w, h))
+            x0, x1 = (cx - w / 2) * image.width, (cx + w / 2) * image.width
+            y0, y1 = (cy - h / 2) * image.height, (cy + h / 2) * image.height
+            for got, want in zip((x0, y0, x1, y1), (box.x_min, box.y_min, box.x_max, box.y_max)):
+                assert math.isclose(got, want, abs_tol=1e-3), (image_id, got, want)
+
+
+def test_yolo_lesion_category_and_min_score(cams_dir, tmp_path):
+    target = tmp_path / "yolo"
+    export(str(cams_dir), "yolo", str(target), min_score=0.65)
+    assert (target / "classes.txt").read_text(encoding="utf-8") == "lesion\n"
+    files = sorted(p.name for p in target.glob("*.txt") if p.name != "classes.txt")
+    assert files == sorted(f"{yolo_stem(i)}.txt" for i in ("ISIC_0000001", ODD_ID, "ISIC_0000003"))
+    for name in files:
+        lines = (target / name).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 1 and lines[0].startswith("0 ")
+
+
+def test_yolo_refuses_colliding_stems(tmp_path):
+    out = tmp_path / "out"
+    rows = [_row(i, f"/d/{i}.jpg", 100, 100, [_box((1, 1, 50, 50), 0.9)], OLD_RUN) for i in ("a/b", "a__b")]
+    _write_run(out, OLD_RUN, rows, None)
+    with pytest.raises(ExportError, match="same YOLO label file"):
+        export(str(out), "yolo", str(tmp_path / "y"))
