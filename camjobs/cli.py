@@ -179,6 +179,31 @@ def verify(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command()
+def evaluate(
+    output: str = typer.Option(..., "--output", help="Output directory or URI written by camjobs run."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset with lesion masks (ham10000, isic2017, isic2018 layouts)."),
+    masks: Optional[str] = typer.Option(None, "--masks", help="Folder of <image_id>_segmentation.png (or <image_id>.png) masks."),
+    boxes: Optional[str] = typer.Option(None, "--boxes", help="COCO json: bbox (x, y, w, h) per image, matched by file_name or id."),
+    report: Optional[str] = typer.Option(None, "--report", help="Report folder (default: OUTPUT/eval)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Only this run's rows (default: the newest run's model and settings, over all runs)."),
+    max_side: int = typer.Option(1024, help="Sweep metrics on a grid of at most this long side; 0: the full size."),
+) -> None:
+    """Localization metrics of the maps (MaxBoxAcc, MaxBoxAccV2, PxAP, top-1/GT-known Loc, IoU, ISIC Jaccard)."""
+    _setup_logging(False)
+    from camjobs.evaluate import EvaluationError, evaluate_output
+
+    try:
+        result = evaluate_output(output, data=data, masks=masks, boxes=boxes, run_id=run_id,
+                                 report_dir=report, max_side=max_side or None, progress=True)
+    except EvaluationError as exc:
+        raise _fail(str(exc), EXIT_USAGE)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc), EXIT_FAILED)
+    typer.echo(result.table())
+    typer.echo(f"report: {result.report_dir}")
+
+
 # --- Exports and a gallery of the results ---------------------------------------------------------
 
 

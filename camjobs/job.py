@@ -26,10 +26,10 @@ from camjobs import __version__
 from camjobs.config import RunConfig
 from camjobs.decode import decode_batch
 from camjobs.layouts import list_images
-from camjobs.predictor import CamPredictor, ModelSpec
 from camjobs.incremental import existing_keys
-from camjobs.sink import CamParquetSink, SinkStats, output_lock, publish_run
+from camjobs.predictor import CamPredictor, ModelSpec
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
+from camjobs.sink import CamParquetSink, SinkStats, output_lock, publish_run
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def plan_actors(cfg: RunConfig, cluster: dict) -> ActorPlan:
         return ActorPlan(actors, 1.0, gpus_per_actor, None, cfg.batch_size or DEFAULT_GPU_BATCH)
     actors = cfg.actors or 1
     cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
+    # Summed over the cluster; each actor caps it at its own machine's cores.
     threads = max(1, int(total_cpus // actors))
     return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or DEFAULT_CPU_BATCH)
 

@@ -61,7 +61,7 @@ class CamPredictor:
         # Ray sets an actor's thread count from its num_cpus; a CPU actor that reserves
         # one CPU (to leave the rest to decode tasks) would run the model on one thread.
         if torch_threads:
-            torch.set_num_threads(torch_threads)
+            torch.set_num_threads(min(torch_threads, os.cpu_count() or torch_threads))
         self.device = choose_device()
         loaded = spec.load()
         self.model = loaded.model.to(self.device).eval()
