@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -26,3 +28,9 @@ def test_demo_completes_and_beats_the_centre_box(tmp_path):
     cams = pd.read_parquet(output / "results" / "cams")
     assert len(cams) == 240 and cams.image_id.is_unique
     assert re.search(r"240 rows, 0 errors", text)
+    # The evaluation and the gallery it points at.
+    metrics = json.loads((output / "results" / "eval" / "metrics.json").read_text())
+    assert metrics["max_box_acc_v2"] > metrics["centre_baseline"]["max_box_acc_v2"], metrics
+    assert abs(metrics["mean_iou"] / 100 - cam_iou) < 1e-3
+    index = Path(re.search(r"gallery: (\S+)", text).group(1))
+    assert index.exists() and len(list(index.parent.glob("*.png"))) == 48
