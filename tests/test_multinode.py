@@ -32,3 +32,21 @@ def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
     assert set(rows_per_node) == set(summary["worker_node_ids"])
     assert all(count > 0 for count in rows_per_node.values()) and sum(rows_per_node.values()) == 96
     assert len(pd.read_parquet(output / "cams")) == 96
+
+
+def test_worker_node_removed_mid_run_still_completes(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(96):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
+    output = tmp_path / "out"
+    script = Path(__file__).with_name("multinode_run.py")
+    completed = subprocess.run([sys.executable, str(script), str(data), str(output), "--remove-node"],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "removed a worker node" in completed.stderr
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["counts"] == {"inputs": 96, "processed": 96, "skipped": 0, "errors": 0}
+    cams = pd.read_parquet(output / "cams")
+    assert len(cams) == 96 and cams.image_id.is_unique
