@@ -161,3 +161,22 @@ def test_read_only_output_fails_clearly_and_keeps_earlier_runs(ray_cluster, tmp_
         assert verify_output(str(output)).ok and len(pd.read_parquet(output / "cams")) == 2
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_actor_failing_in_init_fails_the_job_fast(ray_cluster, tmp_path, monkeypatch):
+    """A checkpoint the actors cannot load (here: corrupt on the workers' side) fails the run, with its cause."""
+    from camjobs.models import load_model
+    from camjobs.predictor import ModelSpec
+
+    data = _images(tmp_path / "data", 8, size=(24, 32))
+    corrupt = tmp_path / "model.pt"
+    corrupt.write_bytes(b"\x80\x02 truncated checkpoint")
+    # The driver's own check would stop this run before Ray starts; let it pass, so that the
+    # failure happens where it can on a cluster: in each model actor's __init__.
+    driver_model = load_model(None, arch="resnet18", classes=["a", "b"], input_size=64)
+    monkeypatch.setattr(ModelSpec, "load", lambda self: driver_model)
+    started = time.time()
+    with pytest.raises(Exception, match="model.pt"):
+        run_job(RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", checkpoint=str(corrupt)))
+    assert time.time() - started < 120
+    assert not (tmp_path / "out" / "cams").exists() and not (tmp_path / "out" / LOCK_NAME).exists()
