@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
-from camjobs.config import ConfigError, RunConfig
+from camjobs.config import ConfigError, RunConfig, redact_uri
 
 app = typer.Typer(
     name="camjobs",
@@ -92,7 +92,8 @@ def run(
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         raise _fail(str(exc), EXIT_FAILED)
     typer.echo(f"run {result.run_id}: {result.message}")
-    typer.echo(f"results: {cfg.output.rstrip('/')}/cams  errors: {cfg.output.rstrip('/')}/errors  summary: {result.summary_path}")
+    shown = redact_uri(cfg.output.rstrip("/"))  # an s3:// URI may carry credentials
+    typer.echo(f"results: {shown}/cams  errors: {shown}/errors  summary: {redact_uri(result.summary_path)}")
     if result.exit_code:
         raise _fail(result.message, result.exit_code)
 

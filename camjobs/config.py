@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -83,6 +84,28 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """to_dict() safe to log or write into a run summary: no credentials in URIs."""
+        return {name: redact_uri(value) if isinstance(value, str) else value for name, value in self.to_dict().items()}
+
+
+_SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token", "token", "password", "credential", "sig", "signature"}
+
+
+def redact_uri(value: str) -> str:
+    """Hide a URI's user:password and secret query parameters (pyarrow.fs accepts both)."""
+    if "://" not in value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urllib.parse.urlencode(
+        [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -177,7 +177,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         "run_id": run_id,
         "schema_version": SCHEMA_VERSION,
         "status": "completed",
-        "config": cfg.to_dict(),
+        "config": cfg.redacted(),
         "layout": listing.layout,
         "model": {
             "arch": model.arch,

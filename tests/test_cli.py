@@ -76,3 +76,15 @@ def test_bad_checkpoint_fails_with_exit_1(tmp_path, isic2017_mini):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "camjobs", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "run" in result.stdout and "demo" in result.stdout
+
+
+def test_credentials_in_uris_are_redacted():
+    from camjobs.config import redact_uri
+
+    cfg = RunConfig(data="s3://AKIAEXAMPLE:s3cr3t@bucket/ham?region=eu-west-1&secret_key=s3cr3t",
+                    output="gs://bucket/out?access_key=AKIAEXAMPLE&endpoint_override=localhost:9000",
+                    model="resnet18", classes=["a"])
+    shown = str(cfg.redacted())
+    assert "s3cr3t" not in shown and "AKIAEXAMPLE" not in shown
+    assert "bucket/ham" in shown and "region=eu-west-1" in shown and "endpoint_override=localhost%3A9000" in shown
+    assert redact_uri("/local/path") == "/local/path"
