@@ -120,30 +120,45 @@ def synth(
 @app.command()
 def train(
     data: str = typer.Option(..., "--data", help="Dataset directory in any supported layout."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint file to write."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint file to write (and OUT.resume.pt after every epoch)."),
     model: str = typer.Option("resnet18", help="torchvision architecture with a GAP -> linear head."),
-    epochs: int = typer.Option(5, help="Training epochs."),
+    epochs: int = typer.Option(5, help="Training epochs (in all, counting those before --resume)."),
     input_size: int = typer.Option(224, help="Square input size."),
-    batch_size: int = typer.Option(32, help="Batch size."),
+    batch_size: int = typer.Option(32, help="Batch size (per worker with --workers)."),
     lr: float = typer.Option(1e-3, help="Learning rate (AdamW)."),
-    layout: str = typer.Option("auto", help="Dataset layout [default: auto]."),
-    weights: Optional[str] = typer.Option(None, help="'imagenet' or a local torchvision weights file to start from."),
+    layout: str = typer.Option("auto", help="Dataset layout: auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder."),
+    weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision's weights, downloaded: needs internet) or a local torchvision weights file to start from."),
+    weights_file: Optional[Path] = typer.Option(None, "--weights-file", exists=True, dir_okay=False, help="Local torchvision weights file to start from (e.g. resnet18-f37072fd.pth); the classifier is replaced for the dataset's classes."),
+    balanced: bool = typer.Option(True, "--balanced/--no-balanced", help="Class-balanced sampling: draw with replacement, weights 1/class count."),
+    val_fraction: float = typer.Option(0.2, help="Validation share, split by lesion (no lesion on both sides) and stratified by class."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.resume.pt, written after every epoch, up to --epochs (same data and settings)."),
+    workers: int = typer.Option(0, help="0: train in this process; N: data-parallel on N Ray Train workers (one GPU each where the cluster has GPUs)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster for --workers (default: RAY_ADDRESS, else a new local cluster)."),
+    ray_storage: Optional[str] = typer.Option(None, "--ray-storage", help="Ray Train storage for --workers: shared (NFS path, s3://...) on several nodes (default: a folder next to --out, removed after success)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Fine-tune a torchvision GAP classifier and write a camjobs checkpoint."""
     _setup_logging(False)
+    if weights is not None and weights_file is not None:
+        raise _fail("give --weights or --weights-file, not both", EXIT_USAGE)
     from camjobs.train import TrainConfig, train_model
 
     try:
         result = train_model(
             TrainConfig(
                 data=data, out=str(out), arch=model, epochs=epochs, input_size=input_size,
-                batch_size=batch_size, lr=lr, layout=layout, weights=weights, seed=seed,
+                batch_size=batch_size, lr=lr, layout=layout,
+                weights=str(weights_file) if weights_file is not None else weights, seed=seed,
+                val_fraction=val_fraction, balanced=balanced, resume=resume, workers=workers,
+                address=address, storage_path=ray_storage,
             )
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         raise _fail(str(exc), EXIT_FAILED)
-    typer.echo(f"checkpoint: {result.checkpoint} (validation accuracy {result.val_accuracy:.1%})")
+    typer.echo(
+        f"checkpoint: {result.checkpoint} after {result.epochs_run} epoch(s) (validation accuracy "
+        f"{result.val_accuracy:.1%}, balanced accuracy {result.val_balanced_accuracy:.1%}); resume file: {result.resume_file}"
+    )
 
 
 @app.command()

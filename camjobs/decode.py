@@ -31,6 +31,9 @@ class ImageInputError(Exception):
         super().__init__(message)
         self.error_type = error_type
 
+    def __reduce__(self):  # picklable across Ray processes, which rebuild it from its args
+        return type(self), (self.error_type, str(self))
+
 
 @dataclass
 class DecodedImage:

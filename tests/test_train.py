@@ -1,12 +1,54 @@
-"""camjobs train: a real short training run on a generated dataset, and its checkpoint."""
+"""camjobs train: real short training runs on generated datasets, and their checkpoints."""
 
 from __future__ import annotations
 
-import torch
+import collections
 
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from camjobs.cli import app
 from camjobs.models import file_sha256, load_model
 from camjobs.synth import synth_dataset
-from camjobs.train import TrainConfig, split_records, train_model, usable_records
+from camjobs.train import (
+    BalancedSampler,
+    TrainConfig,
+    _epoch_seed,
+    accuracy,
+    balanced_accuracy,
+    confusion_matrix,
+    lesion_groups,
+    resume_path,
+    split_records,
+    train_model,
+    usable_records,
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores, 2 spinning OpenMP threads run 10-20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_ham(tmp_path_factory):
+    data = tmp_path_factory.mktemp("small") / "ham"
+    synth_dataset(data, n=20, seed=3, width=96, height=72)
+    return data
+
+
+def _config(data, out, **overrides) -> TrainConfig:
+    values = dict(data=str(data), out=str(out), arch="resnet18", epochs=1, input_size=64, batch_size=8, progress=False)
+    return TrainConfig(**{**values, **overrides})
 
 
 def test_train_writes_a_checkpoint_that_loads_safely(tmp_path):
@@ -18,6 +60,8 @@ def test_train_writes_a_checkpoint_that_loads_safely(tmp_path):
     assert result.classes == ["bkl", "mel", "nv"]  # HAM10000's order, only classes present
     assert result.train_images + result.val_images == 24 and result.val_images > 0
     assert 0.0 <= result.val_accuracy <= 1.0
+    assert 0.0 <= result.val_balanced_accuracy <= 1.0
+    assert [entry["epoch"] for entry in result.history] == [1]
     assert result.checkpoint_sha256 == file_sha256(checkpoint)
     stored = torch.load(checkpoint, weights_only=True)
     assert stored["arch"] == "resnet18" and stored["input_size"] == 64 and len(stored["mean"]) == 3
@@ -33,3 +77,145 @@ def test_split_keeps_every_class_in_validation(tmp_path):
     train, val = split_records(records, 0.2, seed=0)
     assert len(train) + len(val) == 30 and not {r.image_id for r in train} & {r.image_id for r in val}
     assert {r.label for r in val} == set(classes)
+
+
+def test_split_is_grouped_by_lesion(tmp_path):
+    data = tmp_path / "ham"
+    synth_dataset(data, n=60, seed=5, width=48, height=36)
+    metadata = pd.read_csv(data / "HAM10000_metadata.csv")
+    records, classes = usable_records(TrainConfig(data=str(data), out="unused"))
+    groups = lesion_groups(records, "ham10000")
+    assert groups == {row.image_id: f"lesion_id:{row.lesion_id}" for row in metadata.itertuples()}
+    assert metadata.lesion_id.value_counts().max() >= 2  # the fixture has lesions with several images
+
+    for seed in range(5):
+        train, val = split_records(records, 0.25, seed=seed, groups=groups)
+        assert sorted(r.image_id for r in train + val) == sorted(r.image_id for r in records)
+        assert not {groups[r.image_id] for r in train} & {groups[r.image_id] for r in val}
+        assert {r.label for r in val} == set(classes)
+        assert 0.15 <= len(val) / len(records) <= 0.35
+    assert split_records(records, 0.25, seed=1, groups=groups) == split_records(records, 0.25, seed=1, groups=groups)
+    assert split_records(records, 0.25, seed=1, groups=groups)[1] != split_records(records, 0.25, seed=2, groups=groups)[1]
+
+
+def test_balanced_sampler_draws_classes_uniformly():
+    labels = [0] * 70 + [1] * 25 + [2] * 5  # imbalanced as HAM10000 (nv 67%)
+    sampler = BalancedSampler(labels, seed=0)
+    assert len(sampler) == len(labels)
+    counts = collections.Counter()
+    for epoch in range(100):
+        sampler.set_epoch(epoch)
+        counts.update(labels[i] for i in sampler)
+    total = sum(counts.values())
+    assert total == 100 * len(labels)
+    assert all(abs(counts[c] / total - 1 / 3) < 0.02 for c in range(3)), counts
+    sampler.set_epoch(3)
+    assert list(sampler) == list(sampler) and list(sampler) != list(BalancedSampler(labels, seed=1))
+
+    # two data-parallel ranks: equal shares that together are one draw of the same generator
+    ranks = [BalancedSampler(labels[:99], seed=0, rank=r, world=2) for r in range(2)]
+    whole = BalancedSampler(labels[:99], seed=0, rank=0, world=1)
+    for sampler in (*ranks, whole):
+        sampler.set_epoch(7)
+    shares = [list(s) for s in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 50
+    generator = torch.Generator()
+    generator.manual_seed(_epoch_seed(0, 7))
+    drawn = list(torch.utils.data.WeightedRandomSampler(ranks[0].weights, 100, replacement=True, generator=generator))
+    assert shares[0] == drawn[0::2] and shares[1] == drawn[1::2]
+    assert list(whole) == drawn[:99]
+
+
+def test_balanced_accuracy_by_hand():
+    truth = [0, 0, 0, 0, 1, 1, 2]
+    predicted = [0, 0, 0, 1, 1, 0, 2]
+    confusion = confusion_matrix(truth, predicted, 4)  # class 3 has no validation images
+    assert confusion.tolist() == [[3, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert balanced_accuracy(confusion) == pytest.approx((3 / 4 + 1 / 2 + 1 / 1) / 3)
+    assert accuracy(confusion) == pytest.approx(5 / 7)
+    # always predicting the majority class: high accuracy, balanced accuracy 1/classes
+    majority = confusion_matrix([0] * 8 + [1, 2], [0] * 10, 3)
+    assert accuracy(majority) == pytest.approx(0.8) and balanced_accuracy(majority) == pytest.approx(1 / 3)
+
+
+def test_resume_continues_exactly(small_ham, tmp_path):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        straight = train_model(_config(small_ham, tmp_path / "straight.pt", epochs=2))
+        first = train_model(_config(small_ham, tmp_path / "resumed.pt", epochs=1))
+        after_one = torch.load(resume_path(tmp_path / "resumed.pt"), weights_only=True)
+        resumed = train_model(_config(small_ham, tmp_path / "resumed.pt", epochs=2, resume=True))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert (first.epochs_run, resumed.epochs_run, resumed.resumed_from_epoch) == (1, 2, 1)
+    assert after_one["epoch"] == 1 and after_one["optimizer"]["state"]  # AdamW moments were saved
+    assert [entry["epoch"] for entry in resumed.history] == [1, 2]
+
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)  # bit for bit
+    assert straight.checkpoint_sha256 == resumed.checkpoint_sha256
+    state_a = torch.load(resume_path(tmp_path / "straight.pt"), weights_only=True)
+    state_b = torch.load(resume_path(tmp_path / "resumed.pt"), weights_only=True)
+    assert state_a["epoch"] == state_b["epoch"] == 2
+    for index, moments in state_a["optimizer"]["state"].items():
+        assert all(torch.equal(value, state_b["optimizer"]["state"][index][key]) for key, value in moments.items())
+
+    # nothing left to do: the checkpoint is written from the resume file
+    again = train_model(_config(small_ham, tmp_path / "resumed.pt", epochs=2, resume=True))
+    assert again.epochs_run == 2 and again.checkpoint_sha256 == resumed.checkpoint_sha256
+    with pytest.raises(ValueError, match=r"lr 0\.001 \(now 0\.01\)"):
+        train_model(_config(small_ham, tmp_path / "resumed.pt", epochs=3, resume=True, lr=0.01))
+    with pytest.raises(ValueError, match="arch 'resnet18'"):
+        train_model(_config(small_ham, tmp_path / "resumed.pt", epochs=3, resume=True, arch="resnet34"))
+    with pytest.raises(FileNotFoundError, match="no resume file"):
+        train_model(_config(small_ham, tmp_path / "never.pt", epochs=2, resume=True))
+
+
+def test_weights_file_is_the_starting_point(small_ham, tmp_path):
+    torch.manual_seed(123)
+    weights = tmp_path / "resnet18-imagenet-like.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)  # 1000-class head
+    out = tmp_path / "from-file.pt"
+    args = ["train", "--data", str(small_ham), "--out", str(out), "--model", "resnet18", "--epochs", "1",
+            "--input-size", "64", "--batch-size", "8", "--lr", "0"]  # lr 0: conv weights stay as loaded
+    result = runner.invoke(app, [*args, "--weights-file", str(weights)])
+    assert result.exit_code == 0, result.output
+    trained = torch.load(out, weights_only=True)["state_dict"]
+    saved = torch.load(weights, weights_only=True)
+    assert torch.equal(trained["conv1.weight"], saved["conv1.weight"])
+    assert trained["fc.weight"].shape == (3, 512)  # a new head for the dataset's 3 classes
+
+    both = runner.invoke(app, [*args, "--weights", "imagenet", "--weights-file", str(weights)])
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+@pytest.mark.slow
+def test_ray_train_two_workers_checkpoint_runs(ray_cluster, tmp_path):
+    from camjobs.config import RunConfig
+    from camjobs.job import run_job
+
+    data = tmp_path / "ham"
+    synth_dataset(data, n=24, seed=3, width=160, height=120)
+    checkpoint = tmp_path / "model.pt"
+    result = train_model(_config(data, checkpoint, workers=2, storage_path=str(tmp_path / "ray-train")))
+    assert result.epochs_run == 1 and result.classes == ["bkl", "mel", "nv"]
+    assert 0.0 <= result.val_balanced_accuracy <= 1.0
+    stored = torch.load(checkpoint, weights_only=True)
+    assert stored["arch"] == "resnet18" and stored["classes"] == result.classes and stored["input_size"] == 64
+    assert not any(key.startswith("module.") for key in stored["state_dict"])  # unwrapped from DDP
+    resume = torch.load(resume_path(checkpoint), weights_only=True)
+    assert resume["epoch"] == 1 and resume["config"]["workers"] == 2
+
+    run = run_job(RunConfig(data=str(data), output=str(tmp_path / "out"), checkpoint=str(checkpoint)))
+    assert run.exit_code == 0 and run.summary["counts"]["processed"] == 24
+    cams = pd.read_parquet(tmp_path / "out" / "cams")
+    assert len(cams) == 24 and set(cams.model_sha256) == {result.checkpoint_sha256}
+    assert set(cams.pred_label) <= set(result.classes)
+
+    # resume on Ray: the resume payload (model and AdamW state) reaches the workers
+    resumed = train_model(_config(data, checkpoint, epochs=2, resume=True, workers=2, storage_path=str(tmp_path / "ray-train")))
+    assert (resumed.epochs_run, resumed.resumed_from_epoch) == (2, 1)
+    assert [entry["epoch"] for entry in resumed.history] == [1, 2]
+    assert torch.load(resume_path(checkpoint), weights_only=True)["epoch"] == 2
