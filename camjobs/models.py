@@ -309,11 +309,17 @@ def save_checkpoint(
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
     }
+    atomic_torch_save(payload, path)
+    return file_sha256(path)
+
+
+def atomic_torch_save(payload, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file next to path, then os.replace: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as file:  # tmp + os.replace: readers never see a partial file
+        with os.fdopen(fd, "wb") as file:
             torch.save(payload, file)
             file.flush()
             os.fsync(file.fileno())
@@ -321,7 +327,6 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return file_sha256(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from camjobs.decode import ImageInputError, load_image
 from camjobs.layouts import ImageRecord, list_images
-from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, atomic_torch_save, build_model, save_checkpoint
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
@@ -314,22 +314,6 @@ def _to_cpu(obj):
     return obj
 
 
-def _atomic_save(payload, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file next to path, then os.replace: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +396,7 @@ class _LocalWorld:
         log.info("%s", message)
 
     def end_epoch(self, payload: dict, metrics: dict) -> None:
-        _atomic_save(payload, self.resume_file)
+        atomic_torch_save(payload, self.resume_file)
 
 
 class _RayWorld:
@@ -659,7 +643,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     model.load_state_dict(final["state_dict"])
     sha = save_checkpoint(cfg.out, model.eval(), arch=cfg.arch, classes=classes, input_size=cfg.input_size)
     if cfg.workers and int(final["epoch"]) > int(start["epoch"]):
-        _atomic_save(final, resume_file)  # the callback wrote it already; this makes sure it is the last one
+        atomic_torch_save(final, resume_file)  # the callback wrote it already; this makes sure it is the last one
     history = list(final["history"])
     last = history[-1] if history else {}
     return TrainResult(

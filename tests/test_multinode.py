@@ -15,7 +15,8 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 
-def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
+def _run_on_simulated_cluster(tmp_path: Path, *flags: str) -> tuple[dict, Path, str]:
+    """96 small images through multinode_run.py: its summary, the output folder, its stderr."""
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -23,9 +24,14 @@ def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
     output = tmp_path / "out"
     script = Path(__file__).with_name("multinode_run.py")
-    completed = subprocess.run([sys.executable, str(script), str(data), str(output)], capture_output=True, text=True, timeout=600)
+    completed = subprocess.run([sys.executable, str(script), str(data), str(output), *flags],
+                               capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1]), output, completed.stderr
+
+
+def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
+    summary, output, _ = _run_on_simulated_cluster(tmp_path)
     # One actor per logical GPU by default, each on its own worker node.
     assert summary["actors"]["actors"] == 2 and summary["actors"]["num_gpus"] == 1.0
     rows_per_node = summary["rows_per_node"]
@@ -35,18 +41,8 @@ def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
 
 
 def test_worker_node_removed_mid_run_still_completes(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(96):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
-    output = tmp_path / "out"
-    script = Path(__file__).with_name("multinode_run.py")
-    completed = subprocess.run([sys.executable, str(script), str(data), str(output), "--remove-node"],
-                               capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "removed a worker node" in completed.stderr
-    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    summary, output, stderr = _run_on_simulated_cluster(tmp_path, "--remove-node")
+    assert "removed a worker node" in stderr
     assert summary["counts"] == {"inputs": 96, "processed": 96, "skipped": 0, "errors": 0}
     cams = pd.read_parquet(output / "cams")
     assert len(cams) == 96 and cams.image_id.is_unique
