@@ -354,7 +354,7 @@ def timed_decode(log_path: str):
 class ProcessSampler(threading.Thread):
     """Peak RSS and CPU seconds of this process and everything below it, sampled every `interval` s."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 1.0):
         super().__init__(daemon=True)
         import psutil
 
@@ -516,7 +516,8 @@ def run_job_variant(variant: str, args) -> dict:
         "tree_peak_rss_kib": tree_peak,
         "roles": roles,
         "top_processes": [
-            {"pid": pid, "role": role_of[pid], "name": next((n for n in sorted(info["names"]) if "IDLE" not in n), "ray::IDLE")[:80], "cpu_s": round(info["cpu"], 1),
+            {"pid": pid, "role": role_of[pid], "name": next((n for n in sorted(info["names"]) if n.startswith("ray::") and "IDLE" not in n),
+                         next((n for n in sorted(info["names"]) if "IDLE" not in n), "ray::IDLE"))[:80], "cpu_s": round(info["cpu"], 1),
              "peak_rss_kib": info["peak_rss"] // 1024}
             for pid, info in sorted(sampler.procs.items(), key=lambda kv: -kv[1]["cpu"])[:10]
         ],
