@@ -647,19 +647,6 @@ def _mib(kib: int | None) -> str:
     return "-" if not kib else f"{kib / 1024:,.0f} MiB"
 
 
-def summarize(rounds: list[dict[str, dict]]) -> dict[str, dict]:
-    """Per variant: the median over rounds of images/s (the run whose rate is the median is kept)."""
-    merged: dict[str, dict] = {}
-    for variant in rounds[0]:
-        runs = sorted((r[variant] for r in rounds if variant in r), key=lambda r: r["images_per_s"])
-        chosen = dict(runs[(len(runs) - 1) // 2])
-        chosen["rates_all_rounds"] = [round(r["images_per_s"], 3) for r in runs]
-        if len(runs) > 1:
-            chosen["images_per_s"] = statistics.median(r["images_per_s"] for r in runs)
-        merged[variant] = chosen
-    return merged
-
-
 def targets(res: dict[str, dict]) -> list[tuple[str, str, str]]:
     rows = []
 
@@ -705,19 +692,47 @@ def targets(res: dict[str, dict]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def render(res: dict[str, dict], args, info: dict, loads: list[float], command: str, rounds: int) -> str:
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    base = res.get("bare", {}).get("images_per_s")
+def render(rounds: list[dict[str, dict]], args, info: dict, loads: list[float], command: str, when: str | None = None) -> str:
+    """The Markdown section: machine, then per round a table, the job details, the paired split and the targets.
+
+    Rounds are shown separately, each against its own (a): on a shared machine the load changes a lot
+    from one round to the next, and a ratio across rounds would mix two machines."""
+    now = when or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"## {now}: {args.model} at {args.input_size} px, {args.images} images ({args.width}x{args.height} JPEG)",
         "",
         f"- Command: `{command}`",
         f"- Machine: {info['cpu']}, {info['cores']} cores (os.cpu_count), {info['ram_gib']} GiB RAM, {info['platform']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-        f"- Batch {args.batch_size} in the loops (the job's CPU default is 16), torch threads {args.threads or os.cpu_count()} "
+        f"- Batch {args.batch_size} in the loops (the job's CPU default is 16), torch threads {args.threads or info['cores']} "
         "in the loops; untrained seeded weights (same FLOPs)",
         f"- 1-minute load average during the run (sampled every 5 s): min {min(loads):.2f}, mean {statistics.mean(loads):.2f}, "
-        f"max {max(loads):.2f}" + (f"; {rounds} rounds, median rate shown" if rounds > 1 else ""),
+        f"max {max(loads):.2f}" + (f"; {len(rounds)} rounds (the second in reverse order), each against its own (a)" if len(rounds) > 1 else ""),
+    ]
+    verdicts = []
+    for index, res in enumerate(rounds):
+        if len(rounds) > 1:
+            loads_in = [r[k] for r in res.values() for k in ("load_start", "load_end") if k in r]
+            lines += ["", f"### Round {index + 1} (load 1m at the variants' starts and ends: mean {statistics.mean(loads_in):.1f})"]
+        round_lines, rows = _render_round(res, args)
+        lines += round_lines
+        verdicts.append(rows)
+    if len(rounds) > 1:
+        lines += ["", "### Targets, round by round", "", "| target | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " |",
+                  "| --- |" + " --- |" * len(rounds)]
+        names = list(dict.fromkeys(a for rows in verdicts for a, _, _ in rows))
+        for name in names:
+            cells = []
+            for rows in verdicts:
+                found = next(((b, c) for a, b, c in rows if a == name), None)
+                cells.append(f"{found[1]}: {found[0].split(';')[0]}" if found else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _render_round(res: dict[str, dict], args) -> tuple[list[str], list[tuple[str, str, str]]]:
+    base = res.get("bare", {}).get("images_per_s")
+    lines = [
         "",
         "| variant | images/s | x (a) | seconds | CPU s | peak RSS | load 1m start/end |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -734,8 +749,7 @@ def render(res: dict[str, dict], args, info: dict, loads: list[float], command: 
             rss_text, cpu = _mib(rss), r.get("cpu_s")
         ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
         load = f"{r['load_start']:.1f}/{r['load_end']:.1f}" if "load_start" in r else "-"
-        rounds_text = f" ({', '.join(map(str, r['rates_all_rounds']))})" if len(r.get("rates_all_rounds", [])) > 1 else ""
-        lines.append(f"| {LABELS[variant]} | {r['images_per_s']:.2f}{rounds_text} | {ratio} | {r['seconds'] if 'seconds' in r else r.get('cli_wall_s', 0):.1f} | "
+        lines.append(f"| {LABELS[variant]} | {r['images_per_s']:.2f} | {ratio} | {r['seconds'] if 'seconds' in r else r.get('cli_wall_s', 0):.1f} | "
                      f"{'-' if cpu is None else f'{cpu:.0f}'} | {rss_text} | {load} |")
     lines += ["", "Time split of the plain loops (seconds): decode = read+hash+decode+resize, model = forward / CAM, localize = upsample+heatmap+boxes", "",
               "| variant | decode | model | localize | set-up (untimed) |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -757,8 +771,9 @@ def render(res: dict[str, dict], args, info: dict, loads: list[float], command: 
             f" pipeline {t['pipeline_s']:.1f}, publish {r['run_job_s'] - t['total_s']:.1f}) + ray.shutdown {r['ray_shutdown_s']:.1f} s + exit",
             f"- end to end {r['images_per_s']:.2f} img/s; run summary's images_per_s {r['summary_throughput']['images_per_s']:.2f},"
             f" pipeline_images_per_s {r['summary_throughput']['pipeline_images_per_s']:.2f};"
-            f" steady state (after the actor's first batch) {r['steady_images_per_s']:.2f} img/s"
-            + (f" = {r['steady_images_per_s'] / base:.2f} x (a)" if base else ""),
+            + (f" steady state (after the actor's first batch) {r['steady_images_per_s']:.2f} img/s"
+               + (f" = {r['steady_images_per_s'] / base:.2f} x (a)" if base else "")
+               if r.get("steady_images_per_s") else " steady state n/a (one batch)"),
             f"- model actor ready {r['actor_ready_after_s']} s after run_job started (its __init__ {r['actor_init_s']} s,"
             f" torch threads {r['actor_torch_threads']}); first batch done after {r['first_batch_after_s']:.1f} s",
             f"- actor busy {r['actor_busy_fraction']:.0%} of the time from its first to its last batch ({r['predict_batches']} batches):"
@@ -790,7 +805,7 @@ def render(res: dict[str, dict], args, info: dict, loads: list[float], command: 
     if rows:
         lines += ["", "| target | measured | verdict |", "| --- | --- | --- |"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines) + "\n"
+    return lines, rows
 
 
 def parent_main(args) -> None:
@@ -818,18 +833,30 @@ def parent_main(args) -> None:
                   f" load {os.getloadavg()[0]:.2f}", flush=True)
         rounds.append(results)
     load_values = loads.stop() or [os.getloadavg()[0]]
-    res = summarize(rounds)
-    text = render(res, args, info, load_values, command, args.rounds)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rounds": rounds, "machine": info, "loads": load_values, "command": command,
+                                               "args": vars(args)}, indent=1, default=str))
+    publish(render(rounds, args, info, load_values, command), args.results)
+
+
+def publish(text: str, results: str | None) -> None:
     print()
     print(text)
-    if args.results:
-        path = Path(args.results)
+    if results:
+        path = Path(results)
         header = "" if path.exists() else "# camjobs CPU throughput\n\nWritten by `benchmarks/bench.py` and `benchmarks/scaling.py`; newest section last.\n\n"
         with open(path, "a") as f:
             f.write(header + text + "\n")
         print(f"bench: appended to {path}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rounds": rounds, "machine": info, "loads": load_values}, indent=1, default=str))
+
+
+def render_saved(args) -> None:
+    """--render-json FILE: the Markdown section again from a run's saved raw figures (and its options)."""
+    saved = json.loads(Path(args.render_json).read_text())
+    saved_args = argparse.Namespace(**{**vars(args), **saved.get("args", {})})
+    when = dt.datetime.fromtimestamp(Path(args.render_json).stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = saved.get("command") or " ".join([".venv/bin/python", "benchmarks/bench.py"] + sys.argv[1:])
+    publish(render(saved["rounds"], saved_args, saved["machine"], saved["loads"], command, when), args.results)
 
 
 def parse_args(argv=None):
@@ -851,6 +878,7 @@ def parse_args(argv=None):
     p.add_argument("--scratch", default=os.environ.get("CAMJOBS_BENCH_SCRATCH", "/tmp/camjobs-bench-out"), help="job outputs and logs")
     p.add_argument("--results", default=str(HERE / "results-cpu.md"), help="Markdown file to append to ('' for none)")
     p.add_argument("--json", default=None, help="also write every raw figure to this JSON file")
+    p.add_argument("--render-json", default=None, help="only render the Markdown section of a run saved with --json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -860,5 +888,7 @@ if __name__ == "__main__":
     arguments = parse_args()
     if arguments.worker:
         worker_main(arguments)
+    elif arguments.render_json:
+        render_saved(arguments)
     else:
         parent_main(arguments)
