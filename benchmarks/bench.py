@@ -297,9 +297,7 @@ def timed_predictor(log_path: str):
         def __init__(self, *args, **kwargs):
             started = time.time()
             super().__init__(*args, **kwargs)
-            import camjobs.predictor as predictor_module
-
-            self._bench_acc = {"extractor_s": 0.0, "localize_s": 0.0, "png_s": 0.0}
+            self._bench_acc = {"extractor_s": 0.0}
             acc = self._bench_acc
 
             def timed(fn, key):
@@ -312,9 +310,6 @@ def timed_predictor(log_path: str):
 
                 return wrapper
 
-            # module globals of camjobs.predictor, in this actor process only
-            predictor_module.localize = timed(predictor_module.localize, "localize_s")
-            predictor_module.encode_png = timed(predictor_module.encode_png, "png_s")
             self.extractor = timed(self.extractor, "extractor_s")
             self._bench_log = open(log_path, "a")
             self._bench_write({"kind": "actor_init", "start": started, "end": time.time(),
@@ -328,27 +323,40 @@ def timed_predictor(log_path: str):
         def __call__(self, batch):
             start = time.time()
             before = dict(self._bench_acc)
-            table = super().__call__(batch)
+            tables = list(super().__call__(batch))
             record = {"kind": "predict", "start": start, "end": time.time(), "n": len(batch["image_id"])}
             record.update({k: self._bench_acc[k] - before[k] for k in before})
             self._bench_write(record)
-            return table
+            yield from tables
 
     return TimedCamPredictor
+
+
+def timed_stage(log_path: str, kind: str, stage):
+    """A CPU stage function (decode_batch, localize_batch) that logs each batch it runs."""
+
+    def timed(batch, **kwargs):
+        start = time.time()
+        table = stage(batch, **kwargs)
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"kind": kind, "pid": os.getpid(), "start": start, "end": time.time(),
+                                  "n": len(batch["image_id"])}) + "\n")
+        return table
+
+    timed.__name__ = f"timed_{stage.__name__}"
+    return timed
 
 
 def timed_decode(log_path: str):
     from camjobs.decode import decode_batch
 
-    def timed_decode_batch(batch, **kwargs):
-        start = time.time()
-        table = decode_batch(batch, **kwargs)
-        with open(log_path, "a") as log:
-            log.write(json.dumps({"kind": "decode", "pid": os.getpid(), "start": start, "end": time.time(),
-                                  "n": len(batch["image_id"])}) + "\n")
-        return table
+    return timed_stage(log_path, "decode", decode_batch)
 
-    return timed_decode_batch
+
+def timed_localize(log_path: str):
+    from camjobs.localize import localize_batch
+
+    return timed_stage(log_path, "localize", localize_batch)
 
 
 class ProcessSampler(threading.Thread):
@@ -431,6 +439,7 @@ def run_job_variant(variant: str, args) -> dict:
     log_path = str(out / "bench-log.jsonl")
     job.CamPredictor = timed_predictor(log_path)
     job.decode_batch = timed_decode(log_path)
+    job.localize_batch = timed_localize(log_path)
     cfg = RunConfig(
         data=args.data,
         output=str(out / "output"),
@@ -479,7 +488,8 @@ def run_job_variant(variant: str, args) -> dict:
         for role, rss in per_role.items():
             roles[role]["peak_rss_kib"] = max(roles[role]["peak_rss_kib"], rss // 1024)
     tree_peak = max((sum(s.values()) for _, s in sampler.samples), default=0) // 1024
-    sums = {k: sum(r.get(k, 0.0) for r in predicts) for k in ("extractor_s", "localize_s", "png_s")}
+    sums = {k: sum(r.get(k, 0.0) for r in predicts) for k in ("extractor_s",)}
+    localizes = [r for r in records if r["kind"] == "localize"]
     shutil.rmtree(out / "output", ignore_errors=True)
     return {
         "variant": variant,
@@ -504,9 +514,9 @@ def run_job_variant(variant: str, args) -> dict:
         "actor_busy_fraction": busy / (sum(1 for _ in actor_pids) * (last_end - min(r["start"] for r in predicts))),
         "actor_busy_s": busy,
         "actor_extractor_s": sums["extractor_s"],
-        "actor_localize_s": sums["localize_s"],
-        "actor_png_s": sums["png_s"],
         "actor_other_s": busy - sum(sums.values()),
+        "localize_batches": len(localizes),
+        "localize_busy_s": sum(r["end"] - r["start"] for r in localizes),
         "predict_batches": len(predicts),
         "decode_batches": len(decodes),
         "decode_busy_s": sum(r["end"] - r["start"] for r in decodes),
@@ -777,8 +787,11 @@ def _render_round(res: dict[str, dict], args) -> tuple[list[str], list[tuple[str
             f"- model actor ready {r['actor_ready_after_s']} s after run_job started (its __init__ {r['actor_init_s']} s,"
             f" torch threads {r['actor_torch_threads']}); first batch done after {r['first_batch_after_s']:.1f} s",
             f"- actor busy {r['actor_busy_fraction']:.0%} of the time from its first to its last batch ({r['predict_batches']} batches):"
-            f" extractor {r['actor_extractor_s']:.1f} s, localize {r['actor_localize_s']:.1f} s, PNG {r['actor_png_s']:.1f} s,"
-            f" rest (normalize, Arrow table) {r['actor_other_s']:.1f} s",
+            + (f" extractor {r['actor_extractor_s']:.1f} s, localize {r['actor_localize_s']:.1f} s, PNG {r['actor_png_s']:.1f} s,"
+               if "actor_localize_s" in r else  # before the localize stage left the actor
+               f" extractor {r['actor_extractor_s']:.1f} s, localize stage (CPU tasks) {r['localize_busy_s']:.1f} s busy"
+               f" in {r['localize_batches']} batches,")
+            + f" rest (normalize, Arrow table) {r['actor_other_s']:.1f} s",
             f"- decode: {r['decode_batches']} batches in {r['decode_processes']} worker processes, {r['decode_busy_s']:.1f} s busy"
             f" over a span of {r['decode_span_s']:.1f} s",
             "- per process role (peak RSS summed over the role's processes at one sample, CPU seconds): "

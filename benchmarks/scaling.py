@@ -50,6 +50,7 @@ def worker(args) -> None:
     log_path = str(out / "bench-log.jsonl")
     job.CamPredictor = bench.timed_predictor(log_path)
     job.decode_batch = bench.timed_decode(log_path)
+    job.localize_batch = bench.timed_localize(log_path)
     os.environ.pop("RAY_ADDRESS", None)
     started = time.time()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.head_cpus, "include_dashboard": False})

@@ -67,7 +67,10 @@ def run(
     target: Optional[str] = typer.Option(None, help="predicted|label: which class to explain [default: predicted]."),
     actors: Optional[int] = typer.Option(None, help="Model actors [default: one per GPU, else 1]."),
     gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor [default: 1 where the cluster has GPUs, else 0]."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per model batch [default: 64 on GPU, 16 on CPU]."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Images per model batch [default: 256 on GPU at 224 px, scaled by input area; 16 on CPU]."
+    ),
+    precision: Optional[str] = typer.Option(None, help="auto|fp32|bf16: the forward pass's precision [default: auto = bf16 on GPU, fp32 on CPU]."),
     max_error_fraction: Optional[float] = typer.Option(None, help="Above this fraction of failed inputs, exit 3 [default: 0.05]."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels (decompression bombs) [default: 100000000]."),
     follow_symlinks: Optional[bool] = typer.Option(None, "--follow-symlinks", help="Allow symlinks that point outside the dataset root."),

@@ -14,6 +14,7 @@ from camjobs.localize import DEFAULT_THRESHOLD
 
 METHODS = ("cam", "gradcam", "gradcam++")
 TARGETS = ("predicted", "label")
+PRECISIONS = ("auto", "fp32", "bf16")
 LAYOUT_CHOICES = ("auto", "ham10000", "isic2017", "isic2018", "isic2019", "isic2020", "folder")
 
 
@@ -37,6 +38,7 @@ class RunConfig:
     actors: int | None = None
     gpus_per_actor: float | None = None
     batch_size: int | None = None
+    precision: str = "auto"
     max_error_fraction: float = 0.05
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
@@ -51,6 +53,7 @@ class RunConfig:
         _choice("layout", self.layout, LAYOUT_CHOICES)
         _choice("method", self.method, METHODS)
         _choice("target", self.target, TARGETS)
+        _choice("precision", self.precision, PRECISIONS)
         if not self.checkpoint and not self.model:
             raise ConfigError("checkpoint: give --checkpoint PATH, or --model ARCH with --classes a,b,c (or --weights imagenet)")
         if self.checkpoint is None and self.model and not self.classes and self.weights is None:

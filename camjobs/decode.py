@@ -7,10 +7,12 @@ before any pixel is decoded, so a decompression bomb costs no memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -79,26 +81,14 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "") -> np.ndarray:
-    """Decode bytes to an RGB uint8 array, EXIF orientation applied.
-
-    Raises ImageInputError(decode_error | too_large).
-    """
+@contextlib.contextmanager
+def _decoding(source: str) -> Iterator[None]:
+    """Turn what Pillow raises on a bad file into ImageInputError(decode_error | too_large)."""
     where = f" ({source})" if source else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            # Header only so far: refuse oversized images before decoding any pixel.
-            if image.width * image.height > max_pixels:
-                raise ImageInputError(
-                    "too_large",
-                    f"{image.width}x{image.height} = {image.width * image.height:,} pixels "
-                    f"is over the limit of {max_pixels:,}{where}",
-                )
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            yield
     except ImageInputError:
         raise
     except Image.DecompressionBombError as exc:
@@ -107,6 +97,53 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
         raise ImageInputError("decode_error", f"not a recognised image format{where}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageInputError("decode_error", f"corrupt or truncated image{where}: {exc}") from exc
+
+
+def _open_checked(data: bytes, max_pixels: int, source: str) -> Image.Image:
+    """Open (header only) and refuse oversized images before decoding any pixel."""
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > max_pixels:
+        where = f" ({source})" if source else ""
+        raise ImageInputError(
+            "too_large",
+            f"{image.width}x{image.height} = {image.width * image.height:,} pixels "
+            f"is over the limit of {max_pixels:,}{where}",
+        )
+    return image
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "") -> np.ndarray:
+    """Decode bytes to an RGB uint8 array at full size, EXIF orientation applied.
+
+    Raises ImageInputError(decode_error | too_large).
+    """
+    with _decoding(source):
+        image = _open_checked(data, max_pixels, source)
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def decode_reduced(
+    data: bytes, min_side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = ""
+) -> tuple[np.ndarray, int, int]:
+    """Decode at a reduced size where the codec allows it; return (rgb, width, height).
+
+    A JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (Pillow's draft mode: a scaled
+    inverse DCT, much cheaper than decoding every pixel), as long as both sides stay at
+    least `min_side`, so a 6000 px photograph is never decoded at full size to feed a
+    224 px model. width and height are the original's, after EXIF orientation: the
+    heatmap and the boxes keep the original size. Other formats decode at full size.
+    """
+    with _decoding(source):
+        image = _open_checked(data, max_pixels, source)
+        width, height = image.size
+        if image.get_format_mimetype() == "image/jpeg":
+            image.draft("RGB", (min_side, min_side))
+        image.load()
+        transposed = ImageOps.exif_transpose(image)
+        if transposed.size != image.size:  # EXIF orientations 5-8 turn the image by 90 degrees
+            width, height = height, width
+        return _to_rgb(transposed), width, height
 
 
 def resize_for_model(rgb: np.ndarray, input_size: int) -> np.ndarray:
@@ -119,11 +156,16 @@ def resize_for_model(rgb: np.ndarray, input_size: int) -> np.ndarray:
     return np.ascontiguousarray(resized)
 
 
-def load_image(source_path: str, *, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Read, hash, decode and resize one image. Raises ImageInputError."""
+def load_image(
+    source_path: str, *, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True
+) -> DecodedImage:
+    """Read, hash, decode and resize one image, as the decode stage does. Raises ImageInputError."""
     data = read_bytes(source_path)
-    rgb = decode_image(data, max_pixels=max_pixels, source=source_path)
-    height, width = rgb.shape[:2]
+    if reduced_decode:
+        rgb, width, height = decode_reduced(data, input_size, max_pixels=max_pixels, source=source_path)
+    else:
+        rgb = decode_image(data, max_pixels=max_pixels, source=source_path)
+        height, width = rgb.shape[:2]
     return DecodedImage(
         pixels=resize_for_model(rgb, input_size),
         width=width,
@@ -166,7 +208,7 @@ def decode_batch(
             if skip_keys and item_key(str(batch["image_id"][row]), sha256[row]) in skip_keys:
                 skipped[row] = True
                 continue
-            rgb = decode_image(data, max_pixels=max_pixels, source=source)
+            rgb, width[row], height[row] = decode_reduced(data, input_size, max_pixels=max_pixels, source=source)
         except ImageInputError as exc:
             error_type[row], error_message[row] = exc.error_type, str(exc)
             continue
@@ -174,7 +216,6 @@ def decode_batch(
             error_type[row], error_message[row] = "decode_error", f"{type(exc).__name__}: {exc}"
             continue
         pixels[row] = resize_for_model(rgb, input_size)
-        height[row], width[row] = rgb.shape[:2]
     strings = {
         "image_id": list(batch["image_id"]),
         "source_path": list(batch["source_path"]),

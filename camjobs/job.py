@@ -3,7 +3,8 @@
 The stages, top to bottom:
   layouts.list_images       the inputs, with labels and listing-time errors
   decode.decode_batch       read bytes, hash, decode, resize (CPU tasks, one file at a time)
-  predictor.CamPredictor    predict, CAM, upsample, heatmap, boxes (an actor pool)
+  predictor.CamPredictor    predict and CAM on a batch (an actor pool, on GPUs where there are)
+  localize.localize_batch   upsample, heatmap PNG, boxes (CPU tasks, off the actors' critical path)
   sink.CamParquetSink       cams/ and errors/ to staging, then sink.publish_run
 """
 
@@ -25,8 +26,9 @@ from ray.data import ActorPoolStrategy
 from camjobs import __version__
 from camjobs.config import RunConfig
 from camjobs.decode import decode_batch
-from camjobs.layouts import list_images
 from camjobs.incremental import existing_keys
+from camjobs.layouts import list_images
+from camjobs.localize import localize_batch
 from camjobs.predictor import CamPredictor, ModelSpec
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 from camjobs.sink import CamParquetSink, SinkStats, output_lock, publish_run
@@ -38,7 +40,7 @@ EXIT_FAILED = 1
 EXIT_ERROR_BUDGET = 3
 
 DEFAULT_CPU_BATCH = 16
-DEFAULT_GPU_BATCH = 64
+DEFAULT_GPU_BATCH = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.
 DECODE_BATCH = 8
 
 
@@ -53,7 +55,12 @@ class ActorPlan:
     batch_size: int
 
 
-def plan_actors(cfg: RunConfig, cluster: dict) -> ActorPlan:
+def default_gpu_batch(input_size: int) -> int:
+    """Activation memory grows with the input's area: keep images x pixels about constant."""
+    return max(8, int(DEFAULT_GPU_BATCH * (224 / input_size) ** 2))
+
+
+def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPlan:
     """Size the actor pool from the cluster's resources.
 
     CPU actors must leave CPUs to the read/decode and write tasks, or the pipeline
@@ -67,7 +74,7 @@ def plan_actors(cfg: RunConfig, cluster: dict) -> ActorPlan:
         if total_gpus < gpus_per_actor:
             raise ValueError(f"--gpus-per-actor {gpus_per_actor} but the cluster has {total_gpus:g} GPUs")
         actors = cfg.actors or max(1, int(total_gpus // gpus_per_actor))
-        return ActorPlan(actors, 1.0, gpus_per_actor, None, cfg.batch_size or DEFAULT_GPU_BATCH)
+        return ActorPlan(actors, 1.0, gpus_per_actor, None, cfg.batch_size or default_gpu_batch(input_size))
     actors = cfg.actors or 1
     cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
     # Summed over the cluster; each actor caps it at its own machine's cores.
@@ -97,7 +104,9 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    # A cluster of our own needs no dashboard: it costs ~1 GiB of memory and a few % of CPU.
+    dashboard = {"include_dashboard": False} if address == "local" else {}
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
 
 
 @dataclass
@@ -137,7 +146,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
     )
 
     init_ray(cfg.address)
-    plan = plan_actors(cfg, ray.cluster_resources())
+    plan = plan_actors(cfg, ray.cluster_resources(), model.input_size)
     log.info("%d model actor(s), %g CPU / %g GPU each, batch %d", plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size)
     ray_ready = time.time()
 
@@ -161,6 +170,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
                 "target": cfg.target,
                 "run_id": run_id,
                 "torch_threads": plan.torch_threads,
+                "precision": cfg.precision,
             },
             batch_size=plan.batch_size,
             batch_format="numpy",
@@ -168,6 +178,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )
+        dataset = dataset.map_batches(localize_batch, batch_size=None, batch_format="pyarrow", num_cpus=0.5)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     finished = time.time()
 

@@ -9,6 +9,10 @@ Box coordinates are absolute pixels of the original image in torchvision's xyxy
 convention: 0 <= x_min < x_max <= width, with x_max and y_max exclusive.
 A box's score is the mean of U / max U over the component's pixels, in (T, 1]:
 how strongly, on average, the model looked at that region compared to its peak.
+
+`localize_batch` is the pipeline's localize stage: it runs as CPU tasks after the model
+actors, so the per-pixel work at the image's full size (upsampling, PNG, components) never
+holds up a GPU.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 DEFAULT_THRESHOLD = 0.2
+
+# SUB filtering suits a smooth upsampled map: 2-3x faster than OpenCV's default filter
+# choice at compression 1, and smaller.
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,13 @@ class Box:
         return {"x_min": self.x_min, "y_min": self.y_min, "x_max": self.x_max, "y_max": self.y_max, "score": self.score}
 
 
+def _numpy(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
 def upsample(cam: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear upsampling (align_corners=False) of an (h, w) map to (height, width)."""
+    cam = torch.as_tensor(cam)
     return F.interpolate(cam[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
@@ -48,29 +62,33 @@ def normalized(upsampled: torch.Tensor) -> torch.Tensor:
     return (upsampled / peak).clamp_(0.0, 1.0)
 
 
-def heatmap_uint8(norm: torch.Tensor) -> np.ndarray:
+def heatmap_uint8(norm) -> np.ndarray:
     """round(255 * U / max U), half up, as uint8: heatmap >= 51 is the 20% region."""
-    return torch.floor(norm * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+    scaled = _numpy(norm).astype(np.float32) * np.float32(255.0)
+    scaled += np.float32(0.5)
+    return np.floor(scaled, out=scaled).astype(np.uint8)
 
 
-def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
-    ok, buffer = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+def encode_png(image: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".png", image, _PNG_PARAMS)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buffer.tobytes()
 
 
-def boxes_from_normalized(norm: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> list[Box]:
+def boxes_from_normalized(norm, threshold: float = DEFAULT_THRESHOLD) -> list[Box]:
     """One box per 8-connected component of {norm >= threshold}, largest area first."""
-    # An all-zero norm means max U <= 0: no region, hence no box.
-    if not bool((norm > 0).any()):
+    norm = _numpy(norm)
+    # An all-zero norm means max U <= 0: no region, hence no box (even at threshold 0).
+    if norm.size == 0 or not norm.max() > 0:
         return []
-    region = (norm >= threshold).to(torch.uint8).cpu().numpy()
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
+    inside = norm >= threshold
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(inside.view(np.uint8), connectivity=8)
     if count <= 1:
         return []
     areas = stats[1:, cv2.CC_STAT_AREA]
-    sums = np.bincount(labels.ravel(), weights=norm.cpu().numpy().ravel().astype(np.float64), minlength=count)[1:]
+    # Sums over the region's pixels only: most of a typical image is outside it.
+    sums = np.bincount(labels[inside], weights=norm[inside].astype(np.float64), minlength=count)[1:]
     boxes = []
     # Stable sort: equal areas keep OpenCV's raster-scan order, so output is deterministic.
     for index in np.argsort(-areas, kind="stable"):
@@ -87,5 +105,32 @@ class Localization:
 
 def localize(cam: torch.Tensor, height: int, width: int, threshold: float = DEFAULT_THRESHOLD) -> Localization:
     """Upsample one raw map to the image's size, then its heatmap and boxes."""
-    norm = normalized(upsample(cam, height, width))
+    norm = normalized(upsample(cam, height, width)).numpy()
     return Localization(heatmap=heatmap_uint8(norm), boxes=boxes_from_normalized(norm, threshold))
+
+
+def localize_batch(table: pa.Table) -> pa.Table:
+    """The localize stage: fill heatmap_png and boxes of every row that carries a map.
+
+    Takes and returns the model actor's rows (schema.RESULT_SCHEMA); error and skipped rows
+    pass through untouched. Each row's own threshold, map shape and image size are used.
+    """
+    cams = table.column("cam").combine_chunks()
+    if isinstance(cams, pa.ChunkedArray):  # an empty table
+        return table
+    offsets = cams.offsets.to_numpy()
+    values = cams.values.to_numpy(zero_copy_only=False)
+    valid = cams.is_valid().to_numpy(zero_copy_only=False)
+    columns = {name: table.column(name).to_pylist() for name in ("cam_height", "cam_width", "height", "width", "threshold")}
+    heatmaps: list[bytes | None] = [None] * table.num_rows
+    boxes: list[list[dict] | None] = [None] * table.num_rows
+    for row in np.flatnonzero(valid):
+        start, end = offsets[row], offsets[row + 1]
+        cam = torch.from_numpy(np.array(values[start:end]).reshape(columns["cam_height"][row], columns["cam_width"][row]))
+        located = localize(cam, columns["height"][row], columns["width"][row], columns["threshold"][row])
+        heatmaps[row] = encode_png(located.heatmap)
+        boxes[row] = [box.as_dict() for box in located.boxes]
+    for name, column in (("heatmap_png", heatmaps), ("boxes", boxes)):
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, table.schema.field(index), pa.array(column, table.schema.field(index).type))
+    return table

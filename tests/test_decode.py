@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camjobs.decode import ImageInputError, decode_batch, decode_image, load_image, resize_for_model
+from camjobs.decode import ImageInputError, decode_batch, decode_image, decode_reduced, load_image, resize_for_model
 
 
 def _jpeg(array: np.ndarray, **save) -> bytes:
@@ -120,3 +120,60 @@ def test_decode_batch_keeps_every_row(tmp_path):
     assert out["content_sha256"][0] is not None and out["content_sha256"][1] is not None and out["content_sha256"][2] is None
     # Nothing but nulls still reads back as a string column, never as NaN floats.
     assert decode_batch({k: v[2:] for k, v in batch.items()}, input_size=8).schema.field("content_sha256").type == "string"
+
+
+def _photo_like(height: int, width: int) -> np.ndarray:
+    """Smooth colour plus texture: JPEG's scaled decoding is exact only up to rounding."""
+    rng = np.random.default_rng(0)
+    base = _gradient(height, width).astype(np.float64)
+    noise = cv2.GaussianBlur(rng.normal(0, 40, (height, width, 3)), (0, 0), 3)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("min_side, scale", [(224, 2), (100, 4), (50, 8), (300, 1), (500, 1)])
+def test_reduced_jpeg_decoding_matches_libjpeg_scaled_decode(min_side, scale):
+    data = _jpeg(_photo_like(450, 600))
+    rgb, width, height = decode_reduced(data, min_side)
+    assert (width, height) == (600, 450)  # the original's size, for the heatmap and boxes
+    assert rgb.shape == (-(-450 // scale), -(-600 // scale), 3) and min(rgb.shape[:2]) >= min(min_side, 450)
+    # Oracle: OpenCV's own reduced decoding (its copy of libjpeg), or a full decode at scale 1.
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flags[scale]), cv2.COLOR_BGR2RGB)
+    assert expected.shape == rgb.shape
+    assert np.abs(rgb.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_reduced_decoding_keeps_the_model_input_close_to_a_full_decode(tmp_path):
+    path = tmp_path / "ISIC_0000000.jpg"
+    path.write_bytes(_jpeg(_photo_like(450, 600)))
+    reduced = load_image(str(path), input_size=224)
+    full = load_image(str(path), input_size=224, reduced_decode=False)
+    assert (reduced.width, reduced.height) == (full.width, full.height) == (600, 450)
+    difference = np.abs(reduced.pixels.astype(int) - full.pixels.astype(int))
+    assert difference.mean() < 1.5 and difference.max() < 40
+
+
+def test_reduced_decoding_applies_exif_orientation_and_reports_the_displayed_size():
+    array = _photo_like(200, 480)  # stored landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb, width, height = decode_reduced(_jpeg(array, exif=exif), 64)
+    assert (width, height) == (200, 480)  # displayed portrait
+    assert rgb.shape == (480 // 2, 200 // 2, 3)  # 1/2: 100 >= 64, and 1/4 would give 50
+    full = decode_image(_jpeg(array, exif=exif))
+    shrunk = cv2.resize(full, (100, 240), interpolation=cv2.INTER_AREA)
+    assert np.abs(rgb.astype(int) - shrunk.astype(int)).mean() < 3
+
+
+def test_reduced_decoding_leaves_other_formats_and_limits_alone():
+    array = _gradient(300, 400)
+    ok, png = cv2.imencode(".png", array)
+    rgb, width, height = decode_reduced(png.tobytes(), 32)
+    assert (width, height) == (400, 300)
+    np.testing.assert_array_equal(rgb, array[:, :, ::-1])  # cv2 wrote BGR
+    with pytest.raises(ImageInputError) as caught:
+        decode_reduced(_jpeg(_gradient(64, 64)), 8, max_pixels=64 * 64 - 1)
+    assert caught.value.error_type == "too_large"
+    with pytest.raises(ImageInputError) as broken:
+        decode_reduced(_jpeg(_gradient(64, 64))[:200], 8)
+    assert broken.value.error_type == "decode_error"

@@ -87,3 +87,60 @@ def test_whole_map_above_threshold_is_one_full_box():
     located = localize(torch.ones(5, 5), 30, 20)
     assert [(b.x_min, b.y_min, b.x_max, b.y_max) for b in located.boxes] == [(0, 0, 20, 30)]
     assert abs(located.boxes[0].score - 1.0) < 1e-6
+
+
+def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
+    import pyarrow as pa
+
+    from camjobs.localize import localize_batch
+    from camjobs.schema import RESULT_SCHEMA
+
+    rng = np.random.default_rng(3)
+    shapes = [(7, 7, 450, 600, 0.2), (5, 9, 90, 40, 0.5), None, (7, 7, 30, 30, 0.2), None]
+    rows = []
+    for i, shape in enumerate(shapes):
+        row = {name: None for name in RESULT_SCHEMA.names}
+        row.update(image_id=f"img{i}", skipped=False)
+        if shape is None:
+            row.update(error_type="decode_error", error_message="corrupt")
+        else:
+            h, w, height, width, threshold = shape
+            cam = rng.normal(size=(h, w)).astype(np.float32) + np.linspace(-1, 2, h * w, dtype=np.float32).reshape(h, w)
+            if i == 3:
+                cam = -np.abs(cam)  # no positive evidence: an empty heatmap, no box
+            row.update(cam=cam.ravel().tolist(), cam_height=h, cam_width=w, height=height, width=width, threshold=threshold)
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    result = localize_batch(table)
+    assert result.schema == RESULT_SCHEMA and result.num_rows == len(rows)
+    for row, shape in zip(result.to_pylist(), shapes):
+        if shape is None:
+            assert row["heatmap_png"] is None and row["boxes"] is None and row["error_type"] == "decode_error"
+            continue
+        h, w, height, width, threshold = shape
+        cam = np.asarray(row["cam"], np.float32).reshape(h, w)
+        heatmap = cv2.imdecode(np.frombuffer(row["heatmap_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        # Oracle: OpenCV's bilinear resize and its connected components on the row's own map.
+        upsampled = cv2.resize(cam, (width, height), interpolation=cv2.INTER_LINEAR)
+        peak = upsampled.max()
+        expected = np.floor(255 * np.clip(upsampled / peak, 0, 1) + 0.5) if peak > 0 else np.zeros_like(upsampled)
+        assert heatmap.shape == (height, width) and np.abs(heatmap.astype(int) - expected).max() <= 1
+        if peak <= 0:
+            assert row["boxes"] == []
+            continue
+        count, _, stats, _ = cv2.connectedComponentsWithStats((upsampled >= threshold * peak).astype(np.uint8), connectivity=8)
+        assert abs(len(row["boxes"]) - (count - 1)) <= 1  # bilinear rounding may split or join a sliver
+        x, y, bw, bh, _ = stats[1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])]
+        first = row["boxes"][0]
+        got = [first["x_min"], first["y_min"], first["x_max"], first["y_max"]]
+        assert np.abs(np.array(got) - [x, y, x + bw, y + bh]).max() <= 1 and threshold <= first["score"] <= 1
+
+
+def test_localize_batch_on_an_empty_table():
+    import pyarrow as pa
+
+    from camjobs.localize import localize_batch
+    from camjobs.schema import RESULT_SCHEMA
+
+    empty = RESULT_SCHEMA.empty_table()
+    assert localize_batch(empty).num_rows == 0

@@ -29,5 +29,7 @@ class CAM(CAMExtractor):
             logits, features = self._forward(images)
             target = self._resolve_target(logits, target)
             weights = self.model.get_submodule(self.classifier_name).weight[target].float()  # (B, C)
-            maps = torch.einsum("bc,bchw->bhw", weights, self._map_features(features))
+            # fp32 maps even when the forward pass ran under bf16/fp16 autocast
+            with torch.autocast(features.device.type, enabled=False):
+                maps = torch.einsum("bc,bchw->bhw", weights, self._map_features(features))
         return CAMResult(logits=logits.detach(), target=target, maps=maps)

@@ -41,7 +41,8 @@ class _GradientCAM(CAMExtractor):
             # one backward for the whole batch: in eval mode the samples do not interact
             scores = logits.gather(1, target[:, None]).sum()
             (grads,) = torch.autograd.grad(scores, features)
-        with torch.no_grad():
+        # fp32 maps even when the forward pass ran under bf16/fp16 autocast
+        with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
             features = self._map_features(features)
             weights = self._weights(features, grads.float())
             maps = torch.einsum("bc,bchw->bhw", weights, features).relu()

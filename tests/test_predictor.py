@@ -1,0 +1,131 @@
+"""The model actor's work, without Ray: rows in, maps out, errors passed through, OOM splitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from camjobs.cam import build_extractor
+from camjobs.models import IMAGENET_MEAN, IMAGENET_STD
+from camjobs.predictor import OUTPUT_ROWS, CamPredictor, ModelSpec, autocast_dtype
+from camjobs.schema import RESULT_SCHEMA
+
+CLASSES = ("mel", "nv", "bkl")
+SIZE = 64
+
+
+def _batch(count: int, bad_rows: set[int] = frozenset(), skipped_rows: set[int] = frozenset()) -> dict[str, np.ndarray]:
+    """A decode-stage batch as Ray Data hands it to the actor (numpy format)."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (count, SIZE, SIZE, 3), dtype=np.uint8)
+    bad = [r in bad_rows for r in range(count)]
+    return {
+        "image_id": np.array([f"ISIC_{i:07d}" for i in range(count)], dtype=object),
+        "source_path": np.array([f"/data/ISIC_{i:07d}.jpg" for i in range(count)], dtype=object),
+        "label": np.array([CLASSES[i % 3] for i in range(count)], dtype=object),
+        "error_type": np.array(["decode_error" if b else None for b in bad], dtype=object),
+        "error_message": np.array(["corrupt" if b else None for b in bad], dtype=object),
+        "content_sha256": np.array([f"{i:064x}" for i in range(count)], dtype=object),
+        "width": np.array([0 if b else 600 for b in bad], dtype=np.int32),
+        "height": np.array([0 if b else 450 for b in bad], dtype=np.int32),
+        "skipped": np.array([r in skipped_rows for r in range(count)]),
+        "pixels": pixels,
+    }
+
+
+def _predictor(**kwargs) -> CamPredictor:
+    torch.manual_seed(0)  # get_model's random init: the same weights in every predictor
+    options = {"method": "cam", "threshold": 0.2, "target": "predicted", "run_id": "run-1"} | kwargs
+    return CamPredictor(ModelSpec(arch="resnet18", classes=CLASSES, input_size=SIZE), **options)
+
+
+def _normalized(pixels: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def test_rows_in_maps_out_and_bad_rows_pass_through():
+    predictor = _predictor()
+    count = OUTPUT_ROWS + 5
+    batch = _batch(count, bad_rows={3}, skipped_rows={7})
+    tables = list(predictor(batch))
+    # Tables of at most OUTPUT_ROWS rows, so the localize stage spreads over CPU tasks.
+    assert [t.num_rows for t in tables] == [OUTPUT_ROWS, 5]
+    table = pa.concat_tables(tables)
+    assert table.schema == RESULT_SCHEMA and table.num_rows == count
+    rows = table.to_pylist()
+    assert rows[3]["error_type"] == "decode_error" and rows[3]["cam"] is None and rows[3]["width"] is None
+    assert rows[7]["skipped"] and rows[7]["cam"] is None
+    # heatmap and boxes are the localize stage's job
+    assert all(r["heatmap_png"] is None and r["boxes"] is None for r in rows)
+
+    good = [r for r in range(count) if r not in (3, 7)]
+    with build_extractor("cam", predictor.model) as extractor, torch.no_grad():
+        oracle = extractor(_normalized(batch["pixels"][good]))
+    for i, r in enumerate(good):
+        row = rows[r]
+        cam = np.asarray(row["cam"], np.float32).reshape(row["cam_height"], row["cam_width"])
+        np.testing.assert_allclose(cam, oracle.maps[i].numpy(), rtol=1e-4, atol=1e-5)
+        assert row["pred_index"] == int(oracle.logits[i].argmax()) == row["target_index"]
+        assert (row["width"], row["height"], row["run_id"]) == (600, 450, "run-1") and row["threshold"] == pytest.approx(0.2)
+        assert row["pred_label"] == CLASSES[row["pred_index"]] and 1 / 3 <= row["pred_score"] <= 1
+
+
+class _OutOfMemoryAbove:
+    """An extractor that fails like a GPU that fits at most `limit` images per forward pass."""
+
+    def __init__(self, extractor, limit: int):
+        self.extractor, self.limit, self.sizes = extractor, limit, []
+
+    def __call__(self, images, target=None):
+        self.sizes.append(len(images))
+        if len(images) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.extractor(images, target=target)
+
+
+def test_batch_that_does_not_fit_is_split_in_halves_and_gives_the_same_rows():
+    whole = pa.concat_tables(_predictor()(_batch(20)))
+    predictor = _predictor()
+    predictor.extractor = _OutOfMemoryAbove(predictor.extractor, limit=6)
+    split = pa.concat_tables(predictor(_batch(20)))
+    # 20 fails, 10 fails, then pieces of 5; the next batch starts at 5 straight away.
+    assert predictor.extractor.sizes == [20, 10, 5, 5, 5, 5]
+    assert predictor.max_chunk == 5
+    for name in ("cam", "pred_index", "target_index", "pred_score"):
+        np.testing.assert_allclose(
+            np.array(split.column(name).to_pylist(), dtype=float), np.array(whole.column(name).to_pylist(), dtype=float),
+            rtol=1e-5, atol=1e-6,
+        )
+    predictor.extractor.sizes.clear()
+    list(predictor(_batch(7)))
+    assert predictor.extractor.sizes == [5, 2]
+
+
+def test_out_of_memory_on_a_single_image_is_raised():
+    predictor = _predictor()
+    predictor.extractor = _OutOfMemoryAbove(predictor.extractor, limit=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        list(predictor(_batch(3)))
+
+
+def test_precision_choice():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_bf16_forward_pass_still_gives_float32_maps_close_to_fp32(method):
+    batch = _batch(4)
+    fp32 = pa.concat_tables(_predictor(method=method)(batch))
+    bf16 = pa.concat_tables(_predictor(method=method, precision="bf16")(batch))
+    for a, b in zip(fp32.column("cam").to_pylist(), bf16.column("cam").to_pylist()):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 0.1 * np.abs(a).max() + 1e-6  # bf16 keeps ~3 significant digits
+    assert bf16.schema.field("cam").type == pa.list_(pa.float32())
