@@ -42,6 +42,8 @@ EXIT_ERROR_BUDGET = 3
 DEFAULT_CPU_BATCH = 16
 DEFAULT_GPU_BATCH = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.
 DECODE_BATCH = 8
+DECODE_CPUS = 0.5
+WRITE_CPUS = 0.5  # localize + Parquet write
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys},
             batch_size=DECODE_BATCH,
             batch_format="numpy",
-            num_cpus=0.5,
+            num_cpus=DECODE_CPUS,
         )
         dataset = dataset.map_batches(
             CamPredictor,
@@ -178,8 +180,9 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )
-        dataset = dataset.map_batches(localize_batch, batch_size=None, batch_format="pyarrow", num_cpus=0.5)
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+        # Same resources as the write, so that Ray Data fuses the two into one task per block.
+        dataset = dataset.map_batches(localize_batch, batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     finished = time.time()
 
     stats = sink.stats or SinkStats()

@@ -27,7 +27,9 @@ def _run_on_simulated_cluster(tmp_path: Path, *flags: str) -> tuple[dict, Path, 
     completed = subprocess.run([sys.executable, str(script), str(data), str(output), *flags],
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1]), output, completed.stderr
+    # Ray's own processes may print to the driver's stdout too (a lost node's retries): take the summary line.
+    summary_line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith("{"))
+    return json.loads(summary_line), output, completed.stderr
 
 
 def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
