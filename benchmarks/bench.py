@@ -323,11 +323,11 @@ def timed_predictor(log_path: str):
         def __call__(self, batch):
             start = time.time()
             before = dict(self._bench_acc)
-            tables = list(super().__call__(batch))
+            table = super().__call__(batch)
             record = {"kind": "predict", "start": start, "end": time.time(), "n": len(batch["image_id"])}
             record.update({k: self._bench_acc[k] - before[k] for k in before})
             self._bench_write(record)
-            yield from tables
+            return table
 
     return TimedCamPredictor
 

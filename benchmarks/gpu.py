@@ -152,14 +152,15 @@ def reduced_default():
 
 
 def step_machine(ctx, res: dict) -> None:
-    import importlib.metadata as md
-
     import cv2
     import numpy
     import PIL
     import pyarrow
+    import ray
     import torch
     import torchvision
+
+    import camjobs
 
     mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
@@ -172,8 +173,8 @@ def step_machine(ctx, res: dict) -> None:
         res.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count(),
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     res["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-                       "ray": md.version("ray"), "pyarrow": pyarrow.__version__, "opencv": cv2.__version__,
-                       "Pillow": PIL.__version__, "numpy": numpy.__version__, "camjobs": md.version("camjobs")}
+                       "ray": ray.__version__, "pyarrow": pyarrow.__version__, "opencv": cv2.__version__,
+                       "Pillow": PIL.__version__, "numpy": numpy.__version__, "camjobs": camjobs.__version__}
 
 
 def _read(path: str) -> bytes:

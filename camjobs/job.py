@@ -44,6 +44,7 @@ DEFAULT_GPU_BATCH = 256  # at 224 px; scaled by input area. The actor halves it 
 DECODE_BATCH = 8
 DECODE_CPUS = 0.5
 WRITE_CPUS = 0.5  # localize + Parquet write
+LOCALIZE_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,11 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )
+        if plan.batch_size > LOCALIZE_ROWS:
+            # An actor's output block holds a whole model batch (256 rows on a GPU): split it, or
+            # the localize stage would run one long task per batch on a single CPU. (The split
+            # is a task that reserves a whole CPU; CPU plans' batches are small enough without.)
+            dataset = dataset.repartition(target_num_rows_per_block=LOCALIZE_ROWS)
         # Same resources as the write, so that Ray Data fuses the two into one task per block.
         dataset = dataset.map_batches(localize_batch, batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})

@@ -82,19 +82,32 @@ def boxes_from_normalized(norm, threshold: float = DEFAULT_THRESHOLD) -> list[Bo
     # An all-zero norm means max U <= 0: no region, hence no box (even at threshold 0).
     if norm.size == 0 or not norm.max() > 0:
         return []
-    inside = norm >= threshold
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(inside.view(np.uint8), connectivity=8)
+    inside = (norm >= threshold).view(np.uint8)
+    # Grana's block-based algorithm: the same components as OpenCV's default, in half the time.
+    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(inside, 8, cv2.CV_32S, cv2.CCL_GRANA)
     if count <= 1:
         return []
     areas = stats[1:, cv2.CC_STAT_AREA]
-    # Sums over the region's pixels only: most of a typical image is outside it.
-    sums = np.bincount(labels[inside], weights=norm[inside].astype(np.float64), minlength=count)[1:]
+    sums = _component_sums(norm, labels, stats, count)
     boxes = []
-    # Stable sort: equal areas keep OpenCV's raster-scan order, so output is deterministic.
+    # Stable sort: equal areas keep OpenCV's label order, so output is deterministic.
     for index in np.argsort(-areas, kind="stable"):
         x, y, w, h = (int(v) for v in stats[index + 1, :4])
         boxes.append(Box(float(x), float(y), float(x + w), float(y + h), float(sums[index] / areas[index])))
     return boxes
+
+
+def _component_sums(norm: np.ndarray, labels: np.ndarray, stats: np.ndarray, count: int) -> np.ndarray:
+    """Sum of norm over each component 1..count-1 (float64)."""
+    boxes = stats[1:, :4].astype(np.int64)
+    if int((boxes[:, 2] * boxes[:, 3]).sum()) <= norm.size:
+        # The usual case, a few components: sum inside each one's box, not over the image.
+        return np.array([
+            np.where(labels[y : y + h, x : x + w] == index, norm[y : y + h, x : x + w], 0).sum(dtype=np.float64)
+            for index, (x, y, w, h) in enumerate(boxes, start=1)
+        ])
+    inside = labels > 0
+    return np.bincount(labels[inside], weights=norm[inside].astype(np.float64), minlength=count)[1:]
 
 
 @dataclass
@@ -105,7 +118,7 @@ class Localization:
 
 def localize(cam: torch.Tensor, height: int, width: int, threshold: float = DEFAULT_THRESHOLD) -> Localization:
     """Upsample one raw map to the image's size, then its heatmap and boxes."""
-    norm = normalized(upsample(cam, height, width)).numpy()
+    norm = normalized(upsample(cam, height, width)).cpu().numpy()
     return Localization(heatmap=heatmap_uint8(norm), boxes=boxes_from_normalized(norm, threshold))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -49,9 +48,6 @@ class ModelSpec:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# Rows per output table: the localize stage runs one CPU task per table, so a large GPU
-# batch fans out over many cores.
-OUTPUT_ROWS = 32
 
 
 def choose_device() -> torch.device:
@@ -111,7 +107,7 @@ class CamPredictor:
         indices = [self.class_index.get(label, -1) if label is not None else -1 for label in labels]
         return torch.tensor(indices, dtype=torch.long, device=self.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["image_id"])
         error_type = list(batch["error_type"])
         error_message = list(batch["error_message"])
@@ -130,9 +126,7 @@ class CamPredictor:
         columns["schema_version"] = [SCHEMA_VERSION] * count
         columns["node_id"] = [self.node_id] * count
         columns["skipped"] = skipped
-        table = pa.table(columns, schema=RESULT_SCHEMA)
-        for start in range(0, count, OUTPUT_ROWS):
-            yield table.slice(start, OUTPUT_ROWS)
+        return pa.table(columns, schema=RESULT_SCHEMA)
 
     def _normalize(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, 3) on the host -> normalized float (B, 3, H, W) on the model's device."""

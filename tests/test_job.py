@@ -188,9 +188,44 @@ def test_actor_plan_leaves_cpus_for_decoding():
     plan = plan_actors(cfg, {"CPU": 2.0})
     assert plan.actors == 1 and plan.num_cpus <= 1.0 and plan.num_gpus == 0 and plan.torch_threads == 2
     gpu = plan_actors(cfg, {"CPU": 16.0, "GPU": 4.0})
-    assert (gpu.actors, gpu.num_gpus, gpu.torch_threads) == (4, 1.0, None)
+    assert (gpu.actors, gpu.num_gpus, gpu.torch_threads, gpu.batch_size) == (4, 1.0, None, 256)
+    # The GPU batch keeps images x pixels about constant: a 448 px model gets a quarter.
+    assert plan_actors(cfg, {"CPU": 16.0, "GPU": 1.0}, input_size=448).batch_size == 64
     with pytest.raises(ValueError, match="GPUs"):
         plan_actors(RunConfig(data="d", output="o", model="resnet18", classes=["a"], gpus_per_actor=1), {"CPU": 2.0})
+
+
+def _recording_localize(log_path: str):
+    """localize_batch that notes how many rows each call got (it runs in Ray worker processes)."""
+    from camjobs.localize import localize_batch
+
+    def recording_localize_batch(table):
+        with open(log_path, "a") as log:
+            log.write(f"{table.num_rows}\n")
+        return localize_batch(table)
+
+    return recording_localize_batch
+
+
+def test_large_model_batches_are_split_before_the_localize_stage(ray_cluster, tmp_path, monkeypatch):
+    import camjobs.job as job
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(80):
+        Image.fromarray(rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
+    log_path = tmp_path / "localize-rows.txt"
+    monkeypatch.setattr(job, "localize_batch", _recording_localize(str(log_path)))
+    cfg = RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18", classes=["a", "b"],
+                    input_size=32, batch_size=40)
+    result = run_job(cfg)
+    rows = [int(line) for line in log_path.read_text().split()]
+    # Model batches of 40 rows reach the localize stage as blocks of at most LOCALIZE_ROWS.
+    assert sum(rows) == 80 and max(rows) <= job.LOCALIZE_ROWS < 40
+    cams = pd.read_parquet(tmp_path / "out" / "cams")
+    assert result.summary["counts"]["processed"] == 80 and len(cams) == 80
+    assert cams.heatmap_png.notna().all() and cams.boxes.map(len).ge(0).all()
 
 
 def test_uris_for_data_and_output(ray_cluster, isic2017_mini, tmp_path):

@@ -144,3 +144,23 @@ def test_localize_batch_on_an_empty_table():
 
     empty = RESULT_SCHEMA.empty_table()
     assert localize_batch(empty).num_rows == 0
+
+
+def test_component_scores_match_flood_fill_for_few_and_for_nested_components():
+    """Both ways of summing a component's values: per box (few components) and per label
+    over the image (nested rings, whose boxes overlap and together exceed the image)."""
+    yy, xx = np.mgrid[0:61, 0:81]
+    radius = np.hypot(yy - 30, xx - 40)
+    rings = np.where((radius.astype(int) // 4) % 2 == 0, 0.3 + 0.7 * np.cos(radius / 9) ** 2, 0.0).astype(np.float32)
+    rings[30, 40] = 1.0
+    blobs = np.zeros((61, 81), np.float32)
+    blobs[5:15, 5:25], blobs[40:58, 50:70] = 0.6, 0.9
+    for norm in (rings, blobs):
+        boxes = boxes_from_normalized(norm, 0.2)
+        oracle = components_by_flood_fill(norm >= 0.2)
+        assert len(boxes) == len(oracle) >= 2
+        by_box = {(b.x_min, b.y_min, b.x_max, b.y_max): b.score for b in boxes}
+        for area, x0, y0, x1, y1, pixels in oracle:
+            assert abs(by_box[(x0, y0, x1, y1)] - float(norm[pixels].astype(np.float64).mean())) < 1e-6
+    widths = [b.x_max - b.x_min for b in boxes_from_normalized(rings, 0.2)]
+    assert sum(widths) * 61 > rings.size  # the rings do take the per-label path

@@ -9,7 +9,8 @@ import torch
 
 from camjobs.cam import build_extractor
 from camjobs.models import IMAGENET_MEAN, IMAGENET_STD
-from camjobs.predictor import OUTPUT_ROWS, CamPredictor, ModelSpec, autocast_dtype
+import camjobs.predictor
+from camjobs.predictor import CamPredictor, ModelSpec, autocast_dtype
 from camjobs.schema import RESULT_SCHEMA
 
 CLASSES = ("mel", "nv", "bkl")
@@ -35,6 +36,12 @@ def _batch(count: int, bad_rows: set[int] = frozenset(), skipped_rows: set[int] 
     }
 
 
+@pytest.fixture(autouse=True)
+def cpu_predictor(monkeypatch):
+    """The predictor on the CPU, where results are exact, also on a machine with a GPU."""
+    monkeypatch.setattr(camjobs.predictor, "choose_device", lambda: torch.device("cpu"))
+
+
 def _predictor(**kwargs) -> CamPredictor:
     torch.manual_seed(0)  # get_model's random init: the same weights in every predictor
     options = {"method": "cam", "threshold": 0.2, "target": "predicted", "run_id": "run-1"} | kwargs
@@ -48,12 +55,9 @@ def _normalized(pixels: np.ndarray) -> torch.Tensor:
 
 def test_rows_in_maps_out_and_bad_rows_pass_through():
     predictor = _predictor()
-    count = OUTPUT_ROWS + 5
+    count = 12
     batch = _batch(count, bad_rows={3}, skipped_rows={7})
-    tables = list(predictor(batch))
-    # Tables of at most OUTPUT_ROWS rows, so the localize stage spreads over CPU tasks.
-    assert [t.num_rows for t in tables] == [OUTPUT_ROWS, 5]
-    table = pa.concat_tables(tables)
+    table = predictor(batch)
     assert table.schema == RESULT_SCHEMA and table.num_rows == count
     rows = table.to_pylist()
     assert rows[3]["error_type"] == "decode_error" and rows[3]["cam"] is None and rows[3]["width"] is None
@@ -87,10 +91,10 @@ class _OutOfMemoryAbove:
 
 
 def test_batch_that_does_not_fit_is_split_in_halves_and_gives_the_same_rows():
-    whole = pa.concat_tables(_predictor()(_batch(20)))
+    whole = _predictor()(_batch(20))
     predictor = _predictor()
     predictor.extractor = _OutOfMemoryAbove(predictor.extractor, limit=6)
-    split = pa.concat_tables(predictor(_batch(20)))
+    split = predictor(_batch(20))
     # 20 fails, 10 fails, then pieces of 5; the next batch starts at 5 straight away.
     assert predictor.extractor.sizes == [20, 10, 5, 5, 5, 5]
     assert predictor.max_chunk == 5
@@ -100,7 +104,7 @@ def test_batch_that_does_not_fit_is_split_in_halves_and_gives_the_same_rows():
             rtol=1e-5, atol=1e-6,
         )
     predictor.extractor.sizes.clear()
-    list(predictor(_batch(7)))
+    predictor(_batch(7))
     assert predictor.extractor.sizes == [5, 2]
 
 
@@ -108,7 +112,7 @@ def test_out_of_memory_on_a_single_image_is_raised():
     predictor = _predictor()
     predictor.extractor = _OutOfMemoryAbove(predictor.extractor, limit=0)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        list(predictor(_batch(3)))
+        predictor(_batch(3))
 
 
 def test_precision_choice():
@@ -123,8 +127,8 @@ def test_precision_choice():
 @pytest.mark.parametrize("method", ["cam", "gradcam"])
 def test_bf16_forward_pass_still_gives_float32_maps_close_to_fp32(method):
     batch = _batch(4)
-    fp32 = pa.concat_tables(_predictor(method=method)(batch))
-    bf16 = pa.concat_tables(_predictor(method=method, precision="bf16")(batch))
+    fp32 = _predictor(method=method)(batch)
+    bf16 = _predictor(method=method, precision="bf16")(batch)
     for a, b in zip(fp32.column("cam").to_pylist(), bf16.column("cam").to_pylist()):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 0.1 * np.abs(a).max() + 1e-6  # bf16 keeps ~3 significant digits
@@ -136,10 +140,11 @@ def test_bf16_forward_pass_still_gives_float32_maps_close_to_fp32(method):
 def test_gpu_rows_match_the_cpu_rows(method, monkeypatch):
     """The GPU path (pinned copies, channels_last, autocast) against the plain CPU path."""
     batch = _batch(40)
-    gpu_fp32 = pa.concat_tables(_predictor(method=method, precision="fp32")(batch))
-    gpu_bf16 = pa.concat_tables(_predictor(method=method)(batch))  # auto: bf16 on the GPU
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu = pa.concat_tables(_predictor(method=method)(batch))
+    monkeypatch.setattr(camjobs.predictor, "choose_device", lambda: torch.device("cuda"))
+    gpu_fp32 = _predictor(method=method, precision="fp32")(batch)
+    gpu_bf16 = _predictor(method=method)(batch)  # auto: bf16 on the GPU
+    monkeypatch.setattr(camjobs.predictor, "choose_device", lambda: torch.device("cpu"))
+    cpu = _predictor(method=method)(batch)
     # cuDNN convolutions use TF32 by default, so "fp32" on the GPU is close, not equal; a near-tie
     # between two classes may flip.
     same = np.equal(gpu_fp32.column("pred_index").to_pylist(), cpu.column("pred_index").to_pylist())
