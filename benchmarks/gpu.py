@@ -48,6 +48,15 @@ JOB_TIMEOUT_S = 120
 # (variant, method, actors, GPU share per actor) on a GPU; on CPUs: no GPU share, at most 2 actors
 JOBS = (("job-cam", "cam", 1, None), ("job-gradcam", "gradcam", 1, None),
         ("job-cam-2x0.5", "cam", 2, 0.5), ("job-cam-4x0.25", "cam", 4, 0.25))
+# Pipeline experiments, run only when named in --jobs: (variant, method, actors, GPU share, settings)
+# with settings applied in the job's driver before run_job: rows per decode task, and Ray Data's
+# per-operator resource reservation (on by default; off lets any stage use any idle CPU).
+EXPERIMENTS = {
+    "job-cam-decode32": ("cam", 1, None, {"decode_batch": 32}),
+    "job-cam-noreserve": ("cam", 1, None, {"op_resource_reservation_enabled": False}),
+    "job-cam-decode32-noreserve": ("cam", 1, None, {"decode_batch": 32, "op_resource_reservation_enabled": False}),
+    "job-cam-nodownstream": ("cam", 1, None, {"downstream_capacity_backpressure_ratio": None}),
+}
 # The first two targets are the issue's; the Grad-CAM and scaling bounds are this script's.
 TARGET_FORWARD_RATIO, TARGET_RATE, GRADCAM_MAX_COST, SCALING_MIN = 0.8, 2000.0, 1.15, 1.0
 
@@ -455,11 +464,22 @@ def worker_main(spec: dict) -> None:
     stage_log = spec["output"].rstrip("/") + ".stages.jsonl"
     Path(stage_log).unlink(missing_ok=True)
     job.localize_batch = bench.timed_localize(stage_log)
+    settings = dict(spec.get("settings") or {})
+    if "decode_batch" in settings:
+        job.DECODE_BATCH = settings.pop("decode_batch")
+    context = ray.data.DataContext.get_current()
+    for key, value in settings.items():  # DataContext fields
+        setattr(context, key, value)
     sampler = Sampler()
     sampler.start()
     started = time.time()
     result = job.run_job(cfg)
     finished = time.time()
+    # Ray Data's own log (per-operator budgets and backpressure, at DEBUG level) for the analysis.
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    with open(spec["output"].rstrip("/") + ".ray-data.log", "wb") as copy:
+        for part in sorted((session / "logs" / "ray-data").glob("*.log")):
+            copy.write(part.read_bytes())
     ray.shutdown()
     steady = steady_rate([json.loads(line) for line in open(stage_log)]) if os.path.exists(stage_log) else None
     out = {"exit_code": result.exit_code, "message": result.message, "counts": result.summary["counts"],
@@ -518,14 +538,20 @@ def step_jobs(ctx, res: dict) -> None:
         gc.collect()
         torch.cuda.empty_cache()
     on_gpu = ctx.device.type == "cuda"
-    for name, method, actors, share in JOBS:
+    chosen = ctx.args.jobs.split(",") if ctx.args.jobs else [name for name, *_ in JOBS]
+    known = {name: (method, actors, share, {}) for name, method, actors, share in JOBS} | EXPERIMENTS
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise ValueError(f"unknown --jobs variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for name in chosen:
+        method, actors, share, settings = known[name]
         left = ctx.args.time_budget - (time.time() - START)
         if left < ESTIMATE_S["jobs"]:
             res[name] = {"status": "skipped: time budget"}
             continue
         spec = {"data": str(ctx.data), "output": str(Path(ctx.args.work) / "jobs" / name), "method": method,
                 "actors": actors if on_gpu else min(actors, 2), "gpus_per_actor": share if on_gpu else None,
-                "batch_size": ctx.args.job_batch_size or None}
+                "batch_size": ctx.args.job_batch_size or None, "settings": settings}
         res[name] = {"spec": spec, **run_child(ctx, name, spec, min(JOB_TIMEOUT_S, left))}
         log(f"      {name}: {res[name]['status']}, {res[name].get('images_per_s', '-')} images/s, {res[name]['wall_s']:.0f} s")
         ctx.save()
@@ -710,6 +736,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=330.0, help="skip steps that would end later (seconds from start)")
     parser.add_argument("--batch", type=int, default=0, help="forward batch (default 256 on a GPU, 16 on CPUs)")
     parser.add_argument("--job-batch-size", type=int, default=0, help="the jobs' batch_size (default: the job's own)")
+    parser.add_argument("--jobs", default="", help="comma-separated job variants [default: the four standard ones]; "
+                        "experiments: " + ", ".join(EXPERIMENTS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -156,7 +156,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
     inputs = len(listing.records)
     sink = CamParquetSink(cfg.output, run_id)
     if inputs:
-        dataset = ray.data.from_arrow(listing_blocks(listing.records))
+        dataset = ray.data.from_arrow(listing_blocks(listing.records, DECODE_BATCH))
         dataset = dataset.map_batches(
             decode_batch,
             fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys},
