@@ -22,6 +22,17 @@ ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 ISIC2020_CLASSES = ["benign", "malignant"]
 
 
+def noise_jpegs(folder: Path, count: int, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
+    """`count` JPEGs of random pixels (height, width = size) named img000.jpg...: a "folder" layout."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.jpg")
+    return folder
+
+
 @dataclass
 class FixtureInfo:
     root: Path

@@ -721,7 +721,7 @@ def test_dockerfile_builds_on_rays_image_of_the_installed_ray_version():
     assert tag.startswith(ray.__version__ + "-"), f"FROM {base} is not Ray {ray.__version__}"
     assert tag == f"{ray.__version__}-py311-cpu", "the default build is the CPU image"
     assert dockerfile_base_image({"RAY_VARIANT": "gpu"}) == f"rayproject/ray:{ray.__version__}-py311-gpu"
-    assert re.search(rf'"ray\[data\]==\$\{{RAY_VERSION\}}"', DOCKERFILE.read_text()), "pip may replace the image's Ray"
+    assert re.search(r'"ray\[data\]==\$\{RAY_VERSION\}"', DOCKERFILE.read_text()), "pip may replace the image's Ray"
 
 
 def test_dockerfile_has_no_entrypoint_and_installs_camjobs_with_its_configs():

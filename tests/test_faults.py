@@ -10,25 +10,16 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from camjobs.config import RunConfig
 from camjobs.job import run_job
 from camjobs.sink import LOCK_NAME
 from camjobs.verify import verify_output
+from layout_fixtures import noise_jpegs
 
 pytestmark = pytest.mark.slow
-
-
-def _images(folder: Path, count: int, size=(96, 128), seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.jpg")
-    return folder
 
 
 def _config(data: Path, output: Path, **overrides) -> RunConfig:
@@ -75,7 +66,7 @@ def _processes(pattern: str) -> list[int]:
 
 
 def test_model_actor_killed_mid_run(ray_cluster, tmp_path):
-    data, output = _images(tmp_path / "data", 160), tmp_path / "out"
+    data, output = noise_jpegs(tmp_path / "data", 160), tmp_path / "out"
     killed: list[int] = []
 
     def kill_actor_once_busy() -> None:
@@ -98,7 +89,7 @@ def test_model_actor_killed_mid_run(ray_cluster, tmp_path):
 
 
 def test_driver_killed_mid_run_leaves_nothing_visible_and_next_run_completes(ray_cluster, tmp_path):
-    data, output = _images(tmp_path / "data", 240), tmp_path / "out"
+    data, output = noise_jpegs(tmp_path / "data", 240), tmp_path / "out"
     command = [sys.executable, "-m", "camjobs", "run", "--data", str(data), "--output", str(output), "--layout", "folder",
                "--model", "resnet18", "--classes", "a,b", "--input-size", "96", "--batch-size", "2"]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -137,9 +128,9 @@ def small_disk(tmp_path):
 
 def test_full_disk_fails_clearly_and_keeps_earlier_runs(ray_cluster, small_disk, tmp_path, isic2017_mini):
     output = small_disk / "out"
-    first = run_job(_config(_images(tmp_path / "small", 3, size=(24, 32)), output, input_size=64))
+    first = run_job(_config(noise_jpegs(tmp_path / "small", 3, size=(24, 32)), output, input_size=64))
     assert first.summary["counts"]["processed"] == 3
-    big = _images(tmp_path / "big", 48, size=(450, 600), seed=1)  # 48 full-size heatmaps do not fit in 96 KiB
+    big = noise_jpegs(tmp_path / "big", 48, size=(450, 600), seed=1)  # 48 full-size heatmaps do not fit in 96 KiB
     with pytest.raises(Exception) as caught:
         run_job(_config(big, output, input_size=64))
     assert "No space left" in str(caught.value) or "space" in str(caught.value).lower()
@@ -152,7 +143,7 @@ def test_read_only_output_fails_clearly_and_keeps_earlier_runs(ray_cluster, tmp_
     disk = tmp_path / "ro"
     disk.mkdir()
     output = disk / "out"
-    run_job(_config(_images(tmp_path / "small", 2, size=(24, 32)), output, input_size=64))
+    run_job(_config(noise_jpegs(tmp_path / "small", 2, size=(24, 32)), output, input_size=64))
     if subprocess.run(["mount", "--bind", "-o", "ro", str(disk), str(disk)], capture_output=True).returncode:
         pytest.skip("read-only bind mounts are not permitted here")
     try:
@@ -168,7 +159,7 @@ def test_actor_failing_in_init_fails_the_job_fast(ray_cluster, tmp_path, monkeyp
     from camjobs.models import load_model
     from camjobs.predictor import ModelSpec
 
-    data = _images(tmp_path / "data", 8, size=(24, 32))
+    data = noise_jpegs(tmp_path / "data", 8, size=(24, 32))
     corrupt = tmp_path / "model.pt"
     corrupt.write_bytes(b"\x80\x02 truncated checkpoint")
     # The driver's own check would stop this run before Ray starts; let it pass, so that the

@@ -19,6 +19,7 @@ from camjobs.decode import load_image
 from camjobs.job import EXIT_ERROR_BUDGET, EXIT_OK, plan_actors, run_job
 from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, load_model
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA
+from layout_fixtures import noise_jpegs
 
 pytestmark = pytest.mark.slow
 
@@ -210,11 +211,7 @@ def _recording_localize(log_path: str):
 def test_large_model_batches_are_split_before_the_localize_stage(ray_cluster, tmp_path, monkeypatch):
     import camjobs.job as job
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(80):
-        Image.fromarray(rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
+    data = noise_jpegs(tmp_path / "data", 80, size=(45, 60))
     log_path = tmp_path / "localize-rows.txt"
     monkeypatch.setattr(job, "localize_batch", _recording_localize(str(log_path)))
     cfg = RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18", classes=["a", "b"],

@@ -327,7 +327,7 @@ def test_upper_case_extension_in_isic_layout(tmp_path):
 
 
 def test_images_not_in_metadata_are_records_without_label(tmp_path):
-    info = make_isic2018(tmp_path, n=3)
+    make_isic2018(tmp_path, n=3)
     extra = write_image(tmp_path / "ISIC2018_Task3_Training_Input" / "ISIC_0099999.jpg")
     listing = list_images(str(tmp_path))
     assert len(listing.records) == 4

@@ -137,8 +137,6 @@ def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
 
 
 def test_localize_batch_on_an_empty_table():
-    import pyarrow as pa
-
     from camjobs.localize import localize_batch
     from camjobs.schema import RESULT_SCHEMA
 

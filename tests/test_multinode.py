@@ -7,21 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+
+from layout_fixtures import noise_jpegs
 
 pytestmark = pytest.mark.slow
 
 
 def _run_on_simulated_cluster(tmp_path: Path, *flags: str) -> tuple[dict, Path, str]:
     """96 small images through multinode_run.py: its summary, the output folder, its stderr."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(96):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"img{i:02d}.jpg")
+    data = noise_jpegs(tmp_path / "data", 96, size=(48, 64))
     output = tmp_path / "out"
     script = Path(__file__).with_name("multinode_run.py")
     completed = subprocess.run([sys.executable, str(script), str(data), str(output), *flags],
