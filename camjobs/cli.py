@@ -71,6 +71,9 @@ def run(
         None, help="Images per model batch [default: 256 on GPU at 224 px, scaled by input area; 16 on CPU]."
     ),
     precision: Optional[str] = typer.Option(None, help="auto|fp32|bf16: the forward pass's precision [default: auto = bf16 on GPU, fp32 on CPU]."),
+    heatmap_max_side: Optional[int] = typer.Option(
+        None, help="Store heatmaps scaled down to this longer side, for very large images [default: the image's size]."
+    ),
     max_error_fraction: Optional[float] = typer.Option(None, help="Above this fraction of failed inputs, exit 3 [default: 0.05]."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels (decompression bombs) [default: 100000000]."),
     follow_symlinks: Optional[bool] = typer.Option(None, "--follow-symlinks", help="Allow symlinks that point outside the dataset root."),

@@ -39,6 +39,7 @@ class RunConfig:
     gpus_per_actor: float | None = None
     batch_size: int | None = None
     precision: str = "auto"
+    heatmap_max_side: int | None = None
     max_error_fraction: float = 0.05
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
@@ -62,7 +63,7 @@ class RunConfig:
             raise ConfigError(f"threshold: must be in [0, 1], got {self.threshold}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ConfigError(f"max_error_fraction: must be in [0, 1], got {self.max_error_fraction}")
-        for name in ("actors", "batch_size", "input_size", "max_pixels"):
+        for name in ("actors", "batch_size", "input_size", "max_pixels", "heatmap_max_side"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {value}")

@@ -187,7 +187,13 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             # is a task that reserves a whole CPU; CPU plans' batches are small enough without.)
             dataset = dataset.repartition(target_num_rows_per_block=LOCALIZE_ROWS)
         # Same resources as the write, so that Ray Data fuses the two into one task per block.
-        dataset = dataset.map_batches(localize_batch, batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
+        dataset = dataset.map_batches(
+            localize_batch,
+            fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=WRITE_CPUS,
+        )
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     finished = time.time()
 

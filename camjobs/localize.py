@@ -122,11 +122,23 @@ def localize(cam: torch.Tensor, height: int, width: int, threshold: float = DEFA
     return Localization(heatmap=heatmap_uint8(norm), boxes=boxes_from_normalized(norm, threshold))
 
 
-def localize_batch(table: pa.Table) -> pa.Table:
+def shrink_heatmap(heatmap: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The heatmap scaled down (area averaging) so that its longer side is at most max_side."""
+    height, width = heatmap.shape
+    if not max_side or max(height, width) <= max_side:
+        return heatmap
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(heatmap, size, interpolation=cv2.INTER_AREA)
+
+
+def localize_batch(table: pa.Table, heatmap_max_side: int | None = None) -> pa.Table:
     """The localize stage: fill heatmap_png and boxes of every row that carries a map.
 
     Takes and returns the model actor's rows (schema.RESULT_SCHEMA); error and skipped rows
     pass through untouched. Each row's own threshold, map shape and image size are used.
+    Boxes are always found at the image's full size; the stored heatmap is scaled down where
+    its longer side exceeds heatmap_max_side (a 6000 px photograph's heatmap PNG is megabytes).
     """
     cams = table.column("cam").combine_chunks()
     if isinstance(cams, pa.ChunkedArray):  # an empty table
@@ -141,7 +153,7 @@ def localize_batch(table: pa.Table) -> pa.Table:
         start, end = offsets[row], offsets[row + 1]
         cam = torch.from_numpy(np.array(values[start:end]).reshape(columns["cam_height"][row], columns["cam_width"][row]))
         located = localize(cam, columns["height"][row], columns["width"][row], columns["threshold"][row])
-        heatmaps[row] = encode_png(located.heatmap)
+        heatmaps[row] = encode_png(shrink_heatmap(located.heatmap, heatmap_max_side))
         boxes[row] = [box.as_dict() for box in located.boxes]
     for name, column in (("heatmap_png", heatmaps), ("boxes", boxes)):
         index = table.schema.get_field_index(name)

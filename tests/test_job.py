@@ -200,29 +200,32 @@ def _recording_localize(log_path: str):
     """localize_batch that notes how many rows each call got (it runs in Ray worker processes)."""
     from camjobs.localize import localize_batch
 
-    def recording_localize_batch(table):
+    def recording_localize_batch(table, **options):
         with open(log_path, "a") as log:
             log.write(f"{table.num_rows}\n")
-        return localize_batch(table)
+        return localize_batch(table, **options)
 
     return recording_localize_batch
 
 
-def test_large_model_batches_are_split_before_the_localize_stage(ray_cluster, tmp_path, monkeypatch):
+def test_large_model_batches_are_split_before_the_localize_stage_with_small_heatmaps(ray_cluster, tmp_path, monkeypatch):
     import camjobs.job as job
 
     data = noise_jpegs(tmp_path / "data", 80, size=(45, 60))
     log_path = tmp_path / "localize-rows.txt"
     monkeypatch.setattr(job, "localize_batch", _recording_localize(str(log_path)))
     cfg = RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18", classes=["a", "b"],
-                    input_size=32, batch_size=40)
+                    input_size=32, batch_size=40, heatmap_max_side=30)
     result = run_job(cfg)
     rows = [int(line) for line in log_path.read_text().split()]
     # Model batches of 40 rows reach the localize stage as blocks of at most LOCALIZE_ROWS.
     assert sum(rows) == 80 and max(rows) <= job.LOCALIZE_ROWS < 40
     cams = pd.read_parquet(tmp_path / "out" / "cams")
     assert result.summary["counts"]["processed"] == 80 and len(cams) == 80
-    assert cams.heatmap_png.notna().all() and cams.boxes.map(len).ge(0).all()
+    # --heatmap-max-side reaches the localize stage: 60x45 images, 30x22 heatmaps, full-size boxes
+    shapes = {cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED).shape for png in cams.heatmap_png}
+    assert shapes == {(22, 30)}
+    assert all(0 <= b["x_min"] < b["x_max"] <= 60 and b["y_max"] <= 45 for boxes in cams.boxes for b in boxes)
 
 
 def test_uris_for_data_and_output(ray_cluster, isic2017_mini, tmp_path):

@@ -162,3 +162,28 @@ def test_component_scores_match_flood_fill_for_few_and_for_nested_components():
             assert abs(by_box[(x0, y0, x1, y1)] - float(norm[pixels].astype(np.float64).mean())) < 1e-6
     widths = [b.x_max - b.x_min for b in boxes_from_normalized(rings, 0.2)]
     assert sum(widths) * 61 > rings.size  # the rings do take the per-label path
+
+
+def test_heatmap_max_side_shrinks_only_large_heatmaps_and_keeps_full_size_boxes():
+    import pyarrow as pa
+
+    from camjobs.localize import localize_batch, shrink_heatmap
+    from camjobs.schema import RESULT_SCHEMA
+
+    heatmap = np.tile((np.arange(300) % 256).astype(np.uint8)[None, :], (200, 1))
+    assert shrink_heatmap(heatmap, None) is heatmap and shrink_heatmap(heatmap, 300) is heatmap
+    small = shrink_heatmap(heatmap, 150)
+    assert small.shape == (100, 150)
+    np.testing.assert_array_equal(small, cv2.resize(heatmap, (150, 100), interpolation=cv2.INTER_AREA))
+
+    cam = np.zeros((7, 7), np.float32)
+    cam[2:4, 3:5] = 1.0
+    row = {name: None for name in RESULT_SCHEMA.names}
+    row.update(image_id="big", skipped=False, cam=cam.ravel().tolist(), cam_height=7, cam_width=7,
+               height=1500, width=2000, threshold=0.2)
+    table = pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
+    full, reduced = localize_batch(table).to_pylist()[0], localize_batch(table, heatmap_max_side=500).to_pylist()[0]
+    decoded = cv2.imdecode(np.frombuffer(reduced["heatmap_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.shape == (375, 500) and len(reduced["heatmap_png"]) < len(full["heatmap_png"])
+    assert reduced["boxes"] == full["boxes"]  # found at full size, in full-size pixels
+    assert full["boxes"][0]["x_max"] > 500
