@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from camjobs.cam import CAMResult, build_extractor
+from camjobs.config import PRECISIONS
 from camjobs.models import LoadedModel, load_model
 from camjobs.schema import RESULT_SCHEMA, SCHEMA_VERSION
 
@@ -47,7 +48,6 @@ class ModelSpec:
         )
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def choose_device() -> torch.device:
