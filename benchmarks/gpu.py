@@ -49,12 +49,12 @@ JOB_TIMEOUT_S = 120
 JOBS = (("job-cam", "cam", 1, None), ("job-gradcam", "gradcam", 1, None),
         ("job-cam-2x0.5", "cam", 2, 0.5), ("job-cam-4x0.25", "cam", 4, 0.25))
 # Pipeline experiments, run only when named in --jobs: (variant, method, actors, GPU share, settings)
-# with settings applied in the job's driver before run_job: rows per decode task, and Ray Data's
-# per-operator resource reservation (on by default; off lets any stage use any idle CPU).
+# with settings applied in the job's driver before run_job: rows per decode task on GPU plans (8,
+# the default before it became 32), Ray Data's per-operator resource reservation (on by default;
+# off lets any stage use any idle CPU) and its downstream-capacity backpressure.
 EXPERIMENTS = {
-    "job-cam-decode32": ("cam", 1, None, {"decode_batch": 32}),
+    "job-cam-decode8": ("cam", 1, None, {"gpu_decode_rows": 8}),
     "job-cam-noreserve": ("cam", 1, None, {"op_resource_reservation_enabled": False}),
-    "job-cam-decode32-noreserve": ("cam", 1, None, {"decode_batch": 32, "op_resource_reservation_enabled": False}),
     "job-cam-nodownstream": ("cam", 1, None, {"downstream_capacity_backpressure_ratio": None}),
 }
 # The first two targets are the issue's; the Grad-CAM and scaling bounds are this script's.
@@ -465,8 +465,8 @@ def worker_main(spec: dict) -> None:
     Path(stage_log).unlink(missing_ok=True)
     job.localize_batch = bench.timed_localize(stage_log)
     settings = dict(spec.get("settings") or {})
-    if "decode_batch" in settings:
-        job.DECODE_BATCH = settings.pop("decode_batch")
+    if "gpu_decode_rows" in settings:
+        job.GPU_DECODE_ROWS = settings.pop("gpu_decode_rows")
     context = ray.data.DataContext.get_current()
     for key, value in settings.items():  # DataContext fields
         setattr(context, key, value)

@@ -41,7 +41,10 @@ EXIT_ERROR_BUDGET = 3
 
 DEFAULT_CPU_BATCH = 16
 DEFAULT_GPU_BATCH = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.
-DECODE_BATCH = 8
+DECODE_BATCH = 8  # rows per read/decode task, and per listing block
+# With a GPU actor's large batches: fewer, larger decode tasks (a 256-image batch gathered from 8
+# blocks rather than 32). Measured on a simulated GPU node: 1.1-1.35 x faster end to end.
+GPU_DECODE_ROWS = 32
 DECODE_CPUS = 0.5
 WRITE_CPUS = 0.5  # localize + Parquet write
 LOCALIZE_ROWS = 16
@@ -56,11 +59,14 @@ class ActorPlan:
     num_gpus: float
     torch_threads: int | None
     batch_size: int
+    decode_rows: int = DECODE_BATCH
 
 
 def default_gpu_batch(input_size: int) -> int:
-    """Activation memory grows with the input's area: keep images x pixels about constant."""
-    return max(8, int(DEFAULT_GPU_BATCH * (224 / input_size) ** 2))
+    """Activation memory grows with the input's area: keep images x pixels about constant.
+
+    Capped, so that a tiny input does not make one batch out of a whole small dataset."""
+    return max(8, min(4 * DEFAULT_GPU_BATCH, int(DEFAULT_GPU_BATCH * (224 / input_size) ** 2)))
 
 
 def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPlan:
@@ -77,7 +83,9 @@ def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPl
         if total_gpus < gpus_per_actor:
             raise ValueError(f"--gpus-per-actor {gpus_per_actor} but the cluster has {total_gpus:g} GPUs")
         actors = cfg.actors or max(1, int(total_gpus // gpus_per_actor))
-        return ActorPlan(actors, 1.0, gpus_per_actor, None, cfg.batch_size or default_gpu_batch(input_size))
+        batch_size = cfg.batch_size or default_gpu_batch(input_size)
+        decode_rows = min(GPU_DECODE_ROWS, max(DECODE_BATCH, batch_size // 8))
+        return ActorPlan(actors, 1.0, gpus_per_actor, None, batch_size, decode_rows)
     actors = cfg.actors or 1
     cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
     # Summed over the cluster; each actor caps it at its own machine's cores.
@@ -150,17 +158,20 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
 
     init_ray(cfg.address)
     plan = plan_actors(cfg, ray.cluster_resources(), model.input_size)
-    log.info("%d model actor(s), %g CPU / %g GPU each, batch %d", plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size)
+    log.info(
+        "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task",
+        plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size, plan.decode_rows,
+    )
     ray_ready = time.time()
 
     inputs = len(listing.records)
     sink = CamParquetSink(cfg.output, run_id)
     if inputs:
-        dataset = ray.data.from_arrow(listing_blocks(listing.records, DECODE_BATCH))
+        dataset = ray.data.from_arrow(listing_blocks(listing.records, plan.decode_rows))
         dataset = dataset.map_batches(
             decode_batch,
             fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys},
-            batch_size=DECODE_BATCH,
+            batch_size=plan.decode_rows,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,
         )

@@ -192,6 +192,11 @@ def test_actor_plan_leaves_cpus_for_decoding():
     assert (gpu.actors, gpu.num_gpus, gpu.torch_threads, gpu.batch_size) == (4, 1.0, None, 256)
     # The GPU batch keeps images x pixels about constant: a 448 px model gets a quarter.
     assert plan_actors(cfg, {"CPU": 16.0, "GPU": 1.0}, input_size=448).batch_size == 64
+    assert plan_actors(cfg, {"CPU": 16.0, "GPU": 1.0}, input_size=32).batch_size == 1024  # capped
+    # decode tasks: 8 images each on CPUs; on GPUs larger, so that a batch gathers fewer blocks
+    assert (plan.decode_rows, gpu.decode_rows) == (8, 32)
+    small = RunConfig(data="d", output="o", model="resnet18", classes=["a"], batch_size=64)
+    assert plan_actors(small, {"CPU": 16.0, "GPU": 1.0}).decode_rows == 8
     with pytest.raises(ValueError, match="GPUs"):
         plan_actors(RunConfig(data="d", output="o", model="resnet18", classes=["a"], gpus_per_actor=1), {"CPU": 2.0})
 
