@@ -43,7 +43,7 @@ DEFAULT_CPU_BATCH = 16
 DEFAULT_GPU_BATCH = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.
 DECODE_BATCH = 8  # rows per read/decode task, and per listing block
 # With a GPU actor's large batches: fewer, larger decode tasks (a 256-image batch gathered from 8
-# blocks rather than 32). Measured on a simulated GPU node: 1.1-1.35 x faster end to end.
+# blocks rather than 32). On a simulated GPU node (benchmarks/pipeline.py): 1.15-1.6 x faster.
 GPU_DECODE_ROWS = 32
 DECODE_CPUS = 0.5
 WRITE_CPUS = 0.5  # localize + Parquet write
