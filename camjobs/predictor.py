@@ -1,7 +1,7 @@
 """The model stage: a Ray Data actor that predicts and computes the class activation maps.
 
 Ray's batch-inference pattern: the model is loaded once in __init__, and __call__ maps
-one decoded batch to result rows (Arrow tables in schema.RESULT_SCHEMA, heatmap and boxes
+one decoded batch to result rows (an Arrow table in schema.RESULT_SCHEMA, heatmap and boxes
 still empty: the localize stage fills them on CPUs). Rows that failed earlier pass through
 as error rows, so every input reaches the sink.
 
@@ -46,8 +46,6 @@ class ModelSpec:
             weights=self.weights,
             input_size=self.input_size,
         )
-
-
 
 
 def choose_device() -> torch.device:
