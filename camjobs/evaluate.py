@@ -119,8 +119,8 @@ batches; one image's maps are held at a time. Per image, 100 booleans (the large
 at IoU 0.5, for GT-known and top-1 Loc at the best threshold, found at the end) and a few
 numbers are kept.
 
-This module must not import torch or ray at import time (``camjobs.synth`` imports ``mask_box``
-from it); torch is imported by the functions that upsample maps.
+This module must not import torch or ray (``camjobs.synth`` imports ``mask_box`` from it);
+maps are upsampled by ``camjobs.localize``, which needs neither.
 """
 
 from __future__ import annotations
@@ -402,19 +402,17 @@ class CamEvaluator:
 
         ``first_box`` is the run's ``boxes[0]`` (None: the run found no box) at ``threshold``.
         """
-        import torch
-
         from camjobs.localize import upsample
 
         if not truth.boxes:
             raise ValueError("ground truth without a box")
         width, height = int(width), int(height)
         truth_boxes = np.asarray(truth.boxes, dtype=np.float64).reshape(-1, 4)
-        raw = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))
+        raw = np.ascontiguousarray(cam, dtype=np.float32)
         grid_w, grid_h = eval_grid(width, height, self.max_side)
         downscaled = (grid_w, grid_h) != (width, height)
         upsampled = upsample(raw, grid_h, grid_w)
-        scoremap = normalize_scoremap(upsampled.numpy())
+        scoremap = normalize_scoremap(upsampled)
 
         # sweep: boxes per threshold, back in original pixels
         scale = np.array([width / grid_w, height / grid_h, width / grid_w, height / grid_h])
@@ -464,7 +462,7 @@ class CamEvaluator:
             ):
                 self.hist[name][0][:] += pos
                 self.hist[name][1][:] += neg
-            full = (upsampled if not downscaled else upsample(raw, height, width)).numpy()
+            full = upsampled if not downscaled else upsample(raw, height, width)
             jaccard = isic_jaccard(run_region(full, threshold), mask)
             self.jaccards["cam"].append(jaccard)
             self.jaccards["centre"].append(isic_jaccard(box_region(fixed["centre"], width, height), mask))

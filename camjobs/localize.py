@@ -12,7 +12,7 @@ how strongly, on average, the model looked at that region compared to its peak.
 
 `localize_batch` is the pipeline's localize stage: it runs as CPU tasks after the model
 actors, so the per-pixel work at the image's full size (upsampling, PNG, components) never
-holds up a GPU.
+holds up a GPU. It needs numpy and OpenCV only: the processes that run it never import torch.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 
 DEFAULT_THRESHOLD = 0.2
 
@@ -45,21 +43,30 @@ class Box:
 
 
 def _numpy(values) -> np.ndarray:
-    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    """An array from a numpy array or a torch tensor (without importing torch)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
 
 
-def upsample(cam: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear upsampling (align_corners=False) of an (h, w) map to (height, width)."""
-    cam = torch.as_tensor(cam)
-    return F.interpolate(cam[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+def upsample(cam, height: int, width: int) -> np.ndarray:
+    """Bilinear upsampling of an (h, w) map to (height, width), float32.
+
+    Pixel centres are aligned as in torch's interpolate(mode="bilinear", align_corners=False);
+    OpenCV computes the same in float, faster on large images, and without torch.
+    """
+    cam = np.ascontiguousarray(_numpy(cam), dtype=np.float32)
+    return cv2.resize(cam, (int(width), int(height)), interpolation=cv2.INTER_LINEAR).reshape(int(height), int(width))
 
 
-def normalized(upsampled: torch.Tensor) -> torch.Tensor:
+def normalized(upsampled) -> np.ndarray:
     """U / max U clipped to [0, 1]; all zeros when max U <= 0 (no positive evidence)."""
-    peak = upsampled.max()
-    if not torch.isfinite(peak) or peak <= 0:
-        return torch.zeros_like(upsampled)
-    return (upsampled / peak).clamp_(0.0, 1.0)
+    upsampled = np.asarray(_numpy(upsampled), dtype=np.float32)
+    peak = upsampled.max() if upsampled.size else np.float32(0)
+    if not np.isfinite(peak) or peak <= 0:
+        return np.zeros_like(upsampled)
+    norm = upsampled / peak
+    return np.clip(norm, 0.0, 1.0, out=norm)
 
 
 def heatmap_uint8(norm) -> np.ndarray:
@@ -78,36 +85,47 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def boxes_from_normalized(norm, threshold: float = DEFAULT_THRESHOLD) -> list[Box]:
     """One box per 8-connected component of {norm >= threshold}, largest area first."""
-    norm = _numpy(norm)
+    norm = np.ascontiguousarray(_numpy(norm))
     # An all-zero norm means max U <= 0: no region, hence no box (even at threshold 0).
     if norm.size == 0 or not norm.max() > 0:
         return []
     inside = (norm >= threshold).view(np.uint8)
     # Grana's block-based algorithm: the same components as OpenCV's default, in half the time.
-    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(inside, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    count, labels = cv2.connectedComponentsWithAlgorithm(inside, 8, cv2.CV_32S, cv2.CCL_GRANA)
     if count <= 1:
         return []
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    sums = _component_sums(norm, labels, stats, count)
+    if count - 1 <= _FEW_COMPONENTS:
+        stats = np.array([_mask_stats(norm, inside if count == 2 else (labels == index).view(np.uint8))
+                          for index in range(1, count)])
+    else:
+        stats = _label_stats(norm, inside, count)
     boxes = []
     # Stable sort: equal areas keep OpenCV's label order, so output is deterministic.
-    for index in np.argsort(-areas, kind="stable"):
-        x, y, w, h = (int(v) for v in stats[index + 1, :4])
-        boxes.append(Box(float(x), float(y), float(x + w), float(y + h), float(sums[index] / areas[index])))
+    for x, y, w, h, _area, score in stats[np.argsort(-stats[:, 4], kind="stable")]:
+        boxes.append(Box(float(x), float(y), float(x + w), float(y + h), float(score)))
     return boxes
 
 
-def _component_sums(norm: np.ndarray, labels: np.ndarray, stats: np.ndarray, count: int) -> np.ndarray:
-    """Sum of norm over each component 1..count-1 (float64)."""
-    boxes = stats[1:, :4].astype(np.int64)
-    if int((boxes[:, 2] * boxes[:, 3]).sum()) <= norm.size:
-        # The usual case, a few components: sum inside each one's box, not over the image.
-        return np.array([
-            np.where(labels[y : y + h, x : x + w] == index, norm[y : y + h, x : x + w], 0).sum(dtype=np.float64)
-            for index, (x, y, w, h) in enumerate(boxes, start=1)
-        ])
-    inside = labels > 0
-    return np.bincount(labels[inside], weights=norm[inside].astype(np.float64), minlength=count)[1:]
+# Upsampled maps are smooth and have a few components. Up to this many, each component's
+# statistics come from its own mask (OpenCV's statistics pass over the whole label image
+# costs 4-5 x the labelling itself); beyond it, from that pass.
+_FEW_COMPONENTS = 16
+
+
+def _mask_stats(norm: np.ndarray, mask: np.ndarray) -> tuple[int, int, int, int, int, float]:
+    """x, y, width, height, area and mean of norm over one component's uint8 mask."""
+    x, y, w, h = cv2.boundingRect(mask)
+    inner = mask[y : y + h, x : x + w]
+    return x, y, w, h, cv2.countNonZero(inner), cv2.mean(norm[y : y + h, x : x + w], mask=inner)[0]
+
+
+def _label_stats(norm: np.ndarray, inside: np.ndarray, count: int) -> np.ndarray:
+    """The rows of _mask_stats for every component at once, for images with many components."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(inside, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    found = labels > 0
+    sums = np.bincount(labels[found], weights=norm[found].astype(np.float64), minlength=count)[1:]
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    return np.column_stack([stats[1:, :5].astype(np.float64), sums / areas])
 
 
 @dataclass
@@ -116,9 +134,9 @@ class Localization:
     boxes: list[Box]
 
 
-def localize(cam: torch.Tensor, height: int, width: int, threshold: float = DEFAULT_THRESHOLD) -> Localization:
-    """Upsample one raw map to the image's size, then its heatmap and boxes."""
-    norm = normalized(upsample(cam, height, width)).cpu().numpy()
+def localize(cam, height: int, width: int, threshold: float = DEFAULT_THRESHOLD) -> Localization:
+    """Upsample one raw map (array or tensor) to the image's size, then its heatmap and boxes."""
+    norm = normalized(upsample(cam, height, width))
     return Localization(heatmap=heatmap_uint8(norm), boxes=boxes_from_normalized(norm, threshold))
 
 
@@ -151,7 +169,7 @@ def localize_batch(table: pa.Table, heatmap_max_side: int | None = None) -> pa.T
     boxes: list[list[dict] | None] = [None] * table.num_rows
     for row in np.flatnonzero(valid):
         start, end = offsets[row], offsets[row + 1]
-        cam = torch.from_numpy(np.array(values[start:end]).reshape(columns["cam_height"][row], columns["cam_width"][row]))
+        cam = values[start:end].reshape(columns["cam_height"][row], columns["cam_width"][row])
         located = localize(cam, columns["height"][row], columns["width"][row], columns["threshold"][row])
         heatmaps[row] = encode_png(shrink_heatmap(located.heatmap, heatmap_max_side))
         boxes[row] = [box.as_dict() for box in located.boxes]

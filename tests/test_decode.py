@@ -100,6 +100,17 @@ def test_upscaling_small_images_uses_linear():
     np.testing.assert_array_equal(resize_for_model(small, 32), cv2.resize(small, (32, 32), interpolation=cv2.INTER_LINEAR))
 
 
+def test_shrinking_by_less_than_two_is_bilinear_and_close_to_area_averaging():
+    image = _photo_like(225, 300)  # a 600x450 JPEG after decoding at 1/2 scale
+    resized = resize_for_model(image, 224)
+    np.testing.assert_array_equal(resized, cv2.resize(image, (224, 224), interpolation=cv2.INTER_LINEAR))
+    area = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
+    assert np.abs(resized.astype(int) - area.astype(int)).mean() < 1.0
+    # From twice the input size on, area averaging.
+    big = _photo_like(300, 448)
+    np.testing.assert_array_equal(resize_for_model(big, 224), cv2.resize(big, (224, 224), interpolation=cv2.INTER_AREA))
+
+
 def test_decode_batch_keeps_every_row(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(_jpeg(_gradient(20, 30)))
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")

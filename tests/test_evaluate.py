@@ -18,8 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-import torch.nn.functional as F
 
 from camjobs.evaluate import (
     CamEvaluator,
@@ -42,7 +40,7 @@ def cams_row(image_id, cam, width, height, *, threshold=0.2, label="mel", pred_l
              run_id="20260101T000000Z-aaaaaa", model="m1", boxes=None):
     cam = np.asarray(cam, dtype=np.float32)
     if boxes is None:  # the run's own rule, as the pipeline writes it
-        boxes = [b.as_dict() for b in localize(torch.from_numpy(cam), height, width, threshold).boxes]
+        boxes = [b.as_dict() for b in localize(cam, height, width, threshold).boxes]
     return {
         "image_id": image_id, "source_path": f"/data/{image_id}.jpg", "content_sha256": "0" * 64,
         "width": width, "height": height, "label": label, "pred_index": 0, "pred_label": pred_label,
@@ -165,8 +163,10 @@ def oracle_metrics(images, max_side=None):
         if max_side and max(width, height) > max_side:
             scale = max_side / max(width, height)
             grid_w, grid_h = max(1, round(width * scale)), max(1, round(height * scale))
-        cam = torch.from_numpy(np.array(image["cam"], np.float32))[None, None]
-        grid = F.interpolate(cam, size=(grid_h, grid_w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        # Bilinear upsampling, half-pixel centres (test_localize checks it against torch's):
+        # PxAP counts pixels against fixed edges, so the oracle upsamples the same way.
+        cam = np.array(image["cam"], np.float32)
+        grid = cv2.resize(cam, (grid_w, grid_h), interpolation=cv2.INTER_LINEAR)
         grid = grid.astype(np.float64)
         constant = grid.max() - grid.min() <= 1e-6 * np.abs(grid).max()
         score = np.ones_like(grid) if constant else (grid - grid.min()) / (grid.max() - grid.min())
@@ -197,7 +197,7 @@ def oracle_metrics(images, max_side=None):
                 fp[k] += np.count_nonzero((score >= e) & ~mask)
             positives += np.count_nonzero(mask)
         # the run's threshold, at full size
-        full = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+        full = cv2.resize(cam, (width, height), interpolation=cv2.INTER_LINEAR)
         region, first = oracle_run_boxes(full, image["threshold"])
         ious.append(max(oracle_iou(first, g) for g in truth) if first else 0.0)
         if image["mask"] is not None:

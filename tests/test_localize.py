@@ -7,6 +7,7 @@ from collections import deque
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from camjobs.localize import boxes_from_normalized, heatmap_uint8, localize, normalized, upsample
 
@@ -35,11 +36,21 @@ def components_by_flood_fill(mask: np.ndarray) -> list[tuple[int, int, int, int,
     return sorted(found, key=lambda c: -c[0])
 
 
-def test_upsample_matches_opencv_bilinear():
-    cam = torch.randn(7, 9)
-    upsampled = upsample(cam, 50, 80).numpy()
-    expected = cv2.resize(cam.numpy(), (80, 50), interpolation=cv2.INTER_LINEAR)
-    np.testing.assert_allclose(upsampled, expected, atol=1e-4)
+def test_upsample_matches_torch_bilinear_without_corner_alignment():
+    for cam, (height, width) in ((torch.randn(7, 9), (50, 80)), (torch.randn(7, 7), (450, 600)), (torch.randn(7, 7), (5, 4))):
+        upsampled = upsample(cam, height, width)
+        expected = F.interpolate(cam[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        assert upsampled.dtype == np.float32 and upsampled.shape == (height, width)
+        np.testing.assert_allclose(upsampled, expected.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(upsample(np.ones((1, 1)), 3, 2), np.ones((3, 2), np.float32))
+
+
+def test_localize_stage_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, camjobs.localize; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_heatmap_is_rounded_fraction_of_peak():
@@ -52,7 +63,7 @@ def test_boxes_are_components_largest_first_with_mean_score():
     cam = torch.from_numpy(rng.normal(size=(6, 8)).astype(np.float32))
     norm = normalized(upsample(cam, 60, 90))
     boxes = boxes_from_normalized(norm, 0.2)
-    mask = norm.numpy() >= 0.2
+    mask = norm >= 0.2
     oracle = components_by_flood_fill(mask)
     assert len(boxes) == len(oracle) >= 2
     for box, (area, *_rest) in zip(boxes, oracle):
@@ -60,7 +71,7 @@ def test_boxes_are_components_largest_first_with_mean_score():
     # Largest first; equal areas may come in either order, so compare the largest exactly.
     assert (boxes[0].x_min, boxes[0].y_min, boxes[0].x_max, boxes[0].y_max) == oracle[0][1:5]
     # score: mean of U / max U over the component's own pixels.
-    assert abs(boxes[0].score - float(norm.numpy()[oracle[0][5]].mean())) < 1e-5
+    assert abs(boxes[0].score - float(norm[oracle[0][5]].mean())) < 1e-5
     assert all(0.2 <= b.score <= 1.0 for b in boxes)
 
 
@@ -144,24 +155,34 @@ def test_localize_batch_on_an_empty_table():
     assert localize_batch(empty).num_rows == 0
 
 
-def test_component_scores_match_flood_fill_for_few_and_for_nested_components():
-    """Both ways of summing a component's values: per box (few components) and per label
-    over the image (nested rings, whose boxes overlap and together exceed the image)."""
+def test_component_boxes_and_scores_match_flood_fill_for_few_and_for_many_components():
+    """Both ways of measuring components: one mask each (a few components, here nested
+    rings whose boxes overlap, and two blobs) and one pass over the labels (many dots)."""
+    from camjobs.localize import _FEW_COMPONENTS
+
     yy, xx = np.mgrid[0:61, 0:81]
     radius = np.hypot(yy - 30, xx - 40)
     rings = np.where((radius.astype(int) // 4) % 2 == 0, 0.3 + 0.7 * np.cos(radius / 9) ** 2, 0.0).astype(np.float32)
     rings[30, 40] = 1.0
     blobs = np.zeros((61, 81), np.float32)
     blobs[5:15, 5:25], blobs[40:58, 50:70] = 0.6, 0.9
-    for norm in (rings, blobs):
+    dots = np.zeros((61, 81), np.float32)
+    dots[1::4, 2::5] = np.linspace(0.25, 1.0, dots[1::4, 2::5].size).reshape(dots[1::4, 2::5].shape)
+    dots[1::4, 3::5] = 0.5  # two-pixel dots of unequal sizes and means
+    dots[1::8, 3::5] = 0.0
+    for norm, many in ((rings, False), (blobs, False), (dots, True)):
         boxes = boxes_from_normalized(norm, 0.2)
         oracle = components_by_flood_fill(norm >= 0.2)
-        assert len(boxes) == len(oracle) >= 2
+        assert len(boxes) == len(oracle) >= 2 and (len(oracle) > _FEW_COMPONENTS) == many
         by_box = {(b.x_min, b.y_min, b.x_max, b.y_max): b.score for b in boxes}
+        assert len(by_box) == len(oracle)
         for area, x0, y0, x1, y1, pixels in oracle:
             assert abs(by_box[(x0, y0, x1, y1)] - float(norm[pixels].astype(np.float64).mean())) < 1e-6
+        area_of = {(x0, y0, x1, y1): area for area, x0, y0, x1, y1, _ in oracle}
+        areas = [area_of[(b.x_min, b.y_min, b.x_max, b.y_max)] for b in boxes]
+        assert areas == sorted(areas, reverse=True)  # largest component first
     widths = [b.x_max - b.x_min for b in boxes_from_normalized(rings, 0.2)]
-    assert sum(widths) * 61 > rings.size  # the rings do take the per-label path
+    assert sum(widths) * 61 > rings.size  # the rings' boxes overlap
 
 
 def test_heatmap_max_side_shrinks_only_large_heatmaps_and_keeps_full_size_boxes():
