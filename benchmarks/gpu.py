@@ -49,11 +49,15 @@ JOB_TIMEOUT_S = 120
 JOBS = (("job-cam", "cam", 1, None), ("job-gradcam", "gradcam", 1, None),
         ("job-cam-2x0.5", "cam", 2, 0.5), ("job-cam-4x0.25", "cam", 4, 0.25))
 # Pipeline experiments, run only when named in --jobs: (variant, method, actors, GPU share, settings)
-# with settings applied in the job's driver before run_job: rows per decode task on GPU plans (8,
-# the default before it became 32), Ray Data's per-operator resource reservation (on by default;
-# off lets any stage use any idle CPU) and its downstream-capacity backpressure.
+# with settings applied in the job's driver before run_job ("job.NAME": a camjobs.job constant,
+# else a Ray Data DataContext field): rows per decode task on GPU plans (8, the default before it
+# became 32); CPUs reserved per decode and localize task (1 instead of 0.5: no more CPU-bound
+# processes than cores, so the GPU actor's one host thread is not starved); Ray Data's per-operator
+# resource reservation (on by default; off lets any stage use any idle CPU) and its
+# downstream-capacity backpressure.
 EXPERIMENTS = {
-    "job-cam-decode8": ("cam", 1, None, {"gpu_decode_rows": 8}),
+    "job-cam-decode8": ("cam", 1, None, {"job.GPU_DECODE_ROWS": 8}),
+    "job-cam-cpu1": ("cam", 1, None, {"job.DECODE_CPUS": 1.0, "job.WRITE_CPUS": 1.0}),
     "job-cam-noreserve": ("cam", 1, None, {"op_resource_reservation_enabled": False}),
     "job-cam-nodownstream": ("cam", 1, None, {"downstream_capacity_backpressure_ratio": None}),
 }
@@ -176,7 +180,11 @@ def step_machine(ctx, res: dict) -> None:
     raylets = sum(1 for pid in proc_table() if b"raylet" in _read(f"/proc/{pid}/cmdline"))
     res.update(cpu=cpu, cores=os.cpu_count(), ram_gib=round(int(mem.split()[1]) / 2**20, 1), platform=platform.platform(),
                date_utc=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), raylets_running_before=raylets,
-               nvidia_smi=nvidia_smi("name,driver_version,memory.total"), cuda_available=torch.cuda.is_available())
+               nvidia_smi=nvidia_smi("name,driver_version,memory.total"), cuda_available=torch.cuda.is_available(),
+               # what a container may limit below cpu_count: usable cores, and /dev/shm (Ray's object
+               # store falls back to /tmp, much slower, when /dev/shm is too small)
+               usable_cores=len(os.sched_getaffinity(0)),
+               dev_shm_gib=round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if Path("/dev/shm").is_dir() else None)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         res.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count(),
@@ -464,12 +472,14 @@ def worker_main(spec: dict) -> None:
     stage_log = spec["output"].rstrip("/") + ".stages.jsonl"
     Path(stage_log).unlink(missing_ok=True)
     job.localize_batch = bench.timed_localize(stage_log)
-    settings = dict(spec.get("settings") or {})
-    if "gpu_decode_rows" in settings:
-        job.GPU_DECODE_ROWS = settings.pop("gpu_decode_rows")
     context = ray.data.DataContext.get_current()
-    for key, value in settings.items():  # DataContext fields
-        setattr(context, key, value)
+    for key, value in (spec.get("settings") or {}).items():
+        if key.startswith("job."):
+            assert hasattr(job, key[4:]), key
+            setattr(job, key[4:], value)
+        else:
+            assert hasattr(context, key), key
+            setattr(context, key, value)
     sampler = Sampler()
     sampler.start()
     started = time.time()

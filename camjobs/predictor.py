@@ -166,7 +166,9 @@ class CamPredictor:
             return self.extractor(self._normalize(pixels), target=targets)
 
     def _explain(self, batch, good: list[int], columns, error_type, error_message) -> None:
-        pixels = np.ascontiguousarray(batch["pixels"][good])
+        # All rows good (the usual case): no gathering copy of the whole batch.
+        pixels = batch["pixels"] if len(good) == len(batch["pixels"]) else batch["pixels"][good]
+        pixels = np.ascontiguousarray(pixels)
         labels = [batch["label"][row] for row in good]
         result = self._extract(pixels, self._targets(labels))
         probabilities = torch.softmax(result.logits.float(), dim=1)
