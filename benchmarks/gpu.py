@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -49,13 +50,14 @@ JOB_TIMEOUT_S = 120
 JOBS = (("job-cam", "cam", 1, None), ("job-gradcam", "gradcam", 1, None),
         ("job-cam-2x0.5", "cam", 2, 0.5), ("job-cam-4x0.25", "cam", 4, 0.25))
 # Pipeline experiments, run only when named in --jobs: (variant, method, actors, GPU share, settings)
-# with settings applied in the job's driver before run_job ("job.NAME": a camjobs.job constant,
-# else a Ray Data DataContext field): rows per decode task on GPU plans (8, the default before it
-# became 32); CPUs reserved per decode and localize task (1 instead of 0.5: no more CPU-bound
-# processes than cores, so the GPU actor's one host thread is not starved); Ray Data's per-operator
-# resource reservation (on by default; off lets any stage use any idle CPU) and its
-# downstream-capacity backpressure.
+# with settings applied in the job's driver before run_job ("cfg.NAME": a RunConfig field, "job.NAME":
+# a camjobs.job constant, else a Ray Data DataContext field): JPEGs decoded by the actor with nvJPEG
+# (--decode-on gpu); rows per decode task on GPU plans (8, the default before it became 32); CPUs
+# reserved per decode and localize task (1 instead of 0.5: no more CPU-bound processes than cores,
+# so the GPU actor's one host thread is not starved); Ray Data's per-operator resource reservation
+# (on by default; off lets any stage use any idle CPU) and its downstream-capacity backpressure.
 EXPERIMENTS = {
+    "job-cam-gpudecode": ("cam", 1, None, {"cfg.decode_on": "gpu"}),
     "job-cam-decode8": ("cam", 1, None, {"job.GPU_DECODE_ROWS": 8}),
     "job-cam-cpu1": ("cam", 1, None, {"job.DECODE_CPUS": 1.0, "job.WRITE_CPUS": 1.0}),
     "job-cam-noreserve": ("cam", 1, None, {"op_resource_reservation_enabled": False}),
@@ -323,6 +325,18 @@ def step_forward(ctx, res: dict) -> None:
         finally:
             extractor.remove_hooks()
         ctx.save()
+    if ctx.data is not None:
+        # --decode-on gpu's part in the actor: one batch of the dataset's JPEGs decoded with nvJPEG,
+        # turned upright and resized to the input on the device (camjobs.gpu_decode).
+        from camjobs.decode import inspect_header
+        from camjobs.gpu_decode import decode_to_input
+
+        encoded = [Path(p).read_bytes() for p in image_paths(ctx.data)[:batch]]
+        headers = [inspect_header(data) for data in encoded]
+        sizes, orientations = [h[:2] for h in headers], [h[2] for h in headers]
+        res["device_decode"] = timed_loop(lambda: decode_to_input(encoded, sizes, orientations, SIZE, device),
+                                          device, len(encoded), warmup, seconds)
+        ctx.save()
 
 
 def smooth_maps(count: int):
@@ -474,7 +488,9 @@ def worker_main(spec: dict) -> None:
     job.localize_batch = bench.timed_localize(stage_log)
     context = ray.data.DataContext.get_current()
     for key, value in (spec.get("settings") or {}).items():
-        if key.startswith("job."):
+        if key.startswith("cfg."):
+            cfg = dataclasses.replace(cfg, **{key[4:]: value})
+        elif key.startswith("job."):
             assert hasattr(job, key[4:]), key
             setattr(job, key[4:], value)
         else:
@@ -600,7 +616,8 @@ def render(state: dict) -> str:
     if machine.get("versions"):
         gpu_line = f"{gpu} ({machine['gpu_memory_gib']} GiB, CUDA {machine['cuda']}, cuDNN {machine['cudnn']})" if machine.get("gpu") else gpu
         out += [f"- Machine: {gpu_line}; nvidia-smi: {'; '.join(machine['nvidia_smi'] or []) or 'not present'}; {machine['cpu']}, "
-                f"{machine['cores']} cores, {machine['ram_gib']} GiB RAM; raylet processes already running: {machine['raylets_running_before']}",
+                f"{machine['cores']} cores ({machine.get('usable_cores', '?')} usable), {machine['ram_gib']} GiB RAM, /dev/shm "
+                f"{machine.get('dev_shm_gib', '?')} GiB; raylet processes already running: {machine['raylets_running_before']}",
                 "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())]
     out += [f"- Model: {ARCH} ({','.join(CLASSES)}), untrained seeded weights (same FLOPs as trained)" + (
                 f"; batch {fwd['batch']} on {fwd['device']} in the forward and bare steps; torch defaults (cudnn.benchmark "
@@ -615,7 +632,8 @@ def render(state: dict) -> str:
         out.append(f"| {label} | {num(value)} | {num(ratio(value, ref), 2)} | {num(ratio(value, ceiling), 2)} | {memory} |")
 
     for key, label in (("fp32", "forward, fp32"), ("bf16", "**bare bf16 forward** (autocast + channels_last)"),
-                       ("cam", "CAM extractor, bf16 + channels_last"), ("gradcam", "Grad-CAM extractor, bf16 + channels_last")):
+                       ("cam", "CAM extractor, bf16 + channels_last"), ("gradcam", "Grad-CAM extractor, bf16 + channels_last"),
+                       ("device_decode", "JPEG decode + orient + resize on the device (--decode-on gpu), one batch")):
         if key in fwd:
             row(label, fwd[key]["images_per_s"], f"GPU {fwd[key]['gpu_peak_mib']:,.0f} MiB" if "gpu_peak_mib" in fwd[key] else "-")
     if loop:

@@ -71,6 +71,9 @@ def run(
         None, help="Images per model batch [default: 256 on GPU at 224 px, scaled by input area; 16 on CPU]."
     ),
     precision: Optional[str] = typer.Option(None, help="auto|fp32|bf16: the forward pass's precision [default: auto = bf16 on GPU, fp32 on CPU]."),
+    decode_on: Optional[str] = typer.Option(
+        None, help="cpu|gpu: where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU machines [default: cpu]."
+    ),
     heatmap_max_side: Optional[int] = typer.Option(
         None, help="Store heatmaps scaled down to this longer side, for very large images [default: the image's size]."
     ),

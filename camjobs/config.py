@@ -15,6 +15,7 @@ from camjobs.localize import DEFAULT_THRESHOLD
 METHODS = ("cam", "gradcam", "gradcam++")
 TARGETS = ("predicted", "label")
 PRECISIONS = ("auto", "fp32", "bf16")
+DECODE_ON = ("cpu", "gpu")
 LAYOUT_CHOICES = ("auto", "ham10000", "isic2017", "isic2018", "isic2019", "isic2020", "folder")
 
 
@@ -39,6 +40,7 @@ class RunConfig:
     gpus_per_actor: float | None = None
     batch_size: int | None = None
     precision: str = "auto"
+    decode_on: str = "cpu"
     heatmap_max_side: int | None = None
     max_error_fraction: float = 0.05
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -55,6 +57,7 @@ class RunConfig:
         _choice("method", self.method, METHODS)
         _choice("target", self.target, TARGETS)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("decode_on", self.decode_on, DECODE_ON)
         if not self.checkpoint and not self.model:
             raise ConfigError("checkpoint: give --checkpoint PATH, or --model ARCH with --classes a,b,c (or --weights imagenet)")
         if self.checkpoint is None and self.model and not self.classes and self.weights is None:

@@ -146,6 +146,24 @@ def decode_reduced(
         return _to_rgb(transposed), width, height
 
 
+def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "") -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) from the header alone, size limit checked.
+
+    For decoding elsewhere (camjobs.gpu_decode): width and height are the upright image's,
+    as decode_reduced reports them. Raises ImageInputError(decode_error | too_large).
+    """
+    with _decoding(source):
+        image = _open_checked(data, max_pixels, source)
+        width, height = image.size
+        orientation = int(image.getexif().get(_ORIENTATION, 1) or 1)
+    if orientation in (5, 6, 7, 8):  # turned by 90 degrees
+        width, height = height, width
+    return width, height, orientation if 1 <= orientation <= 8 else 1
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
 def resize_for_model(rgb: np.ndarray, input_size: int) -> np.ndarray:
     """The whole image squashed to input_size x input_size: no crop, so the map covers it all."""
     height, width = rgb.shape[:2]
@@ -182,6 +200,7 @@ def decode_batch(
     input_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skip_keys: frozenset[str] = frozenset(),
+    decode_on: str = "cpu",
 ) -> pa.Table:
     """The decode stage over a batch of listed inputs (a Ray Data numpy batch).
 
@@ -189,11 +208,17 @@ def decode_batch(
     its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
     An incremental run passes `skip_keys` (camjobs.incremental.item_key of image_id and
     content hash): a matching file is read and hashed but not decoded, and marked skipped.
+    With decode_on="gpu" nothing is decoded here: the header is checked, and the file's
+    bytes and EXIF orientation go on in `encoded` and `orientation` instead of `pixels`
+    (the model actor decodes them, camjobs.gpu_decode).
     The result is an Arrow table with explicit types: a column of nothing but nulls
     must stay a string column, or the next stage would see NaNs.
     """
     count = len(batch["image_id"])
-    pixels = np.zeros((count, input_size, input_size, 3), dtype=np.uint8)
+    on_device = decode_on == "gpu"
+    pixels = np.zeros((0 if on_device else count, input_size, input_size, 3), dtype=np.uint8)
+    encoded: list[bytes | None] = [None] * count
+    orientation = np.ones(count, dtype=np.int8)
     width = np.zeros(count, dtype=np.int32)
     height = np.zeros(count, dtype=np.int32)
     sha256: list[str | None] = [None] * count
@@ -209,6 +234,10 @@ def decode_batch(
             sha256[row] = hashlib.sha256(data).hexdigest()
             if skip_keys and item_key(str(batch["image_id"][row]), sha256[row]) in skip_keys:
                 skipped[row] = True
+                continue
+            if on_device:
+                width[row], height[row], orientation[row] = inspect_header(data, max_pixels=max_pixels, source=source)
+                encoded[row] = data
                 continue
             rgb, width[row], height[row] = decode_reduced(data, input_size, max_pixels=max_pixels, source=source)
         except ImageInputError as exc:
@@ -230,5 +259,9 @@ def decode_batch(
     columns["width"] = pa.array(width, pa.int32())
     columns["height"] = pa.array(height, pa.int32())
     columns["skipped"] = pa.array(skipped, pa.bool_())
-    columns["pixels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
+    if on_device:
+        columns["encoded"] = pa.array(encoded, pa.binary())
+        columns["orientation"] = pa.array(orientation, pa.int8())
+    else:
+        columns["pixels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
     return pa.table(columns)

@@ -162,6 +162,8 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task",
         plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size, plan.decode_rows,
     )
+    if cfg.decode_on == "gpu" and not plan.num_gpus:
+        log.warning("--decode-on gpu without GPU actors: the model actors decode the images on their CPU")
     ray_ready = time.time()
 
     inputs = len(listing.records)
@@ -170,7 +172,8 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         dataset = ray.data.from_arrow(listing_blocks(listing.records, plan.decode_rows))
         dataset = dataset.map_batches(
             decode_batch,
-            fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys},
+            fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys,
+                       "decode_on": cfg.decode_on},
             batch_size=plan.decode_rows,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,

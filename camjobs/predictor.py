@@ -7,7 +7,8 @@ as error rows, so every input reaches the sink.
 
 On a GPU the batch travels as uint8 through pinned memory (4x fewer bytes than float),
 the model runs channels_last under bf16 autocast (precision "auto"), and a batch that
-does not fit in the GPU's memory is split in halves until it does.
+does not fit in the GPU's memory is split in halves until it does. With `--decode-on gpu`
+the batch arrives as JPEG bytes and is decoded on the device (camjobs.gpu_decode).
 """
 
 from __future__ import annotations
@@ -111,14 +112,20 @@ class CamPredictor:
         error_message = list(batch["error_message"])
         columns: dict[str, list] = {name: [None] * count for name in RESULT_SCHEMA.names}
         skipped = [bool(v) for v in batch["skipped"]]
+        width, height = [int(w) for w in batch["width"]], [int(h) for h in batch["height"]]
         good = [row for row in range(count) if error_type[row] is None and not skipped[row]]
         if good:
-            self._explain(batch, good, columns, error_type, error_message)
+            pixels = self._model_input(batch, good, error_type, error_message, width, height)
+            decoded = [i for i, row in enumerate(good) if error_type[row] is None]
+            if len(decoded) < len(good):  # some failed to decode in here
+                pixels, good = pixels[decoded], [good[i] for i in decoded]
+            if good:
+                self._explain(batch, pixels, good, columns, error_type, error_message)
         for name in ("image_id", "source_path", "label", "content_sha256"):
             columns[name] = list(batch[name])
         ok = [e is None and not s for e, s in zip(error_type, skipped)]
-        columns["width"] = [int(w) if k else None for w, k in zip(batch["width"], ok)]
-        columns["height"] = [int(h) if k else None for h, k in zip(batch["height"], ok)]
+        columns["width"] = [w if k else None for w, k in zip(width, ok)]
+        columns["height"] = [h if k else None for h, k in zip(height, ok)]
         columns["error_type"], columns["error_message"] = error_type, error_message
         columns["run_id"] = [self.run_id] * count
         columns["schema_version"] = [SCHEMA_VERSION] * count
@@ -126,19 +133,48 @@ class CamPredictor:
         columns["skipped"] = skipped
         return pa.table(columns, schema=RESULT_SCHEMA)
 
-    def _normalize(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 (B, H, W, 3) on the host -> normalized float (B, 3, H, W) on the model's device."""
-        images = torch.from_numpy(pixels)
-        if self.device.type == "cuda":
-            # pinned host memory makes the copy asynchronous and faster
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        images = images.permute(0, 3, 1, 2).float().div_(255.0)
+    def _model_input(self, batch, good: list[int], error_type, error_message, width, height) -> np.ndarray | torch.Tensor:
+        """The rows' pixels: uint8 (B, H, W, 3) on the host as decoded by the decode stage, or
+        uint8 (B, 3, H, W) on the device, decoded here from their bytes. Rows that fail to
+        decode here get an error and zero pixels; rows decoded here on the CPU get their size."""
+        if "encoded" not in batch:
+            # All rows good (the usual case): no gathering copy of the whole batch.
+            pixels = batch["pixels"] if len(good) == len(batch["pixels"]) else batch["pixels"][good]
+            return np.ascontiguousarray(pixels)
+        from camjobs.gpu_decode import decode_to_input
+
+        pixels, errors, cpu_sizes = decode_to_input(
+            [batch["encoded"][row] for row in good],
+            [(width[row], height[row]) for row in good],
+            [int(batch["orientation"][row]) for row in good],
+            self.input_size,
+            self.device,
+            sources=[str(batch["source_path"][row]) for row in good],
+        )
+        for row, error, size in zip(good, errors, cpu_sizes):
+            if error is not None:
+                error_type[row], error_message[row] = error.error_type, str(error)
+            elif size is not None:
+                width[row], height[row] = size
+        return pixels
+
+    def _normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on the host, or (B, 3, H, W) on the device -> normalized float
+        (B, 3, H, W) on the model's device."""
+        if isinstance(pixels, torch.Tensor):
+            images = pixels.float().div_(255.0)
+        else:
+            images = torch.from_numpy(pixels)
+            if self.device.type == "cuda":
+                # pinned host memory makes the copy asynchronous and faster
+                images = images.pin_memory().to(self.device, non_blocking=True)
+            images = images.permute(0, 3, 1, 2).float().div_(255.0)
         images = (images - self.mean) / self.std
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def _extract(self, pixels: np.ndarray, targets: torch.Tensor | None) -> CAMResult:
+    def _extract(self, pixels: np.ndarray | torch.Tensor, targets: torch.Tensor | None) -> CAMResult:
         """The extractor over the batch, split into halves while it does not fit in GPU memory."""
         chunk = min(self.max_chunk, len(pixels))
         while True:
@@ -159,16 +195,13 @@ class CamPredictor:
             return parts[0]
         return CAMResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logits", "target", "maps")))
 
-    def _extract_once(self, pixels: np.ndarray, targets: torch.Tensor | None) -> CAMResult:
+    def _extract_once(self, pixels: np.ndarray | torch.Tensor, targets: torch.Tensor | None) -> CAMResult:
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
         ):
             return self.extractor(self._normalize(pixels), target=targets)
 
-    def _explain(self, batch, good: list[int], columns, error_type, error_message) -> None:
-        # All rows good (the usual case): no gathering copy of the whole batch.
-        pixels = batch["pixels"] if len(good) == len(batch["pixels"]) else batch["pixels"][good]
-        pixels = np.ascontiguousarray(pixels)
+    def _explain(self, batch, pixels, good: list[int], columns, error_type, error_message) -> None:
         labels = [batch["label"][row] for row in good]
         result = self._extract(pixels, self._targets(labels))
         probabilities = torch.softmax(result.logits.float(), dim=1)

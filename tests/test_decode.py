@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import cv2
@@ -131,6 +132,32 @@ def test_decode_batch_keeps_every_row(tmp_path):
     assert out["content_sha256"][0] is not None and out["content_sha256"][1] is not None and out["content_sha256"][2] is None
     # Nothing but nulls still reads back as a string column, never as NaN floats.
     assert decode_batch({k: v[2:] for k, v in batch.items()}, input_size=8).schema.field("content_sha256").type == "string"
+
+
+def test_decode_batch_for_the_device_checks_headers_and_passes_bytes_on(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {"ok.jpg": _jpeg(_gradient(20, 30)), "turned.jpg": _jpeg(_gradient(20, 30), exif=exif),
+             "bad.jpg": b"\xff\xd8garbage", "huge.jpg": _jpeg(_gradient(40, 50))}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    names = list(files)
+    batch = {
+        "image_id": np.array(names, dtype=object),
+        "source_path": np.array([str(tmp_path / n) for n in names], dtype=object),
+        "label": np.array([None] * 4, dtype=object),
+        "error_type": np.array([None] * 4, dtype=object),
+        "error_message": np.array([None] * 4, dtype=object),
+    }
+    table = decode_batch(batch, input_size=16, max_pixels=1000, decode_on="gpu")
+    assert "pixels" not in table.column_names  # nothing decoded here
+    out = table.to_pydict()
+    # bad.jpg: not even a header; huge.jpg: 2,000 pixels over the limit of 1,000, found from the header
+    assert out["error_type"] == [None, None, "decode_error", "too_large"]
+    assert out["encoded"][:2] == [files["ok.jpg"], files["turned.jpg"]] and out["encoded"][2:] == [None, None]
+    assert out["orientation"][:2] == [1, 6]
+    assert list(zip(out["width"], out["height"]))[:2] == [(30, 20), (20, 30)]  # upright sizes, as decode_reduced's
+    assert out["content_sha256"][0] == hashlib.sha256(files["ok.jpg"]).hexdigest()
 
 
 def _photo_like(height: int, width: int) -> np.ndarray:

@@ -127,12 +127,13 @@ def _awkward_dataset(root: Path, real_jpeg: Path) -> dict[str, str | None]:
     return expected
 
 
-def test_bad_inputs_accounted_exactly_once(ray_cluster, isic2017_mini, tmp_path):
+@pytest.mark.parametrize("decode_on", ["cpu", "gpu"])  # gpu: bytes to the actor, decoded there (on its CPU here)
+def test_bad_inputs_accounted_exactly_once(ray_cluster, isic2017_mini, tmp_path, decode_on):
     data = tmp_path / "data"
     expected = _awkward_dataset(data, next((isic2017_mini / "ISIC-2017_Training_Data").glob("*.jpg")))
     output = tmp_path / "out"
     cfg = RunConfig(data=str(data), output=str(output), layout="folder", model="resnet18", classes=["a", "b"],
-                    input_size=64, max_pixels=100_000, batch_size=3)
+                    input_size=64, max_pixels=100_000, batch_size=3, decode_on=decode_on)
     result = run_job(cfg)
     cams = pd.read_parquet(output / "cams")
     errors = pd.read_parquet(output / "errors")

@@ -158,3 +158,40 @@ def test_gpu_rows_match_the_cpu_rows(method, monkeypatch):
             cam_a, cam_b = np.asarray(a["cam"]), np.asarray(b["cam"])
             assert np.abs(cam_a - cam_b).max() <= tolerance * np.abs(cam_a).max() + 1e-6
         assert compared >= 0.8 * len(batch["image_id"])
+
+
+def test_encoded_rows_are_decoded_in_the_actor_like_the_decode_stage(tmp_path):
+    """--decode-on gpu: the decode stage passes bytes on; the actor decodes them (here on the CPU
+    device, the same code as on a GPU) and gives the maps the decode stage's pixels give."""
+    import cv2
+
+    from camjobs.decode import decode_batch
+
+    rng = np.random.default_rng(5)
+    names = []
+    for i in range(6):
+        image = cv2.GaussianBlur(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), (0, 0), 4)
+        path = tmp_path / f"ISIC_{i:07d}.{'png' if i == 4 else 'jpg'}"
+        cv2.imwrite(str(path), image)
+        names.append(path)
+    names[5].write_bytes(names[5].read_bytes()[:3000])  # truncated: header fine, pixels not
+    listed = {
+        "image_id": np.array([p.stem for p in names], dtype=object),
+        "source_path": np.array([str(p) for p in names], dtype=object),
+        "label": np.array([None] * 6, dtype=object),
+        "error_type": np.array([None] * 6, dtype=object),
+        "error_message": np.array([None] * 6, dtype=object),
+    }
+    to_numpy = lambda table: {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    on_cpu = to_numpy(decode_batch(listed, input_size=SIZE))
+    on_cpu["pixels"] = decode_batch(listed, input_size=SIZE)["pixels"].combine_chunks().to_numpy_ndarray()
+    on_device = to_numpy(decode_batch(listed, input_size=SIZE, decode_on="gpu"))
+    for batch in (on_cpu, on_device):
+        batch["skipped"] = batch["skipped"].astype(bool)
+    expected, got = _predictor()(on_cpu).to_pylist(), _predictor()(on_device).to_pylist()
+    assert expected[5]["error_type"] == got[5]["error_type"] == "decode_error" and got[5]["cam"] is None
+    assert str(names[5]) in got[5]["error_message"]
+    for want, row in zip(expected[:5], got[:5]):
+        assert row["error_type"] is None and (row["width"], row["height"]) == (want["width"], want["height"]) == (400, 300)
+        np.testing.assert_allclose(row["cam"], want["cam"], rtol=0, atol=0.1 * np.abs(want["cam"]).max())  # inputs within ~1 grey level
+        assert np.corrcoef(row["cam"], want["cam"])[0, 1] > 0.98
