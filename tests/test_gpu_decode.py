@@ -50,12 +50,15 @@ def test_orient_matches_pillows_exif_transpose(orientation):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_resize_on_device_is_close_to_the_cpu_resize():
+def test_resize_on_device_is_close_to_the_cpu_resize_one_image_or_a_batch():
     array = _photo_like(450, 600)
     got = resize_on_device(torch.from_numpy(array).permute(2, 0, 1), 224).permute(1, 2, 0).numpy()
     area = cv2.resize(array, (224, 224), interpolation=cv2.INTER_AREA)
     assert got.shape == (224, 224, 3) and got.dtype == np.uint8
     assert np.abs(got.astype(int) - area.astype(int)).mean() < 1.0
+    images = torch.stack([torch.from_numpy(_photo_like(45, 60, seed=s)).permute(2, 0, 1) for s in range(3)])
+    batched = resize_on_device(images, 32)
+    assert torch.equal(batched, torch.stack([resize_on_device(image, 32) for image in images]))
 
 
 def _files(tmp_path):
