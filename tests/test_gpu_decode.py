@@ -123,3 +123,22 @@ def test_one_group_or_many_gives_the_same_pixels(monkeypatch):
     monkeypatch.setattr(gpu_decode, "MAX_PIXELS_PER_CALL", 1)  # one image per call
     single, _, _ = decode_to_input(encoded, sizes, orientations, 32, CPU)
     assert torch.equal(whole, single)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nvjpeg_on_the_gpu_matches_the_cpu_device(tmp_path):
+    files = _files(tmp_path)
+    encoded = [data for _, data in files.values()]
+    headers = []
+    for data in encoded:
+        try:
+            headers.append(inspect_header(data))
+        except Exception:
+            headers.append((1, 1, 1))
+    sizes, orientations = [h[:2] for h in headers], [h[2] for h in headers]
+    on_cpu, cpu_errors, _ = decode_to_input(encoded, sizes, orientations, 224, CPU)
+    on_gpu, gpu_errors, _ = decode_to_input(encoded, sizes, orientations, 224, torch.device("cuda"))
+    assert [e is None for e in gpu_errors] == [e is None for e in cpu_errors]
+    difference = (on_gpu.cpu().int() - on_cpu.int()).abs().float()
+    # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a grey level or two.
+    assert difference.mean() < 1.5 and difference.max() < 40
