@@ -59,7 +59,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from camjobs.schema import CAMS_SCHEMA
+from camjobs.schema import CAMS_SCHEMA, ImageRow
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
@@ -175,19 +175,10 @@ class ExportBox:
     category: str
 
 
-@dataclass
-class ExportImage:
-    image_id: str
-    source_path: str
-    file_name: str
-    width: int
-    height: int
-    label: str | None
-    pred_label: str | None
-    pred_score: float | None
-    target_label: str | None
+@dataclass(kw_only=True)
+class ExportImage(ImageRow):
+    file_name: str  # relative to the dataset root
     model_sha256: str | None
-    run_id: str
     boxes: list[ExportBox] = field(default_factory=list)
 
 

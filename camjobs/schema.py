@@ -6,6 +6,8 @@ these column names and types; change them only together with SCHEMA_VERSION.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -91,3 +93,19 @@ RESULT_SCHEMA = pa.schema(
 # What an incremental run compares: a row with the same values in these columns, for the
 # same image_id and content_sha256, makes processing that image again pointless.
 SETTINGS_COLUMNS = ("model_sha256", "method", "threshold", "target_mode", "input_size")
+
+
+@dataclass(kw_only=True)
+class ImageRow:
+    """The columns of a DIR/cams row that say which image, its size, its label and the model's
+    answer: what the exporters (camjobs.export) and the gallery (camjobs.viz) both read."""
+
+    image_id: str
+    source_path: str
+    width: int
+    height: int
+    label: str | None
+    pred_label: str | None
+    pred_score: float | None
+    target_label: str | None
+    run_id: str

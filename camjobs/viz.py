@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 from camjobs.decode import ImageInputError, decode_image, read_bytes
 from camjobs.evaluate import box_iou, mask_box
 from camjobs.export import cams_dataset, read_latest_cams
+from camjobs.schema import ImageRow
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +65,9 @@ class VizError(ValueError):
     """Bad options, or nothing to show."""
 
 
-@dataclass
-class VizItem:
-    image_id: str
-    source_path: str
-    width: int
-    height: int
-    label: str | None
-    pred_label: str | None
-    pred_score: float | None
-    target_label: str | None
+@dataclass(kw_only=True)
+class VizItem(ImageRow):
     boxes: list[dict]
-    run_id: str
     method: str | None = None
     mask_path: str | None = None
     iou: float | None = None  # boxes[0] against the mask's box; 0 when there is no box
