@@ -593,30 +593,34 @@ class LoadSampler(threading.Thread):
         return self.values
 
 
-def run_child(variant: str, args, data: Path, log_dir: Path) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--data", str(data),
-               "--model", args.model, "--input-size", str(args.input_size), "--classes", args.classes,
-               "--batch-size", str(args.batch_size), "--scratch", str(args.scratch)]
-    for flag, value in (("--paired-images", args.paired_images), ("--threads", args.threads), ("--job-batch-size", args.job_batch_size), ("--actors", args.actors)):
-        if value:
-            command += [flag, str(value)]
+def run_script_child(script: str, args, extra: list[str], log_path: Path, what: str) -> dict:
+    """A benchmark script's worker mode in a fresh process (no Ray cluster of the parent's);
+    returns its BENCH-RESULT line with process_wall_s added. Shared with scaling.py."""
+    command = [sys.executable, script, "--model", args.model,
+               "--input-size", str(args.input_size), "--classes", args.classes, "--scratch", str(args.scratch)] + extra
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    log_path = log_dir / f"{variant}.log"
     started = time.time()
     with open(log_path, "w") as log:
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(ROOT))
-    wall = time.time() - started
     line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH-RESULT ")), None)
     if done.returncode != 0 or line is None:
-        tail = log_path.read_text()[-4000:]
-        raise RuntimeError(f"variant {variant} failed (exit {done.returncode}); log {log_path}:\n{tail}")
+        raise RuntimeError(f"{what} failed (exit {done.returncode}); log {log_path}:\n{log_path.read_text()[-4000:]}")
     result = json.loads(line.removeprefix("BENCH-RESULT "))
-    result["process_wall_s"] = wall
+    result["process_wall_s"] = time.time() - started
+    return result
+
+
+def run_child(variant: str, args, data: Path, log_dir: Path) -> dict:
+    extra = ["--worker", variant, "--data", str(data), "--batch-size", str(args.batch_size)]
+    for flag, value in (("--paired-images", args.paired_images), ("--threads", args.threads), ("--job-batch-size", args.job_batch_size), ("--actors", args.actors)):
+        if value:
+            extra += [flag, str(value)]
+    result = run_script_child(str(Path(__file__).resolve()), args, extra, log_dir / f"{variant}.log", f"variant {variant}")
     if variant.startswith("job-"):
         # end to end, start-up included: from spawning the process to its exit
-        result["seconds"] = wall
-        result["images_per_s"] = result["images"] / wall
+        result["seconds"] = result["process_wall_s"]
+        result["images_per_s"] = result["images"] / result["process_wall_s"]
     return result
 
 
@@ -872,14 +876,24 @@ def render_saved(args) -> None:
     publish(render(saved["rounds"], saved_args, saved["machine"], saved["loads"], command, when), args.results)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1024)
+def add_common_args(p: argparse.ArgumentParser, images: int) -> None:
+    """Options bench.py and scaling.py share: the model, the synthetic data, where results go."""
+    p.add_argument("--images", type=int, default=images)
     p.add_argument("--model", default="resnet50")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--classes", default="mel,nv,bkl")
     p.add_argument("--width", type=int, default=600)
     p.add_argument("--height", type=int, default=450)
+    p.add_argument("--data-dir", default=os.environ.get("CAMJOBS_BENCH_DATA", "/tmp/camjobs-bench-data"), help="synthetic data cache")
+    p.add_argument("--scratch", default=os.environ.get("CAMJOBS_BENCH_SCRATCH", "/tmp/camjobs-bench-out"), help="job outputs and logs")
+    p.add_argument("--results", default=str(HERE / "results-cpu.md"), help="Markdown file to append to ('' for none)")
+    p.add_argument("--json", default=None, help="also write every raw figure to this JSON file")
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, images=1024)
     p.add_argument("--batch-size", type=int, default=16, help="batch of the plain loops (the job's CPU default is 16)")
     p.add_argument("--job-batch-size", type=int, default=None, help="--batch-size for the job [default: the job's own]")
     p.add_argument("--actors", type=int, default=None, help="--actors for the job [default: the job's own]")
@@ -887,13 +901,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
     p.add_argument("--paired-images", type=int, default=128, help="images of the 'paired' variant (it runs all five loop methods)")
     p.add_argument("--rounds", type=int, default=1, help="run every variant this many times (median shown)")
-    p.add_argument("--data-dir", default=os.environ.get("CAMJOBS_BENCH_DATA", "/tmp/camjobs-bench-data"), help="synthetic data cache")
-    p.add_argument("--scratch", default=os.environ.get("CAMJOBS_BENCH_SCRATCH", "/tmp/camjobs-bench-out"), help="job outputs and logs")
-    p.add_argument("--results", default=str(HERE / "results-cpu.md"), help="Markdown file to append to ('' for none)")
-    p.add_argument("--json", default=None, help="also write every raw figure to this JSON file")
     p.add_argument("--render-json", default=None, help="only render the Markdown section of a run saved with --json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,21 +106,9 @@ def worker(args) -> None:
 
 
 def run_one(actors: int, args, data: Path, log_dir: Path) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker-actors", str(actors), "--data", str(data),
-               "--model", args.model, "--input-size", str(args.input_size), "--classes", args.classes,
-               "--batch-size", str(args.batch_size), "--head-cpus", str(args.head_cpus), "--scratch", args.scratch]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
+    extra = ["--worker-actors", str(actors), "--data", str(data), "--batch-size", str(args.batch_size), "--head-cpus", str(args.head_cpus)]
     log_path = log_dir / f"scaling-{actors}-{int(time.time())}.log"
-    started = time.time()
-    with open(log_path, "w") as log:
-        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(ROOT))
-    line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH-RESULT ")), None)
-    if done.returncode != 0 or line is None:
-        raise RuntimeError(f"{actors} actor(s) failed (exit {done.returncode}); log {log_path}:\n{log_path.read_text()[-4000:]}")
-    result = json.loads(line.removeprefix("BENCH-RESULT "))
-    result["process_wall_s"] = time.time() - started
-    return result
+    return bench.run_script_child(str(Path(__file__).resolve()), args, extra, log_path, f"{actors} actor(s)")
 
 
 def main(args) -> None:
@@ -189,21 +176,11 @@ def main(args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--classes", default="mel,nv,bkl")
-    p.add_argument("--width", type=int, default=600)
-    p.add_argument("--height", type=int, default=450)
+    bench.add_common_args(p, images=256)
     p.add_argument("--batch-size", type=int, default=16, help="--batch-size of the job (its GPU default, 64, leaves few batches per actor)")
     p.add_argument("--head-cpus", type=int, default=2, help="logical CPUs of the head node (decode and write tasks)")
     p.add_argument("--rounds", type=int, default=1, help="1 then 2 actors, then 2 then 1, ... (medians reported)")
-    p.add_argument("--data-dir", default=os.environ.get("CAMJOBS_BENCH_DATA", "/tmp/camjobs-bench-data"))
-    p.add_argument("--scratch", default=os.environ.get("CAMJOBS_BENCH_SCRATCH", "/tmp/camjobs-bench-out"))
-    p.add_argument("--results", default=str(HERE / "results-cpu.md"), help="Markdown file to append to ('' for none)")
-    p.add_argument("--json", default=None)
     p.add_argument("--worker-actors", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
