@@ -8,6 +8,7 @@ rate (localize batches between the first and the last quarter). Variants:
 
   default      the job as it is
   decode8      8 images per decode task (GPU plans use 32)
+  halfcpu      decode and localize tasks reserve half a CPU each (GPU plans reserve 1)
   noreserve    Ray Data's per-operator resource reservation off
   nodownstream Ray Data's downstream-capacity backpressure off
 
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("default", "decode8", "noreserve", "nodownstream")
+VARIANTS = ("default", "decode8", "halfcpu", "noreserve", "nodownstream")
 
 
 def worker(args) -> None:
@@ -47,6 +48,8 @@ def worker(args) -> None:
     context.enable_progress_bars = False
     if args.worker == "decode8":
         job.GPU_DECODE_ROWS = 8
+    elif args.worker == "halfcpu":
+        job.GPU_STAGE_CPUS = 0.5
     elif args.worker == "noreserve":
         context.op_resource_reservation_enabled = False
     elif args.worker == "nodownstream":

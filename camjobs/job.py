@@ -45,8 +45,13 @@ DECODE_BATCH = 8  # rows per read/decode task, and per listing block
 # With a GPU actor's large batches: fewer, larger decode tasks (a 256-image batch gathered from 8
 # blocks rather than 32). On a simulated GPU node (benchmarks/pipeline.py): 1.15-1.6 x faster.
 GPU_DECODE_ROWS = 32
-DECODE_CPUS = 0.5
-WRITE_CPUS = 0.5  # localize + Parquet write
+# CPUs each decode task and each localize + Parquet write task reserves. Half a CPU on CPU plans,
+# so that decoding and localizing overlap beside a CPU actor on a small machine. A whole CPU
+# beside GPU actors, so that no more CPU-bound processes run than there are cores and the
+# actor's one host thread keeps its core: on a simulated GPU node (benchmarks/pipeline.py)
+# 1.24 x faster end to end with 8 logical CPUs on 2 cores, 1.5 x with 16.
+STAGE_CPUS = 0.5
+GPU_STAGE_CPUS = 1.0
 LOCALIZE_ROWS = 16
 
 
@@ -60,6 +65,7 @@ class ActorPlan:
     torch_threads: int | None
     batch_size: int
     decode_rows: int = DECODE_BATCH
+    stage_cpus: float = STAGE_CPUS  # per decode task and per localize + write task
 
 
 def default_gpu_batch(input_size: int) -> int:
@@ -85,7 +91,14 @@ def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPl
         actors = cfg.actors or max(1, int(total_gpus // gpus_per_actor))
         batch_size = cfg.batch_size or default_gpu_batch(input_size)
         decode_rows = min(GPU_DECODE_ROWS, max(DECODE_BATCH, batch_size // 8))
-        return ActorPlan(actors, 1.0, gpus_per_actor, None, batch_size, decode_rows)
+        free_cpus = total_cpus - actors * 1.0
+        if free_cpus < STAGE_CPUS:
+            raise ValueError(
+                f"the cluster has {total_cpus:g} CPUs and {actors} GPU actor(s) take one each: "
+                "none left for the decode and localize tasks (use fewer --actors, or nodes with more CPUs)"
+            )
+        stage_cpus = GPU_STAGE_CPUS if free_cpus >= 2 * GPU_STAGE_CPUS else STAGE_CPUS
+        return ActorPlan(actors, 1.0, gpus_per_actor, None, batch_size, decode_rows, stage_cpus)
     actors = cfg.actors or 1
     cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
     # Summed over the cluster; each actor caps it at its own machine's cores.
@@ -159,8 +172,8 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
     init_ray(cfg.address)
     plan = plan_actors(cfg, ray.cluster_resources(), model.input_size)
     log.info(
-        "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task",
-        plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size, plan.decode_rows,
+        "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task, %g CPU per stage task",
+        plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size, plan.decode_rows, plan.stage_cpus,
     )
     if cfg.decode_on == "gpu" and not plan.num_gpus:
         log.warning("--decode-on gpu without GPU actors: the model actors decode the images on their CPU")
@@ -176,7 +189,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
                        "decode_on": cfg.decode_on},
             batch_size=plan.decode_rows,
             batch_format="numpy",
-            num_cpus=DECODE_CPUS,
+            num_cpus=plan.stage_cpus,
         )
         dataset = dataset.map_batches(
             CamPredictor,
@@ -206,9 +219,9 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side},
             batch_size=None,
             batch_format="pyarrow",
-            num_cpus=WRITE_CPUS,
+            num_cpus=plan.stage_cpus,
         )
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
     finished = time.time()
 
     stats = sink.stats or SinkStats()
