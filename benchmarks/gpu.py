@@ -53,13 +53,13 @@ JOBS = (("job-cam", "cam", 1, None), ("job-gradcam", "gradcam", 1, None),
 # with settings applied in the job's driver before run_job ("cfg.NAME": a RunConfig field, "job.NAME":
 # a camjobs.job constant, else a Ray Data DataContext field): JPEGs decoded by the actor with nvJPEG
 # (--decode-on gpu); rows per decode task on GPU plans (8, the default before it became 32); CPUs
-# reserved per decode and localize task (0.5, the default before it became 1 on GPU plans);
+# reserved per decode and localize task (0.5, the default before it became 1);
 # Ray Data's per-operator resource reservation (on by default; off lets any stage use any idle CPU)
 # and its downstream-capacity backpressure.
 EXPERIMENTS = {
     "job-cam-gpudecode": ("cam", 1, None, {"cfg.decode_on": "gpu"}),
     "job-cam-decode8": ("cam", 1, None, {"job.GPU_DECODE_ROWS": 8}),
-    "job-cam-halfcpu": ("cam", 1, None, {"job.GPU_STAGE_CPUS": 0.5}),
+    "job-cam-halfcpu": ("cam", 1, None, {"job.STAGE_CPUS": 0.5}),
     "job-cam-noreserve": ("cam", 1, None, {"op_resource_reservation_enabled": False}),
     "job-cam-nodownstream": ("cam", 1, None, {"downstream_capacity_backpressure_ratio": None}),
 }

@@ -8,7 +8,7 @@ rate (localize batches between the first and the last quarter). Variants:
 
   default      the job as it is
   decode8      8 images per decode task (GPU plans use 32)
-  halfcpu      decode and localize tasks reserve half a CPU each (GPU plans reserve 1)
+  halfcpu      decode and localize tasks reserve half a CPU each (the default is 1)
   noreserve    Ray Data's per-operator resource reservation off
   nodownstream Ray Data's downstream-capacity backpressure off
 
@@ -49,7 +49,7 @@ def worker(args) -> None:
     if args.worker == "decode8":
         job.GPU_DECODE_ROWS = 8
     elif args.worker == "halfcpu":
-        job.GPU_STAGE_CPUS = 0.5
+        job.STAGE_CPUS = 0.5
     elif args.worker == "noreserve":
         context.op_resource_reservation_enabled = False
     elif args.worker == "nodownstream":

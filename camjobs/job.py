@@ -45,13 +45,12 @@ DECODE_BATCH = 8  # rows per read/decode task, and per listing block
 # With a GPU actor's large batches: fewer, larger decode tasks (a 256-image batch gathered from 8
 # blocks rather than 32). On a simulated GPU node (benchmarks/pipeline.py): 1.15-1.6 x faster.
 GPU_DECODE_ROWS = 32
-# CPUs each decode task and each localize + Parquet write task reserves. Half a CPU on CPU plans,
-# so that decoding and localizing overlap beside a CPU actor on a small machine. A whole CPU
-# beside GPU actors, so that no more CPU-bound processes run than there are cores and the
-# actor's one host thread keeps its core: on a simulated GPU node (benchmarks/pipeline.py)
-# 1.24 x faster end to end with 8 logical CPUs on 2 cores, 1.5 x with 16.
-STAGE_CPUS = 0.5
-GPU_STAGE_CPUS = 1.0
+# CPUs each decode task and each localize + Parquet write task reserves: a whole one, so that
+# CPU-bound tasks never outnumber the cores and the model actor's threads keep theirs. Half
+# tasks, twice as many, were 1.24-1.6 x slower on a simulated GPU node (benchmarks/pipeline.py)
+# and 1.06-1.10 x slower beside a CPU actor on 2 cores (benchmarks/bench.py). Half a CPU only
+# where less than one is left beside the actors.
+STAGE_CPUS = 1.0
 LOCALIZE_ROWS = 16
 
 
@@ -92,18 +91,23 @@ def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPl
         batch_size = cfg.batch_size or default_gpu_batch(input_size)
         decode_rows = min(GPU_DECODE_ROWS, max(DECODE_BATCH, batch_size // 8))
         free_cpus = total_cpus - actors * 1.0
-        if free_cpus < STAGE_CPUS:
+        if free_cpus < 0.5:
             raise ValueError(
                 f"the cluster has {total_cpus:g} CPUs and {actors} GPU actor(s) take one each: "
                 "none left for the decode and localize tasks (use fewer --actors, or nodes with more CPUs)"
             )
-        stage_cpus = GPU_STAGE_CPUS if free_cpus >= 2 * GPU_STAGE_CPUS else STAGE_CPUS
-        return ActorPlan(actors, 1.0, gpus_per_actor, None, batch_size, decode_rows, stage_cpus)
+        return ActorPlan(actors, 1.0, gpus_per_actor, None, batch_size, decode_rows, _stage_cpus(free_cpus))
     actors = cfg.actors or 1
     cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
     # Summed over the cluster; each actor caps it at its own machine's cores.
     threads = max(1, int(total_cpus // actors))
-    return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or DEFAULT_CPU_BATCH)
+    return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or DEFAULT_CPU_BATCH,
+                     stage_cpus=_stage_cpus(total_cpus - actors * cpus_per_actor))
+
+
+def _stage_cpus(free_cpus: float) -> float:
+    """CPUs per decode task and per localize + write task, given the CPUs the actors leave."""
+    return STAGE_CPUS if free_cpus >= STAGE_CPUS else 0.5
 
 
 def listing_blocks(records: list, rows_per_block: int = DECODE_BATCH, max_blocks: int = 5000) -> list[pa.Table]:

@@ -200,10 +200,12 @@ def test_actor_plan_leaves_cpus_for_decoding():
     assert plan_actors(small, {"CPU": 16.0, "GPU": 1.0}).decode_rows == 8
     with pytest.raises(ValueError, match="GPUs"):
         plan_actors(RunConfig(data="d", output="o", model="resnet18", classes=["a"], gpus_per_actor=1), {"CPU": 2.0})
-    # CPU stage tasks: half a CPU beside a CPU actor; a whole one beside GPU actors, while at least
-    # two CPUs are left for them; a GPU node whose CPUs the actors take all is refused, not hung.
-    assert (plan.stage_cpus, gpu.stage_cpus) == (0.5, 1.0)
-    assert plan_actors(cfg, {"CPU": 2.0, "GPU": 1.0}).stage_cpus == 0.5
+    # CPU stage tasks reserve a whole CPU; half a one where the actors leave less than one
+    # (a 1-CPU machine); a GPU node whose CPUs the actors take all is refused, not left to hang.
+    assert (plan.stage_cpus, gpu.stage_cpus) == (1.0, 1.0)
+    tiny = plan_actors(cfg, {"CPU": 1.0})
+    assert tiny.num_cpus + tiny.stage_cpus <= 1.0 and tiny.stage_cpus == 0.5
+    assert plan_actors(cfg, {"CPU": 1.5, "GPU": 1.0}).stage_cpus == 0.5
     with pytest.raises(ValueError, match="none left for the decode"):
         plan_actors(cfg, {"CPU": 4.0, "GPU": 4.0})
 
