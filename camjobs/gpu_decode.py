@@ -94,8 +94,9 @@ def decode_to_input(
     out = torch.zeros((count, 3, input_size, input_size), dtype=torch.uint8, device=device)
     errors: list[ImageInputError | None] = [None] * count
     cpu_sizes: list[tuple[int, int] | None] = [None] * count
-    jpeg = [i for i in range(count) if encoded[i][:2] == b"\xff\xd8"]
-    refused = [i for i in range(count) if encoded[i][:2] != b"\xff\xd8"]
+    jpeg, refused = [], []  # refused: decoded on the CPU instead (not a JPEG, or nvJPEG said no)
+    for i in range(count):
+        (jpeg if encoded[i][:2] == b"\xff\xd8" else refused).append(i)
     start = 0
     while start < len(jpeg):
         group, pixels = [], 0

@@ -51,6 +51,7 @@ GPU_DECODE_ROWS = 32
 # and 1.06-1.10 x slower beside a CPU actor on 2 cores (benchmarks/bench.py). Half a CPU only
 # where less than one is left beside the actors.
 STAGE_CPUS = 1.0
+MIN_STAGE_CPUS = 0.5
 LOCALIZE_ROWS = 16
 
 
@@ -91,7 +92,7 @@ def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPl
         batch_size = cfg.batch_size or default_gpu_batch(input_size)
         decode_rows = min(GPU_DECODE_ROWS, max(DECODE_BATCH, batch_size // 8))
         free_cpus = total_cpus - actors * 1.0
-        if free_cpus < 0.5:
+        if free_cpus < MIN_STAGE_CPUS:
             raise ValueError(
                 f"the cluster has {total_cpus:g} CPUs and {actors} GPU actor(s) take one each: "
                 "none left for the decode and localize tasks (use fewer --actors, or nodes with more CPUs)"
@@ -107,7 +108,7 @@ def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPl
 
 def _stage_cpus(free_cpus: float) -> float:
     """CPUs per decode task and per localize + write task, given the CPUs the actors leave."""
-    return STAGE_CPUS if free_cpus >= STAGE_CPUS else 0.5
+    return STAGE_CPUS if free_cpus >= STAGE_CPUS else MIN_STAGE_CPUS
 
 
 def listing_blocks(records: list, rows_per_block: int = DECODE_BATCH, max_blocks: int = 5000) -> list[pa.Table]:
