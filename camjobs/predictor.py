@@ -5,8 +5,11 @@ one decoded batch to result rows (an Arrow table in schema.RESULT_SCHEMA, heatma
 still empty: the localize stage fills them on CPUs). Rows that failed earlier pass through
 as error rows, so every input reaches the sink.
 
+The model and its input are channels_last on every device: oneDNN's convolutions run
+1.3-1.6 x faster in that layout than in NCHW on CPUs (a host batch, permuted from NHWC,
+already is; a batch decoded on the device is made so), and tensor cores want it on GPUs.
 On a GPU the batch travels as uint8 through pinned memory (4x fewer bytes than float),
-the model runs channels_last under bf16 autocast (precision "auto"), and a batch that
+the model runs under bf16 autocast (precision "auto"), and a batch that
 does not fit in the GPU's memory is split in halves until it does. With `--decode-on gpu`
 the batch arrives as JPEG bytes and is decoded on the device (camjobs.gpu_decode).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,9 +89,7 @@ class CamPredictor:
         self.device = choose_device()
         loaded = spec.load()
         self.autocast = autocast_dtype(precision, self.device)
-        self.model = loaded.model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = loaded.model.to(self.device).eval().to(memory_format=torch.channels_last)
         self.classes = list(loaded.classes)
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.model_sha256 = loaded.model_sha256
@@ -164,15 +166,16 @@ class CamPredictor:
         if isinstance(pixels, torch.Tensor):
             images = pixels.float().div_(255.0)
         else:
-            images = torch.from_numpy(pixels)
+            with warnings.catch_warnings():
+                # Ray hands over read-only arrays (zero-copy from the object store); nothing
+                # here writes to them: .float() and pin_memory() copy.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                images = torch.from_numpy(pixels)
             if self.device.type == "cuda":
                 # pinned host memory makes the copy asynchronous and faster
                 images = images.pin_memory().to(self.device, non_blocking=True)
             images = images.permute(0, 3, 1, 2).float().div_(255.0)
-        images = (images - self.mean) / self.std
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
+        return ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def _extract(self, pixels: np.ndarray | torch.Tensor, targets: torch.Tensor | None) -> CAMResult:
         """The extractor over the batch, split into halves while it does not fit in GPU memory."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -75,6 +77,20 @@ def test_rows_in_maps_out_and_bad_rows_pass_through():
         assert row["pred_index"] == int(oracle.logits[i].argmax()) == row["target_index"]
         assert (row["width"], row["height"], row["run_id"]) == (600, 450, "run-1") and row["threshold"] == pytest.approx(0.2)
         assert row["pred_label"] == CLASSES[row["pred_index"]] and 1 / 3 <= row["pred_score"] <= 1
+
+
+def test_read_only_pixels_as_ray_hands_them_over_run_quietly_in_channels_last():
+    predictor = _predictor()
+    batch = _batch(4)
+    batch["pixels"].setflags(write=False)  # zero-copy from the object store
+    seen = []
+    predictor.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = predictor(batch)
+    assert table.num_rows == 4 and all(r["cam"] is not None for r in table.to_pylist())
+    assert len(seen) == 1 and seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert predictor.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 class _OutOfMemoryAbove:
