@@ -22,6 +22,7 @@ app = typer.Typer(
     help="Class activation maps and weak lesion boxes for whole dermoscopy datasets, on Ray, to Parquet.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[threshold, 1]" is not a style tag
     pretty_exceptions_enable=False,
 )
 
@@ -56,32 +57,32 @@ def run(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset directory or URI (s3://, gs://, local path)."),
     output: Optional[str] = typer.Option(None, "--output", help="Output directory or URI: cams/, errors/, runs/ go here."),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file with job options; flags override it."),
-    layout: Optional[str] = typer.Option(None, help="auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder [default: auto]"),
+    layout: Optional[str] = typer.Option(None, help="auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder (default: auto)"),
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint file (camjobs train's format, or a bare state_dict with --model/--classes)."),
     model: Optional[str] = typer.Option(None, help="torchvision architecture name, e.g. resnet50."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class names, for --model without a camjobs checkpoint."),
     weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision weights API, needs internet) or a local torchvision weights file."),
-    input_size: Optional[int] = typer.Option(None, help="Model input size [default: the checkpoint's, else 224]."),
-    method: Optional[str] = typer.Option(None, help="cam|gradcam|gradcam++ [default: cam]"),
-    threshold: Optional[float] = typer.Option(None, help="Box threshold as a fraction of the map's maximum [default: 0.2]."),
-    target: Optional[str] = typer.Option(None, help="predicted|label: which class to explain [default: predicted]."),
-    actors: Optional[int] = typer.Option(None, help="Model actors [default: one per GPU, else 1]."),
-    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor [default: 1 where the cluster has GPUs, else 0]."),
+    input_size: Optional[int] = typer.Option(None, help="Model input size (default: the checkpoint's, else 224)."),
+    method: Optional[str] = typer.Option(None, help="cam|gradcam|gradcam++ (default: cam)"),
+    threshold: Optional[float] = typer.Option(None, help="Box threshold as a fraction of the map's maximum (default: 0.2)."),
+    target: Optional[str] = typer.Option(None, help="predicted|label: which class to explain (default: predicted)."),
+    actors: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, else 1)."),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor (default: 1 where the cluster has GPUs, else 0)."),
     batch_size: Optional[int] = typer.Option(
-        None, help="Images per model batch [default: 256 on GPU at 224 px, scaled by input area; 16 on CPU]."
+        None, help="Images per model batch (default: 256 on GPU at 224 px, scaled by input area; 16 on CPU)."
     ),
-    precision: Optional[str] = typer.Option(None, help="auto|fp32|bf16: the forward pass's precision [default: auto = bf16 on GPU, fp32 on CPU]."),
+    precision: Optional[str] = typer.Option(None, help="auto|fp32|bf16: the forward pass's precision (default: auto = bf16 on GPU, fp32 on CPU)."),
     decode_on: Optional[str] = typer.Option(
-        None, help="cpu|gpu: where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU machines [default: cpu]."
+        None, help="cpu|gpu: where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU machines (default: cpu)."
     ),
     heatmap_max_side: Optional[int] = typer.Option(
-        None, help="Store heatmaps scaled down to this longer side, for very large images [default: the image's size]."
+        None, help="Store heatmaps scaled down to this longer side, for very large images (default: the image's size)."
     ),
-    max_error_fraction: Optional[float] = typer.Option(None, help="Above this fraction of failed inputs, exit 3 [default: 0.05]."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels (decompression bombs) [default: 100000000]."),
+    max_error_fraction: Optional[float] = typer.Option(None, help="Above this fraction of failed inputs, exit 3 (default: 0.05)."),
+    max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels (decompression bombs) (default: 100000000)."),
     follow_symlinks: Optional[bool] = typer.Option(None, "--follow-symlinks", help="Allow symlinks that point outside the dataset root."),
     incremental: Optional[bool] = typer.Option(None, "--incremental", help="Skip images that already have a row for this model and these settings."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address [default: RAY_ADDRESS, else a new local cluster]."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Compute CAM heatmaps and boxes for every image of a dataset, as a Ray job."""

@@ -38,6 +38,16 @@ def test_bad_options_are_named(values, named):
         RunConfig.from_mapping(values)
 
 
+def test_help_texts_show_defaults_and_brackets():
+    # Rich markup would read "[default: x]" or "[threshold, 1]" as a style tag and drop it.
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    defaults = RunConfig.from_mapping({"data": "d", "output": "o", "model": "resnet18", "classes": "a"})
+    for value in (defaults.method, defaults.threshold, defaults.target, defaults.max_error_fraction, defaults.decode_on):
+        assert f"(default: {value})" in result.output
+    assert "[threshold, 1]" in runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"}).output
+
+
 def test_usage_error_exits_2_and_names_the_key(tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text("data: /d\noutput: /o\ncheckpoint: c.pt\nbatchsize: 4\n")
