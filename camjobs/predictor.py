@@ -5,9 +5,11 @@ one decoded batch to result rows (an Arrow table in schema.RESULT_SCHEMA, heatma
 still empty: the localize stage fills them on CPUs). Rows that failed earlier pass through
 as error rows, so every input reaches the sink.
 
-The model and its input are channels_last on every device: oneDNN's convolutions run
-1.3-1.6 x faster in that layout than in NCHW on CPUs (a host batch, permuted from NHWC,
-already is; a batch decoded on the device is made so), and tensor cores want it on GPUs.
+The model runs with its BatchNorms folded into the convolutions before them
+(models.prepare_for_inference; 1.1-1.5 x faster on CPUs). It and its input are channels_last
+on every device: oneDNN's convolutions run 1.3-1.6 x faster in that layout than in NCHW on
+CPUs (a host batch, permuted from NHWC, already is; a batch decoded on the device is made
+so), and tensor cores want it on GPUs.
 On a GPU the batch travels as uint8 through pinned memory (4x fewer bytes than float),
 the model runs under bf16 autocast (precision "auto"), and a batch that
 does not fit in the GPU's memory is split in halves until it does. With `--decode-on gpu`
@@ -27,7 +29,7 @@ import torch
 
 from camjobs.cam import CAMResult, build_extractor
 from camjobs.config import PRECISIONS
-from camjobs.models import LoadedModel, load_model
+from camjobs.models import LoadedModel, load_model, prepare_for_inference
 from camjobs.schema import RESULT_SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class CamPredictor:
         self.device = choose_device()
         loaded = spec.load()
         self.autocast = autocast_dtype(precision, self.device)
-        self.model = loaded.model.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.model = prepare_for_inference(loaded.model, self.device)
         self.classes = list(loaded.classes)
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.model_sha256 = loaded.model_sha256

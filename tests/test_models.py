@@ -5,13 +5,16 @@ import os
 import pytest
 import torch
 
+from camjobs.cam import locate_head
 from camjobs.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LoadedModel,
     build_model,
     file_sha256,
+    fold_batchnorm,
     load_model,
+    prepare_for_inference,
     save_checkpoint,
 )
 
@@ -144,3 +147,72 @@ def test_imagenet_weights_offline_gives_a_clear_error(tmp_path, monkeypatch):
         assert "no internet" in message and "local weights file" in message
     else:
         pytest.skip("the ImageNet weights downloaded: this machine is online")
+
+
+def _with_trained_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Random running statistics and affine terms: a fresh model's BatchNorms are identities,
+    against which a wrong fold could not be told from a right one."""
+    generator = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            count = module.num_features
+            module.running_mean.copy_(torch.randn(count, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(count, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "densenet121"])
+def test_folding_batchnorms_keeps_the_model_s_function(arch):
+    model = _with_trained_statistics(build_model(arch, num_classes=3))
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    expected = predict(model)
+    folded = fold_batchnorm(model)
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # Every BatchNorm that follows a conv is folded; DenseNet's that follow a concatenation stay.
+    assert folded > 0 and left == norms - folded
+    if arch != "densenet121":
+        assert left == 0
+    torch.testing.assert_close(predict(model), expected, rtol=1e-4, atol=1e-4)
+    # The modules stay in place (no GraphModule): a hook on the CAM's target layer still fires.
+    seen = []
+    model.get_submodule(locate_head(model, probe_size=64).target_name).register_forward_hook(lambda *args: seen.append(1))
+    predict(model)
+    assert seen == [1]
+
+
+class _SharedOutput(torch.nn.Module):
+    """The conv's output goes to the BatchNorm and, unnormalized, to the sum: not foldable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        features = self.conv(x)
+        return self.norm(features) + features
+
+
+class _Untraceable(_SharedOutput):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a value: torch.fx cannot trace it
+            return self.norm(self.conv(x))
+        return x
+
+
+@pytest.mark.parametrize("model_class", [_SharedOutput, _Untraceable])
+def test_batchnorms_that_cannot_be_folded_are_left_alone(model_class):
+    model = _with_trained_statistics(model_class())
+    expected = predict(model)
+    assert fold_batchnorm(model) == 0
+    assert isinstance(model.norm, torch.nn.BatchNorm2d)
+    torch.testing.assert_close(predict(model), expected)
+
+
+def test_prepare_for_inference_folds_and_goes_channels_last(random_model):
+    model = prepare_for_inference(build_model(ARCH, num_classes=3))
+    assert not model.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)

@@ -68,7 +68,10 @@ def test_rows_in_maps_out_and_bad_rows_pass_through():
     assert all(r["heatmap_png"] is None and r["boxes"] is None for r in rows)
 
     good = [r for r in range(count) if r not in (3, 7)]
-    with build_extractor("cam", predictor.model) as extractor, torch.no_grad():
+    # The oracle: the model as loaded (the predictor's has its BatchNorms folded).
+    torch.manual_seed(0)
+    unprepared = ModelSpec(arch="resnet18", classes=CLASSES, input_size=SIZE).load().model
+    with build_extractor("cam", unprepared) as extractor, torch.no_grad():
         oracle = extractor(_normalized(batch["pixels"][good]))
     for i, r in enumerate(good):
         row = rows[r]
