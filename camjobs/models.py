@@ -122,8 +122,8 @@ def build_model(arch: str, num_classes: int | None, weights: str | None = None) 
 
 def prepare_for_inference(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """The model as the job runs it: eval mode, BatchNorms folded into their convolutions,
-    on `device`, channels_last. Only for inference: the folded model is not the trained one
-    (save and fine-tune the model as loaded)."""
+    on `device`, channels_last. Changes `model` in place and returns it. Only for inference:
+    the folded model is not the trained one (save and fine-tune the model as loaded)."""
     model = model.eval()
     fold_batchnorm(model)
     return model.to(device).to(memory_format=torch.channels_last)
