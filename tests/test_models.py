@@ -201,7 +201,12 @@ class _Untraceable(_SharedOutput):
         return x
 
 
-@pytest.mark.parametrize("model_class", [_SharedOutput, _Untraceable])
+class _ConvCalledTwice(_SharedOutput):
+    def forward(self, x):  # folding into the conv would change its first call too
+        return self.norm(self.conv(self.conv(x)))
+
+
+@pytest.mark.parametrize("model_class", [_SharedOutput, _Untraceable, _ConvCalledTwice])
 def test_batchnorms_that_cannot_be_folded_are_left_alone(model_class):
     model = _with_trained_statistics(model_class())
     expected = predict(model)
