@@ -116,10 +116,16 @@ def decode_to_input(
         for same in by_shape.values():
             out[[i for i, _ in same]] = resize_on_device(torch.stack([image for _, image in same]), input_size)
     for i in sorted(refused):
+        source = sources[i] if sources else ""
         try:
-            rgb, width, height = decode_reduced(encoded[i], input_size, source=sources[i] if sources else "")
+            # The decode stage checked the header against --max-pixels; the file may decode to
+            # no more pixels than its header says (not to the default limit, which may be lower).
+            rgb, width, height = decode_reduced(encoded[i], input_size, max_pixels=sizes[i][0] * sizes[i][1], source=source)
         except ImageInputError as exc:
             errors[i] = exc
+            continue
+        except Exception as exc:  # as in the decode stage: one unexpected failure must not take the batch down
+            errors[i] = ImageInputError("decode_error", f"{type(exc).__name__}: {exc} ({source})")
             continue
         out[i] = torch.from_numpy(np.ascontiguousarray(resize_for_model(rgb, input_size))).permute(2, 0, 1).to(device)
         cpu_sizes[i] = (width, height)

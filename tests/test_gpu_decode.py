@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 import camjobs.gpu_decode as gpu_decode
-from camjobs.decode import inspect_header, load_image
+from camjobs.decode import DEFAULT_MAX_PIXELS, inspect_header, load_image
 from camjobs.gpu_decode import decode_to_input, orient, resize_on_device
 
 CPU = torch.device("cpu")
@@ -123,6 +123,17 @@ def test_one_group_or_many_gives_the_same_pixels(monkeypatch):
     monkeypatch.setattr(gpu_decode, "MAX_PIXELS_PER_CALL", 1)  # one image per call
     single, _, _ = decode_to_input(encoded, sizes, orientations, 32, CPU)
     assert torch.equal(whole, single)
+
+
+def test_cpu_fallback_keeps_the_limit_the_decode_stage_checked():
+    # A PNG over the default 100 MP limit that the run's --max-pixels allowed: its header was
+    # checked upstream, so the actor's CPU fallback decodes it rather than refusing it.
+    width, height = 10_001, 10_000
+    assert width * height > DEFAULT_MAX_PIXELS
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG", compress_level=1)
+    pixels, errors, cpu_sizes = decode_to_input([buffer.getvalue()], [(width, height)], [1], 32, CPU)
+    assert errors == [None] and cpu_sizes == [(width, height)] and pixels.shape == (1, 3, 32, 32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
