@@ -28,6 +28,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -56,13 +57,15 @@ JOBS = (("job-cam", "cam", 1, None), ("job-gradcam", "gradcam", 1, None),
 # (--decode-on gpu); rows per decode task on GPU plans (8, the default before it became 32); CPUs
 # reserved per decode and localize task (0.5, the default before it became 1);
 # Ray Data's per-operator resource reservation (on by default; off lets any stage use any idle CPU)
-# and its downstream-capacity backpressure.
+# and its downstream-capacity backpressure; the actor's 256-row blocks split into 16-row blocks
+# before the localize stage (the pipeline until 2026-11-26 evening; schedule.split_before_localize).
 EXPERIMENTS = {
     "job-cam-gpudecode": ("cam", 1, None, {"cfg.decode_on": "gpu"}),
     "job-cam-decode8": ("cam", 1, None, {"job.GPU_DECODE_ROWS": 8}),
     "job-cam-halfcpu": ("cam", 1, None, {"job.STAGE_CPUS": 0.5}),
     "job-cam-noreserve": ("cam", 1, None, {"op_resource_reservation_enabled": False}),
     "job-cam-nodownstream": ("cam", 1, None, {"downstream_capacity_backpressure_ratio": None}),
+    "job-cam-split16": ("cam", 1, None, {"split_before_localize": 16}),
 }
 # The first two targets are the issue's; the Grad-CAM and scaling bounds are this script's.
 TARGET_FORWARD_RATIO, TARGET_RATE, GRADCAM_MAX_COST, SCALING_MIN = 0.8, 2000.0, 1.15, 1.0
@@ -487,6 +490,10 @@ def worker_main(spec: dict) -> None:
                     actors=spec["actors"], gpus_per_actor=spec["gpus_per_actor"], batch_size=spec["batch_size"])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench  # its timed stage wrapper: one log line per localize batch, for the steady-state rate
+    import schedule
+
+    # Ray Data logs each operator's budget, queues and running tasks every few seconds at DEBUG.
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.DEBUG)
 
     stage_log = spec["output"].rstrip("/") + ".stages.jsonl"
     Path(stage_log).unlink(missing_ok=True)
@@ -495,6 +502,8 @@ def worker_main(spec: dict) -> None:
     for key, value in (spec.get("settings") or {}).items():
         if key.startswith("cfg."):
             cfg = dataclasses.replace(cfg, **{key[4:]: value})
+        elif key == "split_before_localize":
+            schedule.split_before_localize(value)
         elif key.startswith("job."):
             assert hasattr(job, key[4:]), key
             setattr(job, key[4:], value)

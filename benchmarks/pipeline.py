@@ -11,6 +11,7 @@ rate (localize batches between the first and the last quarter). Variants:
   halfcpu      decode and localize tasks reserve half a CPU each (the default is 1)
   noreserve    Ray Data's per-operator resource reservation off
   nodownstream Ray Data's downstream-capacity backpressure off
+  split16      the actor's blocks split into 16-row blocks before the localize stage (until 11-26)
 
     .venv/bin/python benchmarks/pipeline.py --data DIR --variants default,decode8 --rounds 2
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -30,30 +30,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("default", "decode8", "halfcpu", "noreserve", "nodownstream")
+VARIANTS = ("default", "decode8", "halfcpu", "noreserve", "nodownstream", "split16")
 
 
 def worker(args) -> None:
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, num_gpus=1, include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False)
     sys.path.insert(0, str(HERE))
     import bench  # its timed stage wrapper logs each localize batch
+    import schedule
 
-    import camjobs.job as job
     from camjobs.config import RunConfig
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    if args.worker == "decode8":
-        job.GPU_DECODE_ROWS = 8
-    elif args.worker == "halfcpu":
-        job.STAGE_CPUS = 0.5
-    elif args.worker == "noreserve":
-        context.op_resource_reservation_enabled = False
-    elif args.worker == "nodownstream":
-        context.downstream_capacity_backpressure_ratio = None
+    job = schedule.start_simulated_gpu_node(args.cpus, {"decode8": "decoderows8"}.get(args.worker, args.worker))
     out = Path(args.scratch) / args.worker
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -52,7 +52,6 @@ GPU_DECODE_ROWS = 32
 # where less than one is left beside the actors.
 STAGE_CPUS = 1.0
 MIN_STAGE_CPUS = 0.5
-LOCALIZE_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -213,11 +212,11 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )
-        if plan.batch_size > LOCALIZE_ROWS:
-            # An actor's output block holds a whole model batch (256 rows on a GPU): split it, or
-            # the localize stage would run one long task per batch on a single CPU. (The split
-            # is a task that reserves a whole CPU; CPU plans' batches are small enough without.)
-            dataset = dataset.repartition(target_num_rows_per_block=LOCALIZE_ROWS)
+        # The actor's output blocks reach the localize stage whole (256 rows on a GPU: one task
+        # of ~1 s per batch). Splitting them with repartition() cost more than it gave: each
+        # repartition task reserves a CPU for a few ms of work, and one more operator takes a
+        # share of Ray Data's per-operator CPU reservation, so that fewer decode tasks ran. On
+        # a simulated 16-CPU GPU node, 1.4-1.5 x faster (benchmarks/schedule.py).
         # Same resources as the write, so that Ray Data fuses the two into one task per block.
         dataset = dataset.map_batches(
             localize_batch,

@@ -222,7 +222,7 @@ def _recording_localize(log_path: str):
     return recording_localize_batch
 
 
-def test_large_model_batches_are_split_before_the_localize_stage_with_small_heatmaps(ray_cluster, tmp_path, monkeypatch):
+def test_model_batches_reach_the_localize_stage_whole_with_small_heatmaps(ray_cluster, tmp_path, monkeypatch):
     import camjobs.job as job
 
     data = noise_jpegs(tmp_path / "data", 80, size=(45, 60))
@@ -232,8 +232,8 @@ def test_large_model_batches_are_split_before_the_localize_stage_with_small_heat
                     input_size=32, batch_size=40, heatmap_max_side=30)
     result = run_job(cfg)
     rows = [int(line) for line in log_path.read_text().split()]
-    # Model batches of 40 rows reach the localize stage as blocks of at most LOCALIZE_ROWS.
-    assert sum(rows) == 80 and max(rows) <= job.LOCALIZE_ROWS < 40
+    # Each localize task takes one model batch of 40 rows as it left the actor: no split between.
+    assert sorted(rows) == [40, 40]
     cams = pd.read_parquet(tmp_path / "out" / "cams")
     assert result.summary["counts"]["processed"] == 80 and len(cams) == 80
     # --heatmap-max-side reaches the localize stage: 60x45 images, 30x22 heatmaps, full-size boxes
