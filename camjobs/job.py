@@ -52,6 +52,7 @@ GPU_DECODE_ROWS = 32
 # where less than one is left beside the actors.
 STAGE_CPUS = 1.0
 MIN_STAGE_CPUS = 0.5
+LOCALIZE_ROWS = 16  # rows per localize call inside a localize + write task
 
 
 @dataclass(frozen=True)
@@ -212,16 +213,19 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )
-        # The actor's output blocks reach the localize stage whole (256 rows on a GPU: one task
-        # of ~1 s per batch). Splitting them with repartition() cost more than it gave: each
-        # repartition task reserves a CPU for a few ms of work, and one more operator takes a
-        # share of Ray Data's per-operator CPU reservation, so that fewer decode tasks ran. On
-        # a simulated 16-CPU GPU node, 1.4-1.5 x faster (benchmarks/schedule.py).
+        # One localize + write task per model batch (256 rows on a GPU, ~1 s of work). Splitting
+        # the actor's blocks with repartition() cost more than it gave: each repartition task
+        # reserves a CPU for a few ms of work, and one more operator takes a share of Ray Data's
+        # per-operator CPU reservation, so that fewer decode tasks ran (on a simulated 16-CPU GPU
+        # node 1.4 x slower, benchmarks/schedule.py). Inside the task, LOCALIZE_ROWS rows at a time:
+        # Ray Data cuts the output into blocks near its target block size (128 MiB) and the write
+        # takes them one by one, where 256 full-size heatmaps of 6000 px photographs would make
+        # one block of a gigabyte.
         # Same resources as the write, so that Ray Data fuses the two into one task per block.
         dataset = dataset.map_batches(
             localize_batch,
             fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side},
-            batch_size=None,
+            batch_size=LOCALIZE_ROWS,
             batch_format="pyarrow",
             num_cpus=plan.stage_cpus,
         )

@@ -211,29 +211,36 @@ def test_actor_plan_leaves_cpus_for_decoding():
 
 
 def _recording_localize(log_path: str):
-    """localize_batch that notes how many rows each call got (it runs in Ray worker processes)."""
+    """localize_batch that notes its Ray task and its rows for each call (it runs in Ray workers)."""
     from camjobs.localize import localize_batch
 
     def recording_localize_batch(table, **options):
+        import ray
+
         with open(log_path, "a") as log:
-            log.write(f"{table.num_rows}\n")
+            log.write(f"{ray.get_runtime_context().get_task_id()} {table.num_rows}\n")
         return localize_batch(table, **options)
 
     return recording_localize_batch
 
 
-def test_model_batches_reach_the_localize_stage_whole_with_small_heatmaps(ray_cluster, tmp_path, monkeypatch):
+def test_one_localize_task_per_model_batch_a_few_rows_at_a_time_with_small_heatmaps(ray_cluster, tmp_path, monkeypatch):
     import camjobs.job as job
 
     data = noise_jpegs(tmp_path / "data", 80, size=(45, 60))
     log_path = tmp_path / "localize-rows.txt"
     monkeypatch.setattr(job, "localize_batch", _recording_localize(str(log_path)))
+    monkeypatch.setattr(job, "LOCALIZE_ROWS", 16)
     cfg = RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18", classes=["a", "b"],
                     input_size=32, batch_size=40, heatmap_max_side=30)
     result = run_job(cfg)
-    rows = [int(line) for line in log_path.read_text().split()]
-    # Each localize task takes one model batch of 40 rows as it left the actor: no split between.
-    assert sorted(rows) == [40, 40]
+    rows_per_task: dict[str, list[int]] = {}
+    for line in log_path.read_text().splitlines():
+        task, rows = line.split()
+        rows_per_task.setdefault(task, []).append(int(rows))
+    # Each model batch of 40 rows is one localize task (no split between), localized 16 rows at a time.
+    assert sorted(sum(rows) for rows in rows_per_task.values()) == [40, 40]
+    assert all(sorted(rows) == [8, 16, 16] for rows in rows_per_task.values())
     cams = pd.read_parquet(tmp_path / "out" / "cams")
     assert result.summary["counts"]["processed"] == 80 and len(cams) == 80
     # --heatmap-max-side reaches the localize stage: 60x45 images, 30x22 heatmaps, full-size boxes
