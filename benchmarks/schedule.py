@@ -19,7 +19,7 @@ The default costs are the H200 machine's (results-gpu.md: decode 2.47 ms, locali
 stays small on 2 real cores; rates are reported in the machine's units (x slowdown): from the
 first localized batch to the last, and steady (localize batches between the first and the last
 quarter). The ideal is min(model rate, CPUs left beside the actor / (decode + localize ms)).
-Variants (joined with +): splitN, decoderowsN, halfcpu, reserveP, noreserve, nodownstream (apply_variant).
+Variants (joined with +): splitN, gpubatchN, decoderowsN, halfcpu, reserveP, noreserve, nodownstream (apply_variant).
 
     .venv/bin/python benchmarks/schedule.py --variants default,split16 --rounds 2
 """
@@ -117,6 +117,8 @@ def apply_variant(change: str, job, context) -> None:
         context.downstream_capacity_backpressure_ratio = None
     elif change == "halfcpu":  # decode and localize tasks reserve half a CPU (the default until 11-26)
         job.STAGE_CPUS = 0.5
+    elif change.startswith("gpubatch"):  # gpubatch64: the GPU actor's batch at 224 px (default 256)
+        job.DEFAULT_GPU_BATCH = int(change.removeprefix("gpubatch"))
     elif change.startswith("decoderows"):  # decoderows64: rows per decode task
         job.GPU_DECODE_ROWS = int(change.removeprefix("decoderows"))
     elif change.startswith("split"):  # split16: the actor's blocks split to 16 rows for localize (until 11-26)
