@@ -100,14 +100,16 @@ def test_whole_map_above_threshold_is_one_full_box():
     assert abs(located.boxes[0].score - 1.0) < 1e-6
 
 
-def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
+_BATCH_SHAPES = [(7, 7, 450, 600, 0.2), (5, 9, 90, 40, 0.5), None, (7, 7, 30, 30, 0.2), None]
+
+
+def _model_rows(shapes):
+    """The model actor's rows (schema.RESULT_SCHEMA): a map per shape, an error row per None."""
     import pyarrow as pa
 
-    from camjobs.localize import localize_batch
     from camjobs.schema import RESULT_SCHEMA
 
     rng = np.random.default_rng(3)
-    shapes = [(7, 7, 450, 600, 0.2), (5, 9, 90, 40, 0.5), None, (7, 7, 30, 30, 0.2), None]
     rows = []
     for i, shape in enumerate(shapes):
         row = {name: None for name in RESULT_SCHEMA.names}
@@ -121,9 +123,17 @@ def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
                 cam = -np.abs(cam)  # no positive evidence: an empty heatmap, no box
             row.update(cam=cam.ravel().tolist(), cam_height=h, cam_width=w, height=height, width=width, threshold=threshold)
         rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
+    from camjobs.localize import localize_batch
+    from camjobs.schema import RESULT_SCHEMA
+
+    shapes = _BATCH_SHAPES
+    table = _model_rows(shapes)
     result = localize_batch(table)
-    assert result.schema == RESULT_SCHEMA and result.num_rows == len(rows)
+    assert result.schema == RESULT_SCHEMA and result.num_rows == len(shapes)
     for row, shape in zip(result.to_pylist(), shapes):
         if shape is None:
             assert row["heatmap_png"] is None and row["boxes"] is None and row["error_type"] == "decode_error"
@@ -145,6 +155,22 @@ def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
         first = row["boxes"][0]
         got = [first["x_min"], first["y_min"], first["x_max"], first["y_max"]]
         assert np.abs(np.array(got) - [x, y, x + bw, y + bh]).max() <= 1 and threshold <= first["score"] <= 1
+
+
+def test_localize_batch_on_slices_and_chunks_gives_the_rows_of_the_whole_table():
+    """Ray Data hands the stage zero-copy slices of a block (offsets not starting at 0) and
+    tables of several chunks: each row must come out as it does from the whole table."""
+    import pyarrow as pa
+
+    from camjobs.localize import localize_batch
+
+    table = _model_rows(_BATCH_SHAPES)
+    whole = localize_batch(table).to_pylist()
+    for start, length in ((1, 3), (2, 3), (3, 2), (4, 1)):
+        assert localize_batch(table.slice(start, length)).to_pylist() == whole[start : start + length]
+    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 2), table.slice(4)])
+    assert chunked.column("cam").num_chunks == 3
+    assert localize_batch(chunked).to_pylist() == whole
 
 
 def test_localize_batch_on_an_empty_table():
