@@ -53,9 +53,7 @@ def worker(args) -> None:
                                    classes=["mel", "nv", "bkl"], input_size=32, batch_size=256))
     wall = time.time() - started
     batches = sorted((r["end"], r["n"]) for r in map(json.loads, stage_log.read_text().splitlines()))
-    quarter = len(batches) // 4
-    middle = batches[quarter:len(batches) - quarter]
-    steady = sum(n for _, n in middle[1:]) / (middle[-1][0] - middle[0][0]) if len(middle) > 1 else None
+    steady, _ = schedule.steady_rate(batches)
     print("PIPELINE " + json.dumps({
         "variant": args.worker, "images": result.summary["counts"]["inputs"], "wall_s": round(wall, 1),
         "images_per_s": round(result.summary["counts"]["inputs"] / wall, 1),

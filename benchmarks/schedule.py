@@ -108,6 +108,14 @@ def split_before_localize(rows: int) -> None:
     ray.data.Dataset.map_batches = with_split
 
 
+def steady_rate(batches: list[tuple[float, int]]) -> tuple[float | None, list[tuple[float, int]]]:
+    """Images per second over the localize batches (end, rows) between the first and the last
+    quarter, and those batches; None where there are too few."""
+    quarter = len(batches) // 4
+    middle = batches[quarter:len(batches) - quarter]
+    return (sum(n for _, n in middle[1:]) / (middle[-1][0] - middle[0][0]) if len(middle) > 1 else None), middle
+
+
 def apply_variant(change: str, job, context) -> None:
     if change.startswith("reserve"):  # reserve75: 75% of the resources reserved per operator
         context.op_resource_reservation_ratio = int(change.removeprefix("reserve")) / 100
@@ -170,9 +178,7 @@ def worker(args) -> None:
     wall = time.time() - started
     records = [json.loads(line) for line in stage_log.read_text().splitlines()]
     batches = sorted((r["end"], r["n"]) for r in records if r["kind"] == "localize")
-    quarter = len(batches) // 4
-    middle = batches[quarter:len(batches) - quarter]
-    steady = sum(n for _, n in middle[1:]) / (middle[-1][0] - middle[0][0]) if len(middle) > 1 else None
+    steady, middle = steady_rate(batches)
     # From the first localized batch to the last: the model actor's start-up left out, the tail kept.
     after_first = sum(n for _, n in batches[1:]) / (batches[-1][0] - batches[0][0]) if len(batches) > 1 else None
     # Tasks running at once, on average over the steady window: time busy in it / its length.
