@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 added mask_rle, refined_boxes and refine (camjobs run --refine). Readers accept
+# version-1 files too: read through CAMS_SCHEMA, their missing columns come back as nulls.
 
 # Short codes written to errors.error_type. Listing-time codes come from camjobs.layouts,
 # read/decode codes from camjobs.decode, the last one from the model actor.
@@ -35,6 +37,10 @@ BOX_TYPE = pa.struct(
     ]
 )
 
+# A binary mask in COCO's compressed run-length encoding (pycocotools.mask.encode, counts as
+# text): size is [height, width], the image's own size.
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
 CAMS_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -55,6 +61,12 @@ CAMS_SCHEMA = pa.schema(
         ("heatmap_png", pa.binary()),
         ("threshold", pa.float32()),
         ("boxes", pa.list_(BOX_TYPE)),
+        # --refine: the lesion mask the image's evidence draws inside the CAM's region, and its
+        # components' boxes (largest first, scores as in boxes); null without --refine, or where
+        # the map has no region to refine.
+        ("mask_rle", RLE_TYPE),
+        ("refined_boxes", pa.list_(BOX_TYPE)),
+        ("refine", pa.string()),  # the refinement method's name; null without --refine
         ("model_sha256", pa.string()),
         ("target_mode", pa.string()),
         ("input_size", pa.int32()),
@@ -92,7 +104,7 @@ RESULT_SCHEMA = pa.schema(
 
 # What an incremental run compares: a row with the same values in these columns, for the
 # same image_id and content_sha256, makes processing that image again pointless.
-SETTINGS_COLUMNS = ("model_sha256", "method", "threshold", "target_mode", "input_size")
+SETTINGS_COLUMNS = ("model_sha256", "method", "threshold", "target_mode", "input_size", "refine")
 
 
 @dataclass(kw_only=True)

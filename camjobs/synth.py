@@ -39,7 +39,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from camjobs.evaluate import mask_box
+from camjobs.geometry import mask_box
 
 __all__ = [
     "HAM10000_CLASSES",

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from camjobs.decode import ImageInputError, decode_image, read_bytes
-from camjobs.evaluate import box_iou, mask_box
+from camjobs.geometry import box_iou, mask_box
 from camjobs.export import cams_dataset, read_latest_cams
 from camjobs.schema import ImageRow
 

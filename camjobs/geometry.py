@@ -1,0 +1,143 @@
+"""Boxes and binary masks: one home for their conventions, as torchvision's ``ops/boxes.py``.
+
+Boxes are absolute pixels in torchvision's xyxy convention, ``(x_min, y_min, x_max, y_max)``
+with x_max and y_max exclusive: the box of a single pixel (x, y) is (x, y, x + 1, y + 1).
+Masks are boolean (height, width) arrays at the image's own size. Run-length encoded masks
+are COCO's compressed RLE (``{"size": [height, width], "counts": str}``, column-major), made
+and read by pycocotools, so every COCO tool reads what camjobs writes.
+
+Needs numpy, OpenCV and pycocotools only (no torch, no Ray): the label tools import it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+Box = Sequence[float]  # x_min, y_min, x_max, y_max; max exclusive
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The tightest xyxy box (max exclusive) around all foreground pixels; None if empty."""
+    ys = np.flatnonzero(np.any(mask, axis=1))
+    if ys.size == 0:
+        return None
+    xs = np.flatnonzero(np.any(mask, axis=0))
+    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+
+
+def centre_box(width: float, height: float, frac: float = 0.5) -> tuple[float, float, float, float]:
+    """The baseline: a centred xyxy box with `frac` of the image's width and height."""
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    box_width, box_height = width * frac, height * frac
+    x0, y0 = (width - box_width) / 2.0, (height - box_height) / 2.0
+    return x0, y0, x0 + box_width, y0 + box_height
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """IoU of two xyxy boxes by plain areas (max exclusive, so no +1); 0 for empty boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return intersection / union if union > 0 else 0.0
+
+
+def mask_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|a & b| / |a | b| of two boolean masks of one size; 0 where both are empty."""
+    if a.shape != b.shape:
+        raise ValueError(f"masks of different sizes: {a.shape} and {b.shape}")
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b)) / union if union else 0.0
+
+
+def component_boxes(mask: np.ndarray, score: np.ndarray | None = None) -> list[dict]:
+    """One xyxy box per 8-connected component of a boolean mask, largest area first.
+
+    Each box is a dict of the output's box struct (x_min, y_min, x_max, y_max, score); score is
+    the mean of `score` (same shape as the mask) over the component, or 1.0 without it. Equal
+    areas keep OpenCV's label order (stable sort), so the output is deterministic.
+    """
+    inside = np.ascontiguousarray(mask, dtype=np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(inside, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    if count <= 1:
+        return []
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    if score is None:
+        means = np.ones(count - 1)
+    else:
+        found = labels > 0
+        sums = np.bincount(labels[found], weights=np.asarray(score, np.float64)[found], minlength=count)[1:]
+        means = sums / areas
+    boxes = []
+    for index in np.argsort(-areas, kind="stable"):
+        x, y, w, h = (int(v) for v in stats[index + 1, :4])
+        boxes.append({"x_min": float(x), "y_min": float(y), "x_max": float(x + w), "y_max": float(y + h),
+                      "score": float(means[index])})
+    return boxes
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of a boolean (height, width) mask: {"size": [h, w], "counts": str}."""
+    from pycocotools import mask as coco_mask
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask is 2-D (height, width), got shape {mask.shape}")
+    rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """The boolean (height, width) mask of a COCO RLE (counts as str or bytes, or uncompressed)."""
+    from pycocotools import mask as coco_mask
+
+    size = [int(v) for v in rle["size"]]
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE, as COCO files may hold
+        compressed = coco_mask.frPyObjects({"size": size, "counts": counts}, *size)
+    else:
+        compressed = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return coco_mask.decode(compressed).astype(bool)
+
+
+def rle_area(rle: dict) -> int:
+    """Foreground pixels of a COCO RLE, without decoding it."""
+    from pycocotools import mask as coco_mask
+
+    counts = rle["counts"]
+    return int(coco_mask.area({"size": [int(v) for v in rle["size"]],
+                               "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+
+
+def mask_polygons(mask: np.ndarray, *, min_area: float = 1.0, epsilon: float = 1.0) -> list[np.ndarray]:
+    """The outer outlines of a boolean mask as (n, 2) float arrays of x, y pixel coordinates.
+
+    Outlines from cv2.findContours (outer borders only, holes ignored), simplified by
+    Douglas-Peucker with `epsilon` pixels; outlines of under `min_area` pixels or with fewer
+    than 3 points are left out. Largest area first.
+    """
+    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    outlines = []
+    for contour in sorted(contours, key=cv2.contourArea, reverse=True):
+        if cv2.contourArea(contour) < min_area:
+            continue
+        points = cv2.approxPolyDP(contour, epsilon, True).reshape(-1, 2).astype(np.float64)
+        if len(points) >= 3:
+            outlines.append(points)
+    return outlines
+
+
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A boolean mask resized to (height, width): area averaging down, bilinear up, then >= 0.5."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    if mask.shape == (height, width):
+        return mask.astype(bool)
+    shrinking = width <= mask.shape[1] and height <= mask.shape[0]
+    resized = cv2.resize(mask * np.uint8(255), (int(width), int(height)),
+                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return resized >= 128
