@@ -70,8 +70,10 @@ def otsu_work_mask(work_rgb: np.ndarray) -> np.ndarray | None:
     return labels == int(np.argmax(scores)) + 1
 
 
-def otsu_lesion_mask(rgb: np.ndarray) -> np.ndarray | None:
-    """The baseline's lesion mask of an RGB image at the image's own size; None if it has none."""
-    height, width = rgb.shape[:2]
+def otsu_lesion_mask(rgb: np.ndarray, width: int | None = None, height: int | None = None) -> np.ndarray | None:
+    """The baseline's lesion mask of an RGB image, at (height, width) (default: the RGB's own
+    size; pass the original's where `rgb` was decoded at a reduced size); None if it has none."""
     work = otsu_work_mask(to_work(rgb))
-    return None if work is None else resize_mask(work, width, height)
+    if work is None:
+        return None
+    return resize_mask(work, width or rgb.shape[1], height or rgb.shape[0])
