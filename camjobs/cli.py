@@ -82,6 +82,9 @@ def run(
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels (decompression bombs) (default: 100000000)."),
     follow_symlinks: Optional[bool] = typer.Option(None, "--follow-symlinks", help="Allow symlinks that point outside the dataset root."),
     incremental: Optional[bool] = typer.Option(None, "--incremental", help="Skip images that already have a row for this model and these settings."),
+    refine: Optional[bool] = typer.Option(
+        None, "--refine", help="Also write a lesion mask (mask_rle) and its boxes (refined_boxes): the CAM picks the region, the image draws its outline."
+    ),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:

@@ -46,6 +46,7 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
     incremental: bool = False
+    refine: bool = False
     address: str | None = None
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from camjobs.incremental import item_key
+from camjobs.segment import to_work
 from camjobs.storage import open_filesystem
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -201,6 +202,7 @@ def decode_batch(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skip_keys: frozenset[str] = frozenset(),
     decode_on: str = "cpu",
+    refine_side: int | None = None,
 ) -> pa.Table:
     """The decode stage over a batch of listed inputs (a Ray Data numpy batch).
 
@@ -211,6 +213,10 @@ def decode_batch(
     With decode_on="gpu" nothing is decoded here: the header is checked, and the file's
     bytes and EXIF orientation go on in `encoded` and `orientation` instead of `pixels`
     (the model actor decodes them, camjobs.gpu_decode).
+    With refine_side (camjobs run --refine), each good row also carries `refine_pixels`: the
+    image at longer side refine_side (segment.to_work) as raw RGB bytes, for the localize
+    stage's refinement; its shape follows from width and height (segment.work_size). On the
+    device path it is decoded here at a reduced size, as small as the codec allows.
     The result is an Arrow table with explicit types: a column of nothing but nulls
     must stay a string column, or the next stage would see NaNs.
     """
@@ -223,6 +229,7 @@ def decode_batch(
     height = np.zeros(count, dtype=np.int32)
     sha256: list[str | None] = [None] * count
     skipped = [False] * count
+    refine_pixels: list[bytes | None] = [None] * count
     error_type = list(batch["error_type"])
     error_message = list(batch["error_message"])
     for row in range(count):
@@ -238,8 +245,14 @@ def decode_batch(
             if on_device:
                 width[row], height[row], orientation[row] = inspect_header(data, max_pixels=max_pixels, source=source)
                 encoded[row] = data
+                if refine_side:
+                    rgb, _, _ = decode_reduced(data, refine_side, max_pixels=max_pixels, source=source)
+                    refine_pixels[row] = to_work(rgb, refine_side, (width[row], height[row])).tobytes()
                 continue
-            rgb, width[row], height[row] = decode_reduced(data, input_size, max_pixels=max_pixels, source=source)
+            rgb, width[row], height[row] = decode_reduced(
+                data, max(input_size, refine_side or 0), max_pixels=max_pixels, source=source)
+            if refine_side:
+                refine_pixels[row] = to_work(rgb, refine_side, (width[row], height[row])).tobytes()
         except ImageInputError as exc:
             error_type[row], error_message[row] = exc.error_type, str(exc)
             continue
@@ -259,6 +272,8 @@ def decode_batch(
     columns["width"] = pa.array(width, pa.int32())
     columns["height"] = pa.array(height, pa.int32())
     columns["skipped"] = pa.array(skipped, pa.bool_())
+    if refine_side:
+        columns["refine_pixels"] = pa.array(refine_pixels, pa.binary())
     if on_device:
         columns["encoded"] = pa.array(encoded, pa.binary())
         columns["orientation"] = pa.array(orientation, pa.int8())

@@ -31,6 +31,7 @@ from camjobs.layouts import list_images
 from camjobs.localize import localize_batch
 from camjobs.predictor import CamPredictor, ModelSpec
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
+from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 from camjobs.sink import CamParquetSink, SinkStats, output_lock, publish_run
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         "threshold": cfg.threshold,
         "target_mode": cfg.target,
         "input_size": model.input_size,
+        "refine": REFINE_METHOD if cfg.refine else None,
     }
     skip_keys = existing_keys(cfg.output, settings) if cfg.incremental else frozenset()
     listed = time.time()
@@ -191,7 +193,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         dataset = dataset.map_batches(
             decode_batch,
             fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys,
-                       "decode_on": cfg.decode_on},
+                       "decode_on": cfg.decode_on, "refine_side": REFINE_SIDE if cfg.refine else None},
             batch_size=plan.decode_rows,
             batch_format="numpy",
             num_cpus=plan.stage_cpus,
@@ -224,7 +226,7 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         # Same resources as the write, so that Ray Data fuses the two into one task per block.
         dataset = dataset.map_batches(
             localize_batch,
-            fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side},
+            fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side, "refine_method": settings["refine"]},
             batch_size=LOCALIZE_ROWS,
             batch_format="pyarrow",
             num_cpus=plan.stage_cpus,
@@ -250,7 +252,8 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         },
         "settings": settings,
         "versions": library_versions(),
-        "counts": {"inputs": inputs, "processed": processed, "skipped": skipped, "errors": errors},
+        "counts": {"inputs": inputs, "processed": processed, "skipped": skipped, "errors": errors,
+                   **({"refine_failed": stats.refine_failed} if cfg.refine else {})},
         "error_types": dict(stats.error_types),
         "rows_per_node": dict(stats.rows_per_node),
         "actors": dataclasses.asdict(plan),
@@ -274,6 +277,8 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
         )
     summary_path = publish_run(cfg.output, run_id, summary)
     exit_code, message = EXIT_OK, f"{processed} processed, {errors} errors" + (f", {skipped} skipped" if cfg.incremental else "")
+    if stats.refine_failed:
+        message += f", refinement failed on {stats.refine_failed} (their CAM rows are kept; mask_rle is null)"
     attempted = inputs - skipped
     if attempted and errors / attempted > cfg.max_error_fraction:
         exit_code = EXIT_ERROR_BUDGET

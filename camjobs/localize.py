@@ -23,6 +23,9 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from camjobs.geometry import component_boxes, rle_encode
+from camjobs.segment import REFINE_SIDE, refine, work_size
+
 DEFAULT_THRESHOLD = 0.2
 
 # SUB filtering suits a smooth upsampled map: 2-3x faster than OpenCV's default filter
@@ -150,13 +153,29 @@ def shrink_heatmap(heatmap: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(heatmap, size, interpolation=cv2.INTER_AREA)
 
 
-def localize_batch(table: pa.Table, heatmap_max_side: int | None = None) -> pa.Table:
+def refined_row(work_rgb: np.ndarray, cam: np.ndarray, norm: np.ndarray) -> tuple[dict | None, list[dict] | None]:
+    """The refinement of one row (segment.refine): its mask as COCO RLE and the boxes of the
+    mask's components (largest first, scored by the map U / max U, `norm`, as boxes are);
+    (None, None) where the map is empty or flat or the image shows no lesion."""
+    work_height, work_width = work_rgb.shape[:2]
+    height, width = norm.shape
+    mask = refine(work_rgb, normalized(upsample(cam, work_height, work_width)), width, height)
+    if mask is None:
+        return None, None
+    return rle_encode(mask), component_boxes(mask, norm)
+
+
+def localize_batch(table: pa.Table, heatmap_max_side: int | None = None, refine_method: str | None = None) -> pa.Table:
     """The localize stage: fill heatmap_png and boxes of every row that carries a map.
 
     Takes and returns the model actor's rows (schema.RESULT_SCHEMA); error and skipped rows
     pass through untouched. Each row's own threshold, map shape and image size are used.
     Boxes are always found at the image's full size; the stored heatmap is scaled down where
     its longer side exceeds heatmap_max_side (a 6000 px photograph's heatmap PNG is megabytes).
+    With refine_method (camjobs run --refine) each such row also gets mask_rle and
+    refined_boxes from its working image (refine_pixels, which is dropped here) and the
+    method's name in `refine`; a refinement that fails leaves the row's CAM columns as they
+    are, its mask null, and says why in refine_error.
     """
     cams = table.column("cam").combine_chunks()
     if isinstance(cams, pa.ChunkedArray):  # an empty table
@@ -165,15 +184,25 @@ def localize_batch(table: pa.Table, heatmap_max_side: int | None = None) -> pa.T
     values = cams.values.to_numpy(zero_copy_only=False)
     valid = cams.is_valid().to_numpy(zero_copy_only=False)
     columns = {name: table.column(name).to_pylist() for name in ("cam_height", "cam_width", "height", "width", "threshold")}
-    heatmaps: list[bytes | None] = [None] * table.num_rows
-    boxes: list[list[dict] | None] = [None] * table.num_rows
+    out: dict[str, list] = {name: [None] * table.num_rows for name in
+                            ("heatmap_png", "boxes", "mask_rle", "refined_boxes", "refine", "refine_error", "refine_pixels")}
+    work_pixels = table.column("refine_pixels").to_pylist() if refine_method else None
     for row in np.flatnonzero(valid):
         start, end = offsets[row], offsets[row + 1]
         cam = values[start:end].reshape(columns["cam_height"][row], columns["cam_width"][row])
-        located = localize(cam, columns["height"][row], columns["width"][row], columns["threshold"][row])
-        heatmaps[row] = encode_png(shrink_heatmap(located.heatmap, heatmap_max_side))
-        boxes[row] = [box.as_dict() for box in located.boxes]
-    for name, column in (("heatmap_png", heatmaps), ("boxes", boxes)):
+        height, width = columns["height"][row], columns["width"][row]
+        norm = normalized(upsample(cam, height, width))
+        out["heatmap_png"][row] = encode_png(shrink_heatmap(heatmap_uint8(norm), heatmap_max_side))
+        out["boxes"][row] = [box.as_dict() for box in boxes_from_normalized(norm, columns["threshold"][row])]
+        if refine_method:
+            out["refine"][row] = refine_method
+            try:
+                work_width, work_height = work_size(width, height, REFINE_SIDE)
+                work_rgb = np.frombuffer(work_pixels[row], np.uint8).reshape(work_height, work_width, 3)
+                out["mask_rle"][row], out["refined_boxes"][row] = refined_row(work_rgb, cam, norm)
+            except Exception as exc:  # one image's refinement must not cost its CAM row
+                out["refine_error"][row] = f"{type(exc).__name__}: {exc}"
+    for name, column in out.items():
         index = table.schema.get_field_index(name)
         table = table.set_column(index, table.schema.field(index), pa.array(column, table.schema.field(index).type))
     return table

@@ -135,6 +135,8 @@ class CamPredictor:
         columns["schema_version"] = [SCHEMA_VERSION] * count
         columns["node_id"] = [self.node_id] * count
         columns["skipped"] = skipped
+        if "refine_pixels" in batch:
+            columns["refine_pixels"] = list(batch["refine_pixels"])
         return pa.table(columns, schema=RESULT_SCHEMA)
 
     def _model_input(self, batch, good: list[int], error_type, error_message, width, height) -> np.ndarray | torch.Tensor:

@@ -94,17 +94,22 @@ LISTING_SCHEMA = pa.schema(
 )
 
 # What flows out of the model actor into the sink: every column of both tables (an
-# error row has nulls in the cam columns), the node that did the work, and whether an
-# incremental run skipped the image.
+# error row has nulls in the cam columns), the node that did the work, whether an
+# incremental run skipped the image, and the refinement's working columns.
 RESULT_SCHEMA = pa.schema(
     list(CAMS_SCHEMA)
     + [f for f in ERRORS_SCHEMA if f.name not in CAMS_SCHEMA.names]
     + [pa.field("node_id", pa.string()), pa.field("skipped", pa.bool_())]
+    # --refine: the decode stage's working image (raw RGB, segment.work_size), used up by the
+    # localize stage, and why the refinement failed on a row (counted in the run's summary).
+    + [pa.field("refine_pixels", pa.binary()), pa.field("refine_error", pa.string())]
 )
 
 # What an incremental run compares: a row with the same values in these columns, for the
 # same image_id and content_sha256, makes processing that image again pointless.
 SETTINGS_COLUMNS = ("model_sha256", "method", "threshold", "target_mode", "input_size", "refine")
+# Settings that rows and run summaries of an earlier version lack, and what their absence means.
+SETTINGS_ADDED = {"refine": None}
 
 
 @dataclass(kw_only=True)

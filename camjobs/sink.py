@@ -52,6 +52,7 @@ class SinkStats:
     processed: int = 0
     errors: int = 0
     skipped: int = 0
+    refine_failed: int = 0  # cams rows whose refinement failed (their CAM columns are intact)
     rows_per_node: Counter = field(default_factory=Counter)
     error_types: Counter = field(default_factory=Counter)
 
@@ -59,6 +60,7 @@ class SinkStats:
         self.processed += other.processed
         self.errors += other.errors
         self.skipped += other.skipped
+        self.refine_failed += other.refine_failed
         self.rows_per_node.update(other.rows_per_node)
         self.error_types.update(other.error_types)
 
@@ -92,6 +94,7 @@ class CamParquetSink(Datasink[SinkStats]):
                     writers[name].write_table(rows.select(TABLES[name].names).cast(TABLES[name]))
                 stats.processed += parts["cams"].num_rows
                 stats.errors += parts["errors"].num_rows
+                stats.refine_failed += parts["cams"].num_rows - parts["cams"]["refine_error"].null_count
                 stats.rows_per_node.update(str(n) for n in parts["cams"]["node_id"].to_pylist())
                 stats.error_types.update(parts["errors"]["error_type"].to_pylist())
         finally:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from camjobs.schema import SCHEMA_VERSION, SETTINGS_COLUMNS
+from camjobs.schema import SCHEMA_VERSION, SETTINGS_ADDED, SETTINGS_COLUMNS
 from camjobs.sink import LOCK_NAME, TABLES
 from camjobs.storage import open_filesystem
 
@@ -78,7 +78,9 @@ def verify_output(output: str) -> VerifyReport:
                 report.rows[name] += table.num_rows
                 if name != "cams" or not table.num_rows:
                     continue
-                keys = zip(*(table[c].to_pylist() for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)))
+                # a version-1 file lacks the settings added since: their absence means SETTINGS_ADDED
+                keys = zip(*(table[c].to_pylist() if c in table.column_names else [SETTINGS_ADDED[c]] * table.num_rows
+                             for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)))
                 for key in keys:
                     if key in seen:
                         report.problems.append(

@@ -89,6 +89,8 @@ def test_real_run_schema_labels_and_summary(real_run):
     assert labels["ISIC_0014722"] == "melanoma" and labels["ISIC_0014628"] == "seborrheic_keratosis" and labels["ISIC_0014657"] == "nevus"
     assert set(rows.method) == {"cam"} and set(rows.run_id) == {result.run_id}
     assert (rows.pred_score > 0).all() and (rows.pred_score <= 1).all()
+    # without --refine the refinement's columns are null
+    assert rows.mask_rle.isna().all() and rows.refined_boxes.isna().all() and rows.refine.isna().all()
     summary = json.loads(Path(result.summary_path).read_text())
     assert summary["counts"] == {"inputs": 6, "processed": 6, "skipped": 0, "errors": 0}
     assert summary["model"]["model_sha256"] == rows.model_sha256.iloc[0]
@@ -257,3 +259,46 @@ def test_uris_for_data_and_output(ray_cluster, isic2017_mini, tmp_path):
     assert result.summary["counts"]["processed"] == 6
     cams = pd.read_parquet(tmp_path / "out" / "cams")
     assert len(cams) == 6 and cams.source_path.str.startswith(str(isic2017_mini)).all()
+
+
+@pytest.mark.parametrize("decode_on", ["cpu", "gpu"])
+def test_refine_run_masks_real_lesions_and_is_a_setting_of_incremental(ray_cluster, isic2017_mini, tmp_path, decode_on):
+    """--refine on real dermoscopy: masks at each image's size, decodable by pycocotools, that
+    cover the lesion (a floor no run without the refinement reaches: its masks are null);
+    boxes unchanged; and --incremental reprocesses what was written without --refine."""
+    from pycocotools import mask as coco_mask
+
+    from camjobs.geometry import mask_box, mask_jaccard
+    from camjobs.localize import boxes_from_normalized, normalized, upsample
+    from camjobs.segment import REFINE_METHOD
+
+    base = dict(data=str(isic2017_mini), output=str(tmp_path), model="resnet18", classes=ISIC2017_CLASSES,
+                input_size=64, incremental=True, decode_on=decode_on)
+    plain = run_job(RunConfig(**base))
+    refined = run_job(RunConfig(**base, refine=True))
+    again = run_job(RunConfig(**base, refine=True))
+    assert refined.summary["counts"] == {"inputs": 6, "processed": 6, "skipped": 0, "errors": 0, "refine_failed": 0}
+    assert refined.summary["settings"]["refine"] == REFINE_METHOD and plain.summary["settings"]["refine"] is None
+    assert again.summary["counts"]["skipped"] == 6 and again.summary["counts"]["processed"] == 0
+    cams = pd.read_parquet(tmp_path / "cams")
+    old = cams[cams.run_id == plain.run_id].set_index("image_id")
+    new = cams[cams.run_id == refined.run_id].set_index("image_id")
+    assert old.mask_rle.isna().all() and (new.refine == REFINE_METHOD).all()
+    jaccards = []
+    for image_id, row in new.iterrows():
+        truth = cv2.imread(str(isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png"),
+                           cv2.IMREAD_GRAYSCALE) > 127
+        rle = {"size": list(row.mask_rle["size"]), "counts": row.mask_rle["counts"].encode()}
+        mask = coco_mask.decode(rle).astype(bool)
+        assert mask.shape == (row.height, row.width) == truth.shape
+        first = row.refined_boxes[0]
+        assert (first["x_min"], first["y_min"], first["x_max"], first["y_max"]) == mask_box(mask)  # one component
+        # boxes keep the 20% rule on the row's own map (a larger decode for the working image
+        # may move the 64 px model input, hence the map, by a rounding)
+        cam = np.asarray(row.cam, np.float32).reshape(row.cam_height, row.cam_width)
+        rule = [b.as_dict() for b in boxes_from_normalized(normalized(upsample(cam, row.height, row.width)), 0.2)]
+        assert len(row.boxes) == len(rule)
+        for got, want in zip(row.boxes, rule):
+            assert dict(got) == pytest.approx(want, rel=1e-6)
+        jaccards.append(mask_jaccard(mask, truth))
+    assert np.mean(jaccards) >= 0.6, jaccards

@@ -6,6 +6,7 @@ from collections import deque
 
 import cv2
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -234,3 +235,43 @@ def test_heatmap_max_side_shrinks_only_large_heatmaps_and_keeps_full_size_boxes(
     assert decoded.shape == (375, 500) and len(reduced["heatmap_png"]) < len(full["heatmap_png"])
     assert reduced["boxes"] == full["boxes"]  # found at full size, in full-size pixels
     assert full["boxes"][0]["x_max"] > 500
+
+
+def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic2017_mini):
+    """--refine: mask and boxes as segment.refine gives them; an empty map and a broken working
+    image leave the mask null and the CAM columns as they are without --refine."""
+    import pyarrow as pa
+
+    from camjobs.geometry import component_boxes, rle_decode
+    from camjobs.localize import localize_batch, normalized, upsample
+    from camjobs.schema import RESULT_SCHEMA
+    from camjobs.segment import REFINE_METHOD, REFINE_SIDE, refine, to_work
+
+    path = sorted((isic2017_mini / "ISIC-2017_Training_Data").glob("*.jpg"))[0]
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    height, width = rgb.shape[:2]
+    work = to_work(rgb, REFINE_SIDE)
+    table = _model_rows([(7, 7, height, width, 0.2)] * 4 + [None])
+    pixels = [work.tobytes(), b"\x00" * 10, None, work.tobytes(), None]  # row 3's map is all negative
+    table = table.set_column(RESULT_SCHEMA.get_field_index("refine_pixels"), "refine_pixels", pa.array(pixels, pa.binary()))
+    plain = localize_batch(table).to_pylist()
+    refined = localize_batch(table, refine_method=REFINE_METHOD).to_pylist()
+    assert all(row["refine_pixels"] is None for row in refined)  # used up, not carried to the sink
+    for index, (before, after) in enumerate(zip(plain, refined)):
+        for name in ("heatmap_png", "boxes", "cam", "error_type"):
+            assert after[name] == before[name], name
+        assert before["mask_rle"] is None and before["refine"] is None
+    good, broken, missing, empty, error = refined
+    cam = np.asarray(good["cam"], np.float32).reshape(7, 7)
+    expected = refine(work, normalized(upsample(cam, *work.shape[:2])), width, height)
+    mask = rle_decode(good["mask_rle"])
+    assert good["mask_rle"]["size"] == [height, width] and np.array_equal(mask, expected)
+    oracle = component_boxes(expected, normalized(upsample(cam, height, width)))
+    assert len(good["refined_boxes"]) == len(oracle) >= 1
+    for got, want in zip(good["refined_boxes"], oracle):
+        assert got == pytest.approx(want, rel=1e-6)  # float32 in the table
+    assert good["refine"] == REFINE_METHOD and good["refine_error"] is None
+    assert empty["mask_rle"] is None and empty["refined_boxes"] is None and empty["refine_error"] is None  # no positive evidence
+    for failed in (broken, missing):
+        assert failed["mask_rle"] is None and failed["refine"] == REFINE_METHOD and failed["refine_error"]
+    assert error["refine"] is None and error["refine_error"] is None
