@@ -86,7 +86,7 @@ def test_verify_command_exit_codes(clean_output, tmp_path):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.mark.parametrize("version", [1])
+@pytest.mark.parametrize("version", [1, 2])
 def test_outputs_of_known_schema_versions_still_read(version, tmp_path):
     """Outputs written by earlier schema versions stay readable by this camjobs."""
     import json
