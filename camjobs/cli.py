@@ -244,13 +244,15 @@ def export_(
     min_score: float = typer.Option(0.0, "--min-score", help="Drop boxes scoring below this (box scores lie in [threshold, 1])."),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="URL where the dataset root (--data of the run) is served: images are <image-root>/<path below the root>."),
     categories: str = typer.Option("lesion", "--categories", help="lesion: one category; classes: the model's classes (a box gets its image's target_label)."),
+    boxes: str = typer.Option("auto", "--boxes", help="auto: refined_boxes (with their masks: COCO segmentation, Label Studio polygons) where a row has them (camjobs run --refine), else the CAM boxes; cam: the CAM boxes only, as before masks existed; refined: refined_boxes only, images without them listed with no box."),
 ) -> None:
     """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels."""
     _setup_logging(False)
     from camjobs.export import ExportError, export
 
     try:
-        result = export(output, fmt, to, min_score=min_score, image_root=image_root, categories=categories)
+        result = export(output, fmt, to, min_score=min_score, image_root=image_root, categories=categories,
+                        boxes=boxes)
     except ExportError as exc:
         raise _fail(str(exc), EXIT_USAGE)
     except OSError as exc:

@@ -1,6 +1,6 @@
 """Export the weak boxes of DIR/cams to the formats labeling and detection tools import.
 
-``camjobs export --output DIR --format coco|labelstudio|yolo --to PATH``
+``camjobs export --output DIR --format coco|labelstudio|yolo --to PATH [--boxes auto|cam|refined]``
 
 Which rows
     Every row of DIR/cams, one per image_id: where an image_id has rows from several runs
@@ -8,6 +8,15 @@ Which rows
     run wins (run ids start with their UTC start time, so the largest run_id is the newest).
     Boxes with ``score < --min-score`` are dropped; an image whose boxes are all dropped is
     still listed (COCO, Label Studio) with no box, and gets no label file (YOLO).
+
+Which boxes (--boxes)
+    ``cam``: the CAM's own boxes (``boxes``), exactly what exports wrote before masks existed.
+    ``refined``: the boxes of the refined lesion mask (``refined_boxes``, from ``camjobs run
+    --refine``), each with its part of the mask (``mask_rle``: the 8-connected component whose box
+    it is); an image without refined boxes (a run without --refine, a version-1 file, a map with
+    nothing to refine) is still listed with no box, and the summary counts them. ``auto``
+    (default): refined where the row has refined boxes, else the row's CAM boxes; on output
+    without any refinement it is ``cam``. --min-score applies to either kind of box.
 
 Which file name
     ``file_name`` is the image's path relative to the dataset root of the run that wrote the
@@ -26,12 +35,21 @@ Formats
                 ``camjobs_image_id``, ``coco_url`` with --image-root), ``annotations`` (bbox
                 ``[x, y, w, h]`` absolute pixels, ``w = x_max - x_min``, area, score, iscrowd 0),
                 ``categories`` (ids from 1). ``annotations`` alone is a valid result list for
-                ``pycocotools.coco.COCO.loadRes``.
+                ``pycocotools.coco.COCO.loadRes``. A refined box's annotation also has
+                ``segmentation``, its mask as compressed RLE (``{"size": [h, w], "counts": str}``,
+                what ``COCO.annToMask`` decodes), and ``area`` is the mask's pixel count. iscrowd
+                stays 0: each annotation is one lesion (one component), and iscrowd 1 would make it
+                an ignore region wherever the file serves as ground truth (COCOeval); loadRes
+                likewise sets iscrowd 0 on RLE results. A CAM box's annotation has no
+                segmentation: use --boxes refined for a file whose every annotation has a mask.
     labelstudio a JSON list of tasks with predictions (Label Studio's import format: rectangle
                 values in percent of original_width/original_height), plus the labeling config
                 next to it, ``<PATH minus .json>.label_config.xml``. Without --image-root the task's
                 image is the source path as written (s3://, gs:// URIs are served by Label Studio
-                through a connected cloud storage); local paths need --image-root.
+                through a connected cloud storage); local paths need --image-root. A refined box
+                also gets its mask's outline as a ``polygonlabels`` region (control "polygon",
+                points ``[x%, y%]`` at the outline's pixel centres, closed, rounded to 1e-4 %),
+                and then the config has a PolygonLabels control beside the RectangleLabels.
     yolo        a directory: ``<stem>.txt`` per image with at least one box, lines
                 ``class cx cy w h`` normalized to [0, 1]; ``classes.txt`` (one name per line, line
                 n is class n); ``manifest.csv`` (stem, image_id, file_name, width, height, boxes).
@@ -54,11 +72,14 @@ from typing import Iterable, Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
+import cv2
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from camjobs.geometry import mask_polygons, resize_mask, rle_area, rle_decode, rle_encode
 from camjobs.schema import CAMS_SCHEMA, ImageRow
 from camjobs.storage import open_filesystem
 
@@ -66,13 +87,15 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "labelstudio", "yolo")
 CATEGORY_MODES = ("lesion", "classes")
+BOX_SOURCES = ("auto", "cam", "refined")
 LESION = "lesion"
 LABEL_CONFIG_SUFFIX = ".label_config.xml"
+POLYGON_DECIMALS = 4  # percent: 1e-4 % of a 100,000 px side is 0.1 px
 
 # Everything an export needs; heatmaps and raw maps (the heavy columns) are never read.
 EXPORT_COLUMNS = (
     "image_id", "source_path", "width", "height", "label", "pred_label", "pred_score",
-    "target_label", "boxes", "model_sha256", "run_id",
+    "target_label", "boxes", "mask_rle", "refined_boxes", "model_sha256", "run_id",
 )
 
 
@@ -173,6 +196,14 @@ class ExportBox:
     y_max: float
     score: float
     category: str
+    segmentation: dict | None = None  # COCO RLE of this box's part of the refined mask
+
+    @property
+    def area(self) -> float:
+        """COCO's area: the mask's pixel count where the box has one, else the box's."""
+        if self.segmentation is not None:
+            return rle_area(self.segmentation)
+        return (self.x_max - self.x_min) * (self.y_max - self.y_min)
 
 
 @dataclass(kw_only=True)
@@ -180,6 +211,7 @@ class ExportImage(ImageRow):
     file_name: str  # relative to the dataset root
     model_sha256: str | None
     boxes: list[ExportBox] = field(default_factory=list)
+    refined: bool = False  # boxes (if any) come from refined_boxes
 
 
 @dataclass
@@ -187,16 +219,71 @@ class ExportPlan:
     images: list[ExportImage]
     categories: list[str]  # category i is COCO id i + 1 and YOLO class i
     dropped_boxes: int  # below --min-score
+    box_source: str = "auto"
+
+    @property
+    def refined_images(self) -> int:
+        return sum(image.refined for image in self.images)
 
 
 def _clean_score(value) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION) -> ExportPlan:
-    """Read DIR/cams (newest row per image) and DIR/runs, filter boxes, name files and categories."""
+def image_mask(rle: dict, width: int, height: int) -> np.ndarray:
+    """A row's mask_rle decoded at the image's size (resized, with a warning, if it was not)."""
+    mask = rle_decode(rle)
+    if mask.shape != (height, width):
+        log.warning("mask of %dx%d for an image of %dx%d: resized", mask.shape[1], mask.shape[0], width, height)
+        mask = resize_mask(mask, width, height)
+    return mask
+
+
+def _box_components(mask: np.ndarray, boxes: Sequence[dict]) -> list[np.ndarray]:
+    """Each box's own part of the mask: the 8-connected component whose box it is (refined boxes
+    are geometry.component_boxes of the mask), else the mask inside the box."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        np.ascontiguousarray(mask, dtype=np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA)
+    by_box: dict[tuple[int, ...], list[int]] = {}
+    for label in 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable"):  # largest first, as boxes are
+        x, y, w, h = (int(v) for v in stats[label, :4])
+        by_box.setdefault((x, y, x + w, y + h), []).append(int(label))
+    parts = []
+    for box in boxes:
+        key = tuple(max(0, int(round(box[k]))) for k in ("x_min", "y_min", "x_max", "y_max"))
+        if by_box.get(key):
+            parts.append(labels == by_box[key].pop(0))
+            continue
+        part = np.zeros_like(mask, dtype=bool)
+        part[key[1]:key[3], key[0]:key[2]] = mask[key[1]:key[3], key[0]:key[2]]
+        parts.append(part)
+    return parts
+
+
+def _box_segmentations(rle: dict | None, boxes: Sequence[dict], width: int, height: int) -> list[dict | None]:
+    """COCO RLE of each refined box's part of the mask; a single box's is the row's mask as is."""
+    if rle is None:
+        return [None] * len(boxes)
+    if len(boxes) == 1 and [int(v) for v in rle["size"]] == [height, width]:
+        return [{"size": [height, width], "counts": rle["counts"]}]
+    return [rle_encode(part) for part in _box_components(image_mask(rle, width, height), boxes)]
+
+
+def _chosen_boxes(row: dict, source: str) -> tuple[list[dict], list[dict | None], bool]:
+    """(boxes, their masks or None, refined?) of a row under --boxes `source`."""
+    if source == "cam" or row["refined_boxes"] is None:
+        boxes = [] if source == "refined" else list(row["boxes"] or [])
+        return boxes, [None] * len(boxes), False
+    boxes = list(row["refined_boxes"])
+    return boxes, _box_segmentations(row["mask_rle"], boxes, int(row["width"]), int(row["height"])), True
+
+
+def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION, boxes: str = "auto") -> ExportPlan:
+    """Read DIR/cams (newest row per image) and DIR/runs, choose and filter boxes, name files and categories."""
     if categories not in CATEGORY_MODES:
         raise ExportError(f"--categories must be one of {', '.join(CATEGORY_MODES)}, got {categories!r}")
+    if boxes not in BOX_SOURCES:
+        raise ExportError(f"--boxes must be one of {', '.join(BOX_SOURCES)}, got {boxes!r}")
     table = read_latest_cams(output, EXPORT_COLUMNS)
     summaries = read_run_summaries(output, table["run_id"].to_pylist())
     model_classes: list[str] = []
@@ -211,26 +298,27 @@ def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION
         category = LESION if categories == LESION else (target if target is not None else LESION)
         if category not in seen_targets:
             seen_targets.append(category)
-        boxes = []
-        for box in row["boxes"] or []:
+        chosen, masks, refined = _chosen_boxes(row, boxes)
+        kept = []
+        for box, mask in zip(chosen, masks):
             if box["score"] is not None and box["score"] < min_score:
                 dropped += 1
                 continue
-            boxes.append(ExportBox(float(box["x_min"]), float(box["y_min"]), float(box["x_max"]), float(box["y_max"]),
-                                   _clean_score(box["score"]) or 0.0, category))
+            kept.append(ExportBox(float(box["x_min"]), float(box["y_min"]), float(box["x_max"]), float(box["y_max"]),
+                                  _clean_score(box["score"]) or 0.0, category, mask))
         images.append(ExportImage(
             image_id=row["image_id"], source_path=row["source_path"] or "",
             file_name=relative_file_name(row["source_path"] or row["image_id"], data),
             width=int(row["width"]), height=int(row["height"]), label=row["label"],
             pred_label=row["pred_label"], pred_score=_clean_score(row["pred_score"]),
-            target_label=target, model_sha256=row["model_sha256"], run_id=row["run_id"], boxes=boxes,
+            target_label=target, model_sha256=row["model_sha256"], run_id=row["run_id"], boxes=kept, refined=refined,
         ))
     if categories == LESION:
         names = [LESION]
     else:
         names = [c for c in model_classes] + sorted(c for c in seen_targets if c not in model_classes)
         names = names or [LESION]
-    return ExportPlan(images, names, dropped)
+    return ExportPlan(images, names, dropped, boxes)
 
 
 # --------------------------------------------------------------------------- COCO
@@ -245,11 +333,14 @@ def to_coco(plan: ExportPlan, *, image_root: str | None = None) -> dict:
             entry["coco_url"] = image_url(image_root, image.file_name)
         images.append(entry)
         for box in image.boxes:
-            w, h = box.x_max - box.x_min, box.y_max - box.y_min
-            annotations.append({
+            annotation = {
                 "id": len(annotations) + 1, "image_id": number, "category_id": category_id[box.category],
-                "bbox": [box.x_min, box.y_min, w, h], "area": w * h, "score": box.score, "iscrowd": 0,
-            })
+                "bbox": [box.x_min, box.y_min, box.x_max - box.x_min, box.y_max - box.y_min], "area": box.area,
+                "score": box.score, "iscrowd": 0,
+            }
+            if box.segmentation is not None:
+                annotation["segmentation"] = box.segmentation
+            annotations.append(annotation)
     return {
         "info": {
             "description": "camjobs weak lesion boxes (class activation maps)",
@@ -264,44 +355,58 @@ def to_coco(plan: ExportPlan, *, image_root: str | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- Label Studio
-def label_config(categories: Sequence[str]) -> str:
-    """The labeling config that matches the tasks: an Image named "image", RectangleLabels "label"."""
+# The control (from_name) of each region type, as label_config names them.
+CONTROLS = {"rectanglelabels": ("label", "RectangleLabels"), "polygonlabels": ("polygon", "PolygonLabels")}
+
+
+def label_config(categories: Sequence[str], *, polygons: bool = False) -> str:
+    """The labeling config that matches the tasks: an Image named "image", RectangleLabels "label"
+    and, where the tasks hold outlines, PolygonLabels "polygon" with the same labels."""
     labels = "\n".join(f"    <Label value={quoteattr(name)}/>" for name in categories)
-    return (
-        "<View>\n"
-        '  <Image name="image" value="$image"/>\n'
-        '  <RectangleLabels name="label" toName="image">\n'
-        f"{labels}\n"
-        "  </RectangleLabels>\n"
-        "</View>\n"
-    )
+    kinds = ("rectanglelabels", "polygonlabels") if polygons else ("rectanglelabels",)
+    controls = "".join(f'  <{CONTROLS[kind][1]} name="{CONTROLS[kind][0]}" toName="image">\n{labels}\n'
+                       f"  </{CONTROLS[kind][1]}>\n" for kind in kinds)
+    return '<View>\n  <Image name="image" value="$image"/>\n' + controls + "</View>\n"
+
+
+def _region(region_id: str, kind: str, image: ExportImage, value: dict, score: float) -> dict:
+    """One result of a prediction, in Label Studio's import format."""
+    return {"id": region_id, "type": kind, "from_name": CONTROLS[kind][0], "to_name": "image",
+            "original_width": image.width, "original_height": image.height, "image_rotation": 0,
+            "value": value, "score": score}
+
+
+def outline_points(segmentation: dict, width: int, height: int) -> list[list[list[float]]]:
+    """The outlines of a box's mask as Label Studio polygon points: the outline's pixel centres
+    (x + 0.5, y + 0.5, as the rectangles' edges, in continuous image coordinates) in percent."""
+    return [[[round(100.0 * (x + 0.5) / width, POLYGON_DECIMALS), round(100.0 * (y + 0.5) / height, POLYGON_DECIMALS)]
+             for x, y in outline] for outline in mask_polygons(rle_decode(segmentation))]
+
+
+def _box_regions(number: int, k: int, image: ExportImage, box: ExportBox) -> list[dict]:
+    """A box's rectangle and, where it has a mask, its outlines as polygons."""
+    regions = [_region(f"cam{number}_{k}", "rectanglelabels", image, {
+        "x": 100.0 * box.x_min / image.width,
+        "y": 100.0 * box.y_min / image.height,
+        "width": 100.0 * (box.x_max - box.x_min) / image.width,
+        "height": 100.0 * (box.y_max - box.y_min) / image.height,
+        "rotation": 0,
+        "rectanglelabels": [box.category],
+    }, box.score)]
+    if box.segmentation is not None:
+        for j, points in enumerate(outline_points(box.segmentation, image.width, image.height)):
+            regions.append(_region(f"cam{number}_{k}_polygon{j}", "polygonlabels", image,
+                                   {"points": points, "closed": True, "polygonlabels": [box.category]}, box.score))
+    return regions
 
 
 def to_labelstudio(plan: ExportPlan, *, image_root: str | None = None) -> list[dict]:
-    """Label Studio tasks, each with one prediction holding the image's boxes as rectangles."""
+    """Label Studio tasks, each with one prediction holding the image's boxes as rectangles
+    (and the refined boxes' masks as polygons)."""
     tasks = []
     for number, image in enumerate(plan.images, start=1):
         source = image_url(image_root, image.file_name) if image_root else image.source_path
-        result = []
-        for k, box in enumerate(image.boxes):
-            result.append({
-                "id": f"cam{number}_{k}",
-                "type": "rectanglelabels",
-                "from_name": "label",
-                "to_name": "image",
-                "original_width": image.width,
-                "original_height": image.height,
-                "image_rotation": 0,
-                "value": {
-                    "x": 100.0 * box.x_min / image.width,
-                    "y": 100.0 * box.y_min / image.height,
-                    "width": 100.0 * (box.x_max - box.x_min) / image.width,
-                    "height": 100.0 * (box.y_max - box.y_min) / image.height,
-                    "rotation": 0,
-                    "rectanglelabels": [box.category],
-                },
-                "score": box.score,
-            })
+        result = [region for k, box in enumerate(image.boxes) for region in _box_regions(number, k, image, box)]
         prediction = {
             "model_version": (image.model_sha256 or "")[:12] or image.run_id,
             "result": result,
@@ -346,10 +451,23 @@ class ExportResult:
     boxes: int
     dropped_boxes: int
     categories: list[str]
+    box_source: str = "cam"
+    refined_images: int = 0  # images whose boxes come from refined_boxes
+
+    def refined_note(self) -> str:
+        """Which boxes went out, where refinement played a part: empty when none did."""
+        if self.box_source == "refined":
+            return (f"refined boxes of {self.refined_images} images, "
+                    f"{self.images - self.refined_images} without refinement exported with no box")
+        if self.box_source == "auto" and self.refined_images:
+            return f"refined boxes of {self.refined_images} images, CAM boxes of {self.images - self.refined_images}"
+        return ""
 
     def message(self) -> str:
+        note = self.refined_note()
         return (f"{self.format}: {self.images} images, {self.boxes} boxes"
-                f"{f' ({self.dropped_boxes} below --min-score dropped)' if self.dropped_boxes else ''}, "
+                f"{f' ({self.dropped_boxes} below --min-score dropped)' if self.dropped_boxes else ''}"
+                f"{f' ({note})' if note else ''}, "
                 f"categories {', '.join(self.categories)} -> {self.paths[0] if self.paths else '(nothing)'}")
 
 
@@ -362,15 +480,18 @@ def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
 
 
 def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_root: str | None = None,
-           categories: str = LESION) -> ExportResult:
+           categories: str = LESION, boxes: str = "auto") -> ExportResult:
     """Export the newest row per image of OUTPUT/cams to `to` (a file; a directory for yolo)."""
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    plan = plan_export(output, min_score=min_score, categories=categories)
+    plan = plan_export(output, min_score=min_score, categories=categories, boxes=boxes)
     if not plan.images:
         log.warning("%s/cams holds no rows: the export is empty", output.rstrip("/"))
+    elif boxes == "refined" and plan.refined_images < len(plan.images):
+        log.warning("--boxes refined: %d of %d images have no refined boxes (run without --refine, or nothing to "
+                    "refine) and are exported with no box", len(plan.images) - plan.refined_images, len(plan.images))
     fs, path = open_filesystem(to.rstrip("/") if format == "yolo" else to)
-    boxes = sum(len(image.boxes) for image in plan.images)
+    box_count = sum(len(image.boxes) for image in plan.images)
     paths: list[str] = []
     if format == "coco":
         _write_text(fs, path, json.dumps(to_coco(plan, image_root=image_root), ensure_ascii=False, indent=1))
@@ -381,7 +502,8 @@ def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_r
                         "pass the URL where the dataset root is served")
         _write_text(fs, path, json.dumps(to_labelstudio(plan, image_root=image_root), ensure_ascii=False, indent=1))
         config = label_config_path(path)
-        _write_text(fs, config, label_config(plan.categories))
+        polygons = any(box.segmentation is not None for image in plan.images for box in image.boxes)
+        _write_text(fs, config, label_config(plan.categories, polygons=polygons))
         paths = [to, label_config_path(to)]
     else:
         fs.create_dir(path, recursive=True)
@@ -404,4 +526,5 @@ def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_r
         _write_text(fs, f"{path}/classes.txt", "\n".join(plan.categories) + "\n")
         _write_text(fs, f"{path}/manifest.csv", manifest.getvalue())
         paths = [f"{to.rstrip('/')}/classes.txt", f"{to.rstrip('/')}/manifest.csv", *label_files]
-    return ExportResult(format, paths, len(plan.images), boxes, plan.dropped_boxes, list(plan.categories))
+    return ExportResult(format, paths, len(plan.images), box_count, plan.dropped_boxes, list(plan.categories),
+                        plan.box_source, plan.refined_images)

@@ -3,7 +3,9 @@
 The DIR/cams fixtures are built by hand in CAMS_SCHEMA: images of different sizes, several boxes,
 an image without boxes, a non-ASCII image_id with a space and a "/", and one image_id written by
 two runs (the newer row must win). Ground truth for COCOeval comes from lesion masks through
-camjobs.evaluate.mask_box, like the demo's IoU.
+camjobs.evaluate.mask_box, like the demo's IoU. The refined fixtures (--boxes) draw blobs here and
+write them as `camjobs run --refine` does (mask_rle, refined_boxes, refine), beside rows of a run
+without --refine and a version-1 file without those columns.
 """
 
 from __future__ import annotations
@@ -331,12 +333,14 @@ def test_label_config_escapes_label_values():
     assert _config_labels(xml_text) == {'a"b', "<c&d>"}
 
 
-def test_labelstudio_sdk_validates_tasks(cams_dir, tmp_path):
+@pytest.mark.parametrize("output", ["cams_dir", "refined_dir"])
+def test_labelstudio_sdk_validates_tasks(output, request, tmp_path):
     """Label Studio's own validator, where the SDK is installed (it pins opencv < 4.13, so it is
     not in the dev extra; run this test in an environment that has label-studio-sdk)."""
     interface_module = pytest.importorskip("label_studio_sdk.label_interface")
     target = tmp_path / "tasks.json"
-    export(str(cams_dir), "labelstudio", str(target), image_root="http://x/y", categories="classes")
+    export(str(request.getfixturevalue(output)), "labelstudio", str(target), image_root="http://x/y",
+           categories="classes")
     interface = interface_module.LabelInterface((tmp_path / "tasks.label_config.xml").read_text(encoding="utf-8"))
     interface.validate()
     for task in json.loads(target.read_text(encoding="utf-8")):
@@ -399,3 +403,248 @@ def test_yolo_refuses_colliding_stems(tmp_path):
     _write_run(out, OLD_RUN, rows, None)
     with pytest.raises(ExportError, match="same YOLO label file"):
         export(str(out), "yolo", str(tmp_path / "y"))
+
+
+# --------------------------------------------------------------------------- refined masks (--boxes)
+REFINE = "otsu"
+BLOB_RUN = "20240303T000000Z-dddddd"
+
+
+def _disc(width, height, centre, axes) -> np.ndarray:
+    """One drawn blob: a filled ellipse."""
+    return _mask(width, height, centre, axes)
+
+
+def _pixel_box(mask: np.ndarray):
+    """The blob's xyxy box (max exclusive), straight from its pixels."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _refined(row: dict, blobs: list[np.ndarray], scores: list[float]) -> dict:
+    """The row as `camjobs run --refine` writes it: the blobs' union as COCO RLE, one box per blob."""
+    from pycocotools import mask as coco_mask
+
+    rle = coco_mask.encode(np.asfortranarray(np.any(blobs, axis=0), dtype=np.uint8))
+    row.update(mask_rle={"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+               refined_boxes=[_box(_pixel_box(blob), score) for blob, score in zip(blobs, scores)], refine=REFINE)
+    return row
+
+
+# image_id -> (width, height, blobs largest first, their scores); the cam boxes are elsewhere
+BLOBS = {
+    "R_two": (400, 300, [_disc(400, 300, (150, 140), (90, 70)), _disc(400, 300, (340, 50), (20, 15))], [0.8, 0.3]),
+    "R_one": (640, 480, [_disc(640, 480, (300, 260), (160, 120))], [0.7]),
+}
+CAM_BOXES = {"R_two": [_box((40, 40, 260, 230), 0.9)], "R_one": [_box((100, 100, 500, 400), 0.6)],
+             "U_plain": [_box((10, 10, 60, 50), 0.5)], "N_nothing": [_box((5, 5, 30, 30), 0.4)]}
+
+
+def _blob_rows(run_id: str) -> list[dict]:
+    """Two refined rows, one of a run without --refine, one whose refinement found nothing."""
+    rows = []
+    for image_id, (width, height, blobs, scores) in BLOBS.items():
+        rows.append(_refined(_row(image_id, f"/d/{image_id}.jpg", width, height, CAM_BOXES[image_id], run_id),
+                             blobs, scores))
+    rows.append(_row("U_plain", "/d/U_plain.jpg", 200, 100, CAM_BOXES["U_plain"], run_id))
+    rows.append({**_row("N_nothing", "/d/N_nothing.jpg", 120, 90, CAM_BOXES["N_nothing"], run_id), "refine": REFINE})
+    return rows
+
+
+V1_SCHEMA = pa.schema([f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
+                      metadata={"camjobs.schema_version": "1"})
+
+
+def _write_v1(output: Path, rows: list[dict]) -> None:
+    """The rows as version 1 wrote them: no mask_rle, refined_boxes, refine; schema_version 1."""
+    folder = output / "cams" / BLOB_RUN
+    folder.mkdir(parents=True)
+    rows = [{**{k: v for k, v in row.items() if k in V1_SCHEMA.names}, "schema_version": 1} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=V1_SCHEMA), folder / "part-0.parquet")
+
+
+@pytest.fixture()
+def refined_dir(tmp_path) -> Path:
+    out = tmp_path / "refined"
+    _write_run(out, BLOB_RUN, _blob_rows(BLOB_RUN), {"run_id": BLOB_RUN, "config": {"data": "/d"}})
+    return out
+
+
+def _coco_by_image(data: dict) -> dict[str, list[dict]]:
+    names = {image["id"]: image["camjobs_image_id"] for image in data["images"]}
+    found = {name: [] for name in names.values()}
+    for annotation in data["annotations"]:
+        found[names[annotation["image_id"]]].append(annotation)
+    return found
+
+
+def test_coco_segmentations_decode_to_the_drawn_masks(refined_dir, tmp_path):
+    from pycocotools.coco import COCO
+
+    target = tmp_path / "coco.json"
+    result = export(str(refined_dir), "coco", str(target))  # --boxes auto
+    assert result.refined_images == 2 and "refined boxes of 2 images, CAM boxes of 2" in result.message()
+    with contextlib.redirect_stdout(io.StringIO()):
+        dataset = COCO(str(target))
+    by_image = _coco_by_image(json.loads(target.read_text(encoding="utf-8")))
+    for image_id, (width, height, blobs, scores) in BLOBS.items():
+        annotations = by_image[image_id]
+        assert len(annotations) == len(blobs)
+        for annotation, blob, score in zip(annotations, blobs, scores):
+            x0, y0, x1, y1 = _pixel_box(blob)
+            assert annotation["bbox"] == [x0, y0, x1 - x0, y1 - y0] and annotation["score"] == pytest.approx(score)
+            assert annotation["iscrowd"] == 0 and annotation["area"] == np.count_nonzero(blob)
+            assert annotation["segmentation"]["size"] == [height, width]
+            assert isinstance(annotation["segmentation"]["counts"], str)
+            assert np.array_equal(dataset.annToMask(dataset.anns[annotation["id"]]).astype(bool), blob)
+    # without refinement (or with nothing refined) the CAM boxes go out as before, without a mask
+    for image_id in ("U_plain", "N_nothing"):
+        (annotation,) = by_image[image_id]
+        assert "segmentation" not in annotation
+        x, y, w, h = annotation["bbox"]
+        assert [x, y, x + w, y + h] == [CAM_BOXES[image_id][0][k] for k in ("x_min", "y_min", "x_max", "y_max")]
+
+
+def test_coco_refined_masks_load_as_results_and_evaluate(refined_dir, tmp_path):
+    """The annotations as a loadRes result list: masks decode, and segm AP against the drawn masks is 1."""
+    from pycocotools import mask as coco_mask
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    target = tmp_path / "coco.json"
+    export(str(refined_dir), "coco", str(target), boxes="refined")
+    data = json.loads(target.read_text(encoding="utf-8"))
+    truth, names = [], {image["camjobs_image_id"]: image["id"] for image in data["images"]}
+    for image_id, (_, _, blobs, _) in BLOBS.items():
+        for blob in blobs:
+            rle = coco_mask.encode(np.asfortranarray(blob, dtype=np.uint8))
+            rle["counts"] = rle["counts"].decode("ascii")
+            truth.append({"id": len(truth) + 1, "image_id": names[image_id], "category_id": 1, "segmentation": rle,
+                          "area": float(np.count_nonzero(blob)), "bbox": list(coco_mask.toBbox(rle)), "iscrowd": 0})
+    gt = COCO()
+    gt.dataset = {"images": data["images"], "annotations": truth, "categories": data["categories"]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        results = gt.loadRes(data["annotations"])
+        evaluator = COCOeval(gt, results, "segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)
+    ids = {number: image_id for image_id, number in names.items()}
+    for image_id, (_, _, blobs, _) in BLOBS.items():
+        found = [a for a in results.dataset["annotations"] if ids[a["image_id"]] == image_id]
+        assert [results.annToMask(a).astype(bool).tolist() for a in found] == [blob.tolist() for blob in blobs]
+
+
+def test_boxes_refined_lists_unrefined_images_without_boxes(refined_dir, tmp_path):
+    target = tmp_path / "coco.json"
+    result = export(str(refined_dir), "coco", str(target), boxes="refined", min_score=0.5)
+    assert (result.images, result.boxes, result.dropped_boxes, result.refined_images) == (4, 2, 1, 2)
+    assert "2 without refinement exported with no box" in result.message()
+    by_image = _coco_by_image(json.loads(target.read_text(encoding="utf-8")))
+    assert by_image["U_plain"] == [] and by_image["N_nothing"] == []
+    # the small blob (score 0.3) is dropped with its mask; the large one keeps only its own component
+    (kept,) = by_image["R_two"]
+    assert kept["area"] == np.count_nonzero(BLOBS["R_two"][2][0])
+    with pytest.raises(ExportError, match="--boxes"):
+        export(str(refined_dir), "coco", str(target), boxes="mask")
+
+
+def test_boxes_cam_reproduces_the_output_without_refinement(refined_dir, tmp_path):
+    """--boxes cam on refined rows writes what the same rows without refinement (version 1) give."""
+    v1 = tmp_path / "v1"
+    _write_v1(v1, _blob_rows(BLOB_RUN))
+    (v1 / "runs").mkdir()
+    (v1 / "runs" / f"{BLOB_RUN}.json").write_text(json.dumps({"run_id": BLOB_RUN, "config": {"data": "/d"}}))
+    assert pq.read_schema(next((v1 / "cams").rglob("*.parquet"))).names == V1_SCHEMA.names
+    for fmt, name in (("coco", "x.json"), ("labelstudio", "x.json"), ("yolo", "x")):
+        for categories in ("lesion", "classes"):
+            runs = {
+                "cam": export(str(refined_dir), fmt, str(tmp_path / "cam" / name), boxes="cam", categories=categories),
+                "v1": export(str(v1), fmt, str(tmp_path / "v1out" / name), categories=categories),
+            }
+            assert runs["v1"].refined_images == 0 and runs["cam"].refined_images == 0
+            assert [r.message().split(" -> ")[0] for r in runs.values()] == [runs["v1"].message().split(" -> ")[0]] * 2
+            written = {key: _files(tmp_path / folder) for key, folder in (("cam", "cam"), ("v1", "v1out"))}
+            assert written["cam"] == written["v1"] and written["v1"]
+    refined = export(str(v1), "yolo", str(tmp_path / "none"), boxes="refined")
+    assert refined.boxes == 0 and refined.refined_images == 0 and "4 without refinement" in refined.message()
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every file under folder, COCO's creation date left out."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        text = path.read_text(encoding="utf-8")
+        if path.name.endswith(".json") and '"date_created"' in text:
+            data = json.loads(text)
+            data["info"].pop("date_created")
+            text = json.dumps(data)
+        files[str(path.relative_to(folder))] = text
+    return files
+
+
+def test_labelstudio_polygons_fill_back_to_the_masks(refined_dir, tmp_path):
+    target = tmp_path / "tasks.json"
+    export(str(refined_dir), "labelstudio", str(target), image_root="http://x/y", categories="classes")
+    config = ElementTree.fromstring((tmp_path / "tasks.label_config.xml").read_text(encoding="utf-8"))
+    polygons = config.find("PolygonLabels")
+    assert polygons.get("name") == "polygon" and polygons.get("toName") == "image"
+    assert {label.get("value") for label in polygons.findall("Label")} == _config_labels(
+        (tmp_path / "tasks.label_config.xml").read_text(encoding="utf-8"))
+    tasks = {task["data"]["image_id"]: task for task in json.loads(target.read_text(encoding="utf-8"))}
+    for image_id, (width, height, blobs, scores) in BLOBS.items():
+        regions = tasks[image_id]["predictions"][0]["result"]
+        assert [r["type"] for r in regions] == ["rectanglelabels", "polygonlabels"] * len(blobs)
+        assert len({r["id"] for r in regions}) == len(regions)
+        for rectangle, polygon, blob, score in zip(regions[::2], regions[1::2], blobs, scores):
+            assert polygon["from_name"] == "polygon" and polygon["to_name"] == "image"
+            assert (polygon["original_width"], polygon["original_height"], polygon["image_rotation"]) == (width, height, 0)
+            assert polygon["score"] == rectangle["score"] == pytest.approx(score)
+            value = polygon["value"]
+            assert set(value) == {"points", "closed", "polygonlabels"} and value["closed"] is True
+            assert value["polygonlabels"] == rectangle["value"]["rectanglelabels"] == ["nevus"]
+            points = np.array(value["points"])
+            assert points.ndim == 2 and points.shape[1] == 2 and len(points) >= 3
+            assert ((points >= 0) & (points <= 100)).all()
+            pixels = np.round(points * [width / 100.0, height / 100.0] - 0.5).astype(np.int32)  # centres -> indices
+            drawn = cv2.fillPoly(np.zeros((height, width), np.uint8), [pixels], 1).astype(bool)
+            jaccard = np.count_nonzero(drawn & blob) / np.count_nonzero(drawn | blob)
+            assert jaccard > 0.95, (image_id, jaccard)
+    for image_id in ("U_plain", "N_nothing"):
+        assert [r["type"] for r in tasks[image_id]["predictions"][0]["result"]] == ["rectanglelabels"]
+
+
+def test_labelstudio_config_without_masks_has_no_polygons(refined_dir, tmp_path):
+    export(str(refined_dir), "labelstudio", str(tmp_path / "t.json"), boxes="cam")
+    assert "Polygon" not in (tmp_path / "t.label_config.xml").read_text(encoding="utf-8")
+    assert label_config(["a"]) == label_config(["a"], polygons=False)
+    assert _config_labels(label_config(["a", "b"], polygons=True)) == {"a", "b"}
+
+
+def test_yolo_lines_are_the_refined_boxes(refined_dir, tmp_path):
+    target = tmp_path / "yolo"
+    result = export(str(refined_dir), "yolo", str(target), boxes="refined")
+    assert sorted(p.stem for p in target.glob("*.txt") if p.name != "classes.txt") == sorted(BLOBS)
+    assert result.boxes == 3
+    for image_id, (width, height, blobs, _) in BLOBS.items():
+        expected = []
+        for blob in blobs:
+            x0, y0, x1, y1 = _pixel_box(blob)
+            expected.append(f"0 {(x0 + x1) / 2 / width:.8f} {(y0 + y1) / 2 / height:.8f} "
+                            f"{(x1 - x0) / width:.8f} {(y1 - y0) / height:.8f}")
+        assert (target / f"{image_id}.txt").read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_split_mask_matches_each_refined_box_to_its_component():
+    from camjobs.export import _box_components
+
+    mask = np.zeros((50, 80), bool)
+    mask[5:20, 5:30] = True  # large
+    mask[30:40, 50:60] = True  # small
+    boxes = [_box((50, 30, 60, 40), 0.5), _box((5, 5, 30, 20), 0.9), _box((0, 40, 10, 50), 0.1)]
+    small, large, none = _box_components(mask, boxes)
+    assert np.count_nonzero(small) == 100 and small[30:40, 50:60].all()
+    assert np.count_nonzero(large) == 375 and large[5:20, 5:30].all()
+    assert not none.any()  # a box that is no component's: the mask inside it (here nothing)
