@@ -217,14 +217,19 @@ def evaluate(
     report: Optional[str] = typer.Option(None, "--report", help="Report folder (default: OUTPUT/eval)."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Only this run's rows (default: the newest run's model and settings, over all runs)."),
     max_side: int = typer.Option(1024, help="Sweep metrics on a grid of at most this long side; 0: the full size."),
+    image_baselines: bool = typer.Option(
+        True, "--image-baselines/--no-image-baselines",
+        help="Read each row's image (source_path) for the Otsu lesion baseline; off for outputs whose images are gone."),
 ) -> None:
-    """Localization metrics of the maps (MaxBoxAcc, MaxBoxAccV2, PxAP, top-1/GT-known Loc, IoU, ISIC Jaccard)."""
+    """Localization metrics of the maps (MaxBoxAcc, MaxBoxAccV2, PxAP, top-1/GT-known Loc, IoU, Jaccard) beside
+    the refined labels of a --refine run and the Otsu, centre-box and constant-map baselines."""
     _setup_logging(False)
     from camjobs.evaluate import EvaluationError, evaluate_output
 
     try:
         result = evaluate_output(output, data=data, masks=masks, boxes=boxes, run_id=run_id,
-                                 report_dir=report, max_side=max_side or None, progress=True)
+                                 report_dir=report, max_side=max_side or None, progress=True,
+                                 image_baselines=image_baselines)
     except EvaluationError as exc:
         raise _fail(str(exc), EXIT_USAGE)
     except (ValueError, OSError) as exc:

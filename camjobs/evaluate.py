@@ -2,17 +2,29 @@
 
 ``evaluate_output(OUTPUT, data=... | masks=... | boxes=...)`` reads the rows of ``OUTPUT/cams``,
 compares every map with the image's ground truth and writes a report (``OUTPUT/eval/`` by
-default): ``metrics.json`` (the metrics below, their baselines, ``counts``, ``details`` with the
-curves, ``settings``), ``metrics.md`` (a table: metric | CAM | centre box | constant map),
-``per_image.csv`` (per image: IoU of ``boxes[0]`` and of the centre box, Jaccard, labels, IoU of
-the largest-contour box at MaxBoxAcc's threshold), ``pr_curve.png`` (pixel precision-recall) and
-``box_acc.png`` (BoxAcc against the CAM threshold). The plots are drawn with OpenCV.
-``CamEvaluator`` does the same for maps held in memory.
+default): ``metrics.json`` (the metrics below, a block per baseline, ``counts``, ``details``
+with the curves, ``settings``), ``metrics.md`` (a table: metric | CAM | refined | Otsu lesion
+mask | centre box | constant map), ``per_image.csv``, ``pr_curve.png`` (pixel precision-recall)
+and ``box_acc.png`` (BoxAcc against the CAM threshold). The plots are drawn with OpenCV
+(``camjobs.eval_plots``). ``CamEvaluator`` (``camjobs.scores``) does the same for maps held in
+memory; the metric arithmetic is ``camjobs.metrics``.
 
 Rows: with ``run_id``, that run's rows. Without, the newest run's model and settings
-(``model_sha256, method, threshold, target_mode, input_size``) and every row in ``cams/`` with
-the same, one per image_id (the newest run's): after ``--incremental`` runs that is the whole
-dataset, and rows of other models or settings are left out.
+(``model_sha256, method, threshold, target_mode, input_size, refine``: ``schema.SETTINGS_COLUMNS``)
+and every row in ``cams/`` with the same, one per image_id (the newest run's): after
+``--incremental`` runs that is the whole dataset, and rows of other models or settings are left
+out. Files of schema version 1 (no ``mask_rle``, ``refined_boxes``, ``refine``) are read through
+``CAMS_SCHEMA``: the missing columns are null, so their rows have no refined labels and their
+``refine`` setting is null, as a version-2 run without ``--refine`` writes it.
+
+Score sources. Each thing scored is a source (``camjobs.scores``: one accumulator per source,
+``add`` an image, then ``result()``); every source gets every metric below, in its own block of
+metrics.json, and null where it scored no image:
+
+- the CAM (top level of metrics.json): a score map, swept over thresholds;
+- ``refined``: the labels a ``camjobs run --refine`` run wrote (see "Refined labels");
+- ``otsu_baseline``: the Otsu lesion mask of the image alone (see "The Otsu baseline");
+- ``centre_baseline`` and ``constant_baseline``: see "Fixed baselines".
 
 Metrics, after Choe et al., "Evaluating Weakly Supervised Object Localization Methods Right"
 (CVPR 2020) and their code (github.com/clovaai/wsolevaluation, ``evaluation.py`` and
@@ -57,28 +69,64 @@ At the run's own threshold ``T`` (``threshold`` column, 0.2 by default), with ca
 
 - ``mean_iou``: mean IoU (x 100) of the stored ``boxes[0]`` with the ground-truth box (the best
   of several); 0 for an image without a box.
-- ``jaccard_isic2018`` (needs masks): ISIC 2018 Task 1's thresholded Jaccard of the whole
-  region ``{U >= T * max U}`` (every component) with the mask, at the image's own size: per
-  image ``J = |R & M| / |R | M|``, scored ``J`` if ``J >= 0.65`` else 0, averaged.
-  ``details.jaccard_mean`` is the plain mean of ``J``.
+- ``iou50_share``: the share of images whose ``boxes[0]`` has IoU >= 0.5 (no box: a miss).
+- ``jaccard_mean`` (needs masks): the plain mean of the Jaccard index of the whole region
+  ``{U >= T * max U}`` (every component) with the mask, at the image's own size: per image
+  ``J = |R & M| / |R | M|`` (``geometry.mask_jaccard``). ``details.jaccard_mean`` holds the
+  same number (it was there first).
+- ``jaccard_isic2018`` (needs masks): ISIC 2018 Task 1's thresholded Jaccard: per image ``J``
+  if ``J >= 0.65`` else 0, averaged.
 
 Ground truth: a lesion mask (binarized ``> 127``; ``read_mask``) gives one box, the tightest box
 around all its pixels (``mask_box``), and the pixels for PxAP and the Jaccard; a COCO file gives
 boxes ``[x, y, w, h]`` -> ``(x, y, x + w, y + h)`` (several per image: the best IoU counts) and no
-pixels, so PxAP and the Jaccard are null. Images without ground truth, or with an empty mask or
+pixels, so PxAP and the Jaccards are null. Images without ground truth, or with an empty mask or
 no box, are left out and counted (``counts``). Boxes are xyxy with x_max, y_max exclusive
 (camjobs' convention) and IoU is ``box_iou``.
 
-Baselines, under the same keys:
+Sources with nothing to sweep (every source but the CAM) give per image some boxes, largest
+first, and a binary map. A fixed answer is the same at every threshold, so MaxBoxAcc, GT-known
+and top-1 Loc use the first box as every threshold's largest-contour box, MaxBoxAccV2 counts
+any of the boxes; mean IoU and the IoU >= 0.5 share use the first box; PxAP and the Jaccards use
+the binary map (1 on it, 0 elsewhere; for PxAP on the sweep's grid, see difference 1: a box's
+map is the grid pixels whose centre lies in it, a mask is resized like a ground-truth mask).
+No box scores IoU 0, an empty map covers nothing.
+
+Fixed baselines, under the same keys:
 
 - ``centre_baseline``: the centre box ``centre_box(width, height, 0.5)`` (the middle half of each
-  side, a quarter of the image). A fixed box is the same at every threshold, so MaxBoxAcc(V2),
-  GT-known and top-1 Loc use it as every threshold's only box; mean IoU uses it as ``boxes[0]``;
-  PxAP and the Jaccard use it as a binary map (1 at pixels whose centre lies in the box, else 0).
+  side, a quarter of the image); its binary map is the pixels whose centre lies in the box.
 - ``constant_baseline``: a constant map. Every pixel is at the peak, so the region at every
   threshold is the whole image: the box is the whole image ``(0, 0, width, height)`` for the box
   metrics, and for PxAP every pixel is positive (PxAP = the share of mask pixels, pooled).
   ``CamEvaluator`` treats a constant map exactly like this (see the differences below).
+
+The Otsu baseline (``otsu_baseline``): a lesion mask from the image's pixels alone, no model
+(``camjobs.segment.otsu_lesion_mask``): at a working size of longer side at most 512 pixels
+(area averaging), grey = OpenCV's RGB -> grey blurred by a Gaussian of sigma 0.01 x the longer
+side; foreground = grey <= Otsu's threshold of it (lesions are darker than skin); of its
+8-connected components, each scores its area, divided by 4 if it touches the image's border
+(vignette corners, shadows), and the best (the first in OpenCV's label order on a tie) is the
+mask, resized to the image's size. An image whose grey values are all equal has no mask. Its
+box is ``mask_box`` of the mask (one component, so the box around the whole mask); no mask: no
+box and an empty map. The pixels come from each row's ``source_path`` (``camjobs.decode``:
+``read_bytes``, then ``decode_reduced`` with both sides kept at >= 512 where the codec can
+shrink, as a JPEG can: the working image is no smaller than it would be from a full decode).
+Where the file cannot be read or decoded (moved, deleted, corrupt), or now has another size
+than the row's (replaced), the Otsu baseline skips that image: it is scored over the images it
+could read (``counts.otsu_images``), and ``counts.image_unreadable`` and
+``counts.image_size_changed`` say how many it could not. A missing file is the output's
+problem, not the baseline's, so it is not scored as a miss; the CAM and the other sources
+still count the image. ``image_baselines=False`` (``camjobs evaluate --no-image-baselines``)
+reads no image: the Otsu baseline is null, for outputs whose images are gone.
+
+Refined labels (``refined``): rows of a ``camjobs run --refine`` run (``refine``,
+``mask_rle`` or ``refined_boxes`` not null) give their ``refined_boxes`` (largest first) as the
+boxes and the mask of ``mask_rle`` (COCO RLE, ``geometry.rle_decode``) as the binary map. A
+refined row with a null mask (its map was empty or flat) counts as no box and an empty mask. A
+mask of another size than the image is resized (``geometry.resize_mask``;
+``counts.refined_mask_resized``). Rows without refinement are left out of this source
+(``counts.refined_images`` counts those in): with none, every ``refined`` metric is null.
 
 Differences from wsolevaluation (each deliberate):
 
@@ -90,7 +138,7 @@ Differences from wsolevaluation (each deliberate):
    INTER_AREA and binarized ``> 127``, and boxes found on it are scaled back to original pixels
    before the IoU with the (full-resolution) ground-truth box. Pixels are pooled over images
    for PxAP, so larger images weigh more (wsolevaluation's fixed 224 x 224 weighs every image
-   the same); the cap limits this. mean IoU and the Jaccard always use the full size.
+   the same); the cap limits this. mean IoU and the Jaccards always use the full size.
 2. Upsampling. wsolevaluation resizes the map with bicubic interpolation; here bilinear
    (align_corners=False), the rule camjobs' own heatmaps and boxes use.
 3. Box extent and IoU. wsolevaluation makes the box ``(x, y, min(x + w, W - 1), min(y + h, H - 1))``
@@ -114,12 +162,19 @@ Differences from wsolevaluation (each deliberate):
    the stored map's class (``target_label``), so GT-known Loc is over the images where that is
    the ground-truth class (see above).
 
-Memory: rows are read with the small columns first (to pick the rows), then streamed in record
-batches; one image's maps are held at a time. Per image, 100 booleans (the largest-contour hits
-at IoU 0.5, for GT-known and top-1 Loc at the best threshold, found at the end) and a few
-numbers are kept.
+per_image.csv, a row per image: ``image_id, width, height``; ``first_box_iou`` (the CAM's
+``boxes[0]``) and ``jaccard`` (its region at the run's threshold); ``refined_box_iou`` and
+``refined_jaccard``; ``otsu_box_iou`` and ``otsu_jaccard``; ``centre_box_iou``; ``label,
+pred_label, target_label``; ``largest_box_iou_at_best_threshold`` (the CAM's largest contour at
+MaxBoxAcc's threshold). A value that does not apply (no mask; a row without refinement; an
+image the Otsu baseline could not read) is empty.
 
-This module must not import torch or ray (``camjobs.synth`` imports ``mask_box`` from it);
+Memory: rows are read with the small columns first (to pick the rows), then streamed in record
+batches; one image's maps and pixels are held at a time. Per image, 100 booleans (the
+largest-contour hits at IoU 0.5, for GT-known and top-1 Loc at the best threshold, found at
+the end) and a few numbers per source are kept.
+
+This module must not import torch or ray (tests and label tools import ``mask_box`` from it);
 maps are upsampled by ``camjobs.localize``, which needs neither.
 """
 
@@ -128,28 +183,49 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
 
-from camjobs.geometry import Box, box_iou, centre_box, mask_box
+from camjobs.eval_plots import draw_box_acc_plot, draw_pr_plot, encode_png, fmt
+from camjobs.geometry import Box, box_iou, centre_box, mask_box, rle_decode  # noqa: F401 (re-exported)
+from camjobs.metrics import (  # noqa: F401 (re-exported: the metric arithmetic's old home)
+    CAM_CURVE_INTERVAL,
+    CAM_THRESHOLDS,
+    IOU_THRESHOLDS,
+    ISIC_JACCARD_CUTOFF,
+    MAX_BOX_ACC_IOU,
+    PXAP_EDGES,
+    PrCurve,
+    SweepStep,
+    best_ious,
+    box_region,
+    contour_boxes,
+    eval_grid,
+    normalize_scoremap,
+    pixel_histograms,
+    pr_curve,
+    run_region,
+)
+from camjobs.schema import CAMS_SCHEMA, SETTINGS_COLUMNS
+from camjobs.scores import (  # noqa: F401 (re-exported)
+    DEFAULT_MAX_SIDE,
+    DEFAULT_THRESHOLD,
+    METRIC_KEYS,
+    CamEvaluator,
+    EvaluationError,
+    GroundTruth,
+    Refinement,
+    source_blocks,
+)
+from camjobs.segment import WORK_SIDE
 
-CAM_CURVE_INTERVAL = 0.01
-CAM_THRESHOLDS = np.arange(0, 1, CAM_CURVE_INTERVAL)  # the sweep, as wsolevaluation builds it
-IOU_THRESHOLDS = (0.3, 0.5, 0.7)  # MaxBoxAccV2
-MAX_BOX_ACC_IOU = 0.5  # MaxBoxAcc, GT-known and top-1 Loc
-PXAP_EDGES = np.append(CAM_THRESHOLDS, [1.0, 2.0, 3.0])  # histogram bin edges for PxAP
-ISIC_JACCARD_CUTOFF = 0.65  # ISIC 2018 Task 1: per-image Jaccard below this scores 0
-DEFAULT_MAX_SIDE = 1024
-CONSTANT_RTOL = 1e-6  # a map whose range is below this fraction of its magnitude is constant
-DEFAULT_THRESHOLD = 0.2
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_segmentation"
-METRIC_KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc", "mean_iou", "jaccard_isic2018")
+IMAGE_MIN_SIDE = WORK_SIDE  # the image baselines decode with both sides at least this (the Otsu working size)
 METRIC_NAMES = {
     "max_box_acc": "MaxBoxAcc (IoU 0.5, largest contour)",
     "max_box_acc_v2": "MaxBoxAccV2 (IoU 0.3/0.5/0.7, all contours)",
@@ -157,12 +233,10 @@ METRIC_NAMES = {
     "top1_loc": "Top-1 Loc (IoU 0.5, at MaxBoxAcc's threshold)",
     "gt_known_loc": "GT-known Loc (IoU 0.5, at MaxBoxAcc's threshold)",
     "mean_iou": "mean IoU of boxes[0] (x100, run threshold)",
+    "iou50_share": "share with IoU >= 0.5 of boxes[0] (run threshold)",
+    "jaccard_mean": "mean Jaccard (run threshold)",
     "jaccard_isic2018": "ISIC 2018 thresholded Jaccard (run threshold)",
 }
-
-
-class EvaluationError(ValueError):
-    """The output, the ground truth or the options do not allow an evaluation."""
 
 
 # --------------------------------------------------------------------------- boxes and masks
@@ -172,365 +246,6 @@ def read_mask(path: str) -> np.ndarray:
     if mask is None:
         raise ValueError(f"could not read mask {path}")
     return mask > 127
-
-
-def best_ious(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """For each of n xyxy boxes, its best IoU (``box_iou``) with any of m ground-truth boxes."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[:, None, :]
-    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)[None, :, :]
-    width = np.maximum(0.0, np.minimum(boxes[..., 2], truth[..., 2]) - np.maximum(boxes[..., 0], truth[..., 0]))
-    height = np.maximum(0.0, np.minimum(boxes[..., 3], truth[..., 3]) - np.maximum(boxes[..., 1], truth[..., 1]))
-    intersection = width * height
-    union = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-             + (truth[..., 2] - truth[..., 0]) * (truth[..., 3] - truth[..., 1]) - intersection)
-    iou = np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
-    return iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
-
-
-def box_region(box: Box, width: int, height: int, grid_width: int | None = None, grid_height: int | None = None) -> np.ndarray:
-    """Pixels of a grid_height x grid_width grid over a width x height image whose centres lie in box."""
-    grid_width, grid_height = grid_width or width, grid_height or height
-    xs = (np.arange(grid_width) + 0.5) * (width / grid_width)
-    ys = (np.arange(grid_height) + 0.5) * (height / grid_height)
-    inside_x = (xs >= box[0]) & (xs < box[2])
-    inside_y = (ys >= box[1]) & (ys < box[3])
-    return inside_y[:, None] & inside_x[None, :]
-
-
-# --------------------------------------------------------------------------- score maps
-def normalize_scoremap(upsampled: np.ndarray) -> np.ndarray:
-    """Min-max normalization to [0, 1] in float64; a constant map -> ones, non-finite -> zeros.
-
-    A map whose range is within 1e-6 of its magnitude counts as constant: upsampling a constant
-    map in float32 leaves rounding noise that min-max normalization would blow up to [0, 1].
-    """
-    scoremap = np.asarray(upsampled, dtype=np.float64)
-    if not np.isfinite(scoremap).all():
-        return np.zeros_like(scoremap)
-    low, high = scoremap.min(), scoremap.max()
-    if high - low <= CONSTANT_RTOL * max(abs(low), abs(high)):
-        return np.ones_like(scoremap)
-    return (scoremap - low) / (high - low)
-
-
-@dataclass
-class SweepStep:
-    """The contours' boxes at one threshold (xyxy, max exclusive) and which one is the largest."""
-
-    boxes: np.ndarray  # (n, 4) int
-    largest: int
-
-
-def contour_boxes(scoremap: np.ndarray, thresholds: Iterable[float] = CAM_THRESHOLDS) -> list[SweepStep | None]:
-    """wsolevaluation's boxes per threshold (None where no pixel passes); see the module docstring."""
-    quantized = (np.asarray(scoremap) * 255).astype(np.uint8)
-    peak = int(quantized.max())
-    # at_least[v] = pixels with Q >= v: regions are nested, so an equal count above two cuts
-    # means the same region (maps with few distinct values skip most findContours calls).
-    at_least = np.append(np.cumsum(np.bincount(quantized.ravel(), minlength=256)[::-1])[::-1], 0)
-    steps: list[SweepStep | None] = []
-    last_count, last_step = -1, None
-    for threshold in thresholds:
-        cut = int(threshold * peak)
-        count = int(at_least[cut + 1])
-        if count != last_count:
-            last_count, last_step = count, None
-            if count:
-                region = (quantized > cut).astype(np.uint8)
-                contours = cv2.findContours(region, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
-                if contours:
-                    rects = np.array([cv2.boundingRect(c) for c in contours], dtype=np.int64).reshape(-1, 4)
-                    rects[:, 2:] += rects[:, :2]
-                    areas = [cv2.contourArea(c) for c in contours]
-                    last_step = SweepStep(rects, int(np.argmax(areas)))
-        steps.append(last_step)
-    return steps
-
-
-def pixel_histograms(scoremap: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of the scoremap's values at mask and non-mask pixels in the PxAP bins.
-
-    The bins of np.histogram(values, PXAP_EDGES): [e_i, e_i+1), the last one closed.
-    """
-    size = len(PXAP_EDGES) - 1
-    bins = np.searchsorted(PXAP_EDGES, np.asarray(scoremap, dtype=np.float64).ravel(), side="right") - 1
-    np.clip(bins, 0, size - 1, out=bins)
-    bins += size * np.asarray(mask, dtype=bool).ravel()
-    counts = np.bincount(bins, minlength=2 * size).astype(np.float64)
-    return counts[size:], counts[:size]
-
-
-def _binary_histograms(region: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """pixel_histograms of a map that is 1 on region and 0 elsewhere."""
-    size = len(PXAP_EDGES) - 1
-    top = int(np.searchsorted(PXAP_EDGES, 1.0, side="right")) - 1  # the bin [1, 2)
-    positive, negative = np.zeros(size), np.zeros(size)
-    mask_pixels, hits = int(np.count_nonzero(mask)), int(np.count_nonzero(region & mask))
-    region_pixels = int(np.count_nonzero(region))
-    positive[top], positive[0] = hits, mask_pixels - hits
-    negative[top], negative[0] = region_pixels - hits, mask.size - mask_pixels - (region_pixels - hits)
-    return positive, negative
-
-
-@dataclass
-class PrCurve:
-    pxap: float | None  # percent; None without mask pixels
-    thresholds: np.ndarray  # the edges, descending (2, 1, .99, ..., 0), where precision is defined
-    precision: np.ndarray
-    recall: np.ndarray
-
-
-def pr_curve(positive_hist: np.ndarray, negative_hist: np.ndarray) -> PrCurve:
-    """The pixel precision-recall curve and its area (PxAP), as wsolevaluation's MaskEvaluator."""
-    tp = np.cumsum(positive_hist[::-1])
-    fp = np.cumsum(negative_hist[::-1])
-    edges = PXAP_EDGES[:-1][::-1]
-    positives = float(positive_hist.sum())
-    defined = (tp + fp) > 0
-    if positives <= 0:
-        return PrCurve(None, edges[defined], np.zeros(int(defined.sum())), np.zeros(int(defined.sum())))
-    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=defined)
-    recall = tp / positives
-    area = float((precision[1:] * np.diff(recall))[defined[1:]].sum())
-    return PrCurve(100.0 * area, edges[defined], precision[defined], recall[defined])
-
-
-def run_region(upsampled: np.ndarray, threshold: float) -> np.ndarray:
-    """camjobs' box rule on an upsampled map: clip(U / max U, 0, 1) >= T; empty when max U <= 0.
-
-    In float32, as ``camjobs.localize.normalized`` computes it, so it is the region the run's
-    boxes were drawn from.
-    """
-    upsampled = np.asarray(upsampled, dtype=np.float32)
-    peak = upsampled.max()
-    if not np.isfinite(peak) or peak <= 0:
-        return np.zeros(upsampled.shape, bool)
-    return np.clip(upsampled / peak, 0.0, 1.0) >= np.float32(threshold)
-
-
-def isic_jaccard(region: np.ndarray, mask: np.ndarray) -> float:
-    """Jaccard index of two boolean maps (1.0 when both are empty)."""
-    union = int(np.count_nonzero(region | mask))
-    return int(np.count_nonzero(region & mask)) / union if union else 1.0
-
-
-# --------------------------------------------------------------------------- the evaluator
-@dataclass
-class GroundTruth:
-    boxes: list[tuple[float, float, float, float]]  # xyxy, max exclusive, original pixels
-    mask: np.ndarray | None = None  # bool, height x width
-
-
-def eval_grid(width: int, height: int, max_side: int | None) -> tuple[int, int]:
-    """The (width, height) the sweep metrics use: the image's, or scaled to long side max_side."""
-    if not max_side or max(width, height) <= max_side:
-        return width, height
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _percent(hits: float, total: int) -> float | None:
-    return 100.0 * hits / total if total else None
-
-
-class CamEvaluator:
-    """Accumulates one image at a time; ``result()`` gives metrics.json's content."""
-
-    def __init__(self, max_side: int | None = DEFAULT_MAX_SIDE):
-        self.max_side = max_side
-        n_thr, n_bins = len(CAM_THRESHOLDS), len(PXAP_EDGES) - 1
-        self.largest_hits = {iou: np.zeros(n_thr) for iou in IOU_THRESHOLDS}
-        self.any_hits = {iou: np.zeros(n_thr) for iou in IOU_THRESHOLDS}
-        self.hist = {name: (np.zeros(n_bins), np.zeros(n_bins)) for name in ("cam", "centre", "constant")}
-        self.fixed_hits = {name: {iou: 0 for iou in IOU_THRESHOLDS} for name in ("centre", "constant")}
-        self.iou_sum = {"cam": 0.0, "centre": 0.0, "constant": 0.0}
-        self.jaccards: dict[str, list[float]] = {"cam": [], "centre": [], "constant": []}
-        self.images = 0
-        self.thresholds: set[float] = set()
-        self.counts = {"evaluated": 0, "with_mask": 0, "labelled": 0, "gt_known_images": 0,
-                       "downscaled": 0, "no_box_at_run_threshold": 0}
-        # per image, for GT-known / top-1 Loc at the best threshold and per_image.csv
-        self._hits50: list[np.ndarray] = []
-        self._largest_iou: list[np.ndarray] = []
-        self._labels: list[tuple[bool, bool]] = []  # (labelled and predicted right, map of the GT class)
-        self._labelled: list[bool] = []
-        self._fixed50: dict[str, list[bool]] = {"centre": [], "constant": []}
-        self.per_image: list[dict[str, Any]] = []
-
-    # ----------------------------------------------------------------------- one image
-    def add(
-        self,
-        cam: np.ndarray,
-        width: int,
-        height: int,
-        truth: GroundTruth,
-        *,
-        threshold: float = DEFAULT_THRESHOLD,
-        first_box: Box | None = None,
-        label: str | None = None,
-        pred_label: str | None = None,
-        target_label: str | None = None,
-        image_id: str = "",
-    ) -> None:
-        """Add one raw map (cam_height x cam_width) of a width x height image with its ground truth.
-
-        ``first_box`` is the run's ``boxes[0]`` (None: the run found no box) at ``threshold``.
-        """
-        from camjobs.localize import upsample
-
-        if not truth.boxes:
-            raise ValueError("ground truth without a box")
-        width, height = int(width), int(height)
-        truth_boxes = np.asarray(truth.boxes, dtype=np.float64).reshape(-1, 4)
-        raw = np.ascontiguousarray(cam, dtype=np.float32)
-        grid_w, grid_h = eval_grid(width, height, self.max_side)
-        downscaled = (grid_w, grid_h) != (width, height)
-        upsampled = upsample(raw, grid_h, grid_w)
-        scoremap = normalize_scoremap(upsampled)
-
-        # sweep: boxes per threshold, back in original pixels
-        scale = np.array([width / grid_w, height / grid_h, width / grid_w, height / grid_h])
-        largest_iou = np.zeros(len(CAM_THRESHOLDS))
-        any_iou = np.zeros(len(CAM_THRESHOLDS))
-        cache: dict[int, tuple[float, float]] = {}
-        for index, step in enumerate(contour_boxes(scoremap)):
-            if step is None:
-                continue
-            key = id(step)
-            if key not in cache:
-                boxes = step.boxes * scale if downscaled else step.boxes.astype(np.float64)
-                ious = best_ious(boxes, truth_boxes)
-                cache[key] = (float(ious[step.largest]), float(ious.max()))
-            largest_iou[index], any_iou[index] = cache[key]
-        for iou in IOU_THRESHOLDS:
-            self.largest_hits[iou] += largest_iou >= iou
-            self.any_hits[iou] += any_iou >= iou
-        hits50 = largest_iou >= MAX_BOX_ACC_IOU
-
-        fixed = {"centre": centre_box(width, height, 0.5), "constant": (0.0, 0.0, float(width), float(height))}
-        fixed_iou = {name: float(best_ious(np.array([box]), truth_boxes)[0]) for name, box in fixed.items()}
-        for name, value in fixed_iou.items():
-            for iou in IOU_THRESHOLDS:
-                self.fixed_hits[name][iou] += value >= iou
-            self._fixed50[name].append(value >= MAX_BOX_ACC_IOU)
-
-        # the run's own threshold: boxes[0] and the region U >= T * max U
-        first_iou = float(best_ious(np.array([first_box], dtype=np.float64), truth_boxes)[0]) if first_box is not None else 0.0
-        self.iou_sum["cam"] += first_iou
-        self.iou_sum["centre"] += fixed_iou["centre"]
-        self.iou_sum["constant"] += fixed_iou["constant"]
-        self.counts["no_box_at_run_threshold"] += first_box is None
-        self.thresholds.add(round(float(threshold), 6))
-
-        jaccard = None
-        if truth.mask is not None:
-            mask = np.asarray(truth.mask, dtype=bool)
-            if mask.shape != (height, width):
-                raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
-            grid_mask = mask if not downscaled else cv2.resize(
-                mask.astype(np.uint8) * 255, (grid_w, grid_h), interpolation=cv2.INTER_AREA) > 127
-            for name, (pos, neg) in (
-                ("cam", pixel_histograms(scoremap, grid_mask)),
-                ("centre", _binary_histograms(box_region(fixed["centre"], width, height, grid_w, grid_h), grid_mask)),
-                ("constant", _binary_histograms(np.ones(grid_mask.shape, bool), grid_mask)),
-            ):
-                self.hist[name][0][:] += pos
-                self.hist[name][1][:] += neg
-            full = upsampled if not downscaled else upsample(raw, height, width)
-            jaccard = isic_jaccard(run_region(full, threshold), mask)
-            self.jaccards["cam"].append(jaccard)
-            self.jaccards["centre"].append(isic_jaccard(box_region(fixed["centre"], width, height), mask))
-            self.jaccards["constant"].append(float(np.count_nonzero(mask)) / mask.size)
-            self.counts["with_mask"] += 1
-
-        labelled = label is not None
-        self._hits50.append(hits50)
-        self._largest_iou.append(largest_iou.astype(np.float32))
-        self._labelled.append(labelled)
-        self._labels.append((labelled and pred_label == label, labelled and target_label == label))
-        self.counts["labelled"] += labelled
-        self.counts["gt_known_images"] += labelled and target_label == label
-        self.counts["downscaled"] += downscaled
-        self.counts["evaluated"] += 1
-        self.images += 1
-        self.per_image.append({
-            "image_id": image_id, "width": width, "height": height, "first_box_iou": first_iou,
-            "centre_box_iou": fixed_iou["centre"], "jaccard": jaccard,
-            "label": label, "pred_label": pred_label, "target_label": target_label,
-        })
-
-    # ----------------------------------------------------------------------- results
-    def _loc(self, hits: np.ndarray) -> tuple[float | None, float | None]:
-        correct = np.array([c for c, _ in self._labels], dtype=bool)
-        known = np.array([k for _, k in self._labels], dtype=bool)
-        labelled = np.array(self._labelled, dtype=bool)
-        top1 = _percent(float(np.count_nonzero(hits & correct)), int(labelled.sum()))
-        gt_known = _percent(float(np.count_nonzero(hits & known)), int(known.sum()))
-        return top1, gt_known
-
-    def result(self) -> dict[str, Any]:
-        n = self.images
-        if not n:
-            raise EvaluationError("no image with ground truth to evaluate")
-        largest_acc = {iou: 100.0 * self.largest_hits[iou] / n for iou in IOU_THRESHOLDS}
-        any_acc = {iou: 100.0 * self.any_hits[iou] / n for iou in IOU_THRESHOLDS}
-        best = int(np.argmax(largest_acc[MAX_BOX_ACC_IOU]))
-        hits = np.array(self._hits50, dtype=bool).reshape(n, -1)[:, best]
-        top1, gt_known = self._loc(hits)
-        curves = {name: pr_curve(*self.hist[name]) for name in self.hist}
-        masks = self.counts["with_mask"]
-
-        def jaccard(values: list[float]) -> float | None:
-            return _percent(sum(j for j in values if j >= ISIC_JACCARD_CUTOFF), len(values)) if masks else None
-
-        metrics: dict[str, Any] = {
-            "max_box_acc": float(largest_acc[MAX_BOX_ACC_IOU][best]),
-            "max_box_acc_v2": float(np.mean([any_acc[iou].max() for iou in IOU_THRESHOLDS])),
-            "pxap": curves["cam"].pxap if masks else None,
-            "top1_loc": top1,
-            "gt_known_loc": gt_known,
-            "mean_iou": 100.0 * self.iou_sum["cam"] / n,
-            "jaccard_isic2018": jaccard(self.jaccards["cam"]),
-        }
-        for name in ("centre", "constant"):
-            fixed_acc = {iou: 100.0 * self.fixed_hits[name][iou] / n for iou in IOU_THRESHOLDS}
-            top1_b, gt_known_b = self._loc(np.array(self._fixed50[name], dtype=bool))
-            metrics[f"{name}_baseline"] = {
-                "max_box_acc": fixed_acc[MAX_BOX_ACC_IOU],
-                "max_box_acc_v2": float(np.mean(list(fixed_acc.values()))),
-                "pxap": curves[name].pxap if masks else None,
-                "top1_loc": top1_b,
-                "gt_known_loc": gt_known_b,
-                "mean_iou": 100.0 * self.iou_sum[name] / n,
-                "jaccard_isic2018": jaccard(self.jaccards[name]),
-            }
-        metrics["counts"] = dict(self.counts)
-        metrics["details"] = {
-            "best_threshold": float(CAM_THRESHOLDS[best]),
-            "box_acc_v2_by_iou": {str(iou): float(any_acc[iou].max()) for iou in IOU_THRESHOLDS},
-            "best_thresholds_v2": {str(iou): float(CAM_THRESHOLDS[int(np.argmax(any_acc[iou]))]) for iou in IOU_THRESHOLDS},
-            "jaccard_mean": _percent(sum(self.jaccards["cam"]), len(self.jaccards["cam"])) if masks else None,
-            "box_acc_curves": {
-                "thresholds": [round(float(t), 2) for t in CAM_THRESHOLDS],
-                "largest_contour": {str(iou): largest_acc[iou].tolist() for iou in IOU_THRESHOLDS},
-                "all_contours": {str(iou): any_acc[iou].tolist() for iou in IOU_THRESHOLDS},
-            },
-            "pr_curves": {
-                name: {"thresholds": c.thresholds.tolist(), "precision": c.precision.tolist(), "recall": c.recall.tolist()}
-                for name, c in curves.items()
-            } if masks else None,
-        }
-        metrics["settings"] = {
-            "cam_curve_interval": CAM_CURVE_INTERVAL,
-            "iou_thresholds": list(IOU_THRESHOLDS),
-            "max_side": self.max_side,
-            "run_thresholds": sorted(self.thresholds),
-            "isic_jaccard_cutoff": ISIC_JACCARD_CUTOFF,
-        }
-        largest = np.array(self._largest_iou).reshape(n, -1)
-        for row, iou in zip(self.per_image, largest[:, best]):
-            row["largest_box_iou_at_best_threshold"] = float(iou)
-        return metrics
 
 
 # --------------------------------------------------------------------------- ground truth sources
@@ -699,17 +414,19 @@ class _TruthSource:
 
 
 # --------------------------------------------------------------------------- reading the output
-_LIGHT = ("image_id", "run_id", "model_sha256", "method", "threshold", "target_mode", "input_size")
-_HEAVY = ("image_id", "run_id", "width", "height", "cam", "cam_height", "cam_width", "boxes", "threshold",
-          "label", "pred_label", "target_label")
+_LIGHT = ("image_id", "run_id", *SETTINGS_COLUMNS)
+_HEAVY = ("image_id", "run_id", "source_path", "width", "height", "cam", "cam_height", "cam_width", "boxes",
+          "threshold", "label", "pred_label", "target_label", "mask_rle", "refined_boxes", "refine")
 
 
 def _select_rows(dataset, run_id: str | None) -> tuple[set[tuple[str, str]], list[str]]:
     """(run_id, image_id) pairs to evaluate, and the runs they come from.
 
-    With run_id: that run's rows. Without: the newest run's model and settings (model_sha256,
-    method, threshold, target_mode, input_size), every row with them, one per image (newest run).
+    With run_id: that run's rows. Without: the newest run's model and settings
+    (schema.SETTINGS_COLUMNS), every row with them, one per image (newest run).
     """
+    import pandas as pd
+
     names = set(dataset.schema.names)
     columns = [c for c in _LIGHT if c in names]
     table = dataset.to_table(columns=columns).to_pandas()
@@ -722,8 +439,9 @@ def _select_rows(dataset, run_id: str | None) -> tuple[set[tuple[str, str]], lis
         table = table[table["run_id"] == run_id]
     else:
         settings = [c for c in columns if c not in ("image_id", "run_id")]
-        # compared as text, every row converted the same way, so that nulls match nulls
-        keys = table[settings].astype(str).agg("|".join, axis=1) if settings else table["run_id"].map(lambda _: "")
+        # compared as text, every value converted by str(), so that nulls match nulls
+        keys = pd.Series(["|".join(map(str, values)) for values in table[settings].itertuples(index=False)],
+                         index=table.index, dtype=object)
         newest = keys[table["run_id"] == runs[-1]].iloc[0]
         table = table[keys == newest]
     table = table.sort_values("run_id").drop_duplicates("image_id", keep="last")
@@ -731,6 +449,7 @@ def _select_rows(dataset, run_id: str | None) -> tuple[set[tuple[str, str]], lis
 
 
 def _open_cams(output: str):
+    """The cams/ rows as a dataset of CAMS_SCHEMA: version-1 files read with nulls in the new columns."""
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
@@ -740,14 +459,49 @@ def _open_cams(output: str):
     cams = f"{root}/cams"
     if fs.get_file_info(cams).type != pafs.FileType.Directory:
         raise EvaluationError(f"{output}: no cams/ folder (not a camjobs output?)")
-    return pads.dataset(cams, filesystem=fs, format="parquet", exclude_invalid_files=False)
+    return pads.dataset(cams, schema=CAMS_SCHEMA, filesystem=fs, format="parquet", exclude_invalid_files=False)
+
+
+def _box(box: dict) -> tuple[float, float, float, float]:
+    return float(box["x_min"]), float(box["y_min"]), float(box["x_max"]), float(box["y_max"])
 
 
 def _first_box(boxes) -> tuple[float, float, float, float] | None:
-    if boxes is None or len(boxes) == 0:
+    return _box(boxes[0]) if boxes else None
+
+
+def _refinement(row: dict[str, Any]) -> Refinement | None:
+    """A --refine row's refined_boxes and decoded mask_rle; None for a row without refinement."""
+    rle, boxes = row.get("mask_rle"), row.get("refined_boxes")
+    if row.get("refine") is None and rle is None and boxes is None:
         return None
-    b = boxes[0]
-    return float(b["x_min"]), float(b["y_min"]), float(b["x_max"]), float(b["y_max"])
+    return Refinement([_box(b) for b in boxes or []], rle_decode(rle) if rle else None)
+
+
+class _ImageReader:
+    """Each row's image, decoded at a reduced size, for the image baselines; None where it is gone."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.counts = {"image_unreadable": 0, "image_size_changed": 0}
+
+    def read(self, source_path: str | None, width: int, height: int) -> np.ndarray | None:
+        """RGB pixels of a width x height image; None (counted) if unreadable or now another size."""
+        from camjobs.decode import ImageInputError, decode_reduced, read_bytes
+
+        if not self.enabled:
+            return None
+        try:
+            if not source_path:
+                raise ImageInputError("missing_file", "the row has no source_path")
+            rgb, read_width, read_height = decode_reduced(read_bytes(source_path), IMAGE_MIN_SIDE, source=source_path)
+        except (ImageInputError, OSError, ValueError):
+            self.counts["image_unreadable"] += 1
+            return None
+        if (read_width, read_height) != (width, height):
+            self.counts["image_size_changed"] += 1
+            return None
+        return rgb
 
 
 # --------------------------------------------------------------------------- report
@@ -764,16 +518,21 @@ class EvaluationReport:
         return markdown_table(self.metrics)
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def markdown_table(metrics: dict[str, Any]) -> str:
-    lines = ["| metric | CAM | centre box | constant map |", "| --- | ---: | ---: | ---: |"]
+    """metric | CAM | each other source, in percent (n/a where a metric does not apply)."""
+    blocks = source_blocks(metrics)
+    lines = ["| metric | " + " | ".join(title for _, title, _ in blocks) + " |",
+             "| --- |" + " ---: |" * len(blocks)]
     for key in METRIC_KEYS:
-        lines.append(f"| {METRIC_NAMES[key]} | {_fmt(metrics[key])} | {_fmt(metrics['centre_baseline'][key])} "
-                     f"| {_fmt(metrics['constant_baseline'][key])} |")
+        lines.append(f"| {METRIC_NAMES[key]} | " + " | ".join(fmt(block[key]) for _, _, block in blocks) + " |")
     return "\n".join(lines)
+
+
+def _image_baseline_note(counts: dict[str, Any], settings: dict[str, Any]) -> str:
+    if not settings.get("image_baselines", True):
+        return "off (--no-image-baselines): no image was read"
+    unread = counts.get("image_unreadable", 0) + counts.get("image_size_changed", 0)
+    return f"over the {counts.get('otsu_images', 0)} images read ({unread} unreadable or changed, left out)"
 
 
 def markdown_report(metrics: dict[str, Any]) -> str:
@@ -793,10 +552,15 @@ def markdown_report(metrics: dict[str, Any]) -> str:
         "",
         f"- MaxBoxAcc's best CAM threshold: {details['best_threshold']:.2f}; GT-known and top-1 Loc use it.",
         f"- MaxBoxAccV2 by IoU: {by_iou}.",
-        f"- Run threshold(s) for mean IoU and the Jaccard: {run_thresholds}; "
-        f"plain mean Jaccard: {_fmt(details['jaccard_mean'])}.",
+        f"- Run threshold(s) for the CAM's boxes[0] and Jaccard region: {run_thresholds}.",
         "- Sweep: CAM thresholds 0, 0.01, ..., 0.99 on the min-max normalized map (Choe et al., CVPR 2020).",
-        "- centre box: the middle half of each side (a fixed box; a binary map for PxAP and the Jaccard).",
+        "- The other sources have nothing to sweep: their boxes count at every threshold, their binary map "
+        "for PxAP and the Jaccard.",
+        f"- refined: refined_boxes and the mask_rle mask of a --refine run ({counts.get('refined_images', 0)} images; "
+        "n/a without --refine).",
+        f"- Otsu lesion mask: the image-only baseline (camjobs.segment.otsu_lesion_mask), "
+        f"{_image_baseline_note(counts, settings)}.",
+        "- centre box: the middle half of each side.",
         "- constant map: the whole image as the box at every threshold; every pixel positive for PxAP.",
         "- top-1 Loc counts labelled images; GT-known Loc the images whose map explains the ground-truth class.",
         "",
@@ -823,8 +587,8 @@ def write_report(metrics: dict[str, Any], per_image: list[dict[str, Any]], repor
         "metrics.json": json.dumps(metrics, indent=2, allow_nan=False).encode(),
         "metrics.md": markdown_report(metrics).encode(),
         "per_image.csv": text.getvalue().encode(),
-        "pr_curve.png": _png(draw_pr_plot(metrics)),
-        "box_acc.png": _png(draw_box_acc_plot(metrics)),
+        "pr_curve.png": encode_png(draw_pr_plot(metrics)),
+        "box_acc.png": encode_png(draw_box_acc_plot(metrics)),
     }
     files = {}
     for name, payload in contents.items():
@@ -835,170 +599,23 @@ def write_report(metrics: dict[str, Any], per_image: list[dict[str, Any]], repor
     return files
 
 
-# --------------------------------------------------------------------------- plots (OpenCV, no matplotlib)
-_W, _H = 1280, 680
-_LEFT, _RIGHT, _TOP, _BOTTOM = 100, 420, 70, 90  # the legend goes in the right margin
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-_BLUE, _ORANGE, _GREEN, _RED, _GREY, _BLACK = (200, 90, 30), (20, 130, 240), (60, 160, 40), (40, 40, 210), (140, 140, 140), (0, 0, 0)
-
-
-def _png(image: np.ndarray) -> bytes:
-    ok, buffer = cv2.imencode(".png", image)
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buffer.tobytes()
-
-
-class _Axes:
-    def __init__(self, title: str, xlabel: str, ylabel: str, xmax: float, ymax: float, xticks, yticks):
-        self.image = np.full((_H, _W, 3), 255, np.uint8)
-        self.x0, self.x1, self.y0, self.y1 = _LEFT, _W - _RIGHT, _H - _BOTTOM, _TOP
-        self.xmax, self.ymax = xmax, ymax
-        for value in yticks:
-            _, y = self.point(0, value)
-            cv2.line(self.image, (self.x0, y), (self.x1, y), (230, 230, 230), 1)
-            self.text(f"{value:g}", (self.x0 - 10, y + 5), align="right")
-        for value in xticks:
-            x, _ = self.point(value, 0)
-            cv2.line(self.image, (x, self.y0), (x, self.y1), (230, 230, 230), 1)
-            cv2.line(self.image, (x, self.y0), (x, self.y0 + 6), _BLACK, 1)
-            self.text(f"{value:g}", (x, self.y0 + 24), align="centre")
-        cv2.rectangle(self.image, (self.x0, self.y1), (self.x1, self.y0), _BLACK, 1)
-        self.text(title, ((self.x0 + self.x1) // 2, 40), scale=0.75, thickness=2, align="centre")
-        self.text(xlabel, ((self.x0 + self.x1) // 2, _H - 30), scale=0.65, align="centre")
-        # y label, rotated
-        (tw, th), _ = cv2.getTextSize(ylabel, _FONT, 0.65, 1)
-        label = np.full((th + 12, tw + 8, 3), 255, np.uint8)
-        cv2.putText(label, ylabel, (4, th + 4), _FONT, 0.65, _BLACK, 1, cv2.LINE_AA)
-        label = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)
-        top = max(0, (self.y0 + self.y1) // 2 - label.shape[0] // 2)
-        self.image[top: top + label.shape[0], 18: 18 + label.shape[1]] = label
-        self.legend: list[tuple[str, tuple, str]] = []
-
-    def point(self, x: float, y: float) -> tuple[int, int]:
-        px = self.x0 + (self.x1 - self.x0) * min(max(x / self.xmax, 0.0), 1.0)
-        py = self.y0 - (self.y0 - self.y1) * min(max(y / self.ymax, 0.0), 1.0)
-        return int(round(px)), int(round(py))
-
-    def text(self, text: str, origin, scale=0.5, thickness=1, colour=_BLACK, align="left"):
-        (tw, _), _ = cv2.getTextSize(text, _FONT, scale, thickness)
-        x = origin[0] - (tw if align == "right" else tw // 2 if align == "centre" else 0)
-        cv2.putText(self.image, text, (int(x), int(origin[1])), _FONT, scale, colour, thickness, cv2.LINE_AA)
-
-    def line(self, xs, ys, colour, label: str | None = None, style: str = "solid", thickness: int = 2):
-        points = [self.point(x, y) for x, y in zip(xs, ys)]
-        if style == "solid":
-            if len(points) > 1:
-                cv2.polylines(self.image, [np.array(points, np.int32)], False, colour, thickness, cv2.LINE_AA)
-        else:
-            dash = 10 if style == "dashed" else 3
-            for a, b in zip(points, points[1:]):
-                length = math.hypot(b[0] - a[0], b[1] - a[1])
-                steps = max(1, int(length // dash))
-                for k in range(0, steps, 2):
-                    p = (a[0] + (b[0] - a[0]) * k / steps, a[1] + (b[1] - a[1]) * k / steps)
-                    q = (a[0] + (b[0] - a[0]) * min(k + 1, steps) / steps, a[1] + (b[1] - a[1]) * min(k + 1, steps) / steps)
-                    cv2.line(self.image, tuple(map(int, p)), tuple(map(int, q)), colour, thickness, cv2.LINE_AA)
-        if label:
-            self.legend.append((label, colour, style))
-
-    def marker(self, x: float, y: float, colour):
-        cv2.circle(self.image, self.point(x, y), 6, colour, 2, cv2.LINE_AA)
-
-    def draw_legend(self):
-        """The legend, in the right margin, level with the top of the plot."""
-        if not self.legend:
-            return
-        width = max(cv2.getTextSize(label, _FONT, 0.5, 1)[0][0] for label, _, _ in self.legend) + 70
-        height = 26 * len(self.legend) + 12
-        x, y = self.x1 + 20, self.y1
-        cv2.rectangle(self.image, (x, y), (x + width, y + height), (255, 255, 255), -1)
-        cv2.rectangle(self.image, (x, y), (x + width, y + height), _GREY, 1)
-        for k, (label, colour, style) in enumerate(self.legend):
-            cy = y + 20 + 26 * k
-            if style == "solid":
-                cv2.line(self.image, (x + 10, cy - 4), (x + 50, cy - 4), colour, 2, cv2.LINE_AA)
-            else:
-                gap = 8 if style == "dashed" else 3
-                for sx in range(x + 10, x + 50, 2 * gap):
-                    cv2.line(self.image, (sx, cy - 4), (min(sx + gap, x + 50), cy - 4), colour, 2, cv2.LINE_AA)
-            cv2.putText(self.image, label, (x + 60, cy), _FONT, 0.5, _BLACK, 1, cv2.LINE_AA)
-        self.legend_bottom = y + height
-
-    def notes(self, lines: list[str]):
-        """Lines of text in the right margin, below the legend."""
-        y = getattr(self, "legend_bottom", self.y1) + 30
-        for k, line in enumerate(lines):
-            cv2.putText(self.image, line, (self.x1 + 22, y + 22 * k), _FONT, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
-
-
-def draw_pr_plot(metrics: dict[str, Any]) -> np.ndarray:
-    """Pixel precision-recall curves of the CAM and the baselines (BGR image)."""
-    ticks = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    axes = _Axes("Pixel precision-recall (PxAP)", "recall", "precision", 1.0, 1.0, ticks, ticks)
-    curves = metrics["details"].get("pr_curves")
-    if not curves:
-        axes.text("no masks: PxAP needs lesion masks", ((axes.x0 + axes.x1) // 2, _H // 2), scale=0.7, align="centre")
-        return axes.image
-    styles = {"cam": (_BLUE, "solid", "CAM"), "centre": (_ORANGE, "solid", "centre box"),
-              "constant": (_GREY, "dashed", "constant map (all pixels)")}
-    for name in ("constant", "centre", "cam"):
-        curve = curves[name]
-        colour, style, title = styles[name]
-        pxap = metrics["pxap"] if name == "cam" else metrics[f"{name}_baseline"]["pxap"]
-        xs, ys = _steps(np.array(curve["recall"]), np.array(curve["precision"]))
-        axes.line(xs, ys, colour, f"{title}: PxAP {_fmt(pxap)}", style)
-    axes.draw_legend()
-    counts = metrics["counts"]
-    axes.notes([
-        f"{counts['with_mask']} images with masks, pixels pooled.",
-        "Precision and recall of the pixels with",
-        "normalized CAM >= t, for t = 1, 0.99, ..., 0.",
-        "PxAP: the area under the steps (x100).",
-    ])
-    return axes.image
-
-
-def _steps(recall: np.ndarray, precision: np.ndarray) -> tuple[list[float], list[float]]:
-    """The staircase whose area is PxAP: precision_k over recall (recall_{k-1}, recall_k]."""
-    xs, ys, previous = [], [], 0.0
-    for r, p in zip(recall, precision):
-        if r > previous or not xs:
-            xs += [previous, r]
-            ys += [p, p]
-            previous = r
-    return xs, ys
-
-
-def draw_box_acc_plot(metrics: dict[str, Any]) -> np.ndarray:
-    """BoxAcc against the CAM threshold for IoU 0.3/0.5/0.7 (BGR image)."""
-    curves = metrics["details"]["box_acc_curves"]
-    thresholds = curves["thresholds"]
-    axes = _Axes("BoxAcc against the CAM threshold", "CAM threshold", "BoxAcc (%)", 1.0, 100.0,
-                 [0, 0.2, 0.4, 0.6, 0.8, 1.0], [0, 20, 40, 60, 80, 100])
-    colours = {"0.3": _GREEN, "0.5": _BLUE, "0.7": _RED}
-    for iou, colour in colours.items():
-        values = curves["all_contours"][iou]
-        best = int(np.argmax(values))
-        axes.line(thresholds, values, colour, f"all contours, IoU {iou}: max {values[best]:.1f}")
-        axes.marker(thresholds[best], values[best], colour)
-    values = curves["largest_contour"]["0.5"]
-    best = int(np.argmax(values))
-    axes.line(thresholds, values, _BLACK, f"largest contour, IoU 0.5 (MaxBoxAcc): {values[best]:.1f}", "dashed")
-    axes.marker(thresholds[best], values[best], _BLACK)
-    centre = metrics["centre_baseline"]["max_box_acc"]
-    axes.line([0, 1], [centre, centre], _ORANGE, f"centre box, IoU 0.5: {centre:.1f}", "dotted")
-    axes.draw_legend()
-    axes.notes([
-        f"{metrics['counts']['evaluated']} images; circles mark the maxima.",
-        f"MaxBoxAcc: {metrics['max_box_acc']:.2f} at threshold {metrics['details']['best_threshold']:.2f}.",
-        f"MaxBoxAccV2: {metrics['max_box_acc_v2']:.2f}, the mean of the",
-        "three all-contour maxima.",
-    ])
-    return axes.image
-
-
 # --------------------------------------------------------------------------- the entry point
+def _add_row(evaluator: CamEvaluator, row: dict[str, Any], truth: GroundTruth, images: _ImageReader) -> None:
+    """One cams row into the evaluator: its map, boxes[0], refined labels and (read now) pixels."""
+    width, height = int(row["width"]), int(row["height"])
+    cam = np.asarray(row["cam"], dtype=np.float32).reshape(int(row["cam_height"]), int(row["cam_width"]))
+    threshold = row.get("threshold")
+    evaluator.add(
+        cam, width, height, truth,
+        threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
+        first_box=_first_box(row.get("boxes")),
+        label=row.get("label"), pred_label=row.get("pred_label"), target_label=row.get("target_label"),
+        image_id=row["image_id"],
+        refined=_refinement(row),
+        rgb=images.read(row.get("source_path"), width, height),
+    )
+
+
 def evaluate_output(
     output_dir: str,
     *,
@@ -1010,6 +627,7 @@ def evaluate_output(
     max_side: int | None = DEFAULT_MAX_SIDE,
     write: bool = True,
     progress: bool = False,
+    image_baselines: bool = True,
 ) -> EvaluationReport:
     """Evaluate the maps in ``output_dir/cams`` against one source of ground truth.
 
@@ -1017,7 +635,8 @@ def evaluate_output(
     folder of ``<image_id>_segmentation.png`` or ``<image_id>.png``; boxes: a COCO json. Rows:
     ``run_id``'s, or by default the newest run's model and settings over every run (one row per
     image, the newest). Writes the report to ``report_dir`` (default ``output_dir/eval``) unless
-    ``write`` is False. Raises EvaluationError when there is nothing to evaluate.
+    ``write`` is False. ``image_baselines``: read each row's image for the Otsu baseline (False
+    for outputs whose images are gone). Raises EvaluationError when there is nothing to evaluate.
     """
     import pyarrow.compute as pc
     from tqdm import tqdm
@@ -1026,6 +645,7 @@ def evaluate_output(
     selected, runs = _select_rows(dataset, run_id)
     truth_source = _TruthSource(data, masks, boxes)
     evaluator = CamEvaluator(max_side=max_side)
+    images = _ImageReader(image_baselines)
     skipped = {"no_ground_truth": 0, "empty_ground_truth": 0}
     names = set(dataset.schema.names)
     columns = [c for c in _HEAVY if c in names]
@@ -1046,15 +666,7 @@ def evaluate_output(
             if not truth.boxes:
                 skipped["empty_ground_truth"] += 1
                 continue
-            cam = np.asarray(row["cam"], dtype=np.float32).reshape(int(row["cam_height"]), int(row["cam_width"]))
-            threshold = row.get("threshold")
-            evaluator.add(
-                cam, width, height, truth,
-                threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
-                first_box=_first_box(row.get("boxes")),
-                label=row.get("label"), pred_label=row.get("pred_label"), target_label=row.get("target_label"),
-                image_id=row["image_id"],
-            )
+            _add_row(evaluator, row, truth, images)
     bar.close()
     if not evaluator.images:
         raise EvaluationError(
@@ -1062,8 +674,9 @@ def evaluate_output(
             f"({skipped['no_ground_truth']} without, {skipped['empty_ground_truth']} empty)"
         )
     metrics = evaluator.result()
-    metrics["counts"] = {"images": len(selected), **metrics["counts"], **skipped, **truth_source.counts}
-    metrics["settings"].update({"output": output_dir, "runs": runs, "ground_truth": truth_source.description})
+    metrics["counts"] = {"images": len(selected), **metrics["counts"], **skipped, **truth_source.counts, **images.counts}
+    metrics["settings"].update({"output": output_dir, "runs": runs, "ground_truth": truth_source.description,
+                                "image_baselines": image_baselines})
     report = EvaluationReport(metrics)
     if write:
         report.report_dir = report_dir or f"{output_dir.rstrip('/')}/eval"

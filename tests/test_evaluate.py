@@ -31,13 +31,16 @@ from camjobs.evaluate import (
 from camjobs.localize import localize
 from camjobs.schema import CAMS_SCHEMA
 
-KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc", "mean_iou", "jaccard_isic2018")
+KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc", "mean_iou", "iou50_share",
+        "jaccard_mean", "jaccard_isic2018")
+SOURCES = ("centre_baseline", "constant_baseline", "otsu_baseline", "refined")
 THRESHOLDS = [k / 100 for k in range(100)]
 
 
 # --------------------------------------------------------------------------- fixtures: real Parquet
 def cams_row(image_id, cam, width, height, *, threshold=0.2, label="mel", pred_label="mel", target_label=None,
-             run_id="20260101T000000Z-aaaaaa", model="m1", boxes=None):
+             run_id="20260101T000000Z-aaaaaa", model="m1", boxes=None, **columns):
+    """A cams row as the pipeline writes it; ``columns`` sets others (source_path, mask_rle, refine, ...)."""
     cam = np.asarray(cam, dtype=np.float32)
     if boxes is None:  # the run's own rule, as the pipeline writes it
         boxes = [b.as_dict() for b in localize(cam, height, width, threshold).boxes]
@@ -47,7 +50,7 @@ def cams_row(image_id, cam, width, height, *, threshold=0.2, label="mel", pred_l
         "pred_score": 0.9, "target_index": 0, "target_label": pred_label if target_label is None else target_label,
         "method": "cam", "cam": cam.ravel().tolist(), "cam_height": cam.shape[0], "cam_width": cam.shape[1],
         "heatmap_png": b"", "threshold": threshold, "boxes": boxes, "model_sha256": model,
-        "target_mode": "predicted", "input_size": 224, "run_id": run_id, "schema_version": 1,
+        "target_mode": "predicted", "input_size": 224, "run_id": run_id, "schema_version": 2, **columns,
     }
 
 
@@ -221,6 +224,8 @@ def oracle_metrics(images, max_side=None):
         "top1_loc": 100 * sum(h and c for h, c in zip(hits, correct)) / sum(labelled) if any(labelled) else None,
         "gt_known_loc": 100 * sum(h and k for h, k in zip(hits, known)) / sum(known) if any(known) else None,
         "mean_iou": 100 * float(np.mean(ious)),
+        "iou50_share": 100 * float(np.mean([iou >= 0.5 for iou in ious])),
+        "jaccard_mean": 100 * float(np.mean(jaccards)) if jaccards else None,
         "jaccard_isic2018": 100 * float(np.mean([j if j >= 0.65 else 0.0 for j in jaccards])) if jaccards else None,
         "best_threshold": round(float(np.arange(0, 1, 0.01)[best]), 2),
         "largest_curve_50": curve[0.5],
@@ -472,33 +477,385 @@ def test_usage_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------- real data
-def test_isic2017_mini_report(tmp_path, isic2017_mini):
-    """Six real ISIC 2017 images; each map is the blurred mask at 7x7, as a CAM would be."""
+def mask_cam_rows(dataset: Path, names: list[str] | None = None) -> list[dict]:
+    """Rows for real ISIC images whose map is the blurred mask at 7x7, as a CAM would be; real source_paths."""
     rows = []
-    for path in sorted((isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth").glob("*.png")):
+    for path in sorted((dataset / "ISIC-2017_Training_Part1_GroundTruth").glob("*.png")):
+        image_id = path.name.replace("_segmentation.png", "")
+        if names is not None and image_id not in names:
+            continue
         mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
         cam = cv2.resize(cv2.GaussianBlur(mask, (0, 0), 25), (7, 7), interpolation=cv2.INTER_AREA)
-        image_id = path.name.replace("_segmentation.png", "")
-        rows.append(cams_row(image_id, cam, mask.shape[1], mask.shape[0], label="nevus", pred_label="nevus"))
-    out = write_output(tmp_path / "out", rows)
+        source = dataset / "ISIC-2017_Training_Data" / f"{image_id}.jpg"
+        rows.append(cams_row(image_id, cam, mask.shape[1], mask.shape[0], label="nevus", pred_label="nevus",
+                             source_path=str(source)))
+    return rows
+
+
+def test_isic2017_mini_report(tmp_path, isic2017_mini):
+    """Six real ISIC 2017 images, their maps made from the masks; the Otsu baseline reads the JPEGs."""
+    out = write_output(tmp_path / "out", mask_cam_rows(isic2017_mini))
     report = evaluate_output(str(out), data=str(isic2017_mini))
     report_dir = out / "eval"
     assert report.report_dir == str(report_dir)
     for name in ("metrics.json", "metrics.md", "per_image.csv", "pr_curve.png", "box_acc.png"):
         assert (report_dir / name).is_file(), name
     metrics = json.loads((report_dir / "metrics.json").read_text())
-    for block in (metrics, metrics["centre_baseline"], metrics["constant_baseline"]):
+    for block in (metrics, metrics["centre_baseline"], metrics["constant_baseline"], metrics["otsu_baseline"]):
         for key in KEYS:
             assert 0.0 <= block[key] <= 100.0, key
-    assert metrics["counts"]["evaluated"] == 6 and metrics["counts"]["with_mask"] == 6
-    # maps made from the masks localize the lesions better than either baseline
+    assert all(value is None for value in metrics["refined"].values())  # no --refine
+    counts = metrics["counts"]
+    assert counts["evaluated"] == 6 and counts["with_mask"] == 6 and counts["otsu_images"] == 6
+    assert counts["refined_images"] == 0 and counts["image_unreadable"] == 0
+    # maps made from the masks localize the lesions better than either fixed baseline
     assert metrics["max_box_acc"] >= 80 and metrics["pxap"] > metrics["centre_baseline"]["pxap"] > 0
     assert metrics["pxap"] > metrics["constant_baseline"]["pxap"]
+    # on these clean dermoscopy images the image alone finds the lesion better than the centre box
+    assert metrics["otsu_baseline"]["mean_iou"] > metrics["centre_baseline"]["mean_iou"]
     for name in ("pr_curve.png", "box_acc.png"):
         image = cv2.imread(str(report_dir / name))
         assert image is not None and image.shape[2] == 3 and image.shape[0] > 400
-    assert "| metric | CAM | centre box | constant map |" in (report_dir / "metrics.md").read_text()
+    assert ("| metric | CAM | refined (--refine) | Otsu lesion mask | centre box | constant map |"
+            in (report_dir / "metrics.md").read_text())
+    per_image = read_per_image(report_dir)
+    for image_id, row in per_image.items():
+        rgb = pil_rgb(isic2017_mini / "ISIC-2017_Training_Data" / f"{image_id}.jpg")
+        truth = read_truth_mask(isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png")
+        expected_iou, expected_jaccard = otsu_oracle(rgb, truth)
+        assert float(row["otsu_box_iou"]) == pytest.approx(expected_iou, abs=1e-12), image_id
+        assert float(row["otsu_jaccard"]) == pytest.approx(expected_jaccard, abs=1e-12), image_id
+        assert row["refined_box_iou"] == "" and row["refined_jaccard"] == ""
     # the same masks through a mask folder give the same numbers
     same = evaluate_output(str(out), masks=str(isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth"), write=False)
     for key in KEYS:
         assert same[key] == pytest.approx(metrics[key]), key
+        assert same["otsu_baseline"][key] == pytest.approx(metrics["otsu_baseline"][key]), key
+
+
+def test_isic2017_sample_otsu_baseline(tmp_path, isic2017_sample):
+    """A dozen images of the shared ISIC 2017 sample (skipped where it is absent)."""
+    names = sorted(p.stem for p in (isic2017_sample / "ISIC-2017_Training_Data").glob("*.jpg"))[::12]
+    out = write_output(tmp_path / "out", mask_cam_rows(isic2017_sample, names))
+    report = evaluate_output(str(out), data=str(isic2017_sample), report_dir=str(tmp_path / "report"))
+    assert report["counts"]["evaluated"] == len(names) == report["counts"]["otsu_images"]
+    ious, jaccards = [], []
+    for image_id, row in read_per_image(tmp_path / "report").items():
+        rgb = pil_rgb(isic2017_sample / "ISIC-2017_Training_Data" / f"{image_id}.jpg")
+        truth = read_truth_mask(isic2017_sample / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png")
+        iou, jaccard = otsu_oracle(rgb, truth)
+        assert float(row["otsu_box_iou"]) == pytest.approx(iou, abs=1e-12), image_id
+        ious.append(iou)
+        jaccards.append(jaccard)
+    otsu = report["otsu_baseline"]
+    assert otsu["mean_iou"] == pytest.approx(100 * np.mean(ious))
+    assert otsu["iou50_share"] == pytest.approx(100 * np.mean(np.array(ious) >= 0.5))
+    assert otsu["jaccard_mean"] == pytest.approx(100 * np.mean(jaccards))
+
+
+# --------------------------------------------------------------------------- the Otsu baseline
+def pil_rgb(path: Path) -> np.ndarray:
+    """The file's pixels by Pillow directly (not camjobs.decode), full size."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def read_truth_mask(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 127
+
+
+def np_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.logical_and(a, b).sum()) / float(np.logical_or(a, b).sum())
+
+
+def np_box(mask: np.ndarray):
+    """The tightest box (max exclusive) of a mask, by numpy alone; None when empty."""
+    ys, xs = np.nonzero(mask)
+    return (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if xs.size else None
+
+
+def otsu_oracle(rgb: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(box IoU, Jaccard) of the Otsu lesion mask of an image with the ground-truth mask."""
+    from camjobs.segment import otsu_lesion_mask
+
+    mask = otsu_lesion_mask(rgb, truth.shape[1], truth.shape[0])
+    if mask is None:
+        return 0.0, 0.0
+    box = np_box(mask)
+    return (oracle_iou(box, np_box(truth)) if box else 0.0), np_jaccard(mask, truth)
+
+
+def read_per_image(report_dir: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    with open(report_dir / "per_image.csv", newline="") as stream:
+        return {row["image_id"]: row for row in csv.DictReader(stream)}
+
+
+def lesion_photo(width, height, centre, axes, seed, angle=0.0) -> np.ndarray:
+    """A dermoscopy-like RGB image: noisy skin with a dark, blurred, noisy elliptical lesion."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.float32)
+    image[:] = (205, 160, 140)
+    lesion = ellipse_mask(width, height, centre, axes, angle)
+    image[lesion] = (110, 70, 50)
+    image = cv2.GaussianBlur(image, (0, 0), 1.5) + rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(path: Path, rgb: np.ndarray) -> str:
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return str(path)
+
+
+def otsu_fixture(tmp_path: Path):
+    """Real JPEG files and masks: lesions the mask matches or misses, a flat image, a deleted file,
+    a file replaced by another size. Returns (rows, masks, images: image_id -> RGB as read back or None)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    specs = [  # image_id, size, lesion drawn, ground-truth ellipse (None: the drawn one), labels
+        ("good", (120, 90), ((60, 45), (30, 20)), None, ("mel", "mel", "mel")),
+        ("shifted", (100, 140), ((50, 70), (25, 35)), ((58, 80), (25, 35)), ("mel", "nv", "mel")),
+        ("offside", (160, 120), ((40, 40), (22, 18)), ((110, 80), (30, 25)), ("nv", "nv", "nv")),
+        ("small_truth", (140, 100), ((70, 50), (45, 32)), ((70, 50), (15, 10)), (None, "nv", "nv")),
+        ("flat", (80, 60), None, ((40, 30), (15, 10)), ("mel", "mel", "mel")),
+        ("deleted", (90, 70), ((45, 35), (20, 15)), None, ("mel", "mel", "mel")),
+        ("replaced", (90, 70), ((45, 35), (20, 15)), None, ("nv", "nv", "nv")),
+    ]
+    rows, masks, images = [], {}, {}
+    for k, (image_id, (width, height), lesion, truth, (label, pred, target)) in enumerate(specs):
+        rgb = np.full((height, width, 3), 150, np.uint8) if lesion is None else lesion_photo(width, height, *lesion, seed=k)
+        path = write_jpeg(folder / f"{image_id}.jpg", rgb)
+        masks[image_id] = ellipse_mask(width, height, *(truth or lesion))
+        cam = cv2.GaussianBlur(masks[image_id].astype(np.float32), (0, 0), 6)[::8, ::8]
+        rows.append(cams_row(image_id, cam, width, height, label=label, pred_label=pred, target_label=target,
+                             source_path=path))
+        images[image_id] = pil_rgb(Path(path))
+    (folder / "deleted.jpg").unlink()
+    write_jpeg(folder / "replaced.jpg", lesion_photo(50, 40, (25, 20), (10, 8), seed=99))
+    images["deleted"] = images["replaced"] = None
+    return rows, masks, images
+
+
+def binary_pxap(pairs) -> float:
+    """PxAP of binary maps, pixels pooled: two points on the curve, at the map and at every pixel."""
+    hits = sum(np.count_nonzero(region & truth) for region, truth in pairs)
+    covered = sum(np.count_nonzero(region) for region, _ in pairs)
+    positives = sum(np.count_nonzero(truth) for _, truth in pairs)
+    pixels = sum(truth.size for _, truth in pairs)
+    recall = hits / positives
+    precision = hits / covered if covered else 0.0
+    return 100 * (precision * recall + positives / pixels * (1 - recall))
+
+
+def expected_binary(entries) -> dict:
+    """Every metric of a source with nothing to sweep, from (IoUs of its boxes, region, truth mask, labels)."""
+    first = np.array([ious[0] if ious else 0.0 for ious, *_ in entries])
+    best = np.array([max(ious) if ious else 0.0 for ious, *_ in entries])
+    jaccards = np.array([np_jaccard(region, truth) for _, region, truth, _ in entries])
+    labels = [labels for *_, labels in entries]
+    labelled = [label is not None for label, _, _ in labels]
+    correct = [label is not None and pred == label for label, pred, _ in labels]
+    known = [label is not None and target == label for label, _, target in labels]
+    hits = first >= 0.5
+    return {
+        "max_box_acc": 100 * hits.mean(),
+        "max_box_acc_v2": 100 * np.mean([(best >= d).mean() for d in (0.3, 0.5, 0.7)]),
+        "pxap": binary_pxap([(region, truth) for _, region, truth, _ in entries]),
+        "top1_loc": 100 * np.sum(hits & correct) / sum(labelled),
+        "gt_known_loc": 100 * np.sum(hits & known) / sum(known),
+        "mean_iou": 100 * first.mean(),
+        "iou50_share": 100 * hits.mean(),
+        "jaccard_mean": 100 * jaccards.mean(),
+        "jaccard_isic2018": 100 * np.where(jaccards >= 0.65, jaccards, 0.0).mean(),
+    }
+
+
+def assert_block(block: dict, expected: dict) -> None:
+    for key in KEYS:
+        assert block[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+def test_otsu_baseline_against_an_oracle_on_real_jpegs(tmp_path):
+    from camjobs.segment import otsu_lesion_mask
+
+    rows, masks, images = otsu_fixture(tmp_path)
+    out = write_output(tmp_path / "out", rows)
+    report = evaluate_output(str(out), masks=str(write_masks(tmp_path / "masks", masks)),
+                             report_dir=str(tmp_path / "report"))
+    counts = report["counts"]
+    assert counts["evaluated"] == 7  # the CAM and the fixed baselines count every image
+    assert counts["image_unreadable"] == 1 and counts["image_size_changed"] == 1 and counts["otsu_images"] == 5
+    per_image = read_per_image(tmp_path / "report")
+    entries = []
+    for row in rows:
+        image_id, truth, rgb = row["image_id"], masks[row["image_id"]], images[row["image_id"]]
+        if rgb is None:  # left out of the Otsu baseline, not scored as a miss
+            assert per_image[image_id]["otsu_box_iou"] == per_image[image_id]["otsu_jaccard"] == ""
+            continue
+        otsu = otsu_lesion_mask(rgb, row["width"], row["height"])
+        if otsu is None:
+            assert image_id == "flat"
+            otsu = np.zeros_like(truth)
+        box = np_box(otsu)
+        iou = oracle_iou(box, np_box(truth)) if box else 0.0
+        assert float(per_image[image_id]["otsu_box_iou"]) == pytest.approx(iou, abs=1e-12), image_id
+        assert float(per_image[image_id]["otsu_jaccard"]) == pytest.approx(np_jaccard(otsu, truth), abs=1e-12)
+        entries.append(([iou] if box else [], otsu, truth, (row["label"], row["pred_label"], row["target_label"])))
+    # the fixture spans hits and misses
+    assert {float(per_image[i]["otsu_box_iou"]) >= 0.5 for i in ("good", "offside")} == {True, False}
+    assert_block(report["otsu_baseline"], expected_binary(entries))
+
+
+def test_a_large_jpeg_is_read_at_a_reduced_size_with_the_full_sizes_answer(tmp_path):
+    width, height = 1400, 1050  # JPEG draft mode decodes it at half size
+    rgb = lesion_photo(width, height, (600, 560), (300, 220), seed=3, angle=15)
+    path = write_jpeg(tmp_path / "big.jpg", rgb)
+    truth = ellipse_mask(width, height, (620, 540), (300, 220), 15)
+    cam = cv2.resize(truth.astype(np.float32), (7, 7), interpolation=cv2.INTER_AREA)
+    out = write_output(tmp_path / "out", [cams_row("big", cam, width, height, source_path=path)])
+    evaluate_output(str(out), masks=str(write_masks(tmp_path / "masks", {"big": truth})), report_dir=str(tmp_path / "r"))
+    row = read_per_image(tmp_path / "r")["big"]
+    iou, jaccard = otsu_oracle(pil_rgb(Path(path)), truth)
+    assert iou > 0.8
+    assert float(row["otsu_box_iou"]) == pytest.approx(iou, abs=0.01)
+    assert float(row["otsu_jaccard"]) == pytest.approx(jaccard, abs=0.01)
+
+
+def test_image_baselines_off(tmp_path):
+    rows, masks, _ = otsu_fixture(tmp_path)
+    out = write_output(tmp_path / "out", rows)
+    masks_dir = write_masks(tmp_path / "masks", masks)
+    report = evaluate_output(str(out), masks=str(masks_dir), write=False, image_baselines=False)
+    assert all(value is None for value in report["otsu_baseline"].values())
+    assert report["counts"]["otsu_images"] == 0 and report["counts"]["image_unreadable"] == 0
+    assert report["settings"]["image_baselines"] is False
+    on = evaluate_output(str(out), masks=str(masks_dir), write=False)
+    for key in KEYS:  # the other sources do not depend on it
+        assert report[key] == on[key], key
+        assert report["centre_baseline"][key] == on["centre_baseline"][key], key
+
+
+def test_cli_no_image_baselines(tmp_path):
+    from typer.testing import CliRunner
+
+    from camjobs.cli import app
+
+    rows, masks, _ = otsu_fixture(tmp_path)
+    out = write_output(tmp_path / "out", rows)
+    masks_dir = write_masks(tmp_path / "masks", masks)
+    result = CliRunner().invoke(app, ["evaluate", "--output", str(out), "--masks", str(masks_dir), "--no-image-baselines"])
+    assert result.exit_code == 0, result.output
+    assert "| metric | CAM | refined (--refine) | Otsu lesion mask | centre box | constant map |" in result.output
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["otsu_baseline"]["mean_iou"] is None and metrics["settings"]["image_baselines"] is False
+
+
+# --------------------------------------------------------------------------- refined labels (--refine)
+def coco_rle(mask: np.ndarray) -> dict:
+    """COCO compressed RLE by pycocotools directly, counts as text (the mask_rle column)."""
+    from pycocotools import mask as coco_mask
+
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def box_struct(box, score=1.0) -> dict:
+    return dict(zip(("x_min", "y_min", "x_max", "y_max"), map(float, box)), score=score)
+
+
+def refined_fixture():
+    """(rows, truth masks, refined masks or None, refined boxes): refined rows of one --refine run."""
+    width, height = 80, 60
+    big = ellipse_mask(width, height, (28, 30), (18, 20))
+    small = ellipse_mask(width, height, (66, 14), (7, 6))
+    specs = [  # image_id, truth, refined mask (None: null mask_rle), labels
+        ("both_on_big", big, big | small, ("mel", "mel", "mel")),
+        ("both_on_small", small, big | small, ("mel", "mel", "mel")),  # only an all-boxes metric finds it
+        ("shrunk", big, ellipse_mask(width, height, (28, 30), (11, 13)), ("nv", "mel", "nv")),
+        ("flat_map", big, None, (None, "nv", "nv")),  # the map was empty or flat: no mask, no boxes
+    ]
+    rows, truths, refined, boxes = [], {}, {}, {}
+    for image_id, truth, mask, (label, pred, target) in specs:
+        found = [] if mask is None else [np_box(mask & big), np_box(mask & small)] if (mask & small).any() else [np_box(mask)]
+        rows.append(cams_row(image_id, truth.astype(np.float32), width, height, label=label, pred_label=pred,
+                             target_label=target, refine="cam-blue-otsu-1",
+                             mask_rle=None if mask is None else coco_rle(mask),
+                             refined_boxes=None if mask is None else [box_struct(b) for b in found]))
+        truths[image_id], refined[image_id], boxes[image_id] = truth, mask, found
+    return rows, truths, refined, boxes
+
+
+def test_refined_labels_against_an_oracle(tmp_path):
+    rows, truths, refined, boxes = refined_fixture()
+    out = write_output(tmp_path / "out", rows)
+    report = evaluate_output(str(out), masks=str(write_masks(tmp_path / "masks", truths)),
+                             report_dir=str(tmp_path / "report"))
+    assert report["counts"]["refined_images"] == 4 and report["counts"]["refined_mask_resized"] == 0
+    per_image = read_per_image(tmp_path / "report")
+    entries = []
+    for row in rows:
+        image_id, truth = row["image_id"], truths[row["image_id"]]
+        mask = refined[image_id] if refined[image_id] is not None else np.zeros_like(truth)
+        ious = [oracle_iou(b, np_box(truth)) for b in boxes[image_id]]
+        assert float(per_image[image_id]["refined_box_iou"]) == pytest.approx(ious[0] if ious else 0.0, abs=1e-12)
+        assert float(per_image[image_id]["refined_jaccard"]) == pytest.approx(np_jaccard(mask, truth), abs=1e-12)
+        entries.append((ious, mask, truth, (row["label"], row["pred_label"], row["target_label"])))
+    expected = expected_binary(entries)
+    assert_block(report["refined"], expected)
+    assert expected["max_box_acc_v2"] > expected["max_box_acc"]  # both_on_small: its second box
+    assert report["refined"]["mean_iou"] != report["mean_iou"]  # not the CAM's numbers
+    text = (tmp_path / "report" / "metrics.md").read_text()
+    assert "refined: refined_boxes and the mask_rle mask of a --refine run (4 images" in text
+
+
+def test_refined_labels_with_coco_boxes_have_no_pixel_metrics(tmp_path):
+    rows, truths, _, boxes = refined_fixture()
+    out = write_output(tmp_path / "out", rows)
+    coco = {"images": [], "annotations": []}
+    for k, (image_id, truth) in enumerate(truths.items()):
+        x0, y0, x1, y1 = np_box(truth)
+        coco["images"].append({"id": k, "file_name": f"{image_id}.jpg", "width": 80, "height": 60})
+        coco["annotations"].append({"id": k, "image_id": k, "bbox": [int(x0), int(y0), int(x1 - x0), int(y1 - y0)]})
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    refined = evaluate_output(str(out), boxes=str(tmp_path / "boxes.json"), write=False)["refined"]
+    assert refined["pxap"] is None and refined["jaccard_mean"] is None and refined["jaccard_isic2018"] is None
+    first = [oracle_iou(boxes[i][0], np_box(truths[i])) if boxes[i] else 0.0 for i in truths]
+    assert refined["mean_iou"] == pytest.approx(100 * np.mean(first))
+
+
+# --------------------------------------------------------------------------- schema versions
+def write_v1(path: Path, rows: list[dict]) -> None:
+    """A Parquet file as schema version 1 wrote it: without mask_rle, refined_boxes and refine."""
+    fields = [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")]
+    schema = pa.schema(fields, metadata={"camjobs.schema_version": "1"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{**r, "schema_version": 1} for r in rows], schema=schema), path)
+
+
+def test_version_1_outputs_still_evaluate(tmp_path):
+    images = random_images(3, 5)
+    _, masks = write_images(tmp_path / "v2", images)
+    v1_run, v2_run = "20260101T000000Z-aaaaaa", "20260201T000000Z-bbbbbb"
+    rows = [cams_row(im["image_id"], im["cam"], im["width"], im["height"], threshold=0.2, label=im["label"],
+                     pred_label=im["pred_label"], target_label=im["target_label"], run_id=v1_run) for im in images]
+    out = tmp_path / "out"
+    write_v1(out / "cams" / v1_run / "part-00000.parquet", rows)
+    assert "refine" not in pq.read_schema(out / "cams" / v1_run / "part-00000.parquet").names
+    old = evaluate_output(str(out), masks=str(masks), write=False, image_baselines=False)
+    assert all(value is None for value in old["refined"].values()) and old["counts"]["refined_images"] == 0
+    for im in images:
+        im["threshold"] = 0.2
+    assert_matches_oracle(old.metrics, oracle_metrics(images))
+    # a version-2 --refine run beside it: the newest run's settings (refine included) pick its rows,
+    # and the version-1 run still evaluates by its run id
+    refined_rows = [{**r, "run_id": v2_run, "refine": "cam-blue-otsu-1", "mask_rle": coco_rle(np.ones((r["height"], r["width"]), bool))}
+                    for r in rows[:3]]
+    write_output(out, refined_rows)
+    new = evaluate_output(str(out), masks=str(masks), write=False, image_baselines=False)
+    assert new["settings"]["runs"] == [v2_run] and new["counts"]["images"] == 3 == new["counts"]["refined_images"]
+    assert new["refined"]["jaccard_mean"] == pytest.approx(new["constant_baseline"]["jaccard_mean"])  # all-ones masks
+    again = evaluate_output(str(out), masks=str(masks), run_id=v1_run, write=False, image_baselines=False)
+    assert again["counts"]["refined_images"] == 0 and again["mean_iou"] == pytest.approx(old["mean_iou"])
