@@ -12,6 +12,15 @@ SIZE = 96  # input side: layer4 of a ResNet is 3x3 here
 NUM_CLASSES = 5
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores, 2 spinning OpenMP threads run 10-20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(arch: str) -> nn.Module:
     torch.manual_seed(0)
     return torchvision.models.get_model(arch, weights=None, num_classes=NUM_CLASSES).eval()
@@ -202,3 +211,53 @@ def test_build_extractor_errors_and_target_override(resnet):
     with build_extractor("gradcam", model, target_layer="layer3", probe_size=SIZE) as extractor:
         assert extractor.target_name == "layer3"
         assert extractor(make_images(2)).maps.shape == (2, 6, 6)
+
+
+def with_max_pool(model: nn.Module) -> nn.Module:
+    """Zhou et al. 2015's GMP variant: a global max pool where the model's global average pool was."""
+    model.avgpool = nn.AdaptiveMaxPool2d(1)
+    return model.eval()
+
+
+def test_cam_of_a_gmp_head_is_the_weighted_sum_of_the_feature_maps(resnet):
+    model = with_max_pool(make_model("resnet18"))
+    images = make_images()
+    features = resnet_features(model, images)
+    with torch.no_grad():  # the head really pools by maximum: fc(max_ij A) is the model's output
+        assert_close(model(images), model.fc(features.amax(dim=(2, 3))))
+    with build_extractor("cam", model, probe_size=SIZE) as extractor:
+        assert (extractor.target_name, extractor.classifier_name, extractor.pooling) == ("layer4", "fc", "max")
+        result = extractor(images)
+    assert_close(result.maps, oracle_cam(features, model.fc, result.target))
+    with build_extractor("cam", resnet, probe_size=SIZE) as extractor:
+        assert extractor.pooling == "avg"
+
+
+def test_efficientnet_lite0_gap_and_gmp_heads_give_cam():
+    """The oracle is the package's own extract_features: the maps its pooling and _fc read."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from camjobs.models import build_model
+
+    images = make_images(2, size=64)
+    for pooling, reduce in (("gap", lambda a: a.mean(dim=(2, 3))), ("gmp", lambda a: a.amax(dim=(2, 3)))):
+        model = build_model("efficientnet_lite0", NUM_CLASSES, pooling=pooling)
+        with torch.no_grad():
+            features = model.extract_features(images)
+            assert_close(model(images), model._fc(reduce(features)))
+        with build_extractor("cam", model, probe_size=64) as extractor:
+            assert extractor.classifier_name == "_fc" and extractor.pooling == {"gap": "avg", "gmp": "max"}[pooling]
+            result = extractor(images)
+        assert_close(result.maps, oracle_cam(features, model._fc, result.target))
+
+
+def test_a_head_that_pools_otherwise_is_refused():
+    """Neither the spatial mean nor the maximum (here the mean of squares feeds the Linear): no CAM."""
+
+    class SquareMean(nn.Module):
+        def forward(self, x):
+            return x.pow(2).mean(dim=(2, 3), keepdim=True)
+
+    model = make_model("resnet18")
+    model.avgpool = SquareMean()
+    with pytest.raises(ValueError, match="not the spatial mean or maximum of 'layer4'"):
+        build_extractor("cam", model, probe_size=64)

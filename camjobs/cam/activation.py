@@ -1,4 +1,4 @@
-"""Activation-based CAM (Zhou et al. 2015): M_c = sum_k w_k^c A^k, for GAP -> Linear heads."""
+"""Activation-based CAM (Zhou et al. 2015): M_c = sum_k w_k^c A^k, for GAP (or GMP) -> Linear heads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from camjobs.cam.core import CAMExtractor, CAMResult
 class CAM(CAMExtractor):
     """Raw class activation maps: no ReLU on the map, no bias, no normalization.
 
-    With Z = h*w, the class score is y^c = mean_ij M_c(i, j) + b_c. The maps reuse the
+    For a GAP head the class score is y^c = mean_ij M_c(i, j) + b_c; a GMP head pools each A^k by
+    its maximum instead, and M_c is the same weighted sum (Zhou et al. 2015). The maps reuse the
     features of the single forward pass that gives the logits.
     """
 

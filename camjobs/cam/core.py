@@ -4,9 +4,10 @@ Head discovery runs one dummy forward pass with hooks on every module and finds
   * the target layer: the last module to finish whose output is a (B, C, H, W) feature map
     with H*W > 1 and that is not a pooling layer;
   * the classifier: the last nn.Linear to run;
-and then checks numerically whether the head is global-average-pooling -> (Dropout) -> Linear,
-i.e. whether the Linear's input is the spatial mean of the target's output (or of its ReLU:
-DenseNet applies F.relu functionally after `features`). Only then is plain CAM defined.
+and then checks numerically whether the head is global pooling -> (Dropout) -> Linear, i.e.
+whether the Linear's input is the spatial mean (GAP) or the spatial maximum (GMP, Zhou et al.
+2015's comparison) of the target's output (or of its ReLU: DenseNet applies F.relu functionally
+after `features`). Only then is plain CAM, sum_k w_k A^k, defined.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _POOLING = (
     pooling._LPPoolNd,
 )
 _RTOL = 1e-4
+# The global poolings a CAM head may apply before its Linear: the map is sum_k w_k A^k for both.
+_GLOBAL_POOLS = {"avg": lambda a: a.mean(dim=(2, 3)), "max": lambda a: a.amax(dim=(2, 3))}
 
 
 @dataclasses.dataclass
@@ -39,7 +42,8 @@ class HeadInfo:
     target_name: str
     classifier_name: str | None
     relu_features: bool  # the model applies a ReLU to the target's output before pooling
-    gap_error: str | None  # why the head is not GAP -> Linear; None when it is
+    gap_error: str | None  # why the head is not global pooling -> Linear; None when it is
+    pooling: str | None = None  # "avg" or "max": how the head pools (None without such a head)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -102,44 +106,51 @@ def locate_head(model: nn.Module, target_layer: str | None = None, probe_size: i
             f"{model_name} has no layer with a 4-D (batch, channels, height, width) output larger than 1x1 "
             f"at {probe_size}px input; CAM methods need a convolutional feature map"
         )
-    relu, problem = _gap_linear_problem(seen["target"], seen["features"], seen["linear"], output)
+    relu, pool, problem = _gap_linear_problem(seen["target"], seen["features"], seen["linear"], output)
     gap_error = None
     if problem is not None:
         tail = " -> ".join(leaf_calls[seen["after_target"] :][:8]) or "nothing"
         gap_error = (
-            f"CAM needs a global-average-pooling -> linear head, but {model_name}'s head is not: {problem} "
+            f"CAM needs a global-average-pooling (or global-max-pooling) -> linear head, but {model_name}'s head is not: {problem} "
             f"(after {seen['target']!r} it runs: {tail}). Use method 'gradcam' or 'gradcam++' instead; "
             f"they work on any model with a 4-D feature layer"
         )
     classifier_name = seen["linear"][0] if seen["linear"] else None
-    return HeadInfo(seen["target"], classifier_name, relu, gap_error)
+    return HeadInfo(seen["target"], classifier_name, relu, gap_error, pool if problem is None else None)
 
 
-def _gap_linear_problem(target_name: str, features: torch.Tensor, linear_call, output) -> tuple[bool, str | None]:
-    """Check that the model's output is Linear(mean_ij A) or Linear(mean_ij ReLU(A)).
+def _gap_linear_problem(target_name: str, features: torch.Tensor, linear_call, output) -> tuple[bool, str | None, str | None]:
+    """Check that the model's output is Linear(P_ij A) or Linear(P_ij ReLU(A)), P the spatial mean or max.
 
     linear_call: (name, module, input, output) of the last Linear call, or None.
-    Returns (whether A needs the ReLU, what is wrong or None)."""
+    Returns (whether A needs the ReLU, "avg" or "max", what is wrong or None)."""
     if linear_call is None:
-        return False, "no nn.Linear runs in its forward pass"
+        return False, None, "no nn.Linear runs in its forward pass"
     name, linear, linear_input, linear_output = linear_call
     channels = features.shape[1]
     if linear.in_features != channels:
-        return False, (
+        return False, None, (
             f"the final Linear {name!r} takes {linear.in_features} features but the target layer "
             f"{target_name!r} has {channels} channels"
         )
     if linear_input.shape != (features.shape[0], channels):
-        return False, f"the final Linear {name!r} gets input of shape {tuple(linear_input.shape)}"
-    for relu in (False, True):
-        pooled = (features.relu() if relu else features).float().mean(dim=(2, 3))
-        if _close(linear_input.float(), pooled):
-            break
-    else:
-        return False, f"the input of the final Linear {name!r} is not the spatial mean of {target_name!r}'s output"
+        return False, None, f"the final Linear {name!r} gets input of shape {tuple(linear_input.shape)}"
+    relu, pool = _pooling_of(linear_input, features)
+    if pool is None:
+        return False, None, f"the input of the final Linear {name!r} is not the spatial mean or maximum of {target_name!r}'s output"
     if not (isinstance(output, torch.Tensor) and output.shape == linear_output.shape and _close(output, linear_output)):
-        return relu, f"the model's output is not the output of its final Linear {name!r}"
-    return relu, None
+        return relu, pool, f"the model's output is not the output of its final Linear {name!r}"
+    return relu, pool, None
+
+
+def _pooling_of(linear_input: torch.Tensor, features: torch.Tensor) -> tuple[bool, str | None]:
+    """(ReLU or not, "avg" or "max") where the Linear's input is that global pooling of A, else (False, None)."""
+    for relu in (False, True):
+        maps = (features.relu() if relu else features).float()
+        for pool, reduce in _GLOBAL_POOLS.items():
+            if _close(linear_input.float(), reduce(maps)):
+                return relu, pool
+    return False, None
 
 
 class CAMExtractor:
@@ -159,6 +170,7 @@ class CAMExtractor:
         self.target_name, self.classifier_name = head.target_name, head.classifier_name
         self.relu_features = head.relu_features
         self.gap_error = head.gap_error
+        self.pooling = head.pooling  # "avg" (GAP) or "max" (GMP) before the classifier; None otherwise
         self._check_head()
         self._capturing = False
         self._features: torch.Tensor | None = None
