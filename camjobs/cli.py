@@ -274,7 +274,7 @@ def viz(
     data: Optional[str] = typer.Option(None, "--data", help="The dataset, for ground-truth masks (HAM10000, ISIC 2017, ISIC 2018 layouts)."),
     layout: str = typer.Option("auto", help="Layout of --data: auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder."),
 ) -> None:
-    """Draw image | heatmap | blend with boxes per image, and a sortable index.html gallery."""
+    """Draw image | heatmap | blend with boxes (and refined mask outlines) per image, and a sortable index.html gallery."""
     _setup_logging(False)
     from camjobs.export import ExportError
     from camjobs.viz import VizError, render_gallery

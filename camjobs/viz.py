@@ -5,10 +5,12 @@
 Each panel is three tiles side by side, as in the CAM papers' figures (Zhou et al. 2015, Fig. 1;
 Choe et al. 2020, wsolevaluation): the original image | its heatmap (``heatmap_png`` through
 OpenCV's JET colour map) | the two blended half and half, with the weak boxes drawn (``boxes[0]``,
-the paper's box, thick green; the other boxes thin green with their scores) and, where the
+the paper's box, thick green; the other boxes thin green with their scores), where the row has a
+refined lesion mask (``mask_rle``, ``camjobs run --refine``) its outline in magenta, and, where the
 ground-truth mask is known, its outline and its box in red. A caption strip below names the
 image, the prediction and its score, the explained class and the IoU of ``boxes[0]`` with the
-mask's box (``camjobs.evaluate``: the same number as the demo's mean IoU). Tiles are scaled so
+mask's box (``camjobs.evaluate``: the same number as the demo's mean IoU) and, for a refined
+row, that of ``refined_boxes[0]`` (0 where the refinement found nothing). Tiles are scaled so
 their long side is at most ``tile_size`` (512) pixels; the original is decoded from
 ``source_path`` with EXIF orientation applied, as the job did.
 
@@ -18,9 +20,11 @@ Rows are the newest per image_id (as in ``camjobs export``). Ground truth comes 
 after those with one, by pred_score. Without any mask, worst / best order by ``pred_score``
 ascending / descending instead (the gallery says so). ``random`` is a fixed-seed shuffle.
 
-``DIR/index.html`` lists the panels in that order with their numbers; clicking a column header
-sorts by it (inline JavaScript, no file or script is fetched from anywhere else). The PNG of
-an image is ``<image_id made file-name safe>-<8 hex digits of its sha1>.png``.
+``DIR/index.html`` lists the panels in that order with their numbers (and a "refined IoU" column
+where any shown row is refined: output without refinement renders as it did before masks
+existed); clicking a column header sorts by it (inline JavaScript, no file or script is fetched
+from anywhere else). The PNG of an image is ``<image_id made file-name safe>-<8 hex digits of
+its sha1>.png``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from camjobs.decode import ImageInputError, decode_image, read_bytes
 from camjobs.geometry import box_iou, mask_box
-from camjobs.export import cams_dataset, read_latest_cams
+from camjobs.export import cams_dataset, image_mask, read_latest_cams
 from camjobs.schema import ImageRow
 
 log = logging.getLogger(__name__)
@@ -54,9 +58,10 @@ TILE_SIZE = 512
 GAP = 4  # white pixels between tiles
 RANDOM_SEED = 0
 VIZ_COLUMNS = ("image_id", "source_path", "width", "height", "label", "pred_label", "pred_score",
-               "target_label", "boxes", "run_id", "method")
+               "target_label", "boxes", "run_id", "method", "mask_rle", "refined_boxes", "refine")
 
 GREEN, LIGHT_GREEN, RED, BLACK, WHITE = (0, 230, 0), (150, 255, 150), (255, 40, 40), (0, 0, 0), (255, 255, 255)
+MAGENTA = (255, 0, 255)  # the refined mask: a colour JET never takes, unlike green, red and cyan
 _FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf",
                "/Library/Fonts/Arial Unicode.ttf", "C:/Windows/Fonts/arial.ttf")
 
@@ -69,9 +74,18 @@ class VizError(ValueError):
 class VizItem(ImageRow):
     boxes: list[dict]
     method: str | None = None
+    mask_rle: dict | None = None  # the refined lesion mask (camjobs run --refine)
+    refined_boxes: list[dict] | None = None
+    refine: str | None = None
     mask_path: str | None = None
     iou: float | None = None  # boxes[0] against the mask's box; 0 when there is no box
+    refined_iou: float | None = None  # refined_boxes[0] likewise, for a refined row
     png: str | None = None  # file name in the gallery folder, once written
+
+    @property
+    def refined(self) -> bool:
+        """A row of a --refine run (its mask may be null: nothing to refine), as camjobs.evaluate counts them."""
+        return self.refine is not None or self.mask_rle is not None or self.refined_boxes is not None
 
 
 @dataclass
@@ -185,9 +199,19 @@ def _rectangle(image: np.ndarray, box, scale_x: float, scale_y: float, colour, t
     cv2.rectangle(image, (x0, y0), (x1, y1), colour, thickness, cv2.LINE_AA)
 
 
+def _outline(image: np.ndarray, mask: np.ndarray, colour, line: int) -> None:
+    """A mask's outer outline, scaled to the tile, in `colour` over a black edge (visible on any colour)."""
+    small = cv2.resize(mask.astype(np.uint8) * 255, image.shape[1::-1], interpolation=cv2.INTER_AREA) > 127
+    contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(image, contours, -1, BLACK, line + 2, cv2.LINE_AA)
+    cv2.drawContours(image, contours, -1, colour, line, cv2.LINE_AA)
+
+
 def render_panel(rgb: np.ndarray, heatmap: np.ndarray | None, boxes: Sequence[dict], caption: Sequence[str],
-                 mask: np.ndarray | None = None, tile_size: int = TILE_SIZE) -> np.ndarray:
-    """original | JET heatmap | blend + boxes (+ mask outline), a caption strip below; RGB uint8."""
+                 mask: np.ndarray | None = None, tile_size: int = TILE_SIZE,
+                 refined: np.ndarray | None = None) -> np.ndarray:
+    """original | JET heatmap | blend + boxes (+ refined mask and ground-truth outlines), a caption
+    strip below; RGB uint8."""
     height, width = rgb.shape[:2]
     tw, th = tile_shape(width, height, tile_size)
     sx, sy = tw / width, th / height
@@ -201,13 +225,12 @@ def render_panel(rgb: np.ndarray, heatmap: np.ndarray | None, boxes: Sequence[di
     blend = cv2.addWeighted(original, 0.5, jet, 0.5, 0.0)
     line = max(2, round(max(tw, th) / 170))
     if mask is not None:
-        small = cv2.resize(mask.astype(np.uint8) * 255, (tw, th), interpolation=cv2.INTER_AREA) > 127
-        contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(blend, contours, -1, BLACK, line + 2, cv2.LINE_AA)
-        cv2.drawContours(blend, contours, -1, RED, line, cv2.LINE_AA)
+        _outline(blend, mask, RED, line)
         truth = mask_box(mask)
         if truth is not None:
             _rectangle(blend, truth, sx, sy, RED, max(1, line - 1))
+    if refined is not None:
+        _outline(blend, refined, MAGENTA, line)
     for rank, box in reversed(list(enumerate(boxes))):  # boxes[0] drawn last, on top
         xyxy = (box["x_min"], box["y_min"], box["x_max"], box["y_max"])
         _rectangle(blend, xyxy, sx, sy, GREEN if rank == 0 else LIGHT_GREEN, line + 1 if rank == 0 else max(1, line - 1))
@@ -239,7 +262,11 @@ def caption_lines(item: VizItem) -> list[str]:
     if item.label:
         second += f" | label {item.label}"
     second += f" | IoU {item.iou:.3f}" if item.iou is not None else " | IoU n/a (no mask)"
-    third = f"{len(item.boxes)} box(es), green: boxes[0] thick" + (", red: mask outline and box" if item.mask_path else "")
+    if item.refined_iou is not None:
+        second += f" | refined IoU {item.refined_iou:.3f}"
+    third = (f"{len(item.boxes)} box(es), green: boxes[0] thick"
+             + (", magenta: refined mask outline" if item.mask_rle else "")
+             + (", red: mask outline and box" if item.mask_path else ""))
     return [item.image_id, second, third]
 
 
@@ -304,7 +331,12 @@ def _cell(text: str, value=None, cls: str | None = None) -> str:
     return f"<td{attrs}>{html.escape(text)}</td>"
 
 
+def _iou_cell(iou: float | None) -> str:
+    return _cell(f"{iou:.3f}" if iou is not None else "n/a", f"{iou:.6f}" if iou is not None else "", "num")
+
+
 def gallery_html(items: Sequence[VizItem], *, title: str, summary: str, note: str | None, failed=()) -> str:
+    refined = any(item.refined for item in items)  # else the page is the one of before masks existed
     rows = []
     for number, item in enumerate(items, start=1):
         src = html.escape(item.png or "", quote=True)
@@ -319,7 +351,8 @@ def gallery_html(items: Sequence[VizItem], *, title: str, summary: str, note: st
             + _cell(item.pred_label or "", item.pred_label or "")
             + _cell(f"{score:.3f}" if score is not None else "", f"{score:.6f}" if score is not None else "", "num")
             + _cell(item.target_label or "", item.target_label or "")
-            + _cell(f"{item.iou:.3f}" if item.iou is not None else "n/a", f"{item.iou:.6f}" if item.iou is not None else "", "num")
+            + _iou_cell(item.iou)
+            + (_iou_cell(item.refined_iou) if refined else "")
             + _cell(str(len(item.boxes)), len(item.boxes), "num")
             + "</tr>"
         )
@@ -332,15 +365,21 @@ def gallery_html(items: Sequence[VizItem], *, title: str, summary: str, note: st
         '<tr><th data-type="num">#</th><th>panel: image | heatmap | blend + boxes</th>'
         '<th data-type="str">image_id</th><th data-type="str">label</th><th data-type="str">prediction</th>'
         '<th data-type="num">score</th><th data-type="str">map explains</th><th data-type="num">IoU</th>'
-        '<th data-type="num">boxes</th></tr>'
+        + ('<th data-type="num">refined IoU</th>' if refined else "")
+        + '<th data-type="num">boxes</th></tr>'
     )
+    legend = ("Click a column header to sort. IoU: <code>boxes[0]</code> against the box around the ground-truth mask. "
+              "Green: weak boxes (thick: <code>boxes[0]</code>); red: ground-truth mask outline and its box.")
+    if refined:
+        legend += (" Magenta: outline of the refined lesion mask (<code>mask_rle</code>, <code>camjobs run --refine</code>);"
+                   " refined IoU: <code>refined_boxes[0]</code> against the same box (0 where the refinement found"
+                   " nothing, n/a without ground truth).")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(summary)}</p>\n{note_html}\n{failed_html}\n"
-        "<p>Click a column header to sort. IoU: <code>boxes[0]</code> against the box around the ground-truth mask. "
-        "Green: weak boxes (thick: <code>boxes[0]</code>); red: ground-truth mask outline and its box.</p>\n"
+        f"<p>{legend}</p>\n"
         f'<table id="gallery">\n<thead>{header}</thead>\n<tbody>\n' + "\n".join(rows) + "\n</tbody>\n</table>\n"
         f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
     )
@@ -393,6 +432,8 @@ def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_L
                 try:
                     mask = mask_for(item)
                     item.iou = first_box_iou(item.boxes, mask) if mask is not None else None
+                    if mask is not None and item.refined:
+                        item.refined_iou = first_box_iou(item.refined_boxes or [], mask)
                 except (ImageInputError, OSError) as exc:
                     log.warning("mask of %s unreadable: %s", item.image_id, exc)
                     item.mask_path = None
@@ -426,8 +467,9 @@ def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_L
                 mask = mask_for(item)
             except (ImageInputError, OSError):
                 mask = None
+        refined = image_mask(item.mask_rle, item.width, item.height) if item.mask_rle else None
         panel = render_panel(rgb, _decode_heatmap(heatmaps.get((item.image_id, item.run_id)), item), item.boxes,
-                             caption_lines(item), mask, tile_size)
+                             caption_lines(item), mask, tile_size, refined)
         item.png = png_name(item.image_id)
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
         if not ok:
@@ -441,6 +483,9 @@ def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_L
     summary = f"{len(drawn)} of {len(items)} images from {output}, ordered {sort} by {key}"
     if with_iou:
         summary += f"; mean IoU of the shown images {sum(with_iou) / len(with_iou):.3f} ({len(with_iou)} with a mask)"
+    refined_iou = [item.refined_iou for item in drawn if item.refined_iou is not None]
+    if refined_iou:
+        summary += f"; of their refined boxes {sum(refined_iou) / len(refined_iou):.3f} ({len(refined_iou)} refined)"
     index = folder / "index.html"
     index.write_text(gallery_html(drawn, title="camjobs: class activation maps", summary=summary, note=note,
                                   failed=failed), encoding="utf-8")

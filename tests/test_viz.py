@@ -2,6 +2,7 @@
 
 DIR/cams is computed here without Ray, with the same pieces the model actor uses (a seeded,
 untrained ResNet-18 at 64 px: the maps mean nothing, but they are real maps with real boxes).
+Refined rows (camjobs run --refine) add a mask drawn in the test as mask_rle and its box.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from camjobs.cam import build_extractor
 from camjobs.decode import load_image
 from camjobs.evaluate import box_iou, mask_box, read_mask
+from camjobs.geometry import rle_encode
 from camjobs.layouts import list_images
 from camjobs.localize import encode_png, localize
 from camjobs.models import load_model
@@ -235,3 +237,118 @@ def test_gallery_on_shared_isic2017_sample(isic2017_sample, tmp_path):
     by_id = {row["image_id"]: row for row in rows}
     for item in result.items[:3]:
         check_panel(tmp_path / "gallery" / item.png, by_id[item.image_id]["width"], by_id[item.image_id]["height"])
+
+
+# --------------------------------------------------------------------------- refined masks
+def _is_magenta(image: np.ndarray) -> np.ndarray:
+    """Pixels drawn in the refined-outline colour (RGB or BGR alike: red and blue are both 255)."""
+    return (image[..., 0] == 255) & (image[..., 1] == 0) & (image[..., 2] == 255)
+
+
+def _drawn_mask(width: int, height: int) -> np.ndarray:
+    """The 'refined' mask of the tests: an ellipse off the image's centre."""
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, (width // 2 + width // 10, height // 2), (width // 4, height // 5), 15, 0, 360, 1, -1)
+    return mask.astype(bool)
+
+
+def _pixel_box(mask: np.ndarray):
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_panel_draws_the_refined_outline_along_the_mask_border():
+    height, width = 600, 900
+    rgb = np.full((height, width, 3), 128, np.uint8)
+    heatmap = np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
+    refined = _drawn_mask(width, height)
+    box = {"x_min": 0.0, "y_min": 0.0, "x_max": 300.0, "y_max": 200.0, "score": 0.5}
+    panel = render_panel(rgb, heatmap, [box], ["id", "pred", "legend"], None, refined=refined)
+    tw, th = tile_shape(width, height)
+    blend = panel[:th, 2 * (tw + GAP):2 * (tw + GAP) + tw]
+    magenta = _is_magenta(blend)
+    small = cv2.resize(refined.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
+    border = cv2.morphologyEx(small, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool)
+    near_border = cv2.dilate(border.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    assert magenta.sum() > 0.5 * border.sum()  # the outline runs all along the border
+    assert (magenta & ~near_border).sum() == 0  # and nowhere else
+    assert not _is_magenta(panel[:th, :2 * (tw + GAP)]).any()  # only on the blend tile
+    plain = render_panel(rgb, heatmap, [box], ["id", "pred", "legend"], None)
+    assert not _is_magenta(plain).any()
+
+
+def _write_rows(output: Path, rows: list[dict], schema: pa.Schema) -> Path:
+    folder = output / "cams" / RUN_ID
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k in schema.names} for row in rows],
+                                        schema=schema), folder / "part-0.parquet")
+    return output
+
+
+@pytest.fixture(scope="module")
+def refined_cams(mini_cams, tmp_path_factory):
+    """The mini rows as a --refine run writes them: a drawn mask and its box on every image but two,
+    one refined row whose refinement found nothing, one row without refinement."""
+    _, rows = mini_cams
+    nothing, plain = rows[0]["image_id"], rows[1]["image_id"]
+    refined_rows = []
+    for row in rows:
+        row = dict(row)
+        if row["image_id"] == nothing:
+            row.update(refine="otsu")
+        elif row["image_id"] != plain:
+            mask = _drawn_mask(row["width"], row["height"])
+            x0, y0, x1, y1 = _pixel_box(mask)
+            row.update(mask_rle=rle_encode(mask), refine="otsu", refined_boxes=[
+                {"x_min": float(x0), "y_min": float(y0), "x_max": float(x1), "y_max": float(y1), "score": 0.7}])
+        refined_rows.append(row)
+    output = _write_rows(tmp_path_factory.mktemp("refined") / "out", refined_rows, CAMS_SCHEMA)
+    return output, refined_rows, nothing, plain
+
+
+def test_gallery_shows_refined_masks_and_their_iou(refined_cams, isic2017_mini, tmp_path):
+    output, rows, nothing, plain = refined_cams
+    result = render_gallery(str(output), tmp_path / "g", sort="best", data=str(isic2017_mini))
+    masks = {r.image_id: r.mask_path for r in list_images(str(isic2017_mini), "isic2017").records if r.mask_path}
+    by_id = {row["image_id"]: row for row in rows}
+    for item in result.items:
+        row = by_id[item.image_id]
+        panel = cv2.imdecode(np.fromfile(str(tmp_path / "g" / item.png), np.uint8), cv2.IMREAD_COLOR)
+        assert _is_magenta(panel).any() == (row.get("mask_rle") is not None), item.image_id
+        if item.image_id not in masks:
+            assert item.refined_iou is None
+        elif item.image_id == plain:
+            assert item.refined_iou is None  # no --refine: n/a
+        elif item.image_id == nothing:
+            assert item.refined_iou == 0.0  # refined, nothing found: a miss
+        else:
+            truth = mask_box(read_mask(masks[item.image_id]))
+            assert item.refined_iou == pytest.approx(box_iou(_pixel_box(_drawn_mask(row["width"], row["height"])), truth))
+    text = (tmp_path / "g" / "index.html").read_text(encoding="utf-8")
+    assert '<th data-type="num">refined IoU</th>' in text and "Magenta: outline of the refined lesion mask" in text
+    assert "of their refined boxes" in text
+    cells = re.findall(r'<tr>(.*?)</tr>', text.split("<tbody>")[1])
+    assert len(cells) == len(result.items)
+    for item, cell in zip(result.items, cells):  # the refined IoU is the column after the IoU
+        numbers = re.findall(r'<td class="num"[^>]*>([^<]*)</td>', cell)
+        assert numbers[-2] == (f"{item.refined_iou:.3f}" if item.refined_iou is not None else "n/a")
+
+
+def test_version_1_output_renders_as_before(mini_cams, isic2017_mini, tmp_path):
+    """A version-1 file (no mask_rle, refined_boxes, refine) draws the same files as version-2 rows
+    without refinement, which draw what the gallery drew before masks existed: no refined column."""
+    _, rows = mini_cams
+    v1_schema = pa.schema([f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
+                          metadata={"camjobs.schema_version": "1"})
+    v1 = _write_rows(tmp_path / "v1", [{**row, "schema_version": 1} for row in rows], v1_schema)
+    v2 = _write_rows(tmp_path / "v2", rows, CAMS_SCHEMA)
+    for output, folder in ((v1, "g1"), (v2, "g2")):
+        result = render_gallery(str(output), tmp_path / folder, data=str(isic2017_mini))
+        assert all(not item.refined and item.refined_iou is None for item in result.items)
+    files = sorted(p.name for p in (tmp_path / "g1").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "g2").iterdir()) and "index.html" in files
+    for name in files:  # index.html names the output folder
+        first, second = ((tmp_path / g / name).read_bytes().replace(str(o).encode(), b"OUT") for g, o in (("g1", v1), ("g2", v2)))
+        assert first == second, name
+    text = (tmp_path / "g1" / "index.html").read_text(encoding="utf-8")
+    assert "refined" not in text.lower() and "magenta" not in text.lower()
