@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from camjobs.geometry import component_boxes, rle_encode
+from camjobs.geometry import component_boxes, component_stats, rle_encode
 from camjobs.segment import REFINE_SIDE, refine, work_size
 
 DEFAULT_THRESHOLD = 0.2
@@ -92,43 +92,8 @@ def boxes_from_normalized(norm, threshold: float = DEFAULT_THRESHOLD) -> list[Bo
     # An all-zero norm means max U <= 0: no region, hence no box (even at threshold 0).
     if norm.size == 0 or not norm.max() > 0:
         return []
-    inside = (norm >= threshold).view(np.uint8)
-    # Grana's block-based algorithm: the same components as OpenCV's default, in half the time.
-    count, labels = cv2.connectedComponentsWithAlgorithm(inside, 8, cv2.CV_32S, cv2.CCL_GRANA)
-    if count <= 1:
-        return []
-    if count - 1 <= _FEW_COMPONENTS:
-        stats = np.array([_mask_stats(norm, inside if count == 2 else (labels == index).view(np.uint8))
-                          for index in range(1, count)])
-    else:
-        stats = _label_stats(norm, inside, count)
-    boxes = []
-    # Stable sort: equal areas keep OpenCV's label order, so output is deterministic.
-    for x, y, w, h, _area, score in stats[np.argsort(-stats[:, 4], kind="stable")]:
-        boxes.append(Box(float(x), float(y), float(x + w), float(y + h), float(score)))
-    return boxes
-
-
-# Upsampled maps are smooth and have a few components. Up to this many, each component's
-# statistics come from its own mask (OpenCV's statistics pass over the whole label image
-# costs 4-5 x the labelling itself); beyond it, from that pass.
-_FEW_COMPONENTS = 16
-
-
-def _mask_stats(norm: np.ndarray, mask: np.ndarray) -> tuple[int, int, int, int, int, float]:
-    """x, y, width, height, area and mean of norm over one component's uint8 mask."""
-    x, y, w, h = cv2.boundingRect(mask)
-    inner = mask[y : y + h, x : x + w]
-    return x, y, w, h, cv2.countNonZero(inner), cv2.mean(norm[y : y + h, x : x + w], mask=inner)[0]
-
-
-def _label_stats(norm: np.ndarray, inside: np.ndarray, count: int) -> np.ndarray:
-    """The rows of _mask_stats for every component at once, for images with many components."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(inside, 8, cv2.CV_32S, cv2.CCL_GRANA)
-    found = labels > 0
-    sums = np.bincount(labels[found], weights=norm[found].astype(np.float64), minlength=count)[1:]
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    return np.column_stack([stats[1:, :5].astype(np.float64), sums / areas])
+    return [Box(float(x), float(y), float(x + w), float(y + h), float(score))
+            for x, y, w, h, _area, score in component_stats(norm >= threshold, norm)]
 
 
 @dataclass

@@ -171,12 +171,12 @@ def refine_work_mask(work_rgb: np.ndarray, work_norm: np.ndarray) -> np.ndarray 
 
 
 def refine(work_rgb: np.ndarray, norm: np.ndarray, width: int, height: int) -> np.ndarray | None:
-    """The refined lesion mask at (height, width), from the working image and the map U / max U
-    (any size: it is resized to the working image's); None where the map is empty or flat or
-    the image shows no lesion."""
+    """The refined lesion mask at (height, width) (column-major, for COCO's RLE), from the working
+    image and the map U / max U (any size: it is resized to the working image's); None where the
+    map is empty or flat or the image shows no lesion."""
     if is_flat(norm):
         return None
     work_height, work_width = work_rgb.shape[:2]
     work_norm = cv2.resize(np.asarray(norm, np.float32), (work_width, work_height), interpolation=cv2.INTER_LINEAR)
     mask = refine_work_mask(work_rgb, work_norm)
-    return None if mask is None else resize_mask(mask, width, height)
+    return None if mask is None else resize_mask(mask, width, height, fortran=True)

@@ -185,7 +185,7 @@ def test_localize_batch_on_an_empty_table():
 def test_component_boxes_and_scores_match_flood_fill_for_few_and_for_many_components():
     """Both ways of measuring components: one mask each (a few components, here nested
     rings whose boxes overlap, and two blobs) and one pass over the labels (many dots)."""
-    from camjobs.localize import _FEW_COMPONENTS
+    from camjobs.geometry import _FEW_COMPONENTS
 
     yy, xx = np.mgrid[0:61, 0:81]
     radius = np.hypot(yy - 30, xx - 40)

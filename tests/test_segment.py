@@ -83,7 +83,12 @@ def test_component_boxes_match_each_components_pixels():
     expected.sort(key=lambda item: -item[0])
     assert [(b["x_min"], b["y_min"], b["x_max"], b["y_max"]) for b in boxes] == [e[1] for e in expected]
     assert [b["score"] for b in boxes] == pytest.approx([e[2] for e in expected])
-    assert component_boxes(np.zeros((3, 3), bool)) == []
+    # a column-major mask (what the refinement makes, for COCO's encoder) gives the same boxes
+    column_major = component_boxes(np.asfortranarray(mask), score)
+    assert len(column_major) == len(boxes)
+    for got, want in zip(column_major, boxes):
+        assert got == pytest.approx(want)
+    assert component_boxes(np.zeros((3, 3), bool), np.ones((3, 3))) == []
 
 
 def test_resize_mask_keeps_a_shape_across_sizes():
