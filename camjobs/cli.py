@@ -246,7 +246,7 @@ def export_(
     output: str = typer.Option(..., "--output", help="The job's output directory or URI (reads OUTPUT/cams and OUTPUT/runs)."),
     fmt: str = typer.Option(..., "--format", help="coco|labelstudio|yolo"),
     to: str = typer.Option(..., "--to", help="File to write (coco; labelstudio, with its labeling config next to it) or folder (yolo)."),
-    min_score: float = typer.Option(0.0, "--min-score", help="Drop boxes scoring below this (box scores lie in [threshold, 1])."),
+    min_score: float = typer.Option(0.0, "--min-score", help="Drop boxes scoring below this (CAM box scores lie in [threshold, 1]; a refined box's is the normalized map's mean over its mask)."),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="URL where the dataset root (--data of the run) is served: images are <image-root>/<path below the root>."),
     categories: str = typer.Option("lesion", "--categories", help="lesion: one category; classes: the model's classes (a box gets its image's target_label)."),
     boxes: str = typer.Option("auto", "--boxes", help="auto: refined_boxes (with their masks: COCO segmentation, Label Studio polygons) where a row has them (camjobs run --refine), else the CAM boxes; cam: the CAM boxes only, as before masks existed; refined: refined_boxes only, images without them listed with no box."),
