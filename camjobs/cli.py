@@ -134,14 +134,15 @@ def synth(
 def train(
     data: str = typer.Option(..., "--data", help="Dataset directory in any supported layout."),
     out: Path = typer.Option(..., "--out", help="Checkpoint file to write (and OUT.resume.pt after every epoch)."),
-    model: str = typer.Option("resnet18", help="torchvision architecture with a GAP -> linear head."),
+    model: str = typer.Option("resnet18", help="Architecture with a GAP -> linear head: a torchvision name, efficientnet_lite0 (pip install 'camjobs[efficientnet]'), or timm/NAME (timm's NAME, where timm is installed)."),
+    pooling: str = typer.Option("gap", help="Global pooling before the final linear layer: gap (average) or gmp (max, in place of the model's average pool); recorded in the checkpoint."),
     epochs: int = typer.Option(5, help="Training epochs (in all, counting those before --resume)."),
     input_size: int = typer.Option(224, help="Square input size."),
     batch_size: int = typer.Option(32, help="Batch size (per worker with --workers)."),
     lr: float = typer.Option(1e-3, help="Learning rate (AdamW)."),
     layout: str = typer.Option("auto", help="Dataset layout: auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder."),
-    weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision's weights, downloaded: needs internet) or a local torchvision weights file to start from."),
-    weights_file: Optional[Path] = typer.Option(None, "--weights-file", exists=True, dir_okay=False, help="Local torchvision weights file to start from (e.g. resnet18-f37072fd.pth); the classifier is replaced for the dataset's classes."),
+    weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision's weights, downloaded: needs internet; efficientnet_lite0's come with its package, offline; timm's from its local caches) or a local weights file to start from."),
+    weights_file: Optional[Path] = typer.Option(None, "--weights-file", exists=True, dir_okay=False, help="Local weights file for --model to start from (e.g. torchvision's resnet18-f37072fd.pth); the classifier is replaced for the dataset's classes."),
     balanced: bool = typer.Option(True, "--balanced/--no-balanced", help="Class-balanced sampling: draw with replacement, weights 1/class count."),
     val_fraction: float = typer.Option(0.2, help="Validation share, split by lesion (no lesion on both sides) and stratified by class."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT.resume.pt, written after every epoch, up to --epochs (same data and settings)."),
@@ -150,7 +151,7 @@ def train(
     ray_storage: Optional[str] = typer.Option(None, "--ray-storage", help="Ray Train storage for --workers: shared (NFS path, s3://...) on several nodes (default: a folder next to --out, removed after success)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Fine-tune a torchvision GAP classifier and write a camjobs checkpoint."""
+    """Fine-tune a GAP (or --pooling gmp) classifier and write a camjobs checkpoint."""
     _setup_logging(False)
     if weights is not None and weights_file is not None:
         raise _fail("give --weights or --weights-file, not both", EXIT_USAGE)
@@ -163,7 +164,7 @@ def train(
                 batch_size=batch_size, lr=lr, layout=layout,
                 weights=str(weights_file) if weights_file is not None else weights, seed=seed,
                 val_fraction=val_fraction, balanced=balanced, resume=resume, workers=workers,
-                address=address, storage_path=ray_storage,
+                address=address, storage_path=ray_storage, pooling=pooling,
             )
         )
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

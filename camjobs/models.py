@@ -67,8 +67,7 @@ def _check_arch(arch: str) -> None:
         timm = _timm()
         if not timm.is_model(arch[len(TIMM_PREFIX) :]):
             raise _unknown_arch(arch, timm.list_models(), TIMM_PREFIX, "see timm.list_models()")
-    elif arch not in classification_archs():
-        archs = classification_archs()
+    elif arch not in (archs := classification_archs()):
         where = (f"torchvision has {len(archs)} classification models, see torchvision.models.list_models("
                  f"module=torchvision.models); also {EFFICIENTNET_LITE0}, and {TIMM_PREFIX}NAME for timm's models")
         raise _unknown_arch(arch, archs, "", where)
@@ -80,7 +79,8 @@ def _unknown_arch(arch: str, known: list[str], prefix: str, where: str) -> Value
     return ValueError(f"unknown architecture {arch!r}: {hint}({where})")
 
 
-def _check_pooling(pooling: str) -> None:
+def check_pooling(pooling: str) -> None:
+    """ValueError naming --pooling unless pooling is one of POOLINGS."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling (--pooling) must be gap (global average) or gmp (global max), got {pooling!r}")
 
@@ -160,7 +160,7 @@ def build_model(arch: str, num_classes: int | None, weights: str | None = None, 
     its place).
     """
     _check_arch(arch)
-    _check_pooling(pooling)
+    check_pooling(pooling)
     if weights is None:
         if num_classes is None:
             raise ValueError(f"{arch}: num_classes is needed without pretrained weights")
@@ -543,7 +543,7 @@ def save_checkpoint(
     """Write a checkpoint that load_model reads (weights_only-safe); return the file's sha256.
     pooling is recorded so that load_model rebuilds the same head (GAP or GMP)."""
     _check_class_count(list(classes), _num_outputs(model), f"save_checkpoint({str(path)!r})")
-    _check_pooling(pooling)
+    check_pooling(pooling)
     payload = {
         "arch": arch,
         "classes": [str(c) for c in classes],

@@ -1,10 +1,14 @@
-"""Fine-tune a torchvision GAP classifier on a dataset layout and write a camjobs checkpoint.
+"""Fine-tune a GAP (or GMP) classifier on a dataset layout and write a camjobs checkpoint.
 
 The checkpoint holds everything `camjobs run` needs (arch, classes, state_dict, input_size,
-mean, std) and loads with torch.load(weights_only=True).
+mean, std, pooling) and loads with torch.load(weights_only=True).
 
-- Start: random weights, ImageNet weights (``weights="imagenet"``, downloaded) or a local
-  torchvision weights file (``weights=PATH``); the classifier is replaced for the dataset's classes.
+- Model: a torchvision architecture, ``efficientnet_lite0`` (camjobs[efficientnet]) or
+  ``timm/NAME``; ``pooling="gmp"`` puts a global max pool where its global average pool was
+  (Zhou et al. 2015's GAP-against-GMP comparison).
+- Start: random weights, ImageNet weights (``weights="imagenet"``: torchvision's, downloaded;
+  efficientnet_lite0's from its weights package; timm's from the local caches) or a local
+  weights file (``weights=PATH``); the classifier is replaced for the dataset's classes.
 - Split: by lesion (HAM10000, ISIC 2018, ISIC 2019) or patient (ISIC 2020) read from the layout's
   metadata CSV, so no lesion has images on both sides; stratified by class at group level.
 - Sampling: class-balanced by default (draws with replacement, weights 1 / class count).
@@ -28,7 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +46,7 @@ from tqdm import tqdm
 
 from camjobs.decode import ImageInputError, load_image
 from camjobs.layouts import ImageRecord, list_images
-from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, atomic_torch_save, build_model, save_checkpoint
+from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, atomic_torch_save, build_model, check_pooling, save_checkpoint
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ RESUME_FORMAT = "camjobs-train-resume"
 RESUME_VERSION = 1
 RESUME_NAME = "resume.pt"  # the file inside a Ray Train checkpoint folder
 # Settings that shape the training trajectory: a resume file written with other values is refused.
-RESUME_KEYS = ("input_size", "batch_size", "lr", "weights", "seed", "val_fraction", "balanced", "workers")
+RESUME_KEYS = ("input_size", "batch_size", "lr", "weights", "seed", "val_fraction", "balanced", "workers", "pooling")
 
 # Where each layout keeps its lesion (or patient) ids: metadata CSV candidates relative to the
 # dataset root (the first that exists is read), the image id column and the group column.
@@ -68,13 +72,13 @@ GROUP_SOURCES = {
 class TrainConfig:
     data: str
     out: str
-    arch: str = "resnet18"
+    arch: str = "resnet18"  # torchvision name, "efficientnet_lite0", or "timm/NAME"
     epochs: int = 5
     input_size: int = 224
     batch_size: int = 32  # per worker
     lr: float = 1e-3
     layout: str = "auto"
-    weights: str | None = None  # None (random), "imagenet", or a local torchvision weights file
+    weights: str | None = None  # None (random), "imagenet", or a local weights file for arch
     seed: int = 0
     val_fraction: float = 0.2
     max_seconds: float | None = None  # stop after the epoch that crosses this budget
@@ -84,6 +88,7 @@ class TrainConfig:
     workers: int = 0  # 0: train in this process; N >= 1: N data-parallel Ray Train workers
     address: str | None = None  # Ray cluster for workers (default: RAY_ADDRESS, else a new local one)
     storage_path: str | None = None  # Ray Train storage (default: a folder next to out, removed after success)
+    pooling: str = "gap"  # before the classifier: "gap" (global average) or "gmp" (global max)
 
 
 @dataclass
@@ -362,9 +367,11 @@ def read_resume(path: str | os.PathLike, cfg: TrainConfig, classes: list[str], s
         problems.append(f"arch {payload['arch']!r} (now {cfg.arch!r})")
     if list(payload["classes"]) != list(classes):
         problems.append(f"classes {payload['classes']!r} (now {classes!r})")
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # for settings added since the file was written
     for key in RESUME_KEYS:
-        if payload["config"].get(key) != getattr(cfg, key):
-            problems.append(f"{key} {payload['config'].get(key)!r} (now {getattr(cfg, key)!r})")
+        written = payload["config"].get(key, defaults[key])
+        if written != getattr(cfg, key):
+            problems.append(f"{key} {written!r} (now {getattr(cfg, key)!r})")
     if payload["split_sha256"] != split_sha256:
         problems.append(f"other training/validation images ({payload['train_images']}/{payload['val_images']})")
     if problems:
@@ -455,7 +462,7 @@ def _train_epochs(job: dict, world) -> dict:
     class_index = {name: i for i, name in enumerate(classes)}
     sizes = (len(train_records), len(val_records))
     with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg.arch, len(classes))  # the architecture; its weights come from start
+        model = build_model(cfg.arch, len(classes), pooling=cfg.pooling)  # the architecture; its weights come from start
     model.load_state_dict(start["state_dict"])
     model = world.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -589,6 +596,7 @@ def _train_on_ray(cfg: TrainConfig, job: dict, resume_file: str) -> dict:
 
 
 def _check(cfg: TrainConfig) -> None:
+    check_pooling(cfg.pooling)
     problems = []
     if cfg.epochs < 1:
         problems.append(f"epochs must be >= 1, got {cfg.epochs}")
@@ -619,7 +627,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         start = read_resume(resume_file, cfg, classes, split_sha256)
         log.info("resuming from %s after epoch %d", resume_file, start["epoch"])
     else:
-        model = build_model(cfg.arch, len(classes), weights=cfg.weights)  # seeded above: a fresh head is reproducible
+        model = build_model(cfg.arch, len(classes), weights=cfg.weights, pooling=cfg.pooling)  # seeded above: a fresh head is reproducible
         start = {"state_dict": model.state_dict(), "optimizer": None, "epoch": 0, "history": []}
     log.info("training %s on %d images of %d lesion groups (%d validation), classes %s, %s sampling%s",
              cfg.arch, len(train_records), len({groups[r.image_id] for r in train_records}), len(val_records),
@@ -639,9 +647,9 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         final = _train_epochs(job, _LocalWorld(resume_file))
 
     with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg.arch, len(classes))
+        model = build_model(cfg.arch, len(classes), pooling=cfg.pooling)
     model.load_state_dict(final["state_dict"])
-    sha = save_checkpoint(cfg.out, model.eval(), arch=cfg.arch, classes=classes, input_size=cfg.input_size)
+    sha = save_checkpoint(cfg.out, model.eval(), arch=cfg.arch, classes=classes, input_size=cfg.input_size, pooling=cfg.pooling)
     if cfg.workers and int(final["epoch"]) > int(start["epoch"]):
         atomic_torch_save(final, resume_file)  # the callback wrote it already; this makes sure it is the last one
     history = list(final["history"])

