@@ -25,6 +25,10 @@ def test_demo_completes_and_beats_the_centre_box(tmp_path):
     cam_iou = float(re.search(r"first CAM box with the mask box: ([0-9.]+)", text).group(1))
     centre_iou = float(re.search(r"centre-box baseline: +([0-9.]+)", text).group(1))
     assert cam_iou > centre_iou, text
+    # the refined lesion masks' boxes beat the CAM's and the image-only Otsu baseline's
+    refined_iou = float(re.search(r"first refined box \(--refine\): +([0-9.]+)", text).group(1))
+    otsu_iou = float(re.search(r"Otsu lesion baseline: +([0-9.]+)", text).group(1))
+    assert refined_iou > max(cam_iou, otsu_iou), text
     cams = pd.read_parquet(output / "results" / "cams")
     assert len(cams) == 240 and cams.image_id.is_unique
     assert re.search(r"240 rows, 0 errors", text)
