@@ -11,6 +11,17 @@ ISIC2017_SAMPLE = REPO.parent / "shared" / "data" / "isic2017-sample"
 ISIC2017_MINI = REPO / "tests" / "fixtures" / "isic2017-mini"
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores, 2 spinning OpenMP threads run 10-20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (2 CPUs), started once and shared by every test that needs it."""

@@ -12,13 +12,7 @@ SIZE = 96  # input side: layer4 of a ResNet is 3x3 here
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, 2 spinning OpenMP threads run 10-20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(arch: str) -> nn.Module:

@@ -23,13 +23,7 @@ ARCH = "mobilenet_v3_small"  # small and quick to build; last Linear is classifi
 CLASSES = ["melanoma", "nevus", "keratosis"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, 2 spinning OpenMP threads run 10-20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def predict(model: torch.nn.Module) -> torch.Tensor:
