@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from camjobs.geometry import Box, centre_box, mask_box, mask_jaccard, resize_mask
+from camjobs.localize import DEFAULT_THRESHOLD
 from camjobs.metrics import (
     CAM_CURVE_INTERVAL,
     CAM_THRESHOLDS,
@@ -40,7 +41,6 @@ from camjobs.metrics import (
 )
 
 DEFAULT_MAX_SIDE = 1024
-DEFAULT_THRESHOLD = 0.2
 METRIC_KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc",
                "mean_iou", "iou50_share", "jaccard_mean", "jaccard_isic2018")
 
