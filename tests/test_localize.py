@@ -237,7 +237,7 @@ def test_heatmap_max_side_shrinks_only_large_heatmaps_and_keeps_full_size_boxes(
     assert full["boxes"][0]["x_max"] > 500
 
 
-def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic2017_mini):
+def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic2017_mini, tmp_path):
     """--refine: mask and boxes as segment.refine gives them; an empty map and a broken working
     image leave the mask null and the CAM columns as they are without --refine."""
     import pyarrow as pa
@@ -275,3 +275,15 @@ def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic
     for failed in (broken, missing):
         assert failed["mask_rle"] is None and failed["refine"] == REFINE_METHOD and failed["refine_error"]
     assert error["refine"] is None and error["refine_error"] is None
+
+    # the sink writes every image's row, refined or not, and counts the failed refinements
+    import pandas as pd
+
+    from camjobs.sink import CamParquetSink
+
+    table = localize_batch(table, refine_method=REFINE_METHOD)
+    stats = CamParquetSink(str(tmp_path), "run").write([table], None)
+    assert (stats.processed, stats.errors, stats.refine_failed) == (4, 1, 2)
+    written = pd.read_parquet(tmp_path / "_staging" / "run" / "cams").set_index("image_id")
+    assert written.mask_rle.notna().tolist() == [True, False, False, False]
+    assert written.boxes.notna().all() and (written.refine == REFINE_METHOD).all()
