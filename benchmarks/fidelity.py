@@ -56,7 +56,7 @@ SAMPLE = ROOT.parent / "shared" / "data" / "isic2017-sample"
 DATA_DIR = "ISIC-2017_Training_Data"
 MASK_DIR = "ISIC-2017_Training_Part1_GroundTruth"
 LABELS_CSV = "ISIC-2017_Training_Part3_GroundTruth.csv"
-SOURCES = ("cam", "refined", "otsu", "centre")
+SOURCES = ("cam", "refined", "refined-nomap", "otsu", "centre")
 DEFAULT_MODELS = ("effnet-gap=efficientnet_lite0:imagenet:gap", "effnet-gmp=efficientnet_lite0:imagenet:gmp",
                   "resnet18=resnet18:none:gap")
 
@@ -108,19 +108,28 @@ def score_row(row: dict, truth: np.ndarray, scores: Scores) -> None:
     otsu = otsu_lesion_mask(rgb)
     refined = rle_decode(row["mask_rle"]) if row["mask_rle"] else None
     scores.refine_null += refined is None
+    # the same rule with a map that prefers nothing: what the model's map adds to the choice
+    work_rgb = to_work(rgb, REFINE_SIDE)
+    nomap = refine(work_rgb, no_preference(*work_rgb.shape[:2]), width, height)
     centre = centre_box(width, height)
     centre_region = np.zeros((height, width), bool)
     x0, y0, x1, y1 = (int(round(v)) for v in centre)
     centre_region[y0:y1, x0:x1] = True
     boxes = {"cam": largest_box(row["boxes"]), "refined": largest_box(row["refined_boxes"]),
+             "refined-nomap": None if nomap is None else mask_box(nomap),
              "otsu": None if otsu is None else mask_box(otsu), "centre": centre}
-    regions = {"cam": region, "refined": refined, "otsu": otsu, "centre": centre_region}
+    regions = {"cam": region, "refined": refined, "refined-nomap": nomap, "otsu": otsu, "centre": centre_region}
     for source in SOURCES:
         scores.iou[source].append(0.0 if boxes[source] is None else box_iou(boxes[source], truth_box))
         mask = regions[source]
         scores.jaccard[source].append(0.0 if mask is None else mask_jaccard(mask, truth))
     scores.labels.append(row["label"])
     scores.predictions.append(row["pred_label"])
+
+
+def no_preference(height: int, width: int) -> np.ndarray:
+    """A map that is not flat (a flat one gives no mask) but prefers nothing: a slight slope."""
+    return np.broadcast_to(np.linspace(0.9, 1.0, width, dtype=np.float32), (height, width))
 
 
 def read_truth(sample: Path, image_id: str) -> np.ndarray:
@@ -243,8 +252,8 @@ def untuned_check(work: Path, n: int = 200) -> dict[str, dict[str, float]]:
         vignetted = (plain * np.clip(1.6 - rim, 0.05, 1.0)[..., None]).astype(np.uint8)
         for condition, rgb in (("synthetic", plain), ("synthetic + dark rim", vignetted)):
             work_rgb = to_work(rgb, REFINE_SIDE)
-            slope = np.broadcast_to(np.linspace(0.9, 1.0, work_rgb.shape[1], dtype=np.float32), work_rgb.shape[:2])
-            masks = {"refined (rule, no map)": refine(work_rgb, slope, width, height), "Otsu baseline": otsu_lesion_mask(rgb)}
+            masks = {"refined (rule, no map)": refine(work_rgb, no_preference(*work_rgb.shape[:2]), width, height),
+                     "Otsu baseline": otsu_lesion_mask(rgb)}
             for source, mask in masks.items():
                 scores = results.setdefault(f"{condition}: {source}", {"iou": [], "jaccard": []})
                 scores["iou"].append(0.0 if mask is None else box_iou(mask_box(mask), mask_box(truth)))
@@ -260,7 +269,8 @@ def table(title: str, header: list[str], lines: list[list[str]]) -> str:
 
 def report(args, results: dict[str, Scores], train_seconds: dict[str, float], cost: dict[str, float],
            untuned: dict[str, dict[str, float]], elapsed: float) -> str:
-    names = {"cam": "CAM 20% (boxes)", "refined": "refined (--refine)", "otsu": "Otsu baseline", "centre": "centre box"}
+    names = {"cam": "CAM 20% (boxes)", "refined": "refined (--refine)", "refined-nomap": "refinement's rule, map ignored",
+             "otsu": "Otsu baseline", "centre": "centre box"}
     parts = [
         "# Label quality on held-out real images (benchmarks/fidelity.py)\n",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()}: "
