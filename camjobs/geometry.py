@@ -11,6 +11,7 @@ Needs numpy, OpenCV and pycocotools only (no torch, no Ray): the label tools imp
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import cv2
@@ -129,7 +130,11 @@ def rle_decode(rle: dict) -> np.ndarray:
         compressed = coco_mask.frPyObjects({"size": size, "counts": counts}, *size)
     else:
         compressed = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return coco_mask.decode(compressed).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools' decode asks numpy 2 for copy=False on its own array type, which numpy
+        # answers with a DeprecationWarning per call; the mask is right either way.
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy", category=DeprecationWarning)
+        return coco_mask.decode(compressed).astype(bool)
 
 
 def rle_area(rle: dict) -> int:
