@@ -6,20 +6,24 @@ side ``REFINE_SIDE`` (the decode stage makes it, so a 6000 px photograph costs w
 one does):
 
 1. hair is lifted by a grey closing (a dark line thinner than the disc disappears) of
-   diameter ``HAIR_FRACTION`` x the longer side, then a Gaussian blur of sigma ``BLUR_SIGMA`` x it;
-2. the blue channel is the lesion's evidence: melanin absorbs blue most, so lesions stand
-   out there more than in grey, where reddish skin and brown lesions look alike;
-3. the dermoscope's dark rim is left out of the field of view: components darker than
-   ``RIM_DARKNESS`` x the median that touch the border and lie mostly in its outer tenth
-   (a dark lesion in the middle is not a rim, even where a hair joins it to the edge);
-4. foreground = blue <= Otsu's threshold over the field of view / ``REFINE_LOOSENESS``:
+   diameter ``hair_fraction`` x the longer side, then a Gaussian blur of sigma ``BLUR_SIGMA`` x it;
+2. the blue channel (``channel``) is the lesion's evidence: melanin absorbs blue most, so
+   lesions stand out there more than in grey, where reddish skin and brown lesions look alike;
+3. the dermoscope's black rim is left out of the field of view: components darker than
+   ``rim_darkness`` x the median (near black: a rim, not the gradual shade of a vignette, which
+   Otsu's threshold handles better left in) that touch the border and lie mostly in its outer
+   tenth (a dark lesion in the middle is not a rim, even where a hair joins it to the edge);
+4. foreground = evidence <= Otsu's threshold over the field of view / ``looseness``:
    slightly looser than Otsu, as the lighter rim of a lesion belongs to it;
 5. each 8-connected component scores its area (divided by ``BORDER_PENALTY`` if it touches
-   the border) times ``CAM_FLOOR`` + the mean of the map (U / max U) over it; the best wins,
+   the border) times ``cam_floor`` + the mean of the map (U / max U) over it; the best wins,
    its holes are filled, and it is resized to the image's size.
 
+The names are the fields of ``RefineRule``; ``REFINE_RULE`` holds the values ``--refine`` uses.
+
 A map that is empty (max U <= 0) or flat says nothing about where the lesion is: no mask.
-The measurements behind each choice are in benchmarks/fidelity.py and its results.
+The measurements behind each choice (each step left out or changed in turn) are in
+benchmarks/fidelity.py and its results.
 
 ``otsu_lesion_mask`` is the rule ``camjobs evaluate`` reports as ``otsu_baseline``:
 
@@ -39,6 +43,8 @@ Needs numpy and OpenCV only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -48,14 +54,24 @@ WORK_SIDE = 512  # longer side of the Otsu baseline's working image, in pixels
 BLUR_SIGMA = 0.01  # Gaussian sigma as a fraction of the working image's longer side
 BORDER_PENALTY = 4.0  # a component touching the border scores a quarter of its area
 
-REFINE_METHOD = "cam-blue-otsu-1"  # written to the refine column; change it when the rule changes
+REFINE_METHOD = "cam-blue-otsu-1"  # written to the refine column; change it when REFINE_RULE changes
 REFINE_SIDE = 200  # longer side of the refinement's working image, in pixels
-HAIR_FRACTION = 0.025
-RIM_DARKNESS = 0.45
 RIM_BAND = 0.1  # the outer band, as a fraction of the shorter side, where a rim lies
-REFINE_LOOSENESS = 0.95
-CAM_FLOOR = 0.25  # a component the map ignores still counts, at a quarter of its area
 FLAT_RTOL = 1e-6  # a map whose range is below this fraction of its peak is flat
+
+
+@dataclass(frozen=True)
+class RefineRule:
+    """The refinement's settings (steps above); a value, so that benchmarks compare variants."""
+
+    channel: int | None = 2  # the RGB channel that is the lesion's evidence; None: grey
+    hair_fraction: float = 0.025  # 0: no hair lifting
+    rim_darkness: float = 0.2  # 0: no rim left out
+    looseness: float = 0.95  # 1: Otsu's threshold as it is
+    cam_floor: float = 0.25  # a component the map ignores still counts, at a quarter of its area
+
+
+REFINE_RULE = RefineRule()
 
 
 def work_size(width: int, height: int, max_side: int = WORK_SIDE) -> tuple[int, int]:
@@ -121,19 +137,22 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return padded[1:-1, 1:-1] != 2
 
 
-def lesion_evidence(work_rgb: np.ndarray) -> np.ndarray:
-    """Steps 1-2: the blurred blue channel with hair lifted, uint8 (dark = lesion)."""
-    side = max(work_rgb.shape[:2])
-    diameter = max(3, round(HAIR_FRACTION * side) | 1)
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
-    lifted = cv2.morphologyEx(np.ascontiguousarray(work_rgb), cv2.MORPH_CLOSE, disc)
-    return _blur(np.ascontiguousarray(lifted[..., 2]))
+def lesion_evidence(work_rgb: np.ndarray, rule: RefineRule = REFINE_RULE) -> np.ndarray:
+    """Steps 1-2: the blurred evidence channel with hair lifted, uint8 (dark = lesion)."""
+    lifted = np.ascontiguousarray(work_rgb)
+    if rule.hair_fraction > 0:
+        diameter = max(3, round(rule.hair_fraction * max(work_rgb.shape[:2])) | 1)
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
+        lifted = cv2.morphologyEx(lifted, cv2.MORPH_CLOSE, disc)
+    if rule.channel is None:
+        return blurred_grey(lifted)
+    return _blur(np.ascontiguousarray(lifted[..., rule.channel]))
 
 
-def field_of_view(blue: np.ndarray) -> np.ndarray:
+def field_of_view(evidence: np.ndarray, rule: RefineRule = REFINE_RULE) -> np.ndarray:
     """Step 3: False on the dermoscope's dark rim (and a margin of 2 pixels around it)."""
-    height, width = blue.shape
-    dark = (blue < RIM_DARKNESS * np.median(blue)).view(np.uint8)
+    height, width = evidence.shape
+    dark = (evidence < rule.rim_darkness * np.median(evidence)).view(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
     band = np.ones_like(dark, dtype=bool)
     margin = max(2, int(RIM_BAND * min(height, width)))
@@ -150,27 +169,28 @@ def is_flat(norm: np.ndarray) -> bool:
     return not peak > 0 or float(norm.max() - norm.min()) <= FLAT_RTOL * peak
 
 
-def refine_work_mask(work_rgb: np.ndarray, work_norm: np.ndarray) -> np.ndarray | None:
+def refine_work_mask(work_rgb: np.ndarray, work_norm: np.ndarray, rule: RefineRule = REFINE_RULE) -> np.ndarray | None:
     """Steps 1-5 at the working size; `work_norm` is U / max U at that size. None: no lesion found."""
-    blue = lesion_evidence(work_rgb)
-    inside = field_of_view(blue)
-    values = blue[inside]
+    evidence = lesion_evidence(work_rgb, rule)
+    inside = field_of_view(evidence, rule)
+    values = evidence[inside]
     if values.size < 2 or int(values.min()) == int(values.max()):
         return None
     otsu, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
-    foreground = ((blue <= otsu / REFINE_LOOSENESS) & inside).view(np.uint8)
+    foreground = ((evidence <= otsu / rule.looseness) & inside).view(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
     if count <= 1:
         return None
-    height, width = blue.shape
+    height, width = evidence.shape
     areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
     cam_mean = np.bincount(labels.ravel(), weights=work_norm.ravel(), minlength=count)[1:] / areas
-    scores = areas * (CAM_FLOOR + cam_mean)
+    scores = areas * (rule.cam_floor + cam_mean)
     scores[touches_border(stats[1:], width, height)] /= BORDER_PENALTY
     return fill_holes(labels == int(np.argmax(scores)) + 1)
 
 
-def refine(work_rgb: np.ndarray, norm: np.ndarray, width: int, height: int) -> np.ndarray | None:
+def refine(work_rgb: np.ndarray, norm: np.ndarray, width: int, height: int,
+           rule: RefineRule = REFINE_RULE) -> np.ndarray | None:
     """The refined lesion mask at (height, width) (column-major, for COCO's RLE), from the working
     image and the map U / max U (any size: it is resized to the working image's); None where the
     map is empty or flat or the image shows no lesion."""
@@ -178,5 +198,5 @@ def refine(work_rgb: np.ndarray, norm: np.ndarray, width: int, height: int) -> n
         return None
     work_height, work_width = work_rgb.shape[:2]
     work_norm = cv2.resize(np.asarray(norm, np.float32), (work_width, work_height), interpolation=cv2.INTER_LINEAR)
-    mask = refine_work_mask(work_rgb, work_norm)
+    mask = refine_work_mask(work_rgb, work_norm, rule)
     return None if mask is None else resize_mask(mask, width, height, fortran=True)
