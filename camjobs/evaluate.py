@@ -191,27 +191,10 @@ import cv2
 import numpy as np
 
 from camjobs.eval_plots import draw_box_acc_plot, draw_pr_plot, encode_png, fmt
-from camjobs.geometry import Box, box_iou, centre_box, mask_box, rle_decode  # noqa: F401 (re-exported)
-from camjobs.metrics import (  # noqa: F401 (re-exported: the metric arithmetic's old home)
-    CAM_CURVE_INTERVAL,
-    CAM_THRESHOLDS,
-    IOU_THRESHOLDS,
-    ISIC_JACCARD_CUTOFF,
-    MAX_BOX_ACC_IOU,
-    PXAP_EDGES,
-    PrCurve,
-    SweepStep,
-    best_ious,
-    box_region,
-    contour_boxes,
-    eval_grid,
-    normalize_scoremap,
-    pixel_histograms,
-    pr_curve,
-    run_region,
-)
+from camjobs.geometry import mask_box, rle_decode
+from camjobs.metrics import pr_curve
 from camjobs.schema import CAMS_SCHEMA, SETTINGS_COLUMNS
-from camjobs.scores import (  # noqa: F401 (re-exported)
+from camjobs.scores import (  # noqa: F401 (CamEvaluator and its types are this module's API too)
     DEFAULT_MAX_SIDE,
     DEFAULT_THRESHOLD,
     METRIC_KEYS,

@@ -276,7 +276,7 @@ def write_images(tmp_path: Path, images) -> tuple[Path, Path]:
     rows = [cams_row(im["image_id"], im["cam"], im["width"], im["height"], threshold=im["threshold"],
                      label=im["label"], pred_label=im["pred_label"], target_label=im["target_label"]) for im in images]
     for im in images:
-        from camjobs.evaluate import mask_box
+        from camjobs.geometry import mask_box
 
         im["boxes"] = [mask_box(im["mask"])]
     return write_output(tmp_path / "out", rows), write_masks(tmp_path / "masks", {im["image_id"]: im["mask"] for im in images})
@@ -383,7 +383,7 @@ def test_pr_curve_matches_pixel_counting():
     rng = np.random.default_rng(7)
     score, mask = rng.random((30, 40)), rng.random((30, 40)) < 0.3
     score[0, 0], score[1, 1] = 0.0, 1.0
-    from camjobs.evaluate import pixel_histograms
+    from camjobs.metrics import pixel_histograms
 
     curve = pr_curve(*pixel_histograms(score, mask))
     expected = oracle_metrics([{

@@ -3,7 +3,7 @@
 The DIR/cams fixtures are built by hand in CAMS_SCHEMA: images of different sizes, several boxes,
 an image without boxes, a non-ASCII image_id with a space and a "/", and one image_id written by
 two runs (the newer row must win). Ground truth for COCOeval comes from lesion masks through
-camjobs.evaluate.mask_box, like the demo's IoU. The refined fixtures (--boxes) draw blobs here and
+camjobs.geometry.mask_box, like the demo's IoU. The refined fixtures (--boxes) draw blobs here and
 write them as `camjobs run --refine` does (mask_rle, refined_boxes, refine), beside rows of a run
 without --refine and a version-1 file without those columns.
 """
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from camjobs.evaluate import mask_box
+from camjobs.geometry import mask_box
 from camjobs.export import (
     ExportError, export, image_url, label_config, label_config_path, plan_export, relative_file_name, yolo_stem,
 )

@@ -22,7 +22,8 @@ import torch
 
 from camjobs.cam import build_extractor
 from camjobs.decode import load_image
-from camjobs.evaluate import box_iou, mask_box, read_mask
+from camjobs.evaluate import read_mask
+from camjobs.geometry import box_iou, mask_box
 from camjobs.geometry import rle_encode
 from camjobs.layouts import list_images
 from camjobs.localize import encode_png, localize
