@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from camjobs.incremental import item_key
+from camjobs.output import item_key
 from camjobs.segment import to_work
 from camjobs.storage import open_filesystem
 
@@ -208,7 +208,7 @@ def decode_batch(
 
     Rows already marked bad at listing time pass through; a row that fails here gets
     its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
-    An incremental run passes `skip_keys` (camjobs.incremental.item_key of image_id and
+    An incremental run passes `skip_keys` (camjobs.output.item_key of image_id and
     content hash): a matching file is read and hashed but not decoded, and marked skipped.
     With decode_on="gpu" nothing is decoded here: the header is checked, and the file's
     bytes and EXIF orientation go on in `encoded` and `orientation` instead of `pixels`

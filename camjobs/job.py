@@ -26,13 +26,13 @@ from ray.data import ActorPoolStrategy
 from camjobs import __version__
 from camjobs.config import RunConfig
 from camjobs.decode import decode_batch
-from camjobs.incremental import existing_keys
 from camjobs.layouts import list_images
 from camjobs.localize import localize_batch
+from camjobs.output import existing_keys, output_lock, publish_run
 from camjobs.predictor import CamPredictor, ModelSpec
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
-from camjobs.sink import CamParquetSink, SinkStats, output_lock, publish_run
+from camjobs.sink import CamParquetSink, SinkStats
 
 log = logging.getLogger(__name__)
 

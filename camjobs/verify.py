@@ -9,7 +9,6 @@ Checks, each problem naming the files involved:
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -17,9 +16,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from camjobs.output import TABLES, OutputDir, read_run_summaries
 from camjobs.schema import SCHEMA_VERSION, SETTINGS_ADDED, SETTINGS_COLUMNS
-from camjobs.sink import LOCK_NAME, TABLES
-from camjobs.storage import open_filesystem
 
 
 @dataclass
@@ -34,44 +32,45 @@ class VerifyReport:
         return not self.problems
 
 
-def _run_folders(fs: pafs.FileSystem, table_dir: str) -> dict[str, list[str]]:
-    """run_id -> its Parquet files, for one of cams/ or errors/."""
-    if fs.get_file_info(table_dir).type != pafs.FileType.Directory:
-        return {}
-    runs: dict[str, list[str]] = defaultdict(list)
-    for info in fs.get_file_info(pafs.FileSelector(table_dir, recursive=True)):
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
-            relative = info.path[len(table_dir) + 1 :]
-            runs[relative.split("/", 1)[0] if "/" in relative else ""].append(info.path)
-    return runs
-
-
-def _read(fs: pafs.FileSystem, path: str, report: VerifyReport) -> pa.Table | None:
+def _read(out: OutputDir, path: str, report: VerifyReport) -> pa.Table | None:
     try:
-        table = pq.read_table(path, filesystem=fs)
+        table = pq.read_table(path, filesystem=out.fs)
     except (OSError, pa.ArrowException) as exc:
         report.problems.append(f"{path}: unreadable Parquet file ({exc})")
         return None
     versions = set(table["schema_version"].to_pylist()) if "schema_version" in table.column_names else {None}
     unknown = {v for v in versions if v is None or v > SCHEMA_VERSION}
     if unknown and table.num_rows:
-        report.problems.append(f"{path}: unknown schema version(s) {sorted(map(str, unknown))} (this camjobs knows up to {SCHEMA_VERSION})")
+        report.problems.append(f"{path}: unknown schema version(s) {sorted(map(str, unknown))} "
+                               f"(this camjobs knows up to {SCHEMA_VERSION})")
     return table
 
 
 def verify_output(output: str) -> VerifyReport:
     report = VerifyReport()
-    fs, root = open_filesystem(output.rstrip("/"))
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    out = OutputDir.open(output)
+    if not out.is_dir(out.root):
         report.problems.append(f"{output}: no such output folder")
         return report
+    row_counts = _check_tables(out, report)
+    _check_summaries(output, out, row_counts, report)
+    staged = out.staged()
+    if staged:
+        report.notes.append(f"{out.staging()} holds {len(staged)} unpublished run(s): in progress, or left by a run "
+                            "that died (the next run removes them)")
+    if out.kind(out.lock) == pafs.FileType.File:
+        report.notes.append(f"{out.lock} exists: a run is in progress, or died holding the lock")
+    return report
 
+
+def _check_tables(out: OutputDir, report: VerifyReport) -> dict[str, dict[str, int]]:
+    """Read every Parquet file of cams/ and errors/; run_id -> its rows per table."""
     seen: dict[tuple, str] = {}
     row_counts: dict[str, dict[str, int]] = defaultdict(lambda: {"cams": 0, "errors": 0})
     for name in TABLES:
-        for run_id, paths in sorted(_run_folders(fs, f"{root}/{name}").items()):
+        for run_id, paths in sorted(out.run_parts(name).items()):
             for path in sorted(paths):
-                table = _read(fs, path, report)
+                table = _read(out, path, report)
                 if table is None:
                     continue
                 row_counts[run_id][name] += table.num_rows
@@ -83,39 +82,29 @@ def verify_output(output: str) -> VerifyReport:
                              for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)))
                 for key in keys:
                     if key in seen:
-                        report.problems.append(
-                            f"image {key[0]!r} (content {str(key[1])[:12]}) appears twice for the same model and settings: {seen[key]} and {path}"
-                        )
+                        report.problems.append(f"image {key[0]!r} (content {str(key[1])[:12]}) appears twice for the "
+                                               f"same model and settings: {seen[key]} and {path}")
                     else:
                         seen[key] = path
+    return row_counts
 
-    summaries = {}
-    if fs.get_file_info(f"{root}/runs").type == pafs.FileType.Directory:
-        for info in fs.get_file_info(pafs.FileSelector(f"{root}/runs")):
-            if info.base_name.endswith(".json") and not info.base_name.startswith("_"):
-                try:
-                    with fs.open_input_stream(info.path) as stream:
-                        summaries[info.base_name[: -len(".json")]] = (info.path, json.loads(stream.read()))
-                except (OSError, ValueError) as exc:
-                    report.problems.append(f"{info.path}: unreadable run summary ({exc})")
+
+def _check_summaries(output: str, out: OutputDir, row_counts: dict[str, dict[str, int]], report: VerifyReport) -> None:
+    """Every run with rows has a readable summary, whose counts match its rows."""
+    summaries, unreadable = read_run_summaries(output)
+    for run_id, why in sorted(unreadable.items()):
+        report.problems.append(f"{out.summary(run_id)}: unreadable run summary ({why})")
     report.runs = len(summaries)
     for run_id in sorted(set(row_counts) - set(summaries)):
-        report.problems.append(f"{root}/cams/{run_id} or {root}/errors/{run_id}: rows of run {run_id!r} without a run summary in {root}/runs/")
-    for run_id, (path, summary) in sorted(summaries.items()):
+        report.problems.append(f"{out.table('cams', run_id)} or {out.table('errors', run_id)}: rows of run {run_id!r} "
+                               f"without a run summary in {out.runs}/")
+    for run_id, summary in sorted(summaries.items()):
+        path = out.summary(run_id)
         version = summary.get("schema_version")
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             report.problems.append(f"{path}: unknown schema version {version!r}")
         counts = summary.get("counts", {})
         for name, key in (("cams", "processed"), ("errors", "errors")):
             if counts.get(key) != row_counts[run_id][name]:
-                report.problems.append(
-                    f"{path}: says {key} = {counts.get(key)}, but {root}/{name}/{run_id}/ holds {row_counts[run_id][name]} rows"
-                )
-
-    if fs.get_file_info(f"{root}/_staging").type == pafs.FileType.Directory:
-        staged = fs.get_file_info(pafs.FileSelector(f"{root}/_staging"))
-        if staged:
-            report.notes.append(f"{root}/_staging holds {len(staged)} unpublished run(s): in progress, or left by a run that died (the next run removes them)")
-    if fs.get_file_info(f"{root}/{LOCK_NAME}").type == pafs.FileType.File:
-        report.notes.append(f"{root}/{LOCK_NAME} exists: a run is in progress, or died holding the lock")
-    return report
+                report.problems.append(f"{path}: says {key} = {counts.get(key)}, but {out.table(name, run_id)}/ "
+                                       f"holds {row_counts[run_id][name]} rows")

@@ -15,7 +15,7 @@ import pytest
 
 from camjobs.config import RunConfig
 from camjobs.job import run_job
-from camjobs.sink import LOCK_NAME
+from camjobs.output import LOCK_NAME
 from camjobs.verify import verify_output
 from layout_fixtures import noise_jpegs
 

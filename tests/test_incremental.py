@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from camjobs.config import RunConfig
-from camjobs.incremental import existing_keys
+from camjobs.output import LOCK_NAME, OutputLocked, existing_keys, output_lock
 from camjobs.job import run_job
-from camjobs.sink import LOCK_NAME, OutputLocked, output_lock
 
 pytestmark = pytest.mark.slow
 

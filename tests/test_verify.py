@@ -93,7 +93,7 @@ def test_outputs_of_known_schema_versions_still_read(version, tmp_path):
 
     import pandas as pd
 
-    from camjobs.incremental import existing_keys
+    from camjobs.output import existing_keys
 
     output = FIXTURES / f"output-v{version}"
     report = verify_output(str(output))

@@ -1,0 +1,170 @@
+"""camjobs.output: the output folder's paths, publishing, lock, readers; and the sink's failure path.
+
+Outputs are written here by hand in CAMS_SCHEMA (no Ray), except for the sink's test, which
+writes through a real Ray Data pipeline on the session's local cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from camjobs.output import (
+    LOCK_NAME, NoResults, OutputDir, OutputLocked, drop_staging, existing_keys, item_key, newest_per_image,
+    open_cams, output_lock, publish_run, read_newest_cams, read_run_summaries, settings_filter, staging_dir,
+)
+from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA, RESULT_SCHEMA
+
+OLD, NEW = "20240101T000000Z-aaaaaa", "20240202T000000Z-bbbbbb"
+SETTINGS = {"model_sha256": "m1", "method": "cam", "threshold": 0.2, "target_mode": "predicted", "input_size": 64,
+            "refine": None}
+
+
+def _row(image_id: str, run_id: str, sha: str = "0" * 64, **settings) -> dict:
+    return {"image_id": image_id, "content_sha256": sha, "width": 4, "height": 3, "run_id": run_id,
+            "schema_version": 2, **{**SETTINGS, **settings}}
+
+
+def _write(root: Path, rows: list[dict]) -> Path:
+    for run_id in sorted({r["run_id"] for r in rows}):
+        folder = root / "cams" / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist([r for r in rows if r["run_id"] == run_id], schema=CAMS_SCHEMA)
+        pq.write_table(table, folder / "part-00000.parquet")
+    return root
+
+
+def test_paths_of_the_output_folder(tmp_path):
+    out = OutputDir.open(f"{tmp_path}/")
+    assert out.root == str(tmp_path)
+    assert out.table("cams") == f"{tmp_path}/cams" and out.table("errors", "r1") == f"{tmp_path}/errors/r1"
+    assert out.summary("r1") == f"{tmp_path}/runs/r1.json" and out.lock == f"{tmp_path}/{LOCK_NAME}"
+    assert out.staging("r1") == f"{tmp_path}/_staging/r1" == staging_dir(str(tmp_path), "r1")
+    assert staging_dir("s3://bucket/out/", "r1") == "s3://bucket/out/_staging/r1"  # a URI stays a URI
+
+
+def test_newest_row_per_image_wins():
+    table = pa.Table.from_pylist([_row("b", OLD), _row("a", NEW), _row("b", NEW), _row("a", OLD), _row("c", OLD)],
+                                 schema=CAMS_SCHEMA)
+    newest = newest_per_image(table)
+    assert list(zip(newest["image_id"].to_pylist(), newest["run_id"].to_pylist())) == [
+        ("a", NEW), ("b", NEW), ("c", OLD)]
+    assert newest_per_image(table.slice(0, 0)).num_rows == 0
+
+
+def test_cams_read_through_the_schema_and_newest_rows(tmp_path):
+    with pytest.raises(NoResults, match="cams does not exist"):
+        open_cams(str(tmp_path))
+    _write(tmp_path, [_row("a", OLD), _row("b", OLD), _row("a", NEW)])
+    # a version-1 file: without the columns added since, which read as nulls
+    v1 = tmp_path / "cams" / "20230101T000000Z-v1"
+    v1.mkdir()
+    pq.write_table(pa.table({"image_id": ["z"], "run_id": ["20230101T000000Z-v1"], "schema_version": [1]}),
+                   v1 / "part-0.parquet")
+    assert open_cams(str(tmp_path)).schema == CAMS_SCHEMA
+    table = read_newest_cams(str(tmp_path), ["refine"])
+    assert table.column_names == ["image_id", "run_id", "refine"]
+    assert table["run_id"].to_pylist() == [NEW, OLD, "20230101T000000Z-v1"] and table["refine"].null_count == 3
+
+
+def test_existing_keys_match_every_setting_and_null_matches_null(tmp_path):
+    assert existing_keys(str(tmp_path / "nothing-yet"), SETTINGS) == frozenset()
+    _write(tmp_path, [_row("a", OLD, "1" * 64), _row("b", OLD, "2" * 64, refine="otsu"),
+                      _row("c", NEW, "3" * 64, threshold=0.5)])
+    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "1" * 64)}
+    assert existing_keys(str(tmp_path), {**SETTINGS, "refine": "otsu"}) == {item_key("b", "2" * 64)}
+    assert existing_keys(str(tmp_path), {**SETTINGS, "threshold": 0.5}) == {item_key("c", "3" * 64)}
+    old_summary = {k: v for k, v in SETTINGS.items() if k != "refine"}  # a version-1 run summary
+    assert existing_keys(str(tmp_path), old_summary) == {item_key("a", "1" * 64)}
+    with pytest.raises(ValueError, match="exactly"):
+        settings_filter({"method": "cam"})
+
+
+def test_publish_moves_staging_into_place_and_writes_the_summary_last(tmp_path):
+    staged = Path(staging_dir(str(tmp_path), "r1")) / "cams"
+    staged.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([_row("a", "r1")], schema=CAMS_SCHEMA), staged / "part-0.parquet")
+    path = publish_run(str(tmp_path), "r1", {"run_id": "r1", "counts": {"processed": 1}})
+    assert path == str(tmp_path / "runs" / "r1.json") and json.loads(Path(path).read_text())["run_id"] == "r1"
+    assert not (tmp_path / "_staging" / "r1").exists()
+    assert pq.read_table(tmp_path / "cams" / "r1").num_rows == 1
+    # a kind of row the run had none of: one empty file, so the table reads with its schema
+    errors = pq.read_table(tmp_path / "errors" / "r1")
+    assert errors.num_rows == 0 and errors.schema.equals(ERRORS_SCHEMA, check_metadata=False)
+    summaries, missing = read_run_summaries(str(tmp_path))
+    assert list(summaries) == ["r1"] and missing == {}
+
+
+def test_run_summaries_say_which_runs_have_none(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "good.json").write_text(json.dumps({"run_id": "good"}))
+    (tmp_path / "runs" / "bad.json").write_text("{not json")
+    (tmp_path / "runs" / "_late.json.tmp").write_text("{}")  # a summary being written: not listed
+    summaries, missing = read_run_summaries(str(tmp_path))
+    assert list(summaries) == ["good"] and list(missing) == ["bad"]
+    summaries, missing = read_run_summaries(str(tmp_path), ["good", "gone", "good"])
+    assert list(summaries) == ["good"] and list(missing) == ["gone"]
+
+
+def test_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
+    with output_lock(str(tmp_path), "first"):
+        with pytest.raises(OutputLocked, match="first"):
+            with output_lock(str(tmp_path), "second"):
+                pass
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "first"
+    assert not (tmp_path / LOCK_NAME).exists()
+    dead_pid = 2**22 + 12345  # above Linux's largest pid: no process has it
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(), "pid": dead_pid}))
+    (tmp_path / "_staging" / "dead" / "cams").mkdir(parents=True)
+    with output_lock(str(tmp_path), "next"):
+        assert not (tmp_path / "_staging" / "dead").exists()  # the dead run's staging is dropped
+    assert OutputDir.open(str(tmp_path)).staged() == []
+
+
+def test_drop_staging_is_idempotent(tmp_path):
+    (tmp_path / "_staging" / "r1" / "cams").mkdir(parents=True)
+    (tmp_path / "_staging" / "r2").mkdir()
+    drop_staging(str(tmp_path), "r1")
+    drop_staging(str(tmp_path), "r1")
+    assert [Path(p).name for p in OutputDir.open(str(tmp_path)).staged()] == ["r2"]
+
+
+def _result_rows() -> pa.Table:
+    """Result rows as the pipeline hands them to the sink: one image, one error."""
+    rows = [{"image_id": "ok", "run_id": "r1", "width": 4, "height": 3, "skipped": False, "node_id": "n"},
+            {"image_id": "bad", "run_id": "r1", "error_type": "decode_error", "error_message": "corrupt",
+             "skipped": False, "node_id": "n"}]
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+@pytest.mark.slow
+def test_a_failed_write_leaves_no_staging(ray_cluster, tmp_path):
+    from camjobs.sink import CamParquetSink
+
+    class Watched(CamParquetSink):
+        """Notes what was staged when Ray reported the failure, before the sink drops it."""
+
+        staged_at_failure: list[str] = []
+
+        def on_write_failed(self, error: Exception) -> None:
+            self.staged_at_failure = sorted(p.name for p in Path(self.staging).rglob("*.parquet"))
+            super().on_write_failed(error)
+
+    # Without error_message the error rows cannot be written: the task fails after writing the cams part.
+    broken = _result_rows().drop_columns(["error_message"])
+    sink = Watched(str(tmp_path), "r1")
+    with pytest.raises(Exception, match="error_message"):
+        ray_cluster.data.from_arrow(broken).write_datasink(sink)
+    assert sink.staged_at_failure, "the task failed before it wrote anything: the test shows nothing"
+    assert not (tmp_path / "_staging" / "r1").exists() and sink.stats is None
+
+    # the same sink on good rows: staged, counted, and left for publishing
+    good = CamParquetSink(str(tmp_path), "r2")
+    ray_cluster.data.from_arrow(_result_rows()).write_datasink(good)
+    assert (good.stats.processed, good.stats.errors) == (1, 1)
+    assert {p.parent.name for p in (tmp_path / "_staging" / "r2").rglob("*.parquet")} == {"cams", "errors"}
