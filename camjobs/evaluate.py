@@ -174,26 +174,24 @@ batches; one image's maps and pixels are held at a time. Per image, 100 booleans
 largest-contour hits at IoU 0.5, for GT-known and top-1 Loc at the best threshold, found at
 the end) and a few numbers per source are kept.
 
-This module must not import torch or ray (tests and label tools import ``mask_box`` from it);
-maps are upsampled by ``camjobs.localize``, which needs neither.
+Modules: this one reads the rows (through ``camjobs.output``) and runs the loop; the ground truth
+is ``camjobs.truth``, the score sources ``camjobs.scores``, the metric arithmetic
+``camjobs.metrics``, the report ``camjobs.eval_report`` and its plots ``camjobs.eval_plots``. None
+of them imports torch or ray: maps are upsampled by ``camjobs.localize``, which needs neither.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import posixpath
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-import cv2
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
-from camjobs.eval_plots import draw_box_acc_plot, draw_pr_plot, encode_png, fmt
-from camjobs.geometry import mask_box, rle_decode
-from camjobs.metrics import pr_curve
-from camjobs.schema import CAMS_SCHEMA, SETTINGS_COLUMNS
+from camjobs.eval_report import EvaluationReport, markdown_report, markdown_table, write_report  # noqa: F401 (API)
+from camjobs.geometry import box_xyxy, rle_decode
+from camjobs.output import NoResults, newest_per_image, open_cams, settings_filter
+from camjobs.schema import SETTINGS_COLUMNS
 from camjobs.scores import (  # noqa: F401 (CamEvaluator and its types are this module's API too)
     DEFAULT_MAX_SIDE,
     DEFAULT_THRESHOLD,
@@ -202,198 +200,11 @@ from camjobs.scores import (  # noqa: F401 (CamEvaluator and its types are this 
     EvaluationError,
     GroundTruth,
     Refinement,
-    source_blocks,
 )
 from camjobs.segment import WORK_SIDE
+from camjobs.truth import TruthSource
 
-MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MASK_SUFFIX = "_segmentation"
 IMAGE_MIN_SIDE = WORK_SIDE  # the image baselines decode with both sides at least this (the Otsu working size)
-METRIC_NAMES = {
-    "max_box_acc": "MaxBoxAcc (IoU 0.5, largest contour)",
-    "max_box_acc_v2": "MaxBoxAccV2 (IoU 0.3/0.5/0.7, all contours)",
-    "pxap": "PxAP (pixel average precision)",
-    "top1_loc": "Top-1 Loc (IoU 0.5, at MaxBoxAcc's threshold)",
-    "gt_known_loc": "GT-known Loc (IoU 0.5, at MaxBoxAcc's threshold)",
-    "mean_iou": "mean IoU of boxes[0] (x100, run threshold)",
-    "iou50_share": "share with IoU >= 0.5 of boxes[0] (run threshold)",
-    "jaccard_mean": "mean Jaccard (run threshold)",
-    "jaccard_isic2018": "ISIC 2018 thresholded Jaccard (run threshold)",
-}
-
-
-# --------------------------------------------------------------------------- boxes and masks
-def read_mask(path: str) -> np.ndarray:
-    """A lesion mask as bool; masks resized with interpolation hold grey edges, so > 127."""
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ValueError(f"could not read mask {path}")
-    return mask > 127
-
-
-# --------------------------------------------------------------------------- ground truth sources
-def _read_bytes(path: str) -> bytes:
-    from camjobs.storage import open_filesystem
-
-    fs, inner = open_filesystem(path)
-    with fs.open_input_file(inner) as stream:
-        return stream.read()
-
-
-def load_mask(path: str) -> np.ndarray:
-    """read_mask for a local path or a URI (s3://, gs://, file://)."""
-    if "://" not in path:
-        return read_mask(path)
-    mask = cv2.imdecode(np.frombuffer(_read_bytes(path), np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ValueError(f"could not read mask {path}")
-    return mask > 127
-
-
-def _strip_ext(name: str) -> str:
-    stem, ext = posixpath.splitext(name)
-    return stem if ext else name
-
-
-def _add_keys(index: dict[str, Any], ambiguous: set[str], keys: Iterable[str], value: Any) -> None:
-    for key in dict.fromkeys(keys):
-        if key in index and index[key] is not value:
-            ambiguous.add(key)
-        else:
-            index.setdefault(key, value)
-
-
-def index_mask_folder(folder: str) -> dict[str, str]:
-    """image_id -> mask path for a folder of ``<id>_segmentation.png`` or ``<id>.png`` files.
-
-    Keys: the path relative to the folder without extension (and without ``_segmentation``),
-    and the file name alone when no other file has the same; ``_segmentation`` files win.
-    """
-    import pyarrow.fs as pafs
-
-    from camjobs.storage import open_filesystem
-
-    fs, root = open_filesystem(folder.rstrip("/") or "/")
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise EvaluationError(f"mask folder {folder!r} does not exist")
-    scheme = folder.split("://", 1)[0] + "://" if "://" in folder else ""
-    found = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        relative = info.path[len(root.rstrip("/")) + 1:]
-        if info.type != pafs.FileType.File or not relative.lower().endswith(MASK_EXTENSIONS):
-            continue
-        if any(part.startswith(".") for part in relative.split("/")):
-            continue
-        stem = _strip_ext(relative)
-        segmentation = stem.endswith(MASK_SUFFIX)
-        if segmentation:
-            stem = stem[: -len(MASK_SUFFIX)]
-        found.append((not segmentation, relative, stem, scheme + info.path if scheme else info.path))
-    index: dict[str, str] = {}
-    by_base: dict[str, set[str]] = {}
-    for _, _, stem, path in sorted(found):
-        index.setdefault(stem, path)
-        by_base.setdefault(posixpath.basename(stem), set()).add(path)
-    for base, paths in by_base.items():
-        if len(paths) == 1 and base not in index:
-            index[base] = paths.pop()
-    return index
-
-
-@dataclass
-class CocoImage:
-    boxes: list[tuple[float, float, float, float]]
-    width: float | None
-    height: float | None
-
-
-def load_coco_boxes(path: str) -> dict[str, CocoImage]:
-    """image key -> boxes from a COCO json (``bbox`` [x, y, w, h] -> xyxy).
-
-    Keys: ``file_name`` without extension, its base name (when unique) and ``str(id)``.
-    """
-    try:
-        data = json.loads(_read_bytes(path) if "://" in path else open(path, "rb").read())
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"cannot read COCO boxes {path}: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
-        raise EvaluationError(f"{path}: not a COCO file (needs 'images' and 'annotations' lists)")
-    by_id: dict[Any, CocoImage] = {}
-    index: dict[str, CocoImage] = {}
-    ambiguous: set[str] = set()
-    for image in data["images"]:
-        entry = CocoImage([], image.get("width"), image.get("height"))
-        by_id[image["id"]] = entry
-        name = str(image.get("file_name", "")).replace("\\", "/")
-        keys = [_strip_ext(name), posixpath.basename(_strip_ext(name))] if name else []
-        _add_keys(index, ambiguous, keys, entry)
-    for key in ambiguous:
-        index.pop(key, None)
-    for image_id, entry in by_id.items():
-        index.setdefault(str(image_id), entry)
-    for annotation in data["annotations"]:
-        entry = by_id.get(annotation.get("image_id"))
-        bbox = annotation.get("bbox")
-        if entry is None or not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            continue
-        x, y, w, h = map(float, bbox)
-        if w > 0 and h > 0:
-            entry.boxes.append((x, y, x + w, y + h))
-    return index
-
-
-class _TruthSource:
-    """Ground truth for an image_id from a dataset, a mask folder or a COCO file."""
-
-    def __init__(self, data: str | None, masks: str | None, boxes: str | None):
-        given = [name for name, value in (("data", data), ("masks", masks), ("boxes", boxes)) if value]
-        if len(given) != 1:
-            raise EvaluationError("give exactly one source of ground truth: data (--data, a dataset with masks), "
-                                  "masks (--masks, a folder of masks) or boxes (--boxes, a COCO json)")
-        self.masks: dict[str, str] = {}
-        self.coco: dict[str, CocoImage] | None = None
-        if data:
-            from camjobs.layouts import LayoutError, list_images
-
-            try:
-                listing = list_images(data)
-            except LayoutError as exc:
-                raise EvaluationError(str(exc)) from exc
-            self.masks = {r.image_id: r.mask_path for r in listing.records if r.mask_path}
-            if not self.masks:
-                raise EvaluationError(f"{data} ({listing.layout} layout) has no lesion masks; give masks= or boxes=")
-            self.description = f"masks of the {listing.layout} dataset {data}"
-        elif masks:
-            self.masks = index_mask_folder(masks)
-            if not self.masks:
-                raise EvaluationError(f"no mask images in {masks}")
-            self.description = f"masks in {masks}"
-        else:
-            self.coco = load_coco_boxes(boxes)
-            self.description = f"COCO boxes {boxes}"
-        self.counts = {"mask_resized": 0, "boxes_rescaled": 0}
-
-    def lookup(self, image_id: str, width: int, height: int) -> GroundTruth | None:
-        """None without ground truth; a GroundTruth with no boxes when the mask or boxes are empty."""
-        if self.coco is not None:
-            entry = self.coco.get(image_id) or self.coco.get(posixpath.basename(image_id))
-            if entry is None:
-                return None
-            boxes = entry.boxes
-            if entry.width and entry.height and (entry.width, entry.height) != (width, height):
-                sx, sy = width / float(entry.width), height / float(entry.height)
-                boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes]
-                self.counts["boxes_rescaled"] += 1
-            return GroundTruth(list(boxes))
-        path = self.masks.get(image_id) or self.masks.get(posixpath.basename(image_id))
-        if path is None:
-            return None
-        mask = load_mask(path)
-        if mask.shape != (height, width):
-            mask = cv2.resize(mask.astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_NEAREST) > 127
-            self.counts["mask_resized"] += 1
-        box = mask_box(mask)
-        return GroundTruth([box] if box else [], mask)
 
 
 # --------------------------------------------------------------------------- reading the output
@@ -402,55 +213,30 @@ _HEAVY = ("image_id", "run_id", "source_path", "width", "height", "cam", "cam_he
           "threshold", "label", "pred_label", "target_label", "mask_rle", "refined_boxes", "refine")
 
 
-def _select_rows(dataset, run_id: str | None) -> tuple[set[tuple[str, str]], list[str]]:
+def _select_rows(dataset: pads.Dataset, run_id: str | None) -> tuple[set[tuple[str, str]], list[str]]:
     """(run_id, image_id) pairs to evaluate, and the runs they come from.
 
     With run_id: that run's rows. Without: the newest run's model and settings
     (schema.SETTINGS_COLUMNS), every row with them, one per image (newest run).
     """
-    import pandas as pd
-
-    names = set(dataset.schema.names)
-    columns = [c for c in _LIGHT if c in names]
-    table = dataset.to_table(columns=columns).to_pandas()
-    if table.empty:
+    table = dataset.to_table(columns=list(_LIGHT))
+    if table.num_rows == 0:
         raise EvaluationError("no rows in cams/")
-    runs = sorted(table["run_id"].dropna().unique())
+    runs = sorted(set(table["run_id"].drop_null().to_pylist()))
     if run_id is not None:
         if run_id not in runs:
             raise EvaluationError(f"no rows of run {run_id!r} in cams/; runs: {', '.join(runs)}")
-        table = table[table["run_id"] == run_id]
+        table = table.filter(pc.field("run_id") == run_id)
     else:
-        settings = [c for c in columns if c not in ("image_id", "run_id")]
-        # compared as text, every value converted by str(), so that nulls match nulls
-        keys = pd.Series(["|".join(map(str, values)) for values in table[settings].itertuples(index=False)],
-                         index=table.index, dtype=object)
-        newest = keys[table["run_id"] == runs[-1]].iloc[0]
-        table = table[keys == newest]
-    table = table.sort_values("run_id").drop_duplicates("image_id", keep="last")
-    return set(zip(table["run_id"], table["image_id"])), sorted(table["run_id"].unique())
-
-
-def _open_cams(output: str):
-    """The cams/ rows as a dataset of CAMS_SCHEMA: version-1 files read with nulls in the new columns."""
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-
-    from camjobs.storage import open_filesystem
-
-    fs, root = open_filesystem(output.rstrip("/"))
-    cams = f"{root}/cams"
-    if fs.get_file_info(cams).type != pafs.FileType.Directory:
-        raise EvaluationError(f"{output}: no cams/ folder (not a camjobs output?)")
-    return pads.dataset(cams, schema=CAMS_SCHEMA, filesystem=fs, format="parquet", exclude_invalid_files=False)
-
-
-def _box(box: dict) -> tuple[float, float, float, float]:
-    return float(box["x_min"]), float(box["y_min"]), float(box["x_max"]), float(box["y_max"])
+        newest = table.filter(pc.field("run_id") == runs[-1]).slice(0, 1).to_pylist()[0]
+        table = table.filter(settings_filter({name: newest[name] for name in SETTINGS_COLUMNS}))
+    table = newest_per_image(table)
+    pairs = set(zip(table["run_id"].to_pylist(), table["image_id"].to_pylist()))
+    return pairs, sorted({run for run, _ in pairs})
 
 
 def _first_box(boxes) -> tuple[float, float, float, float] | None:
-    return _box(boxes[0]) if boxes else None
+    return box_xyxy(boxes[0]) if boxes else None
 
 
 def _refinement(row: dict[str, Any]) -> Refinement | None:
@@ -458,7 +244,7 @@ def _refinement(row: dict[str, Any]) -> Refinement | None:
     rle, boxes = row.get("mask_rle"), row.get("refined_boxes")
     if row.get("refine") is None and rle is None and boxes is None:
         return None
-    return Refinement([_box(b) for b in boxes or []], rle_decode(rle) if rle else None)
+    return Refinement([box_xyxy(b) for b in boxes or []], rle_decode(rle) if rle else None)
 
 
 class _ImageReader:
@@ -485,101 +271,6 @@ class _ImageReader:
             self.counts["image_size_changed"] += 1
             return None
         return rgb
-
-
-# --------------------------------------------------------------------------- report
-@dataclass
-class EvaluationReport:
-    metrics: dict[str, Any]  # the content of metrics.json
-    report_dir: str | None = None  # where the files were written (None: not written)
-    files: dict[str, str] = field(default_factory=dict)  # file name -> path
-
-    def __getitem__(self, key: str) -> Any:
-        return self.metrics[key]
-
-    def table(self) -> str:
-        return markdown_table(self.metrics)
-
-
-def markdown_table(metrics: dict[str, Any]) -> str:
-    """metric | CAM | each other source, in percent (n/a where a metric does not apply)."""
-    blocks = source_blocks(metrics)
-    lines = ["| metric | " + " | ".join(title for _, title, _ in blocks) + " |",
-             "| --- |" + " ---: |" * len(blocks)]
-    for key in METRIC_KEYS:
-        lines.append(f"| {METRIC_NAMES[key]} | " + " | ".join(fmt(block[key]) for _, _, block in blocks) + " |")
-    return "\n".join(lines)
-
-
-def _image_baseline_note(counts: dict[str, Any], settings: dict[str, Any]) -> str:
-    if not settings.get("image_baselines", True):
-        return "off (--no-image-baselines): no image was read"
-    unread = counts.get("image_unreadable", 0) + counts.get("image_size_changed", 0)
-    return f"over the {counts.get('otsu_images', 0)} images read ({unread} unreadable or changed, left out)"
-
-
-def markdown_report(metrics: dict[str, Any]) -> str:
-    details, counts, settings = metrics["details"], metrics["counts"], metrics["settings"]
-    by_iou = ", ".join(f"IoU {k}: {v:.2f}" for k, v in details["box_acc_v2_by_iou"].items())
-    run_thresholds = ", ".join(f"{t:g}" for t in settings["run_thresholds"])
-    lines = [
-        "# Localization of the class activation maps",
-        "",
-        f"Output `{settings.get('output', '')}`, run(s) {', '.join(settings.get('runs', [])) or 'n/a'}; "
-        f"ground truth: {settings.get('ground_truth', 'n/a')}.",
-        f"{counts['evaluated']} images evaluated ({counts['with_mask']} with masks).",
-        "",
-        markdown_table(metrics),
-        "",
-        "All numbers are percentages. mean IoU is 100 x the mean IoU.",
-        "",
-        f"- MaxBoxAcc's best CAM threshold: {details['best_threshold']:.2f}; GT-known and top-1 Loc use it.",
-        f"- MaxBoxAccV2 by IoU: {by_iou}.",
-        f"- Run threshold(s) for the CAM's boxes[0] and Jaccard region: {run_thresholds}.",
-        "- Sweep: CAM thresholds 0, 0.01, ..., 0.99 on the min-max normalized map (Choe et al., CVPR 2020).",
-        "- The other sources have nothing to sweep: their boxes count at every threshold, their binary map "
-        "for PxAP and the Jaccard.",
-        f"- refined: refined_boxes and the mask_rle mask of a --refine run ({counts.get('refined_images', 0)} images; "
-        "n/a without --refine).",
-        f"- Otsu lesion mask: the image-only baseline (camjobs.segment.otsu_lesion_mask), "
-        f"{_image_baseline_note(counts, settings)}.",
-        "- centre box: the middle half of each side.",
-        "- constant map: the whole image as the box at every threshold; every pixel positive for PxAP.",
-        "- top-1 Loc counts labelled images; GT-known Loc the images whose map explains the ground-truth class.",
-        "",
-        "Counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
-        "",
-        "Plots: `pr_curve.png` (pixel precision-recall), `box_acc.png` (BoxAcc against the CAM threshold).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_report(metrics: dict[str, Any], per_image: list[dict[str, Any]], report_dir: str) -> dict[str, str]:
-    """Write metrics.json, metrics.md, per_image.csv and the two PNG plots; name -> path."""
-    from camjobs.storage import open_filesystem
-
-    fs, root = open_filesystem(report_dir.rstrip("/") or "/")
-    fs.create_dir(root, recursive=True)
-    text = io.StringIO()
-    if per_image:
-        writer = csv.DictWriter(text, fieldnames=list(per_image[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(per_image)
-    contents = {
-        "metrics.json": json.dumps(metrics, indent=2, allow_nan=False).encode(),
-        "metrics.md": markdown_report(metrics).encode(),
-        "per_image.csv": text.getvalue().encode(),
-        "pr_curve.png": encode_png(draw_pr_plot(metrics)),
-        "box_acc.png": encode_png(draw_box_acc_plot(metrics)),
-    }
-    files = {}
-    for name, payload in contents.items():
-        path = f"{root.rstrip('/')}/{name}"
-        with fs.open_output_stream(path) as stream:
-            stream.write(payload)
-        files[name] = path if "://" not in report_dir else f"{report_dir.rstrip('/')}/{name}"
-    return files
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -621,20 +312,20 @@ def evaluate_output(
     ``write`` is False. ``image_baselines``: read each row's image for the Otsu baseline (False
     for outputs whose images are gone). Raises EvaluationError when there is nothing to evaluate.
     """
-    import pyarrow.compute as pc
     from tqdm import tqdm
 
-    dataset = _open_cams(output_dir)
+    try:
+        dataset = open_cams(output_dir)
+    except NoResults as exc:
+        raise EvaluationError(str(exc)) from exc
     selected, runs = _select_rows(dataset, run_id)
-    truth_source = _TruthSource(data, masks, boxes)
+    truth_source = TruthSource(data, masks, boxes)
     evaluator = CamEvaluator(max_side=max_side)
     images = _ImageReader(image_baselines)
     skipped = {"no_ground_truth": 0, "empty_ground_truth": 0}
-    names = set(dataset.schema.names)
-    columns = [c for c in _HEAVY if c in names]
     done: set[tuple[str, str]] = set()
     bar = tqdm(total=len(selected), desc="evaluate", unit="img", disable=not progress)
-    for batch in dataset.to_batches(columns=columns, filter=pc.field("run_id").isin(runs), batch_size=256):
+    for batch in dataset.to_batches(columns=list(_HEAVY), filter=pc.field("run_id").isin(runs), batch_size=256):
         for row in batch.to_pylist():
             key = (row["run_id"], row["image_id"])
             if key not in selected or key in done:
@@ -657,7 +348,8 @@ def evaluate_output(
             f"({skipped['no_ground_truth']} without, {skipped['empty_ground_truth']} empty)"
         )
     metrics = evaluator.result()
-    metrics["counts"] = {"images": len(selected), **metrics["counts"], **skipped, **truth_source.counts, **images.counts}
+    metrics["counts"] = {"images": len(selected), **metrics["counts"], **skipped, **truth_source.counts,
+                         **images.counts}
     metrics["settings"].update({"output": output_dir, "runs": runs, "ground_truth": truth_source.description,
                                 "image_baselines": image_baselines})
     report = EvaluationReport(metrics)

@@ -6,18 +6,49 @@ Masks are boolean (height, width) arrays at the image's own size. Run-length enc
 are COCO's compressed RLE (``{"size": [height, width], "counts": str}``, column-major), made
 and read by pycocotools, so every COCO tool reads what camjobs writes.
 
-Needs numpy, OpenCV and pycocotools only (no torch, no Ray): the label tools import it.
+The output's box struct (``schema.BOX_TYPE``, a dict of x_min, y_min, x_max, y_max, score) is
+the same xyxy box; ``box_xyxy`` makes it a tuple. COCO's ``bbox`` is xywh (top-left corner, width,
+height) and YOLO's is cxcywh (centre, width, height): ``xyxy_to_xywh``, ``xywh_to_xyxy`` and
+``xyxy_to_cxcywh`` convert, in whatever units the box has.
+
+Needs numpy, OpenCV, pycocotools and pyarrow's file systems only (no torch, no Ray): the label
+tools import it.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
 
+from camjobs.storage import open_filesystem
+
 Box = Sequence[float]  # x_min, y_min, x_max, y_max; max exclusive
+
+log = logging.getLogger(__name__)
+
+
+def box_xyxy(box: Mapping[str, float]) -> tuple[float, float, float, float]:
+    """A box of the output's box struct (a dict with x_min, y_min, x_max, y_max) as an xyxy tuple."""
+    return float(box["x_min"]), float(box["y_min"]), float(box["x_max"]), float(box["y_max"])
+
+
+def xyxy_to_xywh(box: Box) -> tuple[float, float, float, float]:
+    """COCO's bbox (x_min, y_min, width, height) of an xyxy box; width = x_max - x_min (max exclusive)."""
+    return box[0], box[1], box[2] - box[0], box[3] - box[1]
+
+
+def xywh_to_xyxy(box: Box) -> tuple[float, float, float, float]:
+    """The xyxy box of COCO's bbox (x_min, y_min, width, height)."""
+    return box[0], box[1], box[0] + box[2], box[1] + box[3]
+
+
+def xyxy_to_cxcywh(box: Box) -> tuple[float, float, float, float]:
+    """YOLO's (centre x, centre y, width, height) of an xyxy box, in the box's units."""
+    return (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0, box[2] - box[0], box[3] - box[1]
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -179,3 +210,53 @@ def resize_mask(mask: np.ndarray, width: int, height: int, *, fortran: bool = Fa
     resized = cv2.resize(mask * np.uint8(255), (int(width), int(height)),
                          interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     return resized >= 128
+
+
+def resize_mask_nearest(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A boolean mask at (height, width) by nearest neighbour: how a ground-truth mask stored at
+    another size than its image is brought to the image's (each pixel keeps a stored pixel's label)."""
+    return cv2.resize(np.asarray(mask, dtype=np.uint8), (int(width), int(height)), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A lesion mask image (a local path or a URI: s3://, gs://, file://) as bool, foreground > 127:
+    masks saved after an interpolating resize hold grey edges. ValueError where it is no image."""
+    if "://" in path:
+        fs, inner = open_filesystem(path)
+        with fs.open_input_file(inner) as stream:
+            mask = cv2.imdecode(np.frombuffer(stream.read(), np.uint8), cv2.IMREAD_GRAYSCALE)
+    else:
+        mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ValueError(f"could not read mask {path}")
+    return mask > 127
+
+
+def rle_mask(rle: dict, width: int, height: int) -> np.ndarray:
+    """A row's mask_rle decoded at its image's size (resized, with a warning, where it was not)."""
+    mask = rle_decode(rle)
+    if mask.shape != (height, width):
+        log.warning("mask of %dx%d for an image of %dx%d: resized", mask.shape[1], mask.shape[0], width, height)
+        mask = resize_mask(mask, width, height)
+    return mask
+
+
+def box_components(mask: np.ndarray, boxes: Sequence[Mapping[str, float]]) -> list[np.ndarray]:
+    """Each box's own part of the mask: the 8-connected component whose box it is (refined boxes
+    are component_boxes of the mask), else the mask inside the box. Boxes of the output's struct."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        np.ascontiguousarray(mask, dtype=np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA)
+    by_box: dict[tuple[int, ...], list[int]] = {}
+    for label in 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable"):  # largest first, as boxes are
+        x, y, w, h = (int(v) for v in stats[label, :4])
+        by_box.setdefault((x, y, x + w, y + h), []).append(int(label))
+    parts = []
+    for box in boxes:
+        key = tuple(max(0, int(round(value))) for value in box_xyxy(box))
+        if by_box.get(key):
+            parts.append(labels == by_box[key].pop(0))
+            continue
+        part = np.zeros_like(mask, dtype=bool)
+        part[key[1]:key[3], key[0]:key[2]] = mask[key[1]:key[3], key[0]:key[2]]
+        parts.append(part)
+    return parts

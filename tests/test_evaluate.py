@@ -19,17 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from camjobs.evaluate import (
-    CamEvaluator,
-    EvaluationError,
-    GroundTruth,
-    evaluate_output,
-    index_mask_folder,
-    load_coco_boxes,
-    pr_curve,
-)
+from camjobs.evaluate import CamEvaluator, EvaluationError, GroundTruth, evaluate_output
 from camjobs.localize import localize
+from camjobs.metrics import pr_curve
 from camjobs.schema import CAMS_SCHEMA
+from camjobs.truth import index_mask_folder, load_coco_boxes
 
 KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc", "mean_iou", "iou50_share",
         "jaccard_mean", "jaccard_isic2018")
