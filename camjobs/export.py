@@ -68,19 +68,18 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterable, Sequence
+from typing import Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
-import cv2
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from camjobs.geometry import mask_polygons, resize_mask, rle_area, rle_decode, rle_encode
-from camjobs.schema import CAMS_SCHEMA, ImageRow
+from camjobs.geometry import (
+    box_components, mask_polygons, rle_area, rle_decode, rle_encode, rle_mask, xyxy_to_cxcywh, xyxy_to_xywh,
+)
+from camjobs.output import NoResults, read_newest_cams, read_run_summaries
+from camjobs.schema import ImageRow
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
@@ -103,46 +102,17 @@ class ExportError(ValueError):
     """Bad export options, or nothing to export from."""
 
 
-# --------------------------------------------------------------------------- reading DIR/cams
-def cams_dataset(output: str) -> tuple[pafs.FileSystem, str, pads.Dataset]:
-    fs, root = open_filesystem(output.rstrip("/"))
-    cams = f"{root}/cams"
-    if fs.get_file_info(cams).type != pafs.FileType.Directory:
-        raise ExportError(f"no results in {output}: {output.rstrip('/')}/cams does not exist (run `camjobs run` first)")
-    return fs, root, pads.dataset(cams, filesystem=fs, format="parquet", schema=CAMS_SCHEMA)
-
-
-def latest_per_image(table: pa.Table) -> pa.Table:
-    """One row per image_id: the one with the largest run_id (the newest run), sorted by image_id."""
-    if table.num_rows == 0:
-        return table
-    order = pc.sort_indices(table, sort_keys=[("image_id", "ascending"), ("run_id", "descending")])
-    table = table.take(order)
-    # After this sort the first row of each image_id is the newest one.
-    id_list = table["image_id"].to_pylist()
-    keep = [i for i, image_id in enumerate(id_list) if i == 0 or image_id != id_list[i - 1]]
-    return table.take(pa.array(keep, pa.int64()))
-
-
-def read_latest_cams(output: str, columns: Sequence[str] = EXPORT_COLUMNS) -> pa.Table:
-    """The newest row per image_id of OUTPUT/cams, with only `columns` (plus image_id, run_id)."""
-    _, _, dataset = cams_dataset(output)
-    wanted = list(dict.fromkeys(["image_id", "run_id", *columns]))
-    return latest_per_image(dataset.to_table(columns=wanted))
-
-
-def read_run_summaries(output: str, run_ids: Iterable[str]) -> dict[str, dict]:
-    """DIR/runs/<run_id>.json of each run that has one (a run without one did not finish)."""
-    fs, root = open_filesystem(output.rstrip("/"))
-    summaries = {}
-    for run_id in sorted(set(run_ids)):
-        path = f"{root}/runs/{run_id}.json"
-        try:
-            with fs.open_input_stream(path) as stream:
-                summaries[run_id] = json.loads(stream.read().decode("utf-8"))
-        except (FileNotFoundError, OSError, ValueError):
-            log.warning("run %s has no readable summary (%s): file names fall back to base names", run_id, path)
-    return summaries
+# --------------------------------------------------------------------------- reading DIR/cams and DIR/runs
+def _read_output(output: str) -> tuple[pa.Table, dict[str, dict]]:
+    """The newest row per image of OUTPUT/cams (EXPORT_COLUMNS) and the summaries of their runs."""
+    try:
+        table = read_newest_cams(output, EXPORT_COLUMNS)
+    except NoResults as exc:
+        raise ExportError(str(exc)) from exc
+    summaries, missing = read_run_summaries(output, table["run_id"].to_pylist())
+    for run_id, why in missing.items():
+        log.warning("run %s has no readable summary (%s): file names fall back to base names", run_id, why)
+    return table, summaries
 
 
 # --------------------------------------------------------------------------- file names
@@ -199,6 +169,10 @@ class ExportBox:
     segmentation: dict | None = None  # COCO RLE of this box's part of the refined mask
 
     @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        return self.x_min, self.y_min, self.x_max, self.y_max
+
+    @property
     def area(self) -> float:
         """COCO's area: the mask's pixel count where the box has one, else the box's."""
         if self.segmentation is not None:
@@ -230,43 +204,13 @@ def _clean_score(value) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def image_mask(rle: dict, width: int, height: int) -> np.ndarray:
-    """A row's mask_rle decoded at the image's size (resized, with a warning, if it was not)."""
-    mask = rle_decode(rle)
-    if mask.shape != (height, width):
-        log.warning("mask of %dx%d for an image of %dx%d: resized", mask.shape[1], mask.shape[0], width, height)
-        mask = resize_mask(mask, width, height)
-    return mask
-
-
-def _box_components(mask: np.ndarray, boxes: Sequence[dict]) -> list[np.ndarray]:
-    """Each box's own part of the mask: the 8-connected component whose box it is (refined boxes
-    are geometry.component_boxes of the mask), else the mask inside the box."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-        np.ascontiguousarray(mask, dtype=np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA)
-    by_box: dict[tuple[int, ...], list[int]] = {}
-    for label in 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable"):  # largest first, as boxes are
-        x, y, w, h = (int(v) for v in stats[label, :4])
-        by_box.setdefault((x, y, x + w, y + h), []).append(int(label))
-    parts = []
-    for box in boxes:
-        key = tuple(max(0, int(round(box[k]))) for k in ("x_min", "y_min", "x_max", "y_max"))
-        if by_box.get(key):
-            parts.append(labels == by_box[key].pop(0))
-            continue
-        part = np.zeros_like(mask, dtype=bool)
-        part[key[1]:key[3], key[0]:key[2]] = mask[key[1]:key[3], key[0]:key[2]]
-        parts.append(part)
-    return parts
-
-
 def _box_segmentations(rle: dict | None, boxes: Sequence[dict], width: int, height: int) -> list[dict | None]:
     """COCO RLE of each refined box's part of the mask; a single box's is the row's mask as is."""
     if rle is None:
         return [None] * len(boxes)
     if len(boxes) == 1 and [int(v) for v in rle["size"]] == [height, width]:
         return [{"size": [height, width], "counts": rle["counts"]}]
-    return [rle_encode(part) for part in _box_components(image_mask(rle, width, height), boxes)]
+    return [rle_encode(part) for part in box_components(rle_mask(rle, width, height), boxes)]
 
 
 def _chosen_boxes(row: dict, source: str) -> tuple[list[dict], list[dict | None], bool]:
@@ -284,8 +228,7 @@ def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION
         raise ExportError(f"--categories must be one of {', '.join(CATEGORY_MODES)}, got {categories!r}")
     if boxes not in BOX_SOURCES:
         raise ExportError(f"--boxes must be one of {', '.join(BOX_SOURCES)}, got {boxes!r}")
-    table = read_latest_cams(output, EXPORT_COLUMNS)
-    summaries = read_run_summaries(output, table["run_id"].to_pylist())
+    table, summaries = _read_output(output)
     model_classes: list[str] = []
     for run_id in sorted(summaries, reverse=True):  # newest model first
         for name in summaries[run_id].get("model", {}).get("classes", []) or []:
@@ -335,7 +278,7 @@ def to_coco(plan: ExportPlan, *, image_root: str | None = None) -> dict:
         for box in image.boxes:
             annotation = {
                 "id": len(annotations) + 1, "image_id": number, "category_id": category_id[box.category],
-                "bbox": [box.x_min, box.y_min, box.x_max - box.x_min, box.y_max - box.y_min], "area": box.area,
+                "bbox": list(xyxy_to_xywh(box.xyxy)), "area": box.area,
                 "score": box.score, "iscrowd": 0,
             }
             if box.segmentation is not None:
@@ -434,10 +377,8 @@ def yolo_lines(image: ExportImage, categories: Sequence[str]) -> list[str]:
     index = {name: i for i, name in enumerate(categories)}
     lines = []
     for box in image.boxes:
-        cx = (box.x_min + box.x_max) / 2.0 / image.width
-        cy = (box.y_min + box.y_max) / 2.0 / image.height
-        w = (box.x_max - box.x_min) / image.width
-        h = (box.y_max - box.y_min) / image.height
+        cx, cy, w, h = xyxy_to_cxcywh(box.xyxy)
+        cx, cy, w, h = cx / image.width, cy / image.height, w / image.width, h / image.height
         lines.append(f"{index[box.category]} {cx:.8f} {cy:.8f} {w:.8f} {h:.8f}")
     return lines
 

@@ -46,9 +46,10 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from camjobs.decode import ImageInputError, decode_image, read_bytes
-from camjobs.geometry import box_iou, mask_box
-from camjobs.export import cams_dataset, image_mask, read_latest_cams
+from camjobs.geometry import box_iou, box_xyxy, mask_box, read_mask, resize_mask_nearest, rle_mask
+from camjobs.output import NoResults, open_cams, read_newest_cams
 from camjobs.schema import ImageRow
+from camjobs.truth import dataset_masks
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +105,15 @@ class VizResult:
 
 
 # --------------------------------------------------------------------------- ground truth
-def read_mask_any(path: str) -> np.ndarray:
-    """A mask from a local path or URI, as bool (> 127: resized masks have grey edges)."""
-    data = read_bytes(path)
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ImageInputError("decode_error", f"could not decode mask {path}")
-    return mask > 127
-
-
 def mask_for(item: VizItem) -> np.ndarray | None:
     """The item's mask at the image's size (nearest-neighbour resized if it was stored at another)."""
     if not item.mask_path:
         return None
-    mask = read_mask_any(item.mask_path)
+    mask = read_mask(item.mask_path)
     if mask.shape != (item.height, item.width):
         log.warning("mask %s is %dx%d, image %s is %dx%d: resized", item.mask_path, mask.shape[1], mask.shape[0],
                     item.image_id, item.width, item.height)
-        mask = cv2.resize(mask.astype(np.uint8), (item.width, item.height), interpolation=cv2.INTER_NEAREST) > 0
+        mask = resize_mask_nearest(mask, item.width, item.height)
     return mask
 
 
@@ -132,15 +124,21 @@ def first_box_iou(boxes: Sequence[dict], mask: np.ndarray) -> float | None:
         return None
     if not boxes:
         return 0.0
-    first = boxes[0]
-    return float(box_iou((first["x_min"], first["y_min"], first["x_max"], first["y_max"]), truth))
+    return float(box_iou(box_xyxy(boxes[0]), truth))
 
 
-def mask_paths(data: str, layout: str = "auto") -> dict[str, str]:
-    from camjobs.layouts import list_images
-
-    listing = list_images(data, layout)
-    return {record.image_id: record.mask_path for record in listing.records if record.mask_path}
+def fill_iou(items: Sequence[VizItem]) -> None:
+    """The IoU of each item with a mask (where not known yet); an unreadable mask counts as none."""
+    for item in items:
+        if item.mask_path and item.iou is None:
+            try:
+                mask = mask_for(item)
+                item.iou = first_box_iou(item.boxes, mask) if mask is not None else None
+                if mask is not None and item.refined:
+                    item.refined_iou = first_box_iou(item.refined_boxes or [], mask)
+            except (OSError, ValueError) as exc:
+                log.warning("mask of %s unreadable: %s", item.image_id, exc)
+                item.mask_path = None
 
 
 # --------------------------------------------------------------------------- order
@@ -232,8 +230,8 @@ def render_panel(rgb: np.ndarray, heatmap: np.ndarray | None, boxes: Sequence[di
     if refined is not None:
         _outline(blend, refined, MAGENTA, line)
     for rank, box in reversed(list(enumerate(boxes))):  # boxes[0] drawn last, on top
-        xyxy = (box["x_min"], box["y_min"], box["x_max"], box["y_max"])
-        _rectangle(blend, xyxy, sx, sy, GREEN if rank == 0 else LIGHT_GREEN, line + 1 if rank == 0 else max(1, line - 1))
+        first = rank == 0
+        _rectangle(blend, box_xyxy(box), sx, sy, GREEN if first else LIGHT_GREEN, line + 1 if first else max(1, line - 1))
 
     panel_width = 3 * tw + 2 * GAP
     font_size = int(min(20, max(11, panel_width / 80)))
@@ -390,9 +388,9 @@ def _heatmaps(output: str, items: Sequence[VizItem]) -> dict[tuple[str, str], by
     """heatmap_png of the chosen rows only: the heavy column is read for those, not for all."""
     if not items:
         return {}
-    _, _, dataset = cams_dataset(output)
     ids = pa.array(sorted({item.image_id for item in items}), pa.string())
-    table = dataset.to_table(columns=["image_id", "run_id", "heatmap_png"], filter=pc.field("image_id").isin(ids))
+    table = open_cams(output).to_table(columns=["image_id", "run_id", "heatmap_png"],
+                                       filter=pc.field("image_id").isin(ids))
     return {(i, r): h for i, r, h in zip(table["image_id"].to_pylist(), table["run_id"].to_pylist(),
                                          table["heatmap_png"].to_pylist())}
 
@@ -406,6 +404,53 @@ def _decode_heatmap(png: bytes | None, item: VizItem) -> np.ndarray | None:
     return heatmap
 
 
+def read_items(output: str, data: str | None = None, layout: str = "auto") -> list[VizItem]:
+    """The newest row per image of OUTPUT/cams, with its ground-truth mask's path where --data has one."""
+    try:
+        table = read_newest_cams(output, VIZ_COLUMNS)
+    except NoResults as exc:
+        raise VizError(str(exc)) from exc
+    items = [VizItem(**{name: row[name] for name in VIZ_COLUMNS}) for row in table.to_pylist()]
+    if not items:
+        raise VizError(f"{output.rstrip('/')}/cams holds no rows")
+    masks = dataset_masks(data, layout)[0] if data else {}
+    if data and not masks:
+        log.warning("%s lists no ground-truth masks: no IoU", data)
+    for item in items:
+        item.boxes = list(item.boxes or [])
+        item.mask_path = masks.get(item.image_id)
+    return items
+
+
+def draw_item(item: VizItem, heatmap_png: bytes | None, tile_size: int = TILE_SIZE) -> np.ndarray:
+    """The item's panel, its image decoded from source_path (ImageInputError where it cannot be)."""
+    rgb = decode_image(read_bytes(item.source_path), source=item.source_path)
+    if rgb.shape[:2] != (item.height, item.width):
+        log.warning("%s decodes to %dx%d, the row says %dx%d (file changed since the run?): resized",
+                    item.image_id, rgb.shape[1], rgb.shape[0], item.width, item.height)
+        rgb = cv2.resize(rgb, (item.width, item.height), interpolation=cv2.INTER_AREA)
+    mask = None
+    if item.mask_path:
+        try:
+            mask = mask_for(item)
+        except (OSError, ValueError):
+            mask = None
+    refined = rle_mask(item.mask_rle, item.width, item.height) if item.mask_rle else None
+    return render_panel(rgb, _decode_heatmap(heatmap_png, item), item.boxes, caption_lines(item), mask, tile_size,
+                        refined)
+
+
+def _summary(output: str, drawn: Sequence[VizItem], total: int, sort: str, key: str) -> str:
+    with_iou = [item.iou for item in drawn if item.iou is not None]
+    summary = f"{len(drawn)} of {total} images from {output}, ordered {sort} by {key}"
+    if with_iou:
+        summary += f"; mean IoU of the shown images {sum(with_iou) / len(with_iou):.3f} ({len(with_iou)} with a mask)"
+    refined_iou = [item.refined_iou for item in drawn if item.refined_iou is not None]
+    if refined_iou:
+        summary += f"; of their refined boxes {sum(refined_iou) / len(refined_iou):.3f} ({len(refined_iou)} refined)"
+    return summary
+
+
 def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_LIMIT, sort: str = "worst",
                    data: str | None = None, layout: str = "auto", tile_size: int = TILE_SIZE,
                    seed: int = RANDOM_SEED, progress: Callable[[str], None] | None = None) -> VizResult:
@@ -414,30 +459,7 @@ def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_L
         raise VizError(f"--limit must be >= 1, got {limit}")
     if sort not in SORTS:
         raise VizError(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
-    table = read_latest_cams(output, VIZ_COLUMNS)
-    items = [VizItem(**{name: row[name] for name in VIZ_COLUMNS}) for row in table.to_pylist()]
-    for item in items:
-        item.boxes = list(item.boxes or [])
-    if not items:
-        raise VizError(f"{output.rstrip('/')}/cams holds no rows")
-    masks = mask_paths(data, layout) if data else {}
-    if data and not masks:
-        log.warning("%s lists no ground-truth masks: no IoU", data)
-    for item in items:
-        item.mask_path = masks.get(item.image_id)
-
-    def fill_iou(chosen: Sequence[VizItem]) -> None:
-        for item in chosen:
-            if item.mask_path and item.iou is None:
-                try:
-                    mask = mask_for(item)
-                    item.iou = first_box_iou(item.boxes, mask) if mask is not None else None
-                    if mask is not None and item.refined:
-                        item.refined_iou = first_box_iou(item.refined_boxes or [], mask)
-                except (ImageInputError, OSError) as exc:
-                    log.warning("mask of %s unreadable: %s", item.image_id, exc)
-                    item.mask_path = None
-
+    items = read_items(output, data, layout)
     if sort != "random":  # the order needs the IoU of every image with a mask
         fill_iou(items)
     ordered, key, note = order_items(items, sort, seed)
@@ -452,24 +474,11 @@ def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_L
     drawn, failed = [], []
     for number, item in enumerate(chosen, start=1):
         try:
-            rgb = decode_image(read_bytes(item.source_path), source=item.source_path)
+            panel = draw_item(item, heatmaps.get((item.image_id, item.run_id)), tile_size)
         except ImageInputError as exc:
             failed.append((item.image_id, str(exc)))
             log.warning("%s not drawn: %s", item.image_id, exc)
             continue
-        if rgb.shape[:2] != (item.height, item.width):
-            log.warning("%s decodes to %dx%d, the row says %dx%d (file changed since the run?): resized",
-                        item.image_id, rgb.shape[1], rgb.shape[0], item.width, item.height)
-            rgb = cv2.resize(rgb, (item.width, item.height), interpolation=cv2.INTER_AREA)
-        mask = None
-        if item.mask_path:
-            try:
-                mask = mask_for(item)
-            except (ImageInputError, OSError):
-                mask = None
-        refined = image_mask(item.mask_rle, item.width, item.height) if item.mask_rle else None
-        panel = render_panel(rgb, _decode_heatmap(heatmaps.get((item.image_id, item.run_id)), item), item.boxes,
-                             caption_lines(item), mask, tile_size, refined)
         item.png = png_name(item.image_id)
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
         if not ok:
@@ -479,14 +488,8 @@ def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_L
         if progress:
             progress(f"{number}/{len(chosen)} {item.image_id}")
 
-    with_iou = [item.iou for item in drawn if item.iou is not None]
-    summary = f"{len(drawn)} of {len(items)} images from {output}, ordered {sort} by {key}"
-    if with_iou:
-        summary += f"; mean IoU of the shown images {sum(with_iou) / len(with_iou):.3f} ({len(with_iou)} with a mask)"
-    refined_iou = [item.refined_iou for item in drawn if item.refined_iou is not None]
-    if refined_iou:
-        summary += f"; of their refined boxes {sum(refined_iou) / len(refined_iou):.3f} ({len(refined_iou)} refined)"
     index = folder / "index.html"
+    summary = _summary(output, drawn, len(items), sort, key)
     index.write_text(gallery_html(drawn, title="camjobs: class activation maps", summary=summary, note=note,
                                   failed=failed), encoding="utf-8")
     return VizResult(str(folder), str(index), drawn, sort, key, note, failed)

@@ -638,13 +638,13 @@ def test_yolo_lines_are_the_refined_boxes(refined_dir, tmp_path):
 
 
 def test_split_mask_matches_each_refined_box_to_its_component():
-    from camjobs.export import _box_components
+    from camjobs.geometry import box_components
 
     mask = np.zeros((50, 80), bool)
     mask[5:20, 5:30] = True  # large
     mask[30:40, 50:60] = True  # small
     boxes = [_box((50, 30, 60, 40), 0.5), _box((5, 5, 30, 20), 0.9), _box((0, 40, 10, 50), 0.1)]
-    small, large, none = _box_components(mask, boxes)
+    small, large, none = box_components(mask, boxes)
     assert np.count_nonzero(small) == 100 and small[30:40, 50:60].all()
     assert np.count_nonzero(large) == 375 and large[5:20, 5:30].all()
     assert not none.any()  # a box that is no component's: the mask inside it (here nothing)

@@ -22,9 +22,7 @@ import torch
 
 from camjobs.cam import build_extractor
 from camjobs.decode import load_image
-from camjobs.evaluate import read_mask
-from camjobs.geometry import box_iou, mask_box
-from camjobs.geometry import rle_encode
+from camjobs.geometry import box_iou, mask_box, read_mask, rle_encode
 from camjobs.layouts import list_images
 from camjobs.localize import encode_png, localize
 from camjobs.models import load_model
