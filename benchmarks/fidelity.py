@@ -22,17 +22,16 @@ and every held-out image is scored against its lesion mask:
 
 Each model is `name=arch:weights:pooling`, e.g. `effnet=efficientnet_lite0:imagenet:gap`.
 
-    python benchmarks/fidelity.py --out benchmarks/results-fidelity.md
+    .venv/bin/python -m benchmarks.fidelity --out benchmarks/results-fidelity.md
 
-Every figure is measured in the run that writes the file; the machine is named in it.
+Every figure is measured in the run that writes the section; the machine is named in it. The
+section before it from the same machine moves to history/.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,18 +43,18 @@ import cv2
 import numpy as np
 import pyarrow.dataset as pads
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from camjobs.geometry import box_iou, centre_box, mask_box, mask_jaccard, rle_decode  # noqa: E402
-from camjobs.localize import normalized, refined_row, upsample  # noqa: E402
-from camjobs.schema import CAMS_SCHEMA  # noqa: E402
-from camjobs.segment import REFINE_RULE, REFINE_SIDE, otsu_lesion_mask, refine, to_work  # noqa: E402
+from benchmarks import harness, results
+from benchmarks.harness import HERE, ROOT
+from camjobs.geometry import box_iou, centre_box, mask_box, mask_jaccard, rle_decode
+from camjobs.localize import normalized, refined_row, upsample
+from camjobs.schema import CAMS_SCHEMA
+from camjobs.segment import REFINE_RULE, REFINE_SIDE, otsu_lesion_mask, refine, to_work
 
 SAMPLE = ROOT.parent / "shared" / "data" / "isic2017-sample"
 DATA_DIR = "ISIC-2017_Training_Data"
 MASK_DIR = "ISIC-2017_Training_Part1_GroundTruth"
 LABELS_CSV = "ISIC-2017_Training_Part3_GroundTruth.csv"
+TITLE = "Label quality on held-out real images (benchmarks/fidelity.py)"
 SOURCES = ("cam", "refined", "refined-nomap", "otsu", "centre")
 DEFAULT_MODELS = ("effnet-gap=efficientnet_lite0:imagenet:gap", "effnet-gmp=efficientnet_lite0:imagenet:gmp",
                   "resnet18=resnet18:none:gap")
@@ -166,7 +165,8 @@ def map_variants(checkpoint: str, rows: list[dict], sample: Path, scores: Scores
         predicted = int(class_index[row["pred_label"]])
         maps = {
             "base": base,
-            "flip-averaged": (base + cam_of(np.ascontiguousarray(rgb[:, ::-1]), loaded.input_size, predicted)[:, ::-1]) / 2,
+            "flip-averaged": (base + cam_of(np.ascontiguousarray(rgb[:, ::-1]), loaded.input_size,
+                                            predicted)[:, ::-1]) / 2,
             "448 px": cam_of(rgb, 448, None),
             "labelled class": cam_of(rgb, loaded.input_size, class_index.get(row["label"])),
         }
@@ -178,7 +178,8 @@ def map_variants(checkpoint: str, rows: list[dict], sample: Path, scores: Scores
 
 def balanced_accuracy(labels: list[str], predictions: list[str]) -> float:
     classes = sorted(set(labels))
-    return float(np.mean([np.mean([p == c for l, p in zip(labels, predictions) if l == c]) for c in classes]))
+    return float(np.mean([np.mean([p == c for label, p in zip(labels, predictions, strict=True) if label == c])
+                          for c in classes]))
 
 
 def run_fold(args, name: str, arch: str, weights: str | None, pooling: str, train_dir: Path, test_dir: Path,
@@ -205,19 +206,21 @@ def run_fold(args, name: str, arch: str, weights: str | None, pooling: str, trai
     return trained
 
 
-def refine_cost(sample: Path, repeats: int = 3) -> dict[str, float]:
+def refine_cost(sample: Path, ids: list[str], repeats: int = 3) -> dict[str, float]:
     """Median ms per image on one core of what --refine adds to the localize stage (refine, COCO RLE,
     the mask's boxes: localize.refined_row), and of making the working image from a decoded one."""
     cv2.setNumThreads(1)
-    images = sorted((sample / DATA_DIR).glob("*.jpg"))[:30]
+    images = [sample / DATA_DIR / f"{image_id}.jpg" for image_id in ids[:30]]
     rng = np.random.default_rng(0)
     cost: dict[str, float] = {}
     for label, size in (("600 x 450 (HAM10000)", (600, 450)), ("4000 x 3000 photograph", (4000, 3000))):
         refining, working = [], []
         for path in images:
-            rgb = cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), size, interpolation=cv2.INTER_LINEAR)
+            rgb = cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), size,
+                             interpolation=cv2.INTER_LINEAR)
             # the decode stage decodes a large JPEG at 1/8 scale (libjpeg's draft mode): start from there
-            decoded = rgb if size[0] <= 1000 else cv2.resize(rgb, (size[0] // 8, size[1] // 8), interpolation=cv2.INTER_AREA)
+            decoded = rgb if size[0] <= 1000 else cv2.resize(rgb, (size[0] // 8, size[1] // 8),
+                                                             interpolation=cv2.INTER_AREA)
             cam = rng.random((7, 7)).astype(np.float32) + 1.0
             norm = normalized(upsample(cam, size[1], size[0]))  # the localize stage has it for the boxes
             for _ in range(repeats):
@@ -244,19 +247,19 @@ ABLATIONS = {
 }
 
 
-def rule_ablation(sample: Path) -> dict[str, dict[str, float]]:
+def rule_ablation(sample: Path, ids: list[str]) -> dict[str, dict[str, float]]:
     """The refinement's image rule with each step left out or changed, on every sample image, with a
     map that prefers nothing (no model involved): what each step is worth."""
-    results = {name: {"iou": [], "jaccard": []} for name in ABLATIONS}
-    for path in sorted((sample / DATA_DIR).glob("*.jpg")):
+    found = {name: {"iou": [], "jaccard": []} for name in ABLATIONS}
+    for path in (sample / DATA_DIR / f"{image_id}.jpg" for image_id in ids):
         truth = read_truth(sample, path.stem)
         height, width = truth.shape
         work_rgb = to_work(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), REFINE_SIDE)
         for name, rule in ABLATIONS.items():
             mask = refine(work_rgb, no_preference(*work_rgb.shape[:2]), width, height, rule)
-            results[name]["iou"].append(0.0 if mask is None else box_iou(mask_box(mask), mask_box(truth)))
-            results[name]["jaccard"].append(0.0 if mask is None else mask_jaccard(mask, truth))
-    return {name: {k: float(np.mean(v)) for k, v in scores.items()} for name, scores in results.items()}
+            found[name]["iou"].append(0.0 if mask is None else box_iou(mask_box(mask), mask_box(truth)))
+            found[name]["jaccard"].append(0.0 if mask is None else mask_jaccard(mask, truth))
+    return {name: {k: float(np.mean(v)) for k, v in scores.items()} for name, scores in found.items()}
 
 
 def untuned_check(work: Path, n: int = 200) -> dict[str, dict[str, float]]:
@@ -267,7 +270,7 @@ def untuned_check(work: Path, n: int = 200) -> dict[str, dict[str, float]]:
 
     folder = work / "synth"
     synth_dataset(folder, n=n, seed=1)
-    results: dict[str, dict[str, list[float]]] = {}
+    found: dict[str, dict[str, list[float]]] = {}
     for path in sorted(folder.glob("HAM10000_images_part_*/*.jpg")):
         truth = cv2.imread(str(folder / "HAM10000_segmentations_lesion_tschandl" / f"{path.stem}_segmentation.png"),
                            cv2.IMREAD_GRAYSCALE) > 127
@@ -281,10 +284,10 @@ def untuned_check(work: Path, n: int = 200) -> dict[str, dict[str, float]]:
             masks = {"refined (rule, no map)": refine(work_rgb, no_preference(*work_rgb.shape[:2]), width, height),
                      "Otsu baseline": otsu_lesion_mask(rgb)}
             for source, mask in masks.items():
-                scores = results.setdefault(f"{condition}: {source}", {"iou": [], "jaccard": []})
+                scores = found.setdefault(f"{condition}: {source}", {"iou": [], "jaccard": []})
                 scores["iou"].append(0.0 if mask is None else box_iou(mask_box(mask), mask_box(truth)))
                 scores["jaccard"].append(0.0 if mask is None else mask_jaccard(mask, truth))
-    return {name: {k: float(np.mean(v)) for k, v in scores.items()} for name, scores in results.items()}
+    return {name: {k: float(np.mean(v)) for k, v in scores.items()} for name, scores in found.items()}
 
 
 def table(title: str, header: list[str], lines: list[list[str]]) -> str:
@@ -293,40 +296,41 @@ def table(title: str, header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def report(args, results: dict[str, Scores], train_seconds: dict[str, float], cost: dict[str, float],
+def report(args, by_model: dict[str, Scores], train_seconds: dict[str, float], cost: dict[str, float],
            ablation: dict[str, dict[str, float]], untuned: dict[str, dict[str, float]], elapsed: float) -> str:
-    names = {"cam": "CAM 20% (boxes)", "refined": "refined (--refine)", "refined-nomap": "refinement's rule, map ignored",
-             "otsu": "Otsu baseline", "centre": "centre box"}
+    names = {"cam": "CAM 20% (boxes)", "refined": "refined (--refine)",
+             "refined-nomap": "refinement's rule, map ignored", "otsu": "Otsu baseline", "centre": "centre box"}
     parts = [
-        "# Label quality on held-out real images (benchmarks/fidelity.py)\n",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()}: "
-        f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU; "
-        f"{elapsed / 60:.1f} min in all.\n",
-        f"Data: the ISIC 2017 sample ({sum(len(s.labels) for s in results.values()) // max(1, len(results))} images "
+        f"## {harness.utc_now()}: {args.folds}-fold label quality on the ISIC 2017 sample\n",
+        "\n".join([f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.fidelity'] + sys.argv[1:])}`",
+                   *harness.machine_lines(args.facts), f"- {elapsed / 60:.1f} min in all"]) + "\n",
+        f"Data: the ISIC 2017 sample ({sum(len(s.labels) for s in by_model.values()) // max(1, len(by_model))} images "
         f"with lesion masks), {args.folds}-fold (seed {args.seed}): each image is scored once, by the models "
         f"trained on the other folds ({args.epochs} epochs each). Box IoU: the largest box against the mask's "
         "box; Jaccard: the region against the mask, at the image's size.\n",
     ]
-    for model, scores in results.items():
+    for model, scores in by_model.items():
         lines = []
         for source in SOURCES:
             iou, jac = np.array(scores.iou[source]), np.array(scores.jaccard[source])
             lines.append([names[source], f"{iou.mean():.3f}", f"{(iou >= 0.5).mean():.0%}", f"{jac.mean():.3f}"])
-        accuracy = np.mean([l == p for l, p in zip(scores.labels, scores.predictions)])
+        accuracy = np.mean([label == p for label, p in zip(scores.labels, scores.predictions, strict=True)])
         parts.append(table(
-            f"{model}: {args.models[model]} ({len(scores.labels)} held-out images; held-out accuracy {accuracy:.0%}, "
-            f"balanced {balanced_accuracy(scores.labels, scores.predictions):.0%}; training {train_seconds[model]:.0f} s "
-            f"per fold; refined mask null on {scores.refine_null})",
+            f"{model}: {args.models[model]} ({len(scores.labels)} held-out images; held-out accuracy "
+            f"{accuracy:.0%}, balanced {balanced_accuracy(scores.labels, scores.predictions):.0%}; training "
+            f"{train_seconds[model]:.0f} s per fold; refined mask null on {scores.refine_null})",
             ["boxes / masks", "mean box IoU", "IoU >= 0.5", "mean mask Jaccard"], lines))
         if scores.variants:
             base = np.mean(scores.variants["base"])
-            parts.append(table(f"{model}: map variants, CAM 20% box", ["map", "mean box IoU", "IoU >= 0.5", "against base"],
-                               [[name, f"{np.mean(v):.3f}", f"{np.mean(np.array(v) >= 0.5):.0%}", f"{np.mean(v) - base:+.3f}"]
-                                for name, v in scores.variants.items()]))
+            parts.append(table(f"{model}: map variants, CAM 20% box",
+                               ["map", "mean box IoU", "IoU >= 0.5", "against base"],
+                               [[name, f"{np.mean(v):.3f}", f"{np.mean(np.array(v) >= 0.5):.0%}",
+                                 f"{np.mean(v) - base:+.3f}"] for name, v in scores.variants.items()]))
     parts.append(table(f"The refinement's rule, each step left out or changed ({len(args.sample_ids)} sample images, "
                        "map ignored, no model)", ["rule", "mean box IoU", "mean mask Jaccard"],
                        [[name, f"{v['iou']:.3f}", f"{v['jaccard']:.3f}"] for name, v in ablation.items()]))
-    parts.append(table("Images that played no part in choosing the rule (camjobs synth, 200 images, seed 1)",
+    parts.append(table(f"Images that played no part in choosing the rule (camjobs synth, {args.synthetic} images, "
+                       "seed 1)",
                        ["images: labels", "mean box IoU", "mean mask Jaccard"],
                        [[name, f"{v['iou']:.3f}", f"{v['jaccard']:.3f}"] for name, v in untuned.items()]))
     parts.append(table("Cost of --refine per image, one core (OpenCV single-threaded)",
@@ -335,14 +339,17 @@ def report(args, results: dict[str, Scores], train_seconds: dict[str, float], co
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=Path, default=SAMPLE)
+    parser.add_argument("--limit", type=int, default=None, help="only N of the sample images (a quick check)")
+    parser.add_argument("--synthetic", type=int, default=200, help="synthetic images of the untuned check")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="name=arch:weights:pooling")
     parser.add_argument("--no-variants", dest="variants", action="store_false")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-fidelity.md")
+    parser.add_argument("--out", type=Path, default=HERE / "results-fidelity.md",
+                        help="Markdown results file; its last round on this machine moves to history/")
     args = parser.parse_args(argv)
     args.models = dict(spec.split("=", 1) for spec in args.models)
     return args
@@ -359,8 +366,10 @@ def main(argv=None) -> None:
     with open(args.sample / LABELS_CSV, newline="") as handle:
         rows = {row["image_id"]: row for row in csv.DictReader(handle)}
     ids = sorted(rows)
+    if args.limit:  # a seeded random subset: the first ids in order may all be of one class
+        ids = sorted(np.random.default_rng(args.seed).permutation(ids)[:args.limit].tolist())
     folds = np.array_split(np.random.default_rng(args.seed).permutation(len(ids)), args.folds)
-    results = {name: Scores() for name in args.models}
+    scores = {name: Scores() for name in args.models}
     train_seconds = {name: 0.0 for name in args.models}
     work = Path(tempfile.mkdtemp(prefix="camjobs-fidelity-"))
     try:
@@ -372,18 +381,18 @@ def main(argv=None) -> None:
             for name, spec in args.models.items():
                 arch, weights, pooling = spec.split(":")
                 seconds = run_fold(args, f"fold{k}-{name}", arch, None if weights == "none" else weights, pooling,
-                                   train_dir, test_dir, work / f"fold{k}", results[name])
+                                   train_dir, test_dir, work / f"fold{k}", scores[name])
                 train_seconds[name] += seconds / args.folds
                 print(f"fold {k} {name}: trained in {seconds:.0f} s", flush=True)
-        untuned = untuned_check(work)
+        untuned = untuned_check(work, args.synthetic)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ablation = rule_ablation(args.sample)
-    cost = refine_cost(args.sample)
-    args.sample_ids = ids
-    text = report(args, results, train_seconds, cost, ablation, untuned, time.perf_counter() - started)
-    args.out.write_text(text)
+    ablation = rule_ablation(args.sample, ids)
+    cost = refine_cost(args.sample, ids)
+    args.sample_ids, args.facts = ids, harness.machine_facts()
+    text = report(args, scores, train_seconds, cost, ablation, untuned, time.perf_counter() - started)
     print(text)
+    results.publish(args.out, text, results.round_marker("fidelity.py", args.facts), TITLE)
 
 
 if __name__ == "__main__":
