@@ -1,7 +1,9 @@
 """The `camjobs` command line: a thin layer that builds a typed config and calls the stages.
 
-Exit codes, for schedulers: 0 ok; 1 the job failed; 2 bad usage or configuration;
-3 the job finished and wrote everything, but more inputs failed than --max-error-fraction.
+Exit codes, for schedulers (camjobs.errors): 0 ok; 1 the job failed; 2 bad usage or configuration;
+3 the job finished and wrote everything, but more inputs failed than --max-error-fraction;
+130 `camjobs submit` stopped following its job (Ctrl-C). A CamjobsError from any command exits
+with its own code (CamjobsGroup), so the same mistake gets the same code from every command.
 """
 
 from __future__ import annotations
@@ -9,25 +11,55 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 import yaml
+from typer.core import TyperGroup
 
-from camjobs.config import ConfigError, RunConfig, redact_uri
+from camjobs.config import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_THRESHOLD,
+    BoxSource,
+    CategoryMode,
+    ConfigError,
+    DecodeOn,
+    ExportFormat,
+    GallerySort,
+    Layout,
+    Method,
+    Pooling,
+    Precision,
+    RunConfig,
+    SynthLayout,
+    Target,
+    redact_uri,
+)
+from camjobs.errors import EXIT_FAILED, EXIT_INTERRUPTED, CamjobsError, JobError, UsageError
+
+
+class CamjobsGroup(TyperGroup):
+    """The command group: reports a CamjobsError from any command as one line, and exits with its code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CamjobsError as exc:
+            typer.echo(f"camjobs: error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from exc
+
 
 app = typer.Typer(
     name="camjobs",
     help="Class activation maps and weak lesion boxes for whole dermoscopy datasets, on Ray, to Parquet.",
+    cls=CamjobsGroup,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # help texts are plain: "[threshold, 1]" is not a style tag
     pretty_exceptions_enable=False,
 )
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,16 +67,32 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("camjobs").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"camjobs: error: {message}", err=True)
-    return typer.Exit(code)
+@contextmanager
+def _reported(*caught: type[Exception], error: type[CamjobsError] = JobError) -> Iterator[None]:
+    """Report the exceptions a command expects from its work as `error` (exit 1 by default);
+    a CamjobsError keeps its own code."""
+    try:
+        yield
+    except CamjobsError:
+        raise
+    except caught as exc:
+        raise error(str(exc)) from exc
+
+
+def _default(name: str) -> Any:
+    """A RunConfig field's default, for the help texts (camjobs.config owns the defaults)."""
+    return RunConfig.__dataclass_fields__[name].default
 
 
 def load_run_config(config_file: Optional[Path], flags: dict[str, Any]) -> RunConfig:
-    """YAML file first, then every flag given on the command line on top of it."""
+    """YAML file first, then every flag given on the command line on top of it; ConfigError for
+    anything wrong with either (a YAML syntax error too)."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        loaded = yaml.safe_load(config_file.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_file}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: expected a mapping of option: value")
         values.update(loaded)
@@ -57,29 +105,40 @@ def run(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset directory or URI (s3://, gs://, local path)."),
     output: Optional[str] = typer.Option(None, "--output", help="Output directory or URI: cams/, errors/, runs/ go here."),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file with job options; flags override it."),
-    layout: Optional[str] = typer.Option(None, help="auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder (default: auto)"),
+    layout: Optional[Layout] = typer.Option(None, help=f"Dataset layout (default: {_default('layout')})."),
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint file (camjobs train's format, or a bare state_dict with --model/--classes)."),
     model: Optional[str] = typer.Option(None, help="torchvision architecture name, e.g. resnet50."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class names, for --model without a camjobs checkpoint."),
     weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision weights API, needs internet) or a local torchvision weights file."),
     input_size: Optional[int] = typer.Option(None, help="Model input size (default: the checkpoint's, else 224)."),
-    method: Optional[str] = typer.Option(None, help="cam|gradcam|gradcam++ (default: cam)"),
-    threshold: Optional[float] = typer.Option(None, help="Box threshold as a fraction of the map's maximum (default: 0.2)."),
-    target: Optional[str] = typer.Option(None, help="predicted|label: which class to explain (default: predicted)."),
+    method: Optional[Method] = typer.Option(None, help=f"CAM method (default: {_default('method')})."),
+    threshold: Optional[float] = typer.Option(
+        None, help=f"Box threshold as a fraction of the map's maximum (default: {DEFAULT_THRESHOLD})."
+    ),
+    target: Optional[Target] = typer.Option(
+        None, help=f"Which class to explain: the predicted one or the label (default: {_default('target')})."
+    ),
     actors: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, else 1)."),
     gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor (default: 1 where the cluster has GPUs, else 0)."),
     batch_size: Optional[int] = typer.Option(
         None, help="Images per model batch (default: 256 on GPU at 224 px, scaled by input area; 16 on CPU)."
     ),
-    precision: Optional[str] = typer.Option(None, help="auto|fp32|bf16: the forward pass's precision (default: auto = bf16 on GPU, fp32 on CPU)."),
-    decode_on: Optional[str] = typer.Option(
-        None, help="cpu|gpu: where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU machines (default: cpu)."
+    precision: Optional[Precision] = typer.Option(
+        None, help=f"The forward pass's precision (default: {_default('precision')} = bf16 on GPU, fp32 on CPU)."
+    ),
+    decode_on: Optional[DecodeOn] = typer.Option(
+        None, help="Where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU "
+        f"machines (default: {_default('decode_on')})."
     ),
     heatmap_max_side: Optional[int] = typer.Option(
         None, help="Store heatmaps scaled down to this longer side, for very large images (default: the image's size)."
     ),
-    max_error_fraction: Optional[float] = typer.Option(None, help="Above this fraction of failed inputs, exit 3 (default: 0.05)."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels (decompression bombs) (default: 100000000)."),
+    max_error_fraction: Optional[float] = typer.Option(
+        None, help=f"Above this fraction of failed inputs, exit 3 (default: {_default('max_error_fraction')})."
+    ),
+    max_pixels: Optional[int] = typer.Option(
+        None, help=f"Refuse images with more pixels (decompression bombs) (default: {DEFAULT_MAX_PIXELS})."
+    ),
     follow_symlinks: Optional[bool] = typer.Option(None, "--follow-symlinks", help="Allow symlinks that point outside the dataset root."),
     incremental: Optional[bool] = typer.Option(None, "--incremental", help="Skip images that already have a row for this model and these settings."),
     refine: Optional[bool] = typer.Option(
@@ -93,28 +152,23 @@ def run(
     flags = dict(locals())
     for name in ("config", "verbose"):
         flags.pop(name)
-    try:
-        cfg = load_run_config(config, flags)
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise _fail(str(exc), EXIT_USAGE)
+    cfg = load_run_config(config, flags)
 
     from camjobs.job import run_job
 
-    try:
+    with _reported(FileNotFoundError, ValueError, RuntimeError, OSError):
         result = run_job(cfg)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     typer.echo(f"run {result.run_id}: {result.message}")
     shown = redact_uri(cfg.output.rstrip("/"))  # an s3:// URI may carry credentials
     typer.echo(f"results: {shown}/cams  errors: {shown}/errors  summary: {redact_uri(result.summary_path)}")
     if result.exit_code:
-        raise _fail(result.message, result.exit_code)
+        raise CamjobsError(result.message, exit_code=result.exit_code)
 
 
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the synthetic dataset into."),
-    layout: str = typer.Option("ham10000", help="Only ham10000 is generated."),
+    layout: SynthLayout = typer.Option(SynthLayout.HAM10000, help="Layout to write."),
     n: int = typer.Option(300, "--n", help="Number of images."),
     seed: int = typer.Option(0, help="Random seed: same seed, same dataset."),
 ) -> None:
@@ -122,10 +176,8 @@ def synth(
     _setup_logging(False)
     from camjobs.synth import synth_dataset
 
-    try:
-        summary = synth_dataset(out, layout=layout, n=n, seed=seed, progress=True)
-    except ValueError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
+    with _reported(ValueError, error=UsageError):
+        summary = synth_dataset(out, layout=layout.value, n=n, seed=seed, progress=True)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.class_counts.items()))
     typer.echo(f"{summary.n} images in {summary.out_dir} ({counts})")
 
@@ -135,12 +187,15 @@ def train(
     data: str = typer.Option(..., "--data", help="Dataset directory in any supported layout."),
     out: Path = typer.Option(..., "--out", help="Checkpoint file to write (and OUT.resume.pt after every epoch)."),
     model: str = typer.Option("resnet18", help="Architecture with a GAP -> linear head: a torchvision name, efficientnet_lite0 (pip install 'camjobs[efficientnet]'), or timm/NAME (timm's NAME, where timm is installed)."),
-    pooling: str = typer.Option("gap", help="Global pooling before the final linear layer: gap (average) or gmp (max, in place of the model's average pool); recorded in the checkpoint."),
+    pooling: Pooling = typer.Option(
+        Pooling.GAP, help="Global pooling before the final linear layer: gap (average) or gmp (max, in place of the "
+        "model's average pool); recorded in the checkpoint."
+    ),
     epochs: int = typer.Option(5, help="Training epochs (in all, counting those before --resume)."),
     input_size: int = typer.Option(224, help="Square input size."),
     batch_size: int = typer.Option(32, help="Batch size (per worker with --workers)."),
     lr: float = typer.Option(1e-3, help="Learning rate (AdamW)."),
-    layout: str = typer.Option("auto", help="Dataset layout: auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder."),
+    layout: Layout = typer.Option(Layout.AUTO, help="Dataset layout."),
     weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision's weights, downloaded: needs internet; efficientnet_lite0's come with its package, offline; timm's from its local caches) or a local weights file to start from."),
     weights_file: Optional[Path] = typer.Option(None, "--weights-file", exists=True, dir_okay=False, help="Local weights file for --model to start from (e.g. torchvision's resnet18-f37072fd.pth); the classifier is replaced for the dataset's classes."),
     balanced: bool = typer.Option(True, "--balanced/--no-balanced", help="Class-balanced sampling: draw with replacement, weights 1/class count."),
@@ -154,21 +209,19 @@ def train(
     """Fine-tune a GAP (or --pooling gmp) classifier and write a camjobs checkpoint."""
     _setup_logging(False)
     if weights is not None and weights_file is not None:
-        raise _fail("give --weights or --weights-file, not both", EXIT_USAGE)
+        raise UsageError("give --weights or --weights-file, not both")
     from camjobs.train import TrainConfig, train_model
 
-    try:
+    with _reported(ValueError, FileNotFoundError, RuntimeError, OSError):
         result = train_model(
             TrainConfig(
                 data=data, out=str(out), arch=model, epochs=epochs, input_size=input_size,
-                batch_size=batch_size, lr=lr, layout=layout,
+                batch_size=batch_size, lr=lr, layout=layout.value,
                 weights=str(weights_file) if weights_file is not None else weights, seed=seed,
                 val_fraction=val_fraction, balanced=balanced, resume=resume, workers=workers,
-                address=address, storage_path=ray_storage, pooling=pooling,
+                address=address, storage_path=ray_storage, pooling=pooling.value,
             )
         )
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     typer.echo(
         f"checkpoint: {result.checkpoint} after {result.epochs_run} epoch(s) (validation accuracy "
         f"{result.val_accuracy:.1%}, balanced accuracy {result.val_balanced_accuracy:.1%}); resume file: {result.resume_file}"
@@ -225,16 +278,12 @@ def evaluate(
     """Localization metrics of the maps (MaxBoxAcc, MaxBoxAccV2, PxAP, top-1/GT-known Loc, IoU, Jaccard) beside
     the refined labels of a --refine run and the Otsu, centre-box and constant-map baselines."""
     _setup_logging(False)
-    from camjobs.evaluate import EvaluationError, evaluate_output
+    from camjobs.evaluate import evaluate_output
 
-    try:
+    with _reported(ValueError, OSError):  # an EvaluationError is a UsageError: exit 2
         result = evaluate_output(output, data=data, masks=masks, boxes=boxes, run_id=run_id,
                                  report_dir=report, max_side=max_side or None, progress=True,
                                  image_baselines=image_baselines)
-    except EvaluationError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
-    except (ValueError, OSError) as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     typer.echo(result.table())
     typer.echo(f"report: {result.report_dir}")
 
@@ -245,24 +294,28 @@ def evaluate(
 @app.command("export")
 def export_(
     output: str = typer.Option(..., "--output", help="The job's output directory or URI (reads OUTPUT/cams and OUTPUT/runs)."),
-    fmt: str = typer.Option(..., "--format", help="coco|labelstudio|yolo"),
+    fmt: ExportFormat = typer.Option(..., "--format", help="Export format."),
     to: str = typer.Option(..., "--to", help="File to write (coco; labelstudio, with its labeling config next to it) or folder (yolo)."),
     min_score: float = typer.Option(0.0, "--min-score", help="Drop boxes scoring below this (CAM box scores lie in [threshold, 1]; a refined box's is the normalized map's mean over its mask)."),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="URL where the dataset root (--data of the run) is served: images are <image-root>/<path below the root>."),
-    categories: str = typer.Option("lesion", "--categories", help="lesion: one category; classes: the model's classes (a box gets its image's target_label)."),
-    boxes: str = typer.Option("auto", "--boxes", help="auto: refined_boxes (with their masks: COCO segmentation, Label Studio polygons) where a row has them (camjobs run --refine), else the CAM boxes; cam: the CAM boxes only, as before masks existed; refined: refined_boxes only, images without them listed with no box."),
+    categories: CategoryMode = typer.Option(
+        CategoryMode.LESION, "--categories",
+        help="lesion: one category; classes: the model's classes (a box gets its image's target_label)."
+    ),
+    boxes: BoxSource = typer.Option(
+        BoxSource.AUTO, "--boxes",
+        help="auto: refined_boxes (with their masks: COCO segmentation, Label Studio polygons) where a row has them "
+        "(camjobs run --refine), else the CAM boxes; cam: the CAM boxes only, as before masks existed; refined: "
+        "refined_boxes only, images without them listed with no box."
+    ),
 ) -> None:
     """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels."""
     _setup_logging(False)
-    from camjobs.export import ExportError, export
+    from camjobs.export import export
 
-    try:
-        result = export(output, fmt, to, min_score=min_score, image_root=image_root, categories=categories,
-                        boxes=boxes)
-    except ExportError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
-    except OSError as exc:
-        raise _fail(str(exc), EXIT_FAILED)
+    with _reported(OSError):  # an ExportError is a UsageError: exit 2
+        result = export(output, fmt.value, to, min_score=min_score, image_root=image_root,
+                        categories=categories.value, boxes=boxes.value)
     typer.echo(result.message())
 
 
@@ -271,21 +324,20 @@ def viz(
     output: str = typer.Option(..., "--output", help="The job's output directory or URI (reads OUTPUT/cams)."),
     to: Path = typer.Option(..., "--to", file_okay=False, help="Local folder for the PNG panels and index.html."),
     limit: int = typer.Option(50, "--limit", min=1, help="Images to draw."),
-    sort: str = typer.Option("worst", "--sort", help="worst|best|random: by IoU of boxes[0] with the mask's box (needs --data with masks; else by pred_score)."),
+    sort: GallerySort = typer.Option(
+        GallerySort.WORST, "--sort",
+        help="By IoU of boxes[0] with the mask's box (needs --data with masks; else by pred_score)."
+    ),
     data: Optional[str] = typer.Option(None, "--data", help="The dataset, for ground-truth masks (HAM10000, ISIC 2017, ISIC 2018 layouts)."),
-    layout: str = typer.Option("auto", help="Layout of --data: auto|ham10000|isic2017|isic2018|isic2019|isic2020|folder."),
+    layout: Layout = typer.Option(Layout.AUTO, help="Layout of --data."),
 ) -> None:
     """Draw image | heatmap | blend with boxes (and refined mask outlines) per image, and a sortable index.html gallery."""
     _setup_logging(False)
-    from camjobs.export import ExportError
-    from camjobs.viz import VizError, render_gallery
+    from camjobs.viz import render_gallery
 
-    try:
-        result = render_gallery(output, to, limit=limit, sort=sort, data=data, layout=layout)
-    except (ExportError, VizError, ValueError) as exc:  # LayoutError is a ValueError
-        raise _fail(str(exc), EXIT_USAGE)
-    except OSError as exc:
-        raise _fail(str(exc), EXIT_FAILED)
+    # VizError and LayoutError are UsageErrors; any other ValueError is taken for one too.
+    with _reported(OSError), _reported(ValueError, error=UsageError):
+        result = render_gallery(output, to, limit=limit, sort=sort.value, data=data, layout=layout.value)
     typer.echo(result.message())
 
 
@@ -331,15 +383,12 @@ def with_run_options(func):
 
 
 def _cluster(address: Optional[str], token: Optional[str]):
-    """Connect to the Jobs API, or exit 2 with a message that says why not."""
+    """Connect to the Jobs API; a SubmitError (exit 2) says why not."""
     from camjobs import submit as jobs
 
-    try:
-        url, _ = jobs.resolve_address(address)
-        secret, source = jobs.resolve_token(token)
-        return jobs.connect(url, secret, source, warn=lambda message: typer.echo(f"camjobs: warning: {message}", err=True))
-    except jobs.SubmitError as exc:
-        raise _fail(str(exc), exc.exit_code)
+    url, _ = jobs.resolve_address(address)
+    secret, source = jobs.resolve_token(token)
+    return jobs.connect(url, secret, source, warn=lambda message: typer.echo(f"camjobs: warning: {message}", err=True))
 
 
 def _check_job_options(config: Optional[str], flags: dict[str, Any]) -> None:
@@ -347,10 +396,7 @@ def _check_job_options(config: Optional[str], flags: dict[str, Any]) -> None:
     when --config names a file that exists only there)."""
     if config is not None and not Path(config).is_file():
         return
-    try:
-        load_run_config(Path(config) if config else None, flags)
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise _fail(str(exc), EXIT_USAGE)
+    load_run_config(Path(config) if config else None, flags)
 
 
 @app.command()
@@ -378,10 +424,7 @@ def submit(
     _check_job_options(config, {k: v for k, v in job_options.items() if k != "verbose"})
     cluster = _cluster(address, token)
     command = jobs.entrypoint({"config": config, **job_options}, python=python)
-    try:
-        job_id = jobs.submit(cluster, command, jobs.runtime_env(pip), submission_id)
-    except jobs.SubmitError as exc:
-        raise _fail(str(exc), exc.exit_code)
+    job_id = jobs.submit(cluster, command, jobs.runtime_env(pip), submission_id)
     typer.echo(f"camjobs: submitted {job_id} to {cluster.address}", err=True)
     if not wait:
         typer.echo(job_id)
@@ -390,11 +433,12 @@ def submit(
         info = jobs.follow(cluster, job_id, write=lambda text: typer.echo(text, nl=False))
     except jobs.SubmitError as exc:
         typer.echo(job_id)
-        raise _fail(f"{exc} (job {job_id} may still be running: camjobs status {job_id})", exc.exit_code)
+        raise jobs.SubmitError(f"{exc} (job {job_id} may still be running: camjobs status {job_id})",
+                               exc.exit_code) from exc
     except KeyboardInterrupt:
         typer.echo(f"camjobs: stopped following; job {job_id} goes on (camjobs stop {job_id} stops it)", err=True)
         typer.echo(job_id)
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     code = jobs.exit_code(info)
     exit_note = f", exit code {info.driver_exit_code}" if getattr(info, "driver_exit_code", None) is not None else ""
     typer.echo(f"camjobs: job {job_id} {info.status}{exit_note}", err=True)
@@ -416,10 +460,7 @@ def status(
     from camjobs import submit as jobs
 
     cluster = _cluster(address, token)
-    try:
-        info = jobs.job_info(cluster, job_id)
-    except jobs.SubmitError as exc:
-        raise _fail(str(exc), exc.exit_code)
+    info = jobs.job_info(cluster, job_id)
     if as_json:
         typer.echo(json.dumps(jobs.info_dict(info), indent=2))
         return
@@ -438,13 +479,10 @@ def logs(
     from camjobs import submit as jobs
 
     cluster = _cluster(address, token)
-    try:
-        if follow:
-            jobs.follow(cluster, job_id, write=lambda text: typer.echo(text, nl=False))
-        else:
-            typer.echo(jobs.job_logs(cluster, job_id), nl=False)
-    except jobs.SubmitError as exc:
-        raise _fail(str(exc), exc.exit_code)
+    if follow:
+        jobs.follow(cluster, job_id, write=lambda text: typer.echo(text, nl=False))
+    else:
+        typer.echo(jobs.job_logs(cluster, job_id), nl=False)
 
 
 @app.command()
@@ -457,11 +495,8 @@ def stop(
     from camjobs import submit as jobs
 
     cluster = _cluster(address, token)
-    try:
-        stopped = jobs.stop(cluster, job_id)
-        state = "" if stopped else jobs.job_info(cluster, job_id).status
-    except jobs.SubmitError as exc:
-        raise _fail(str(exc), exc.exit_code)
+    stopped = jobs.stop(cluster, job_id)
+    state = "" if stopped else jobs.job_info(cluster, job_id).status
     typer.echo(f"stopping {job_id}" if stopped else f"{job_id} is not running ({state})")
 
 
@@ -477,10 +512,7 @@ def list_(
     from camjobs import submit as jobs
 
     cluster = _cluster(address, token)
-    try:
-        found = jobs.list_jobs(cluster)
-    except jobs.SubmitError as exc:
-        raise _fail(str(exc), exc.exit_code)
+    found = jobs.list_jobs(cluster)
     if as_json:
         typer.echo(json.dumps([jobs.info_dict(info) for info in found], indent=2))
         return
@@ -489,7 +521,3 @@ def list_(
         fields = dict(jobs.summary_lines(info))
         entry = fields["entrypoint"] if len(fields["entrypoint"]) <= 70 else fields["entrypoint"][:67] + "..."
         typer.echo(f"{fields['submission_id']:<30} {fields['status']:<10} {fields['exit_code']:>4}  {fields['start_time']:<20}  {entry}")
-
-
-def main() -> None:
-    app()

@@ -1,4 +1,9 @@
-"""The typed configuration of one `camjobs run`, shared by the CLI, YAML configs and the job."""
+"""The typed configuration of one `camjobs run`, shared by the CLI, YAML configs and the job.
+
+It owns the run's defaults and the closed sets of option values (the choice types) of every
+command: the stage modules import them from here. Plain Python only (no OpenCV, torch or Ray),
+so that `camjobs status` and `--help` start fast.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,119 @@ import types
 import typing
 import urllib.parse
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Mapping
 
-from camjobs.decode import DEFAULT_MAX_PIXELS
-from camjobs.localize import DEFAULT_THRESHOLD
+from camjobs.errors import UsageError
 
-METHODS = ("cam", "gradcam", "gradcam++")
-TARGETS = ("predicted", "label")
-PRECISIONS = ("auto", "fp32", "bf16")
-DECODE_ON = ("cpu", "gpu")
-LAYOUT_CHOICES = ("auto", "ham10000", "isic2017", "isic2018", "isic2019", "isic2020", "folder")
+DEFAULT_THRESHOLD = 0.2  # box threshold, a fraction of the map's maximum (Zhou et al. 2015: 0.2)
+DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard, checked on the header before decoding
 
 
-class ConfigError(ValueError):
+class Choice(str, Enum):
+    """A closed set of option values. Typer lists the members in --help and rejects other values
+    (exit 2). A member equals its plain string and str() gives it, so configs and summaries keep strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class Layout(Choice):
+    """Dataset layouts (camjobs.layouts lists each), or auto-detection."""
+
+    AUTO = "auto"
+    HAM10000 = "ham10000"
+    ISIC2017 = "isic2017"
+    ISIC2018 = "isic2018"
+    ISIC2019 = "isic2019"
+    ISIC2020 = "isic2020"
+    FOLDER = "folder"
+
+
+class Method(Choice):
+    """CAM methods (camjobs.cam)."""
+
+    CAM = "cam"
+    GRADCAM = "gradcam"
+    GRADCAM_PP = "gradcam++"
+
+
+class Target(Choice):
+    """Which class a map explains: the model's prediction, or the image's label."""
+
+    PREDICTED = "predicted"
+    LABEL = "label"
+
+
+class Precision(Choice):
+    """The forward pass's precision; auto is bf16 on GPU, fp32 on CPU."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class DecodeOn(Choice):
+    """Where JPEGs are decoded: CPU tasks, or the model actors' GPU (nvJPEG)."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class Pooling(Choice):
+    """The global pooling before a classifier's final Linear layer (camjobs.models)."""
+
+    GAP = "gap"  # average, as the architectures are trained
+    GMP = "gmp"  # maximum
+
+
+class SynthLayout(Choice):
+    """The layouts `camjobs synth` generates."""
+
+    HAM10000 = "ham10000"
+
+
+class ExportFormat(Choice):
+    COCO = "coco"
+    LABELSTUDIO = "labelstudio"
+    YOLO = "yolo"
+
+
+class CategoryMode(Choice):
+    """Export categories: one lesion category, or the model's classes."""
+
+    LESION = "lesion"
+    CLASSES = "classes"
+
+
+class BoxSource(Choice):
+    """Which boxes an export writes: refined where a row has them (auto), the CAM's, or the refined ones."""
+
+    AUTO = "auto"
+    CAM = "cam"
+    REFINED = "refined"
+
+
+class GallerySort(Choice):
+    """The gallery's order (camjobs viz)."""
+
+    WORST = "worst"
+    BEST = "best"
+    RANDOM = "random"
+
+
+LAYOUTS = tuple(name for name in Layout.values() if name != Layout.AUTO)  # what a dataset can be laid out as
+METHODS = Method.values()
+TARGETS = Target.values()
+PRECISIONS = Precision.values()
+DECODE_ON = DecodeOn.values()
+
+
+class ConfigError(UsageError, ValueError):
     """A job option that is missing, unknown or of the wrong type; the message names it."""
 
 
@@ -54,11 +159,8 @@ class RunConfig:
             raise ConfigError("data: a dataset directory or URI is required")
         if not self.output:
             raise ConfigError("output: an output directory or URI is required")
-        _choice("layout", self.layout, LAYOUT_CHOICES)
-        _choice("method", self.method, METHODS)
-        _choice("target", self.target, TARGETS)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("decode_on", self.decode_on, DECODE_ON)
+        for name, choice in _CHOICES.items():
+            _choice(name, getattr(self, name), choice.values())
         if not self.checkpoint and not self.model:
             raise ConfigError("checkpoint: give --checkpoint PATH, or --model ARCH with --classes a,b,c (or --weights imagenet)")
         if self.checkpoint is None and self.model and not self.classes and self.weights is None:
@@ -116,6 +218,12 @@ def redact_uri(value: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+# The RunConfig fields whose values are a Choice's (the CLI types the options with them).
+_CHOICES: dict[str, type[Choice]] = {
+    "layout": Layout, "method": Method, "target": Target, "precision": Precision, "decode_on": DecodeOn,
+}
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
@@ -125,6 +233,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check a value against a field's type hint; ints are accepted where floats are expected."""
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if isinstance(value, Enum):  # a CLI choice: the field keeps its plain string
+        value = value.value
     if value is None:
         if optional:
             return None

@@ -20,11 +20,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from camjobs.config import DEFAULT_MAX_PIXELS
 from camjobs.output import item_key
 from camjobs.segment import to_work
 from camjobs.storage import open_filesystem
-
-DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageInputError(Exception):

@@ -75,6 +75,8 @@ from xml.sax.saxutils import quoteattr
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from camjobs.config import BoxSource, CategoryMode, ExportFormat
+from camjobs.errors import UsageError
 from camjobs.geometry import (
     box_components, mask_polygons, rle_area, rle_decode, rle_encode, rle_mask, xyxy_to_cxcywh, xyxy_to_xywh,
 )
@@ -84,9 +86,9 @@ from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("coco", "labelstudio", "yolo")
-CATEGORY_MODES = ("lesion", "classes")
-BOX_SOURCES = ("auto", "cam", "refined")
+FORMATS = ExportFormat.values()
+CATEGORY_MODES = CategoryMode.values()
+BOX_SOURCES = BoxSource.values()
 LESION = "lesion"
 LABEL_CONFIG_SUFFIX = ".label_config.xml"
 POLYGON_DECIMALS = 4  # percent: 1e-4 % of a 100,000 px side is 0.1 px
@@ -98,7 +100,7 @@ EXPORT_COLUMNS = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(UsageError, ValueError):
     """Bad export options, or nothing to export from."""
 
 

@@ -26,6 +26,7 @@ from ray.data import ActorPoolStrategy
 from camjobs import __version__
 from camjobs.config import RunConfig
 from camjobs.decode import decode_batch
+from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
 from camjobs.layouts import list_images
 from camjobs.localize import localize_batch
 from camjobs.output import existing_keys, output_lock, publish_run
@@ -35,10 +36,6 @@ from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 from camjobs.sink import CamParquetSink, SinkStats
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_ERROR_BUDGET = 3
 
 DEFAULT_CPU_BATCH = 16
 DEFAULT_GPU_BATCH = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.

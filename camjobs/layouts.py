@@ -51,15 +51,16 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-import pandas as pd
 import pyarrow.fs as pafs
 
-LAYOUTS = ("ham10000", "isic2017", "isic2018", "isic2019", "isic2020", "folder")
+from camjobs.config import LAYOUTS
+from camjobs.errors import UsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_segmentation"
 
 
-class LayoutError(ValueError):
+class LayoutError(UsageError, ValueError):
     """The dataset root does not match the requested (or any known) layout."""
 
 
@@ -339,6 +340,8 @@ def _resolve(root: _Root, layout: str) -> tuple[str, _Root]:
 
 # --------------------------------------------------------------------------- listing
 def _read_csv(root: _Root, path: str, spec: _Spec) -> list[dict]:
+    import pandas as pd  # here: importing this module (for MASK_SUFFIX, LayoutError) stays light
+
     try:
         with root.fs.open_input_stream(path) as stream:
             table = pd.read_csv(stream, dtype=str, keep_default_na=False, encoding="utf-8-sig")

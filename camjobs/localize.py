@@ -23,10 +23,9 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from camjobs.config import DEFAULT_THRESHOLD
 from camjobs.geometry import component_boxes, component_stats, rle_encode
 from camjobs.segment import REFINE_SIDE, refine, work_size
-
-DEFAULT_THRESHOLD = 0.2
 
 # SUB filtering suits a smooth upsampled map: 2-3x faster than OpenCV's default filter
 # choice at compression 1, and smaller.

@@ -29,12 +29,14 @@ import torchvision
 from torch import nn
 from torch.fx import Node, Tracer
 
+from camjobs.config import Pooling
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_KEYS = ("arch", "classes", "state_dict", "input_size", "mean", "std")  # required; "pooling" is optional
-POOLINGS = ("gap", "gmp")  # before the final Linear: global average pooling, or global max pooling
+POOLINGS = Pooling.values()  # before the final Linear: global average pooling, or global max pooling
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 TIMM_PREFIX = "timm/"  # --model timm/NAME: timm's model NAME
 _EFFICIENTNET_INSTALL = "pip install 'camjobs[efficientnet]'"

@@ -40,6 +40,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from camjobs.errors import JobError, UsageError
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA, SETTINGS_ADDED, SETTINGS_COLUMNS
 from camjobs.storage import open_filesystem
 
@@ -51,11 +52,11 @@ LOCK_NAME = "_lock.json"
 log = logging.getLogger(__name__)
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(JobError, RuntimeError):
     """Another run is writing to the same output."""
 
 
-class NoResults(ValueError):
+class NoResults(UsageError, ValueError):
     """The output has no cams/ folder: not a camjobs output, or no run has finished there yet."""
 
 

@@ -15,7 +15,8 @@ SCHEMA_VERSION = 2
 # version-1 files too: read through CAMS_SCHEMA, their missing columns come back as nulls.
 
 # Short codes written to errors.error_type. Listing-time codes come from camjobs.layouts,
-# read/decode codes from camjobs.decode, the last one from the model actor.
+# read/decode codes from camjobs.decode, the last one from the model actor. Every code the
+# package writes is one of these, and each of these is written somewhere (tests/test_errors.py).
 ERROR_CODES = {
     "missing_file": "the metadata names a file that does not exist",
     "invalid_path": "the id or path would leave the dataset root (../, absolute, symlink outside)",

@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from camjobs.config import DEFAULT_THRESHOLD
+from camjobs.errors import UsageError
 from camjobs.geometry import Box, centre_box, mask_box, mask_jaccard, resize_mask
-from camjobs.localize import DEFAULT_THRESHOLD
 from camjobs.metrics import (
     CAM_CURVE_INTERVAL,
     CAM_THRESHOLDS,
@@ -45,7 +46,7 @@ METRIC_KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_lo
                "mean_iou", "iou50_share", "jaccard_mean", "jaccard_isic2018")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError, ValueError):
     """The output, the ground truth or the options do not allow an evaluation."""
 
 

@@ -29,21 +29,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
+from camjobs.errors import EXIT_FAILED, UsageError
+
 log = logging.getLogger(__name__)
 
 SECURITY_URL = "https://docs.ray.io/en/latest/ray-security/index.html"
 TOKEN_AUTH_URL = "https://docs.ray.io/en/latest/ray-security/token-auth.html"
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-EXIT_USAGE = 2
-EXIT_UNKNOWN = 1
 
 
-class SubmitError(Exception):
-    """Talking to the cluster failed; the message says why (never with the token in it)."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.exit_code = exit_code
+class SubmitError(UsageError):
+    """Talking to the cluster failed; the message says why (never with the token in it). Exit 2: the
+    address, the token or the cluster's state is for the person at the command line to fix."""
 
 
 # --- address ------------------------------------------------------------------------------------
@@ -315,7 +312,7 @@ def exit_code(info) -> int:
     code = getattr(info, "driver_exit_code", None)
     if status == "FAILED" and isinstance(code, int) and code != 0:
         return code if code > 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
-    return EXIT_UNKNOWN
+    return EXIT_FAILED
 
 
 def summary_lines(info) -> list[tuple[str, str]]:

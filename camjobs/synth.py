@@ -39,7 +39,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from camjobs.config import SynthLayout
 from camjobs.geometry import mask_box
+from camjobs.layouts import MASK_SUFFIX
 
 __all__ = [
     "HAM10000_CLASSES",
@@ -55,7 +57,7 @@ __all__ = [
 
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DEFAULT_CLASSES = ("mel", "nv", "bkl")
-SUPPORTED_LAYOUTS = ("ham10000",)
+SUPPORTED_LAYOUTS = SynthLayout.values()
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 FIRST_IMAGE_NUMBER = 24306  # ISIC_0024306 is the first image id of HAM10000
 
@@ -760,7 +762,7 @@ def synth_dataset(
         ok, png = cv2.imencode(".png", mask)
         if not ok:  # pragma: no cover
             raise RuntimeError(f"PNG encoding failed for {r['image_id']}")
-        (mask_dir / f"{r['image_id']}_segmentation.png").write_bytes(png.tobytes())
+        (mask_dir / f"{r['image_id']}{MASK_SUFFIX}.png").write_bytes(png.tobytes())
 
     class_counts = {c: 0 for c in classes}
     for r in rows:

@@ -45,7 +45,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
+from camjobs.config import GallerySort
 from camjobs.decode import ImageInputError, decode_image, read_bytes
+from camjobs.errors import UsageError
 from camjobs.geometry import box_iou, box_xyxy, mask_box, read_mask, resize_mask_nearest, rle_mask
 from camjobs.output import NoResults, open_cams, read_newest_cams
 from camjobs.schema import ImageRow
@@ -53,7 +55,7 @@ from camjobs.truth import dataset_masks
 
 log = logging.getLogger(__name__)
 
-SORTS = ("worst", "best", "random")
+SORTS = GallerySort.values()
 DEFAULT_LIMIT = 50
 TILE_SIZE = 512
 GAP = 4  # white pixels between tiles
@@ -67,7 +69,7 @@ _FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fo
                "/Library/Fonts/Arial Unicode.ttf", "C:/Windows/Fonts/arial.ttf")
 
 
-class VizError(ValueError):
+class VizError(UsageError, ValueError):
     """Bad options, or nothing to show."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from camjobs import config
 from camjobs.cli import app, load_run_config
 from camjobs.config import ConfigError, RunConfig
 
@@ -46,6 +48,42 @@ def test_help_texts_show_defaults_and_brackets():
     for value in (defaults.method, defaults.threshold, defaults.target, defaults.max_error_fraction, defaults.decode_on):
         assert f"(default: {value})" in result.output
     assert "[threshold, 1]" in runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"}).output
+
+
+# Every choice option of every command, with its Choice (the oracle) and the other options it needs.
+CHOICE_OPTIONS = [
+    ("run", "--layout", config.Layout, []),
+    ("run", "--method", config.Method, []),
+    ("run", "--target", config.Target, []),
+    ("run", "--precision", config.Precision, []),
+    ("run", "--decode-on", config.DecodeOn, []),
+    ("submit", "--method", config.Method, []),
+    ("synth", "--layout", config.SynthLayout, ["out"]),
+    ("train", "--pooling", config.Pooling, ["--data", "d", "--out", "m.pt"]),
+    ("train", "--layout", config.Layout, ["--data", "d", "--out", "m.pt"]),
+    ("export", "--format", config.ExportFormat, ["--output", "o", "--to", "t"]),
+    ("export", "--categories", config.CategoryMode, ["--output", "o", "--format", "coco", "--to", "t"]),
+    ("export", "--boxes", config.BoxSource, ["--output", "o", "--format", "coco", "--to", "t"]),
+    ("viz", "--sort", config.GallerySort, ["--output", "o", "--to", "t"]),
+    ("viz", "--layout", config.Layout, ["--output", "o", "--to", "t"]),
+]
+
+
+@pytest.mark.parametrize("command, option, choice, needed", CHOICE_OPTIONS,
+                         ids=[f"{command} {option}" for command, option, _, _ in CHOICE_OPTIONS])
+def test_help_lists_a_choice_options_values_and_a_bad_value_exits_2(command, option, choice, needed):
+    shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    values = "|".join(re.escape(member.value) for member in choice)
+    assert re.search(rf"{option} [<\[]{values}[>\]]", shown.output), shown.output
+    bad = runner.invoke(app, [command, *needed, option, "no-such-value"])
+    assert bad.exit_code == 2 and "no-such-value" in bad.output
+
+
+def test_choices_reach_the_config_as_plain_strings():
+    cfg = load_run_config(None, {"data": "d", "output": "o", "model": "resnet18", "classes": "a",
+                                 "method": config.Method.GRADCAM_PP, "layout": config.Layout.ISIC2017})
+    assert (cfg.method, cfg.layout) == ("gradcam++", "isic2017")
+    assert type(cfg.method) is str and type(cfg.layout) is str  # to_dict() and run summaries hold strings
 
 
 def test_usage_error_exits_2_and_names_the_key(tmp_path):

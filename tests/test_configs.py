@@ -86,6 +86,19 @@ def test_a_config_with_an_unknown_key_or_a_wrong_type_is_rejected_naming_the_key
         load_run_config(bad, {})
 
 
+def test_a_config_that_is_not_yaml_is_a_config_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from camjobs.cli import app
+
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("data: [d\noutput: o\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_run_config(bad, {})
+    result = CliRunner().invoke(app, ["run", "--config", str(bad)])
+    assert result.exit_code == 2 and "broken.yaml" in result.output
+
+
 def test_a_config_that_is_not_a_mapping_is_rejected(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- data: d\n- output: o\n")

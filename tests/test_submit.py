@@ -99,6 +99,13 @@ def test_entrypoint_is_a_shell_safe_camjobs_run_command():
     ]
 
 
+def test_entrypoint_passes_choice_options_as_their_values():
+    from camjobs.config import DecodeOn, Layout, Method
+
+    command = jobs.entrypoint({"method": Method.GRADCAM_PP, "layout": Layout.ISIC2017, "decode_on": DecodeOn.GPU})
+    assert shlex.split(command)[4:] == ["--method", "gradcam++", "--layout", "isic2017", "--decode-on", "gpu"]
+
+
 def test_submit_takes_every_run_option_but_address():
     from typer.main import get_command
 

@@ -215,8 +215,12 @@ def test_efficientnet_lite0_from_imagenet_with_gmp_trains_and_run_reads_it(small
 
 
 def test_pooling_is_checked_and_part_of_the_resume_settings(small_ham, tmp_path):
+    # the CLI's --pooling is a choice (exit 2, naming the values); train_model checks its own argument
     bad = runner.invoke(app, ["train", "--data", str(small_ham), "--out", str(tmp_path / "x.pt"), "--pooling", "max"])
-    assert bad.exit_code != 0 and "pooling (--pooling) must be gap (global average) or gmp (global max), got 'max'" in bad.output
+    assert bad.exit_code == 2 and "'max' is not one of 'gap', 'gmp'" in bad.output
+    with pytest.raises(ValueError) as unchecked:
+        train_model(_config(small_ham, tmp_path / "x.pt", pooling="max"))
+    assert "pooling (--pooling) must be gap (global average) or gmp (global max), got 'max'" in str(unchecked.value)
     out = tmp_path / "gap.pt"
     train_model(_config(small_ham, out, arch="mobilenet_v3_small"))
     with pytest.raises(ValueError, match=r"pooling 'gap' \(now 'gmp'\)"):

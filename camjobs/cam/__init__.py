@@ -12,8 +12,8 @@ from torch import nn
 from camjobs.cam.activation import CAM
 from camjobs.cam.core import CAMExtractor, CAMResult, HeadInfo, locate_head
 from camjobs.cam.gradient import GradCAM, GradCAMpp
+from camjobs.config import METHODS  # the CLI lists them without importing torch
 
-METHODS = ("cam", "gradcam", "gradcam++")
 _EXTRACTORS = {"cam": CAM, "gradcam": GradCAM, "gradcam++": GradCAMpp}
 
 __all__ = [
