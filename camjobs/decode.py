@@ -194,6 +194,19 @@ def load_image(
     )
 
 
+def _string_columns(batch: dict[str, np.ndarray], error_type: list, error_message: list, sha256: list) -> dict:
+    """The rows' identity and outcome as Arrow string columns: typed, so a column of nulls stays a string column."""
+    strings = {
+        "image_id": list(batch["image_id"]),
+        "source_path": list(batch["source_path"]),
+        "label": list(batch["label"]),
+        "error_type": error_type,
+        "error_message": error_message,
+        "content_sha256": sha256,
+    }
+    return {name: pa.array(values, pa.string()) for name, values in strings.items()}
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -259,15 +272,7 @@ def decode_batch(
             error_type[row], error_message[row] = "decode_error", f"{type(exc).__name__}: {exc}"
             continue
         pixels[row] = resize_for_model(rgb, input_size)
-    strings = {
-        "image_id": list(batch["image_id"]),
-        "source_path": list(batch["source_path"]),
-        "label": list(batch["label"]),
-        "error_type": error_type,
-        "error_message": error_message,
-        "content_sha256": sha256,
-    }
-    columns = {name: pa.array(values, pa.string()) for name, values in strings.items()}
+    columns = _string_columns(batch, error_type, error_message, sha256)
     columns["width"] = pa.array(width, pa.int32())
     columns["height"] = pa.array(height, pa.int32())
     columns["skipped"] = pa.array(skipped, pa.bool_())

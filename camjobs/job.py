@@ -5,7 +5,10 @@ The stages, top to bottom:
   decode.decode_batch       read bytes, hash, decode, resize (CPU tasks, one file at a time)
   predictor.CamPredictor    predict and CAM on a batch (an actor pool, on GPUs where there are)
   localize.localize_batch   upsample, heatmap PNG, boxes (CPU tasks, off the actors' critical path)
-  sink.CamParquetSink       cams/ and errors/ to staging, then sink.publish_run
+  sink.CamParquetSink       cams/ and errors/ to staging, then output.publish_run
+
+The three map_batches stages are values (camjobs.stages.Stage) that plan_stages builds from the
+config and the ActorPlan; run_job's `tuning` and `adapt` change them without touching this module.
 """
 
 from __future__ import annotations
@@ -18,39 +21,44 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy
 
 from camjobs import __version__
 from camjobs.config import RunConfig
 from camjobs.decode import decode_batch
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
-from camjobs.layouts import list_images
+from camjobs.layouts import DatasetListing, list_images
 from camjobs.localize import localize_batch
+from camjobs.models import LoadedModel
 from camjobs.output import existing_keys, output_lock, publish_run
 from camjobs.predictor import CamPredictor, ModelSpec
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 from camjobs.sink import CamParquetSink, SinkStats
+from camjobs.stages import Stage, StageLike, build_pipeline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CPU_BATCH = 16
-DEFAULT_GPU_BATCH = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.
-DECODE_BATCH = 8  # rows per read/decode task, and per listing block
-# With a GPU actor's large batches: fewer, larger decode tasks (a 256-image batch gathered from 8
-# blocks rather than 32). On a simulated GPU node (benchmarks/pipeline.py): 1.15-1.6 x faster.
-GPU_DECODE_ROWS = 32
-# CPUs each decode task and each localize + Parquet write task reserves: a whole one, so that
-# CPU-bound tasks never outnumber the cores and the model actor's threads keep theirs. Half
-# tasks, twice as many, were 1.24-1.6 x slower on a simulated GPU node (benchmarks/pipeline.py)
-# and 1.06-1.10 x slower beside a CPU actor on 2 cores (benchmarks/bench.py). Half a CPU only
-# where less than one is left beside the actors.
-STAGE_CPUS = 1.0
-MIN_STAGE_CPUS = 0.5
-LOCALIZE_ROWS = 16  # rows per localize call inside a localize + write task
+
+@dataclass(frozen=True)
+class Tuning:
+    """The pipeline's knobs, as a value: a benchmark or a test runs a variant with run_job(cfg, tuning=...)."""
+
+    cpu_batch: int = 16  # model batch of a CPU actor
+    gpu_batch: int = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.
+    decode_rows: int = 8  # rows per read/decode task, and per listing block
+    # With a GPU actor's large batches: fewer, larger decode tasks, so that a batch gathers fewer
+    # blocks (figures: benchmarks/pipeline.py).
+    gpu_decode_rows: int = 32
+    # CPUs each decode task and each localize + Parquet write task reserves: a whole one, so that
+    # CPU-bound tasks never outnumber the cores and the model actor's threads keep theirs (half
+    # tasks, twice as many, were slower: benchmarks/pipeline.py and benchmarks/bench.py).
+    stage_cpus: float = 1.0
+    min_stage_cpus: float = 0.5  # only where less than stage_cpus is left beside the actors
+    localize_rows: int = 16  # rows per localize call inside a localize + write task
 
 
 @dataclass(frozen=True)
@@ -62,18 +70,18 @@ class ActorPlan:
     num_gpus: float
     torch_threads: int | None
     batch_size: int
-    decode_rows: int = DECODE_BATCH
-    stage_cpus: float = STAGE_CPUS  # per decode task and per localize + write task
+    decode_rows: int = Tuning.decode_rows
+    stage_cpus: float = Tuning.stage_cpus  # per decode task and per localize + write task
 
 
-def default_gpu_batch(input_size: int) -> int:
+def default_gpu_batch(input_size: int, gpu_batch: int = Tuning.gpu_batch) -> int:
     """Activation memory grows with the input's area: keep images x pixels about constant.
 
     Capped, so that a tiny input does not make one batch out of a whole small dataset."""
-    return max(8, min(4 * DEFAULT_GPU_BATCH, int(DEFAULT_GPU_BATCH * (224 / input_size) ** 2)))
+    return max(8, min(4 * gpu_batch, int(gpu_batch * (224 / input_size) ** 2)))
 
 
-def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPlan:
+def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224, tuning: Tuning = Tuning()) -> ActorPlan:
     """Size the actor pool from the cluster's resources.
 
     CPU actors must leave CPUs to the read/decode and write tasks, or the pipeline
@@ -87,29 +95,62 @@ def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224) -> ActorPl
         if total_gpus < gpus_per_actor:
             raise ValueError(f"--gpus-per-actor {gpus_per_actor} but the cluster has {total_gpus:g} GPUs")
         actors = cfg.actors or max(1, int(total_gpus // gpus_per_actor))
-        batch_size = cfg.batch_size or default_gpu_batch(input_size)
-        decode_rows = min(GPU_DECODE_ROWS, max(DECODE_BATCH, batch_size // 8))
+        batch_size = cfg.batch_size or default_gpu_batch(input_size, tuning.gpu_batch)
+        decode_rows = min(tuning.gpu_decode_rows, max(tuning.decode_rows, batch_size // 8))
         free_cpus = total_cpus - actors * 1.0
-        if free_cpus < MIN_STAGE_CPUS:
+        if free_cpus < tuning.min_stage_cpus:
             raise ValueError(
                 f"the cluster has {total_cpus:g} CPUs and {actors} GPU actor(s) take one each: "
                 "none left for the decode and localize tasks (use fewer --actors, or nodes with more CPUs)"
             )
-        return ActorPlan(actors, 1.0, gpus_per_actor, None, batch_size, decode_rows, _stage_cpus(free_cpus))
+        return ActorPlan(actors, 1.0, gpus_per_actor, None, batch_size, decode_rows, _stage_cpus(free_cpus, tuning))
     actors = cfg.actors or 1
     cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
     # Summed over the cluster; each actor caps it at its own machine's cores.
     threads = max(1, int(total_cpus // actors))
-    return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or DEFAULT_CPU_BATCH,
-                     stage_cpus=_stage_cpus(total_cpus - actors * cpus_per_actor))
+    return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or tuning.cpu_batch, tuning.decode_rows,
+                     _stage_cpus(total_cpus - actors * cpus_per_actor, tuning))
 
 
-def _stage_cpus(free_cpus: float) -> float:
+def _stage_cpus(free_cpus: float, tuning: Tuning) -> float:
     """CPUs per decode task and per localize + write task, given the CPUs the actors leave."""
-    return STAGE_CPUS if free_cpus >= STAGE_CPUS else MIN_STAGE_CPUS
+    return tuning.stage_cpus if free_cpus >= tuning.stage_cpus else tuning.min_stage_cpus
 
 
-def listing_blocks(records: list, rows_per_block: int = DECODE_BATCH, max_blocks: int = 5000) -> list[pa.Table]:
+def plan_stages(cfg: RunConfig, plan: ActorPlan, spec: ModelSpec, run_id: str, settings: dict,
+                tuning: Tuning = Tuning(), *, skip_keys: frozenset[str] = frozenset()) -> tuple[Stage, ...]:
+    """The job's three stages (decode, predict, localize), sized by the plan.
+
+    `settings` are the run's (model input size, refinement); `skip_keys` the items an
+    incremental run has done before (output.existing_keys)."""
+    decode = Stage(
+        "decode", decode_batch,
+        fn_kwargs={"input_size": settings["input_size"], "max_pixels": cfg.max_pixels, "skip_keys": skip_keys,
+                   "decode_on": cfg.decode_on, "refine_side": REFINE_SIDE if cfg.refine else None},
+        batch_size=plan.decode_rows, num_cpus=plan.stage_cpus,
+    )
+    predict = Stage(
+        "predict", CamPredictor,
+        fn_constructor_args=(spec,),
+        fn_constructor_kwargs={"method": cfg.method, "threshold": cfg.threshold, "target": cfg.target,
+                               "run_id": run_id, "torch_threads": plan.torch_threads, "precision": cfg.precision},
+        batch_size=plan.batch_size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, actors=plan.actors,
+    )
+    # One localize + write task per model batch: a repartition between would cost more than it
+    # gives (each of its tasks reserves a CPU for a few ms, and one more operator takes a share of
+    # Ray Data's per-operator reservation, so fewer decode tasks run; figures: benchmarks/schedule.py).
+    # Inside the task, localize_rows rows at a time, so that the write takes blocks near Ray Data's
+    # target size, not one of a gigabyte (256 full-size heatmaps of 6000 px photographs).
+    # Same resources as the write, so that Ray Data fuses the two into one task per block.
+    localize = Stage(
+        "localize", localize_batch,
+        fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side, "refine_method": settings["refine"]},
+        batch_size=tuning.localize_rows, batch_format="pyarrow", num_cpus=plan.stage_cpus,
+    )
+    return decode, predict, localize
+
+
+def listing_blocks(records: list, rows_per_block: int, max_blocks: int = 5000) -> list[pa.Table]:
     """The listing as typed Arrow blocks: typed, so an all-null column stays a string column."""
     table = pa.Table.from_pylist(
         [{name: getattr(record, name) for name in LISTING_SCHEMA.names} for record in records], schema=LISTING_SCHEMA
@@ -145,17 +186,44 @@ class RunResult:
     message: str
 
 
-def run_job(cfg: RunConfig) -> RunResult:
-    """Run the whole job under the output's lock; publish it; say how it went."""
+# Given the planned stages, the stages to run (see run_job).
+Adapt = Callable[[tuple[Stage, ...]], Sequence[StageLike]]
+
+
+def run_job(cfg: RunConfig, *, tuning: Tuning = Tuning(), adapt: Adapt | None = None) -> RunResult:
+    """Run the whole job under the output's lock; publish it; say how it went.
+
+    `tuning` sizes the pipeline; `adapt`, given the planned stages, returns the stages to run
+    (a benchmark timing each stage, a test recording one), so that nothing changes this module."""
     run_id = new_run_id()
     with output_lock(cfg.output, run_id):
-        return _run_locked(cfg, run_id)
+        prepared = _prepare(cfg, run_id, tuning)
+        stats = _build_and_write(cfg, prepared, tuning, adapt)
+        return _summarize(cfg, prepared, stats, time.time())
 
 
-def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
+@dataclass(frozen=True)
+class Prepared:
+    """What a run knows before its pipeline starts, and when each step of getting there ended."""
+
+    run_id: str
+    listing: DatasetListing
+    spec: ModelSpec
+    model: LoadedModel
+    settings: dict
+    skip_keys: frozenset[str]
+    plan: ActorPlan
+    started: float
+    listed: float
+    ray_ready: float
+
+
+def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
+    """The listing, the model (checked here), its settings, the keys done before, Ray, and the plan."""
     started = time.time()
     listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks)
-    spec = ModelSpec(cfg.checkpoint, cfg.model, tuple(cfg.classes) if cfg.classes else None, cfg.weights, cfg.input_size)
+    classes = tuple(cfg.classes) if cfg.classes else None
+    spec = ModelSpec(cfg.checkpoint, cfg.model, classes, cfg.weights, cfg.input_size)
     # Load once here too: a bad checkpoint fails now, with its message, not inside actors.
     model = spec.load()
     settings = {
@@ -174,71 +242,63 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
     )
 
     init_ray(cfg.address)
-    plan = plan_actors(cfg, ray.cluster_resources(), model.input_size)
+    plan = plan_actors(cfg, ray.cluster_resources(), model.input_size, tuning)
     log.info(
         "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task, %g CPU per stage task",
         plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size, plan.decode_rows, plan.stage_cpus,
     )
     if cfg.decode_on == "gpu" and not plan.num_gpus:
         log.warning("--decode-on gpu without GPU actors: the model actors decode the images on their CPU")
-    ray_ready = time.time()
+    return Prepared(run_id, listing, spec, model, settings, skip_keys, plan, started, listed, time.time())
 
-    inputs = len(listing.records)
-    sink = CamParquetSink(cfg.output, run_id)
-    if inputs:
-        dataset = ray.data.from_arrow(listing_blocks(listing.records, plan.decode_rows))
-        dataset = dataset.map_batches(
-            decode_batch,
-            fn_kwargs={"input_size": model.input_size, "max_pixels": cfg.max_pixels, "skip_keys": skip_keys,
-                       "decode_on": cfg.decode_on, "refine_side": REFINE_SIDE if cfg.refine else None},
-            batch_size=plan.decode_rows,
-            batch_format="numpy",
-            num_cpus=plan.stage_cpus,
-        )
-        dataset = dataset.map_batches(
-            CamPredictor,
-            fn_constructor_args=(spec,),
-            fn_constructor_kwargs={
-                "method": cfg.method,
-                "threshold": cfg.threshold,
-                "target": cfg.target,
-                "run_id": run_id,
-                "torch_threads": plan.torch_threads,
-                "precision": cfg.precision,
-            },
-            batch_size=plan.batch_size,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(size=plan.actors),
-            num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus,
-        )
-        # One localize + write task per model batch (256 rows on a GPU, ~1 s of work). Splitting
-        # the actor's blocks with repartition() cost more than it gave: each repartition task
-        # reserves a CPU for a few ms of work, and one more operator takes a share of Ray Data's
-        # per-operator CPU reservation, so that fewer decode tasks ran (on a simulated 16-CPU GPU
-        # node 1.4 x slower, benchmarks/schedule.py). Inside the task, LOCALIZE_ROWS rows at a time:
-        # Ray Data cuts the output into blocks near its target block size (128 MiB) and the write
-        # takes them one by one, where 256 full-size heatmaps of 6000 px photographs would make
-        # one block of a gigabyte.
-        # Same resources as the write, so that Ray Data fuses the two into one task per block.
-        dataset = dataset.map_batches(
-            localize_batch,
-            fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side, "refine_method": settings["refine"]},
-            batch_size=LOCALIZE_ROWS,
-            batch_format="pyarrow",
-            num_cpus=plan.stage_cpus,
-        )
+
+def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: Adapt | None) -> SinkStats:
+    """The planned stages (as `adapt` changes them) over the listing, written through the sink."""
+    plan = prepared.plan
+    sink = CamParquetSink(cfg.output, prepared.run_id)
+    if prepared.listing.records:
+        stages = plan_stages(cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning,
+                             skip_keys=prepared.skip_keys)
+        dataset = ray.data.from_arrow(listing_blocks(prepared.listing.records, plan.decode_rows))
+        dataset = build_pipeline(dataset, adapt(stages) if adapt else stages)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
-    finished = time.time()
+    return sink.stats or SinkStats()
 
-    stats = sink.stats or SinkStats()
+
+def _summarize(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: float) -> RunResult:
+    """Check that every input is accounted for once, publish the run's summary, and say how it went."""
+    run_id, inputs = prepared.run_id, len(prepared.listing.records)
     processed, errors, skipped = stats.processed, stats.errors, stats.skipped
-    summary = {
-        "run_id": run_id,
+    # Every input ends up exactly once in cams, errors or skipped; anything else is a bug.
+    if processed + errors + skipped != inputs:
+        raise RuntimeError(
+            f"lost rows: {inputs} inputs but {processed} processed + {errors} errors + {skipped} skipped; "
+            f"run {run_id} not published"
+        )
+    summary = _summary(cfg, prepared, stats, finished)
+    summary_path = publish_run(cfg.output, run_id, summary)
+    message = f"{processed} processed, {errors} errors" + (f", {skipped} skipped" if cfg.incremental else "")
+    exit_code = EXIT_OK
+    if stats.refine_failed:
+        message += f", refinement failed on {stats.refine_failed} (their CAM rows are kept; mask_rle is null)"
+    attempted = inputs - skipped
+    if attempted and errors / attempted > cfg.max_error_fraction:
+        exit_code = EXIT_ERROR_BUDGET
+        message += (f": error fraction {errors / attempted:.1%} is over "
+                    f"--max-error-fraction {cfg.max_error_fraction:.1%}")
+    return RunResult(run_id, summary, summary_path, exit_code, message)
+
+
+def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: float) -> dict:
+    """The run's summary (runs/<run_id>.json): config, model, settings, counts, plan, timings."""
+    model, inputs = prepared.model, len(prepared.listing.records)
+    started, listed, ray_ready = prepared.started, prepared.listed, prepared.ray_ready
+    return {
+        "run_id": prepared.run_id,
         "schema_version": SCHEMA_VERSION,
         "status": "completed",
         "config": cfg.redacted(),
-        "layout": listing.layout,
+        "layout": prepared.listing.layout,
         "model": {
             "arch": model.arch,
             "classes": list(model.classes),
@@ -247,13 +307,13 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             "std": list(model.std),
             "model_sha256": model.model_sha256,
         },
-        "settings": settings,
+        "settings": prepared.settings,
         "versions": library_versions(),
-        "counts": {"inputs": inputs, "processed": processed, "skipped": skipped, "errors": errors,
+        "counts": {"inputs": inputs, "processed": stats.processed, "skipped": stats.skipped, "errors": stats.errors,
                    **({"refine_failed": stats.refine_failed} if cfg.refine else {})},
         "error_types": dict(stats.error_types),
         "rows_per_node": dict(stats.rows_per_node),
-        "actors": dataclasses.asdict(plan),
+        "actors": dataclasses.asdict(prepared.plan),
         "timings": {
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "list_and_load_s": round(listed - started, 3),
@@ -266,21 +326,6 @@ def _run_locked(cfg: RunConfig, run_id: str) -> RunResult:
             "pipeline_images_per_s": round(inputs / (finished - ray_ready), 3) if inputs else 0.0,
         },
     }
-    # Every input ends up exactly once in cams, errors or skipped; anything else is a bug.
-    if processed + errors + skipped != inputs:
-        raise RuntimeError(
-            f"lost rows: {inputs} inputs but {processed} processed + {errors} errors + {skipped} skipped; "
-            f"run {run_id} not published"
-        )
-    summary_path = publish_run(cfg.output, run_id, summary)
-    exit_code, message = EXIT_OK, f"{processed} processed, {errors} errors" + (f", {skipped} skipped" if cfg.incremental else "")
-    if stats.refine_failed:
-        message += f", refinement failed on {stats.refine_failed} (their CAM rows are kept; mask_rle is null)"
-    attempted = inputs - skipped
-    if attempted and errors / attempted > cfg.max_error_fraction:
-        exit_code = EXIT_ERROR_BUDGET
-        message += f": error fraction {errors / attempted:.1%} is over --max-error-fraction {cfg.max_error_fraction:.1%}"
-    return RunResult(run_id, summary, summary_path, exit_code, message)
 
 
 def library_versions() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -154,20 +155,24 @@ def test_read_only_output_fails_clearly_and_keeps_earlier_runs(ray_cluster, tmp_
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_actor_failing_in_init_fails_the_job_fast(ray_cluster, tmp_path, monkeypatch):
+def test_actor_failing_in_init_fails_the_job_fast(ray_cluster, tmp_path):
     """A checkpoint the actors cannot load (here: corrupt on the workers' side) fails the run, with its cause."""
-    from camjobs.models import load_model
     from camjobs.predictor import ModelSpec
 
     data = noise_jpegs(tmp_path / "data", 8, size=(24, 32))
     corrupt = tmp_path / "model.pt"
     corrupt.write_bytes(b"\x80\x02 truncated checkpoint")
-    # The driver's own check would stop this run before Ray starts; let it pass, so that the
-    # failure happens where it can on a cluster: in each model actor's __init__.
-    driver_model = load_model(None, arch="resnet18", classes=["a", "b"], input_size=64)
-    monkeypatch.setattr(ModelSpec, "load", lambda self: driver_model)
+
+    # The driver's own check would stop a corrupt checkpoint before Ray starts; the driver loads a
+    # good model here and only the actors get the corrupt one, so that the failure happens where it
+    # can on a cluster: in each model actor's __init__.
+    def corrupt_on_workers(stages):
+        spec = ModelSpec(checkpoint=str(corrupt))
+        return [dataclasses.replace(s, fn_constructor_args=(spec,)) if s.name == "predict" else s for s in stages]
+
     started = time.time()
     with pytest.raises(Exception, match="model.pt"):
-        run_job(RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", checkpoint=str(corrupt)))
+        run_job(RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18",
+                          classes=["a", "b"], input_size=64), adapt=corrupt_on_workers)
     assert time.time() - started < 120
     assert not (tmp_path / "out" / "cams").exists() and not (tmp_path / "out" / LOCK_NAME).exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 
 from camjobs.config import RunConfig
 from camjobs.decode import load_image
-from camjobs.job import EXIT_ERROR_BUDGET, EXIT_OK, plan_actors, run_job
+from camjobs.job import EXIT_ERROR_BUDGET, EXIT_OK, Tuning, plan_actors, run_job
 from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, load_model
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA
 from layout_fixtures import noise_jpegs
@@ -226,16 +227,17 @@ def _recording_localize(log_path: str):
     return recording_localize_batch
 
 
-def test_one_localize_task_per_model_batch_a_few_rows_at_a_time_with_small_heatmaps(ray_cluster, tmp_path, monkeypatch):
-    import camjobs.job as job
-
+def test_one_localize_task_per_model_batch_a_few_rows_at_a_time_with_small_heatmaps(ray_cluster, tmp_path):
     data = noise_jpegs(tmp_path / "data", 80, size=(45, 60))
     log_path = tmp_path / "localize-rows.txt"
-    monkeypatch.setattr(job, "localize_batch", _recording_localize(str(log_path)))
-    monkeypatch.setattr(job, "LOCALIZE_ROWS", 16)
+    recording = _recording_localize(str(log_path))
+
+    def record_localize(stages):
+        return [dataclasses.replace(s, fn=recording) if s.name == "localize" else s for s in stages]
+
     cfg = RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18", classes=["a", "b"],
                     input_size=32, batch_size=40, heatmap_max_side=30)
-    result = run_job(cfg)
+    result = run_job(cfg, tuning=Tuning(localize_rows=16), adapt=record_localize)
     rows_per_task: dict[str, list[int]] = {}
     for line in log_path.read_text().splitlines():
         task, rows = line.split()
