@@ -41,13 +41,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.dataset as pads
 
 from benchmarks import harness, results
 from benchmarks.harness import HERE, ROOT
 from camjobs.geometry import box_iou, centre_box, mask_box, mask_jaccard, rle_decode
 from camjobs.localize import normalized, refined_row, upsample
-from camjobs.schema import CAMS_SCHEMA
+from camjobs.output import open_cams
 from camjobs.segment import REFINE_RULE, REFINE_SIDE, otsu_lesion_mask, refine, to_work
 
 SAMPLE = ROOT.parent / "shared" / "data" / "isic2017-sample"
@@ -88,10 +87,9 @@ def fold_layout(sample: Path, ids: list[str], folder: Path, rows: dict[str, dict
 
 
 def read_rows(output: Path) -> list[dict]:
-    dataset = pads.dataset(str(output / "cams"), format="parquet", schema=CAMS_SCHEMA)
-    return dataset.to_table(columns=["image_id", "source_path", "width", "height", "label", "pred_label", "cam",
-                                     "cam_height", "cam_width", "threshold", "boxes", "refined_boxes",
-                                     "mask_rle"]).to_pylist()
+    columns = ["image_id", "source_path", "width", "height", "label", "pred_label", "cam", "cam_height", "cam_width",
+               "threshold", "boxes", "refined_boxes", "mask_rle"]
+    return open_cams(str(output)).to_table(columns=columns).to_pylist()
 
 
 def largest_box(boxes) -> tuple[float, float, float, float] | None:
