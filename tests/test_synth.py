@@ -1,4 +1,4 @@
-"""Tests for camjobs.synth: the synthetic HAM10000-layout dermoscopy generator."""
+"""Tests for camjobs.synth and camjobs.synth_image: the synthetic HAM10000-layout dermoscopy generator."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from camjobs.synth import (
     HAM10000_CLASSES,
     LOCALIZATIONS,
     SynthSummary,
-    render_image,
     synth_dataset,
 )
+from camjobs.synth_image import render_image
 
 W, H = 600, 450
 N = 60
