@@ -16,12 +16,15 @@ Layouts (``LAYOUTS``) and the names that identify them at the dataset root:
   ISIC2018_Task1_<split>_GroundTruth/.
 - ``isic2019``  ISIC_2019_Training_Input/ + ISIC_2019_Training_GroundTruth.csv (one-hot),
   ISIC_2019_Test_Input/ (no labels). ISIC_2019_Training_Metadata.csv carries no label and is
-  not read.
+  not listed (training reads its lesion ids).
 - ``isic2020``  train/ + ISIC_2020_Training_GroundTruth.csv or ..._v2.csv (the v2 file wins when
   both exist; label = ``benign_malignant``), test/ (no labels).
 - ``folder``    every .jpg/.jpeg/.png below the root; image_id = relative path without
   extension. Any path component starting with "." or "_" is skipped (hidden files, __MACOSX,
   camjobs' own _staging output).
+
+Each layout's spec also says where its lesion (or patient) ids live (``group_source``):
+training splits by them, so that no lesion has images on both sides of the split.
 
 Auto-detection looks at the root's top-level names; if nothing matches and the root holds a single
 visible folder, that folder is tried as the dataset root (a zip's wrapping folder).
@@ -117,6 +120,15 @@ class _Split:
 
 
 @dataclass(frozen=True)
+class GroupSource:
+    """Where a layout names each image's lesion (or patient): the group that a split keeps on one side."""
+
+    csvs: tuple[str, ...]  # metadata CSV candidates relative to the dataset root; the first that exists is read
+    id_column: str  # the image id
+    group_column: str  # the lesion (or patient) id; also the prefix of the group names
+
+
+@dataclass(frozen=True)
 class _Spec:
     classes: tuple[str, ...]
     marker: str  # regex fully matching a top-level name that identifies the layout
@@ -127,6 +139,7 @@ class _Spec:
     label_rule: LabelRule
     mask_dirs: tuple[str, ...] = ()  # folders of <image_id>_segmentation.png
     skip_stem_suffixes: tuple[str, ...] = ()  # files in image folders that are not inputs
+    groups: GroupSource | None = None  # None: no lesion ids, every image is a group of its own
 
 
 _ISIC2017_SPLITS = ("Training", "Validation", "Test_v2")
@@ -149,6 +162,7 @@ _SPECS: dict[str, _Spec] = {
         label_columns=("dx",),
         label_rule=_column_label("dx"),
         mask_dirs=("HAM10000_segmentations_lesion_tschandl",),
+        groups=GroupSource(("HAM10000_metadata.csv",), "image_id", "lesion_id"),
     ),
     "isic2017": _Spec(
         classes=("melanoma", "nevus", "seborrheic_keratosis"),
@@ -181,6 +195,7 @@ _SPECS: dict[str, _Spec] = {
         label_columns=_ISIC2018_CLASSES,
         label_rule=_one_hot_label,
         mask_dirs=tuple(f"ISIC2018_Task1_{s}_GroundTruth" for s in _ISIC2018_SPLITS),
+        groups=GroupSource(("ISIC2018_Task3_Training_LesionGroupings.csv",), "image", "lesion_id"),
     ),
     "isic2019": _Spec(
         classes=_ISIC2019_CLASSES,
@@ -193,6 +208,7 @@ _SPECS: dict[str, _Spec] = {
         id_column="image",
         label_columns=_ISIC2019_CLASSES,
         label_rule=_one_hot_label,
+        groups=GroupSource(("ISIC_2019_Training_Metadata.csv",), "image", "lesion_id"),
     ),
     "isic2020": _Spec(
         classes=("benign", "malignant"),
@@ -205,6 +221,9 @@ _SPECS: dict[str, _Spec] = {
         id_column="image_name",
         label_columns=("benign_malignant",),
         label_rule=_column_label("benign_malignant"),
+        groups=GroupSource(
+            ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv"), "image_name", "patient_id"
+        ),
     ),
 }
 
@@ -458,6 +477,12 @@ def _unique_ids(records: list[ImageRecord]) -> list[ImageRecord]:
 def detect_layout(uri: str) -> str:
     """Name of the layout found at uri (one of LAYOUTS); LayoutError if none matches."""
     return _resolve(_open_root(uri, follow_symlinks=False), "auto")[0]
+
+
+def group_source(layout: str) -> GroupSource | None:
+    """Where the layout keeps its lesion (or patient) ids; None for a layout without them (isic2017, folder)."""
+    spec = _SPECS.get(layout)
+    return spec.groups if spec else None
 
 
 def list_images(uri: str, layout: str = "auto", *, follow_symlinks: bool = False) -> DatasetListing:

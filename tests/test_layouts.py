@@ -59,6 +59,19 @@ def test_layout_names():
     assert issubclass(LayoutError, ValueError)
 
 
+def test_group_sources_live_in_the_layout_specs():
+    """Where training reads each layout's lesion (patient for ISIC 2020) ids: the first CSV that exists."""
+    sources = {name: layouts.group_source(name) for name in LAYOUTS}
+    assert sources["isic2017"] is None and sources["folder"] is None and layouts.group_source("auto") is None
+    assert sources["ham10000"] == layouts.GroupSource(("HAM10000_metadata.csv",), "image_id", "lesion_id")
+    groupings = "ISIC2018_Task3_Training_LesionGroupings.csv"
+    assert sources["isic2018"] == layouts.GroupSource((groupings,), "image", "lesion_id")
+    assert sources["isic2019"] == layouts.GroupSource(("ISIC_2019_Training_Metadata.csv",), "image", "lesion_id")
+    assert sources["isic2020"] == layouts.GroupSource(
+        ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv"), "image_name", "patient_id"
+    )
+
+
 def test_ham10000(tmp_path):
     info = make_ham10000(tmp_path, n=9, n_masks=3, dataset_column=True)
     assert detect_layout(str(tmp_path)) == "ham10000"

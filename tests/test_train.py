@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -13,19 +15,9 @@ from typer.testing import CliRunner
 from camjobs.cli import app
 from camjobs.models import file_sha256, load_model
 from camjobs.synth import synth_dataset
-from camjobs.train import (
-    BalancedSampler,
-    TrainConfig,
-    _epoch_seed,
-    accuracy,
-    balanced_accuracy,
-    confusion_matrix,
-    lesion_groups,
-    resume_path,
-    split_records,
-    train_model,
-    usable_records,
-)
+from camjobs.train import TrainConfig, resume_path, train_model
+from camjobs.train_data import BalancedSampler, epoch_seed, lesion_groups, split_records, usable_records
+from camjobs.train_loop import accuracy, balanced_accuracy, confusion_matrix
 
 runner = CliRunner()
 
@@ -67,7 +59,7 @@ def test_train_writes_a_checkpoint_that_loads_safely(tmp_path):
 def test_split_keeps_every_class_in_validation(tmp_path):
     data = tmp_path / "ham"
     synth_dataset(data, n=30, seed=1, width=80, height=60)
-    records, classes = usable_records(TrainConfig(data=str(data), out="unused"))
+    records, classes = usable_records(str(data))
     train, val = split_records(records, 0.2, seed=0)
     assert len(train) + len(val) == 30 and not {r.image_id for r in train} & {r.image_id for r in val}
     assert {r.label for r in val} == set(classes)
@@ -77,7 +69,7 @@ def test_split_is_grouped_by_lesion(tmp_path):
     data = tmp_path / "ham"
     synth_dataset(data, n=60, seed=5, width=48, height=36)
     metadata = pd.read_csv(data / "HAM10000_metadata.csv")
-    records, classes = usable_records(TrainConfig(data=str(data), out="unused"))
+    records, classes = usable_records(str(data))
     groups = lesion_groups(records, "ham10000")
     assert groups == {row.image_id: f"lesion_id:{row.lesion_id}" for row in metadata.itertuples()}
     assert metadata.lesion_id.value_counts().max() >= 2  # the fixture has lesions with several images
@@ -90,6 +82,32 @@ def test_split_is_grouped_by_lesion(tmp_path):
         assert 0.15 <= len(val) / len(records) <= 0.35
     assert split_records(records, 0.25, seed=1, groups=groups) == split_records(records, 0.25, seed=1, groups=groups)
     assert split_records(records, 0.25, seed=1, groups=groups)[1] != split_records(records, 0.25, seed=2, groups=groups)[1]
+
+
+def test_lesion_groups_follow_the_layout_spec(tmp_path):
+    """ISIC 2019: lesion ids from the metadata CSV (empty ids are groups of their own); ISIC 2020: patients;
+    ISIC 2017: no group source, every image its own group."""
+    from layout_fixtures import make_isic2017, make_isic2019, make_isic2020
+
+    make_isic2019(tmp_path / "2019")
+    records, _ = usable_records(str(tmp_path / "2019"))
+    groups = lesion_groups(records, "isic2019")
+    assert groups == {r.image_id: f"lesion_id:BCN_{int(r.image_id[5:12]):07d}" if int(r.image_id[5:12]) % 2
+                      else f"image:{r.image_id}" for r in records}
+    make_isic2020(tmp_path / "2020", n=6)
+    records, _ = usable_records(str(tmp_path / "2020"))
+    assert lesion_groups(records, "isic2020") == {r.image_id: f"patient_id:IP_{7279968 + int(r.image_id[5:]) - 2637011}"
+                                                  for r in records}
+    make_isic2017(tmp_path / "2017")
+    records, _ = usable_records(str(tmp_path / "2017"))
+    assert lesion_groups(records, "isic2017") == {r.image_id: f"image:{r.image_id}" for r in records}
+
+
+def test_train_modules_leave_ray_alone():
+    """Training in this process never loads Ray: only train_ray, imported for workers >= 1, does."""
+    code = ("import sys, camjobs.train, camjobs.train_data, camjobs.train_loop; "
+            "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_balanced_sampler_draws_classes_uniformly():
@@ -114,7 +132,7 @@ def test_balanced_sampler_draws_classes_uniformly():
     shares = [list(s) for s in ranks]
     assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 50
     generator = torch.Generator()
-    generator.manual_seed(_epoch_seed(0, 7))
+    generator.manual_seed(epoch_seed(0, 7))
     drawn = list(torch.utils.data.WeightedRandomSampler(ranks[0].weights, 100, replacement=True, generator=generator))
     assert shares[0] == drawn[0::2] and shares[1] == drawn[1::2]
     assert list(whole) == drawn[:99]
