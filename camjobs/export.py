@@ -78,7 +78,7 @@ import pyarrow.fs as pafs
 from camjobs.config import BoxSource, CategoryMode, ExportFormat
 from camjobs.errors import UsageError
 from camjobs.geometry import (
-    box_components, mask_polygons, rle_area, rle_decode, rle_encode, rle_mask, xyxy_to_cxcywh, xyxy_to_xywh,
+    Box, box_components, box_xyxy, mask_polygons, rle_area, rle_decode, rle_encode, rle_mask, xyxy_to_cxcywh, xyxy_to_xywh,
 )
 from camjobs.output import NoResults, read_newest_cams, read_run_summaries
 from camjobs.schema import ImageRow
@@ -160,26 +160,17 @@ def yolo_stem(image_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- the export model
-@dataclass
-class ExportBox:
-    x_min: float
-    y_min: float
-    x_max: float
-    y_max: float
-    score: float
+@dataclass(frozen=True, kw_only=True)
+class ExportBox(Box):
     category: str
     segmentation: dict | None = None  # COCO RLE of this box's part of the refined mask
-
-    @property
-    def xyxy(self) -> tuple[float, float, float, float]:
-        return self.x_min, self.y_min, self.x_max, self.y_max
 
     @property
     def area(self) -> float:
         """COCO's area: the mask's pixel count where the box has one, else the box's."""
         if self.segmentation is not None:
             return rle_area(self.segmentation)
-        return (self.x_max - self.x_min) * (self.y_max - self.y_min)
+        return super().area
 
 
 @dataclass(kw_only=True)
@@ -249,8 +240,8 @@ def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION
             if box["score"] is not None and box["score"] < min_score:
                 dropped += 1
                 continue
-            kept.append(ExportBox(float(box["x_min"]), float(box["y_min"]), float(box["x_max"]), float(box["y_max"]),
-                                  _clean_score(box["score"]) or 0.0, category, mask))
+            kept.append(ExportBox(*box_xyxy(box), _clean_score(box["score"]) or 0.0, category=category,
+                                  segmentation=mask))
         images.append(ExportImage(
             image_id=row["image_id"], source_path=row["source_path"] or "",
             file_name=relative_file_name(row["source_path"] or row["image_id"], data),

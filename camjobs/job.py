@@ -50,12 +50,10 @@ class Tuning:
     cpu_batch: int = 16  # model batch of a CPU actor
     gpu_batch: int = 256  # at 224 px; scaled by input area. The actor halves it on out-of-memory.
     decode_rows: int = 8  # rows per read/decode task, and per listing block
-    # With a GPU actor's large batches: fewer, larger decode tasks, so that a batch gathers fewer
-    # blocks (figures: benchmarks/pipeline.py).
+    # With a GPU actor's large batches: fewer, larger decode tasks, so that a batch gathers fewer blocks.
     gpu_decode_rows: int = 32
-    # CPUs each decode task and each localize + Parquet write task reserves: a whole one, so that
-    # CPU-bound tasks never outnumber the cores and the model actor's threads keep theirs (half
-    # tasks, twice as many, were slower: benchmarks/pipeline.py and benchmarks/bench.py).
+    # CPUs each decode or localize + write task reserves: a whole one, so that CPU-bound tasks
+    # never outnumber the cores and the model actor's threads keep theirs.
     stage_cpus: float = 1.0
     min_stage_cpus: float = 0.5  # only where less than stage_cpus is left beside the actors
     localize_rows: int = 16  # rows per localize call inside a localize + write task
@@ -136,9 +134,8 @@ def plan_stages(cfg: RunConfig, plan: ActorPlan, spec: ModelSpec, run_id: str, s
                                "run_id": run_id, "torch_threads": plan.torch_threads, "precision": cfg.precision},
         batch_size=plan.batch_size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, actors=plan.actors,
     )
-    # One localize + write task per model batch: a repartition between would cost more than it
-    # gives (each of its tasks reserves a CPU for a few ms, and one more operator takes a share of
-    # Ray Data's per-operator reservation, so fewer decode tasks run; figures: benchmarks/schedule.py).
+    # One localize + write task per model batch: a repartition between costs more than it gives
+    # (one more operator takes a share of Ray Data's per-operator reservation).
     # Inside the task, localize_rows rows at a time, so that the write takes blocks near Ray Data's
     # target size, not one of a gigabyte (256 full-size heatmaps of 6000 px photographs).
     # Same resources as the write, so that Ray Data fuses the two into one task per block.

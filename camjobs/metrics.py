@@ -13,7 +13,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
-from camjobs.geometry import Box
+from camjobs.geometry import XYXY
 
 CAM_CURVE_INTERVAL = 0.01
 CAM_THRESHOLDS = np.arange(0, 1, CAM_CURVE_INTERVAL)  # the sweep, as wsolevaluation builds it
@@ -42,7 +42,7 @@ def best_ious(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
 
 
-def box_region(box: Box, width: int, height: int, grid_width: int | None = None, grid_height: int | None = None) -> np.ndarray:
+def box_region(box: XYXY, width: int, height: int, grid_width: int | None = None, grid_height: int | None = None) -> np.ndarray:
     """Pixels of a grid_height x grid_width grid over a width x height image whose centres lie in box."""
     grid_width, grid_height = grid_width or width, grid_height or height
     xs = (np.arange(grid_width) + 0.5) * (width / grid_width)

@@ -233,8 +233,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     in place: the conv gets the BatchNorm's scale and shift, the BatchNorm becomes an Identity.
     Returns how many were folded.
 
-    The same function, one kernel less per pair: resnet50 runs 1.27 x, efficientnet_b0 1.3 x,
-    mobilenet_v3_large 1.5 x faster on CPUs (fp32, channels_last). The pairs are found on
+    The same function, one kernel less per pair (figures: benchmarks/results-cpu.md). The pairs are found on
     torch.fx's trace; a pair is folded only where the conv's output goes to the BatchNorm alone
     and each module is called once. A subclass of Conv2d (efficientnet_lite0's TensorFlow-style
     "same" padding) is folded where the folded copy gives the pair's output on a probe. The

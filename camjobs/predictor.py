@@ -6,11 +6,11 @@ still empty: the localize stage fills them on CPUs). Rows that failed earlier pa
 as error rows, so every input reaches the sink.
 
 The model runs with its BatchNorms folded into the convolutions before them
-(models.prepare_for_inference; 1.1-1.5 x faster on CPUs). It and its input are channels_last
-on every device: oneDNN's convolutions run 1.3-1.6 x faster in that layout than in NCHW on
-CPUs (a host batch, permuted from NHWC, already is; a batch decoded on the device is made
-so), and tensor cores want it on GPUs.
-On a GPU the batch travels as uint8 through pinned memory (4x fewer bytes than float),
+(models.prepare_for_inference: one kernel less per pair). It and its input are channels_last
+on every device: oneDNN's convolutions are faster in that layout on CPUs (a host batch,
+permuted from NHWC, already is; a batch decoded on the device is made so), and tensor cores
+want it on GPUs.
+On a GPU the batch travels as uint8 through pinned memory (a quarter of float's bytes),
 the model runs under bf16 autocast (precision "auto"), and a batch that
 does not fit in the GPU's memory is split in halves until it does. With `--decode-on gpu`
 the batch arrives as JPEG bytes and is decoded on the device (camjobs.gpu_decode).

@@ -19,7 +19,7 @@ import numpy as np
 
 from camjobs.config import DEFAULT_THRESHOLD
 from camjobs.errors import UsageError
-from camjobs.geometry import Box, centre_box, mask_box, mask_jaccard, resize_mask
+from camjobs.geometry import XYXY, centre_box, mask_box, mask_jaccard, resize_mask
 from camjobs.metrics import (
     CAM_CURVE_INTERVAL,
     CAM_THRESHOLDS,
@@ -60,7 +60,7 @@ class GroundTruth:
 class Refinement:
     """A ``--refine`` row's labels: refined_boxes (largest first) and its decoded mask_rle."""
 
-    boxes: list[Box]
+    boxes: list[XYXY]
     mask: np.ndarray | None  # bool; None: the row has no mask (its map was empty or flat)
 
 
@@ -75,7 +75,7 @@ class Sample:
     grid: tuple[int, int]  # (width, height) of the sweep metrics' grid
     cam: np.ndarray | None = None  # the raw map, cam_height x cam_width
     threshold: float = DEFAULT_THRESHOLD
-    first_box: Box | None = None  # the run's boxes[0] at threshold
+    first_box: XYXY | None = None  # the run's boxes[0] at threshold
     refined: Refinement | None = None  # None: the row was not refined
     rgb: np.ndarray | None = None  # the image's pixels (any size); None: not read
     label: str | None = None
@@ -219,7 +219,7 @@ class Prediction:
         return box_region(self.boxes[0], width, height, grid_width, grid_height)
 
 
-def _box_array(boxes: Sequence[Box]) -> np.ndarray:
+def _box_array(boxes: Sequence[XYXY]) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
@@ -262,7 +262,7 @@ class BinarySource(ScoreSource):
 class FixedBoxSource(BinarySource):
     """A box fixed by the image's size alone (the centre box, the whole image)."""
 
-    def __init__(self, name: str, key: str, title: str, box: Callable[[int, int], Box], box_column: str | None = None):
+    def __init__(self, name: str, key: str, title: str, box: Callable[[int, int], XYXY], box_column: str | None = None):
         super().__init__()
         self.name, self.key, self.title, self.box, self.box_column = name, key, title, box, box_column
 
@@ -426,7 +426,7 @@ class CamEvaluator:
         truth: GroundTruth,
         *,
         threshold: float = DEFAULT_THRESHOLD,
-        first_box: Box | None = None,
+        first_box: XYXY | None = None,
         label: str | None = None,
         pred_label: str | None = None,
         target_label: str | None = None,

@@ -17,7 +17,8 @@ from PIL import Image
 
 from camjobs.config import RunConfig
 from camjobs.decode import load_image
-from camjobs.job import EXIT_ERROR_BUDGET, EXIT_OK, Tuning, plan_actors, run_job
+from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
+from camjobs.job import Tuning, plan_actors, run_job
 from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, load_model
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA
 from layout_fixtures import noise_jpegs
