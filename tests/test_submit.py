@@ -9,6 +9,7 @@ variables, a HOME without ~/.ray/auth_token), and no output of any command may c
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,39 +126,70 @@ def test_exit_code_is_the_jobs_own(status, code, expected):
     assert jobs.exit_code(SimpleNamespace(status=status, driver_exit_code=code)) == expected
 
 
-class FakeClient:
-    """Stands in for JobSubmissionClient: records how it was built, sends nothing anywhere."""
+class RecordingServer:
+    """A real HTTP server that records each request and hangs up without an answer, as a dead proxy does."""
 
-    made: list = []
+    def __init__(self, host: str):
+        requests = self.requests = []
 
-    def __init__(self, address, headers=None, **kwargs):
-        FakeClient.made.append((address, os.environ.get("RAY_API_SERVER_ADDRESS"), dict(headers or {})))
-        raise ConnectionError(f"Failed to connect to Ray at address: {address}.")
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append((self.path, dict(self.headers)))
+                self.close_connection = True
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.address = f"http://{host}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _non_loopback_ipv4() -> str:
+    """This machine's own address on its default route (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            pytest.skip("no network interface besides loopback")
+        host = probe.getsockname()[0]
+    if jobs.is_loopback_host(host):
+        pytest.skip("no network interface besides loopback")
+    return host
 
 
 def test_cli_warns_about_plain_http_and_sends_the_token_only_as_a_header(monkeypatch):
-    import ray.job_submission
-
-    FakeClient.made.clear()
-    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    server = RecordingServer(_non_loopback_ipv4())
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # --address must win over it
     token = "unit-" + secrets.token_hex(8)
-    result = CliRunner().invoke(app, ["list", "--address", "http://10.20.30.40:8265", "--token", token])
+    try:
+        result = CliRunner().invoke(app, ["list", "--address", server.address, "--token", token])
+    finally:
+        server.close()
     assert result.exit_code == 2
     assert "plain http" in result.stderr and jobs.SECURITY_URL in result.stderr
-    assert "cannot reach the Ray Jobs API at http://10.20.30.40:8265" in result.stderr
+    assert f"cannot reach the Ray Jobs API at {server.address}" in result.stderr
     assert token not in result.output + result.stderr
-    assert FakeClient.made == [("http://10.20.30.40:8265", "http://10.20.30.40:8265", {"Authorization": f"Bearer {token}"})]
+    assert server.requests, "the client never reached the --address server"
+    for path, headers in server.requests:
+        assert headers.get("Authorization") == f"Bearer {token}"
+        assert token not in path
 
 
-def test_submit_checks_job_options_before_contacting_anything(monkeypatch):
-    import ray.job_submission
-
-    FakeClient.made.clear()
-    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
-    result = CliRunner().invoke(app, ["submit", "--address", "http://127.0.0.1:9", "--data", "/d", "--output", "/o", "--method", "nope"])
+def test_submit_checks_job_options_before_contacting_anything():
+    server = RecordingServer("127.0.0.1")
+    try:
+        result = CliRunner().invoke(app, ["submit", "--address", server.address, "--data", "/d", "--output", "/o", "--method", "nope"])
+    finally:
+        server.close()
     assert result.exit_code == 2 and "method" in result.stderr
-    assert FakeClient.made == []
+    assert server.requests == []
 
 
 # --- a real head node -----------------------------------------------------------------------------
