@@ -2,16 +2,16 @@
 
 One command measures, on the same images and the same model (same seeded weights):
 
-  bare         (a) read + decode + resize (camjobs.decode.load_image) and the model's forward in a
+  bare         (a) read + decode + resize (camjobs.images.load_image) and the model's forward in a
                plain loop: one process, batches like the job's, torch threads = all cores,
                torch.inference_mode, the model prepared as the job runs it. The limit for that
                model on this machine.
   bare-unfolded  the same loop with the model as loaded (BatchNorms not folded).
-  job-cam      (b) `camjobs run` end to end (camjobs.job.run_job with a RunConfig) in a fresh
+  job-cam      (b) `camjobs run` end to end (camjobs.pipeline.job.run_job with a RunConfig) in a fresh
                process, so Python start-up, imports, Ray start-up and shutdown are all included;
                plus its steady rate (harness.steady_rate).
-  torchcam     (c) torchcam.methods.CAM on the same model + camjobs.localize.localize.
-  gradcam-lib  (d) pytorch_grad_cam.GradCAM + camjobs.localize.localize.
+  torchcam     (c) torchcam.methods.CAM on the same model + camjobs.pipeline.localize.localize.
+  gradcam-lib  (d) pytorch_grad_cam.GradCAM + camjobs.pipeline.localize.localize.
   cj-cam, cj-gradcam  camjobs' own extractors in the same plain loop as (c), (d) (loops.py).
   job-gradcam  `camjobs run --method gradcam` end to end, like job-cam.
   paired       every loop method on each batch in turn, in one process: ratios under the same load.
@@ -68,7 +68,7 @@ def _role(pid: int, names: set[str], actor_pids: set[int], decode_pids: set[int]
 
 
 def run_job_variant(variant: str, args) -> dict:
-    """job-cam / job-gradcam: camjobs.job.run_job as `camjobs run` calls it, every stage timed."""
+    """job-cam / job-gradcam: camjobs.pipeline.job.run_job as `camjobs run` calls it, every stage timed."""
     imports_started = time.time()
     import ray
 

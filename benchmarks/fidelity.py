@@ -45,7 +45,7 @@ import numpy as np
 from benchmarks import harness, results
 from benchmarks.harness import HERE, ROOT
 from camjobs.geometry import box_iou, centre_box, mask_box, mask_jaccard, rle_decode
-from camjobs.localize import normalized, refined_row, upsample
+from camjobs.pipeline.localize import normalized, refined_row, upsample
 from camjobs.output import open_cams
 from camjobs.segment import REFINE_RULE, REFINE_SIDE, otsu_lesion_mask, refine, to_work
 
@@ -138,9 +138,9 @@ def map_variants(checkpoint: str, rows: list[dict], sample: Path, scores: Scores
     import torch
 
     from camjobs.cam import build_extractor
-    from camjobs.decode import resize_for_model
-    from camjobs.localize import boxes_from_normalized
-    from camjobs.models import load_model
+    from camjobs.images import resize_for_model
+    from camjobs.pipeline.localize import boxes_from_normalized
+    from camjobs.models.networks import load_model
 
     loaded = load_model(checkpoint)
     model = loaded.model.eval()
@@ -183,8 +183,8 @@ def balanced_accuracy(labels: list[str], predictions: list[str]) -> float:
 def run_fold(args, name: str, arch: str, weights: str | None, pooling: str, train_dir: Path, test_dir: Path,
              work: Path, scores: Scores) -> float:
     from camjobs.config import RunConfig
-    from camjobs.job import run_job
-    from camjobs.train import TrainConfig, train_model
+    from camjobs.pipeline.job import run_job
+    from camjobs.models.train import TrainConfig, train_model
 
     checkpoint = work / f"{name}.pt"
     started = time.perf_counter()

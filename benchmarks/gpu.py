@@ -68,7 +68,7 @@ def bf16_forward(device, batch: int):
     import numpy as np
     import torch
 
-    from camjobs.models import load_model, prepare_for_inference
+    from camjobs.models.networks import load_model, prepare_for_inference
 
     loaded = load_model(arch=ARCH, classes=CLASSES, input_size=SIZE)
     model = prepare_for_inference(loaded.model, device)
@@ -89,7 +89,7 @@ def reduced_default():
     """load_image's reduced_decode default, or None where load_image has no such keyword."""
     import inspect
 
-    from camjobs.decode import load_image
+    from camjobs.images import load_image
 
     parameter = inspect.signature(load_image).parameters.get("reduced_decode")
     return None if parameter is None else parameter.default
@@ -138,7 +138,7 @@ def step_forward(ctx, res: dict) -> None:
     import torch
 
     from camjobs.cam import build_extractor
-    from camjobs.models import load_model, prepare_for_inference
+    from camjobs.models.networks import load_model, prepare_for_inference
 
     device, batch = ctx.device, ctx.batch
     warmup, seconds = (5, 3.0) if device.type == "cuda" else (1, 2.0)
@@ -187,9 +187,9 @@ def step_forward(ctx, res: dict) -> None:
 
 def device_decode(ctx, warmup: int, seconds: float) -> dict:
     """--decode-on gpu's part in the actor: one batch of the dataset's JPEGs decoded with nvJPEG,
-    turned upright and resized to the input on the device (camjobs.gpu_decode)."""
-    from camjobs.decode import inspect_header
-    from camjobs.gpu_decode import decode_to_input
+    turned upright and resized to the input on the device (camjobs.pipeline.gpu_decode)."""
+    from camjobs.images import inspect_header
+    from camjobs.pipeline.gpu_decode import decode_to_input
 
     encoded = [Path(p).read_bytes() for p in datasets.image_paths(ctx.data)[:ctx.batch]]
     headers = [inspect_header(data) for data in encoded]
@@ -223,8 +223,8 @@ def step_stages(ctx, res: dict) -> None:
     import cv2
     import torch
 
-    from camjobs.decode import load_image
-    from camjobs.localize import encode_png, localize
+    from camjobs.images import load_image
+    from camjobs.pipeline.localize import encode_png, localize
 
     paths, default = datasets.image_paths(ctx.data)[:100], reduced_default()
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
@@ -254,7 +254,7 @@ def step_stages(ctx, res: dict) -> None:
 def step_bare_loop(ctx, res: dict) -> None:
     import numpy as np
 
-    from camjobs.decode import load_image
+    from camjobs.images import load_image
 
     paths, forward = datasets.image_paths(ctx.data)[:1024], bf16_forward(ctx.device, ctx.batch)
     decode_s = model_s = 0.0
@@ -276,7 +276,7 @@ def step_bare_parallel(ctx, res: dict) -> None:
 
     import numpy as np
 
-    from camjobs.decode import load_image
+    from camjobs.images import load_image
 
     paths, forward = datasets.image_paths(ctx.data), bf16_forward(ctx.device, ctx.batch)
     workers = max(1, (os.cpu_count() or 2) - 1)
@@ -394,7 +394,7 @@ class Context:
 
         if self._pool is None:
             self._pool = multiprocessing.get_context("forkserver")
-            self._pool.set_forkserver_preload(["camjobs.decode", "camjobs.synth"])
+            self._pool.set_forkserver_preload(["camjobs.images", "camjobs.synth"])
         return self._pool
 
     def save(self) -> None:

@@ -5,7 +5,7 @@ Methods: bare (the forward alone), bare-unfolded (the model as loaded, BatchNorm
 cj-cam / cj-gradcam (camjobs' extractors), torchcam (torchcam.methods.CAM), gradcam-lib
 (pytorch_grad_cam.GradCAM, target layer model.layer4[-1], targets = the predicted class). Every
 loop but bare-unfolded gets the model prepared as the job runs it
-(camjobs.models.prepare_for_inference), so that the ratios compare methods, not preparations.
+(camjobs.models.networks.prepare_for_inference), so that the ratios compare methods, not preparations.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Setup:
         import torch
 
         from camjobs.layouts import list_images
-        from camjobs.models import load_model
+        from camjobs.models.networks import load_model
 
         self.threads = args.threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
@@ -108,7 +108,7 @@ class Setup:
         """(decoded images, their normalized batch, decode seconds) batch by batch."""
         import numpy as np
 
-        from camjobs.decode import load_image
+        from camjobs.images import load_image
 
         for first in range(0, len(self.records), self.batch):
             t0 = time.perf_counter()
@@ -118,8 +118,8 @@ class Setup:
 
 
 def localize_all(maps, decoded) -> int:
-    """The boxes of each map at its image's size (camjobs.localize.localize); how many."""
-    from camjobs.localize import localize
+    """The boxes of each map at its image's size (camjobs.pipeline.localize.localize); how many."""
+    from camjobs.pipeline.localize import localize
 
     if maps is None:
         return 0
@@ -134,7 +134,7 @@ def run_paired(args) -> dict:
     pytorch-grad-cam needs them on). Decode is done once per batch and timed once."""
     import copy
 
-    from camjobs.models import prepare_for_inference
+    from camjobs.models.networks import prepare_for_inference
 
     setup = Setup(args, limit=args.paired_images)
     methods = {v: build_method(v, prepare_for_inference(copy.deepcopy(setup.loaded.model)), setup.size) for v in PAIRED}
@@ -160,7 +160,7 @@ def run_paired(args) -> dict:
 
 def run_loop(variant: str, args) -> dict:
     """(a), (c), (d), cj-cam, cj-gradcam: read/decode/resize, then the model, then boxes, batch by batch."""
-    from camjobs.models import prepare_for_inference
+    from camjobs.models.networks import prepare_for_inference
 
     setup_started = time.time()
     setup = Setup(args)

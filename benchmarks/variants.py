@@ -1,5 +1,5 @@
 """Variants of camjobs' pipeline for benchmarks, as values passed to run_job (a Tuning, an adapt
-function over the planned stages), never by changing camjobs.job or Ray: one home for what the
+function over the planned stages), never by changing camjobs.pipeline.job or Ray: one home for what the
 variant names mean and how a run is timed."""
 
 from __future__ import annotations
@@ -85,13 +85,13 @@ def adapt_stages(stages, variant: Variant | None = None, log_path: str | None = 
 
 def run_variant(cfg, variant: Variant | None = None, log_path: str | None = None,
                 change: Mapping[str, Callable] | None = None):
-    """camjobs.job.run_job with the variant's Tuning, RunConfig and DataContext changes, its stages
+    """camjobs.pipeline.job.run_job with the variant's Tuning, RunConfig and DataContext changes, its stages
     adapted (adapt_stages); Ray Data's per-operator budgets logged at DEBUG into its ray-data.log."""
     import logging
 
     import ray.data
 
-    from camjobs.job import Tuning, run_job
+    from camjobs.pipeline.job import Tuning, run_job
 
     variant = variant or Variant()
     context = ray.data.DataContext.get_current()

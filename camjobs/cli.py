@@ -154,7 +154,7 @@ def run(
         flags.pop(name)
     cfg = load_run_config(config, flags)
 
-    from camjobs.job import run_job
+    from camjobs.pipeline.job import run_job
 
     with _reported(FileNotFoundError, ValueError, RuntimeError, OSError):
         result = run_job(cfg)
@@ -210,7 +210,7 @@ def train(
     _setup_logging(False)
     if weights is not None and weights_file is not None:
         raise UsageError("give --weights or --weights-file, not both")
-    from camjobs.train import TrainConfig, train_model
+    from camjobs.models.train import TrainConfig, train_model
 
     with _reported(ValueError, FileNotFoundError, RuntimeError, OSError):
         result = train_model(
@@ -250,7 +250,7 @@ def verify(
 ) -> None:
     """Check an output folder: readable files, no duplicates, run summaries that match their rows."""
     _setup_logging(False)
-    from camjobs.verify import verify_output
+    from camjobs.labels.verify import verify_output
 
     report = verify_output(output)
     for note in report.notes:
@@ -278,7 +278,7 @@ def evaluate(
     """Localization metrics of the maps (MaxBoxAcc, MaxBoxAccV2, PxAP, top-1/GT-known Loc, IoU, Jaccard) beside
     the refined labels of a --refine run and the Otsu, centre-box and constant-map baselines."""
     _setup_logging(False)
-    from camjobs.evaluate import evaluate_output
+    from camjobs.labels.evaluate import evaluate_output
 
     with _reported(ValueError, OSError):  # an EvaluationError is a UsageError: exit 2
         result = evaluate_output(output, data=data, masks=masks, boxes=boxes, run_id=run_id,
@@ -311,7 +311,7 @@ def export_(
 ) -> None:
     """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels."""
     _setup_logging(False)
-    from camjobs.export import export
+    from camjobs.labels.export import export
 
     with _reported(OSError):  # an ExportError is a UsageError: exit 2
         result = export(output, fmt.value, to, min_score=min_score, image_root=image_root,
@@ -333,7 +333,7 @@ def viz(
 ) -> None:
     """Draw image | heatmap | blend with boxes (and refined mask outlines) per image, and a sortable index.html gallery."""
     _setup_logging(False)
-    from camjobs.viz import render_gallery
+    from camjobs.labels.viz import render_gallery
 
     # VizError and LayoutError are UsageErrors; any other ValueError is taken for one too.
     with _reported(OSError), _reported(ValueError, error=UsageError):
@@ -384,7 +384,7 @@ def with_run_options(func):
 
 def _cluster(address: Optional[str], token: Optional[str]):
     """Connect to the Jobs API; a SubmitError (exit 2) says why not."""
-    from camjobs import submit as jobs
+    from camjobs.cluster import submit as jobs
 
     url, _ = jobs.resolve_address(address)
     secret, source = jobs.resolve_token(token)
@@ -418,7 +418,7 @@ def submit(
     by the job on the cluster: they must exist there, and relative ones are relative to the job's
     working directory there.
     """
-    from camjobs import submit as jobs
+    from camjobs.cluster import submit as jobs
 
     _setup_logging(bool(job_options.get("verbose")))
     _check_job_options(config, {k: v for k, v in job_options.items() if k != "verbose"})
@@ -457,7 +457,7 @@ def status(
     """Show a submitted job's status and, once it ended, its exit code."""
     import json
 
-    from camjobs import submit as jobs
+    from camjobs.cluster import submit as jobs
 
     cluster = _cluster(address, token)
     info = jobs.job_info(cluster, job_id)
@@ -476,7 +476,7 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
 ) -> None:
     """Print a submitted job's logs (its driver's stdout and stderr)."""
-    from camjobs import submit as jobs
+    from camjobs.cluster import submit as jobs
 
     cluster = _cluster(address, token)
     if follow:
@@ -492,7 +492,7 @@ def stop(
     token: TokenOption = None,
 ) -> None:
     """Stop a submitted job (SIGTERM, then SIGKILL after Ray's grace period)."""
-    from camjobs import submit as jobs
+    from camjobs.cluster import submit as jobs
 
     cluster = _cluster(address, token)
     stopped = jobs.stop(cluster, job_id)
@@ -509,7 +509,7 @@ def list_(
     """List the cluster's submitted jobs, oldest first."""
     import json
 
-    from camjobs import submit as jobs
+    from camjobs.cluster import submit as jobs
 
     cluster = _cluster(address, token)
     found = jobs.list_jobs(cluster)

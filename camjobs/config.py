@@ -76,7 +76,7 @@ class DecodeOn(Choice):
 
 
 class Pooling(Choice):
-    """The global pooling before a classifier's final Linear layer (camjobs.models)."""
+    """The global pooling before a classifier's final Linear layer (camjobs.models.networks)."""
 
     GAP = "gap"  # average, as the architectures are trained
     GMP = "gmp"  # maximum

@@ -9,11 +9,11 @@ from typing import Callable
 
 
 from camjobs.config import RunConfig
-from camjobs.evaluate import evaluate_output
-from camjobs.job import run_job
+from camjobs.labels.evaluate import evaluate_output
+from camjobs.pipeline.job import run_job
 from camjobs.synth import synth_dataset
-from camjobs.train import TrainConfig, train_model
-from camjobs.viz import render_gallery
+from camjobs.models.train import TrainConfig, train_model
+from camjobs.labels.viz import render_gallery
 
 DEMO_ARCH = "shufflenet_v2_x1_0"
 DEMO_INPUT_SIZE = 224

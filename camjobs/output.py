@@ -7,7 +7,7 @@
     OUTPUT/_lock.json                        the run that is writing now
 
 The commit protocol, which keeps half-finished runs invisible:
-1. Write tasks (camjobs.sink's Datasink) write each task's rows into _staging/<run_id>/. Readers
+1. Write tasks (camjobs.pipeline.sink's Datasink) write each task's rows into _staging/<run_id>/. Readers
    never look there: pyarrow.dataset skips paths that start with "_" or ".".
 2. When every row is written, the driver moves the staged folders into place, cams/<run_id>/ and
    errors/<run_id>/ (one rename each on a local disk). A write that fails drops its staging.

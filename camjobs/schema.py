@@ -15,7 +15,7 @@ SCHEMA_VERSION = 2
 # version-1 files too: read through CAMS_SCHEMA, their missing columns come back as nulls.
 
 # Short codes written to errors.error_type. Listing-time codes come from camjobs.layouts,
-# read/decode codes from camjobs.decode, the last one from the model actor. Every code the
+# read/decode codes from camjobs.images, the last one from the model actor. Every code the
 # package writes is one of these, and each of these is written somewhere (tests/test_errors.py).
 ERROR_CODES = {
     "missing_file": "the metadata names a file that does not exist",
@@ -116,7 +116,7 @@ SETTINGS_ADDED = {"refine": None}
 @dataclass(kw_only=True)
 class ImageRow:
     """The columns of a DIR/cams row that say which image, its size, its label and the model's
-    answer: what the exporters (camjobs.export) and the gallery (camjobs.viz) both read."""
+    answer: what the exporters (camjobs.labels.export) and the gallery (camjobs.labels.viz) both read."""
 
     image_id: str
     source_path: str

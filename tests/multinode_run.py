@@ -16,7 +16,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from camjobs.config import RunConfig
-from camjobs.job import run_job
+from camjobs.pipeline.job import run_job
 
 
 def remove_node_once_rows_are_staged(cluster: Cluster, node, output: str) -> threading.Thread:

@@ -230,7 +230,7 @@ def test_cam_of_a_gmp_head_is_the_weighted_sum_of_the_feature_maps(resnet):
 def test_efficientnet_lite0_gap_and_gmp_heads_give_cam():
     """The oracle is the package's own extract_features: the maps its pooling and _fc read."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    from camjobs.models import build_model
+    from camjobs.models.networks import build_model
 
     images = make_images(2, size=64)
     for pooling, reduce in (("gap", lambda a: a.mean(dim=(2, 3))), ("gmp", lambda a: a.amax(dim=(2, 3)))):

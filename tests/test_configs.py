@@ -116,7 +116,7 @@ def test_cpu_smoke_config_runs_the_whole_job(ray_cluster, tmp_path):
     from typer.testing import CliRunner
 
     from camjobs.cli import app
-    from camjobs.models import build_model, save_checkpoint
+    from camjobs.models.networks import build_model, save_checkpoint
     from camjobs.synth import synth_dataset
 
     shipped = load_run_config(CONFIGS / "cpu-smoke.yaml", {})

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camjobs.decode import ImageInputError, decode_batch, decode_image, decode_reduced, load_image, resize_for_model
+from camjobs.images import ImageInputError, decode_image, decode_reduced, load_image, resize_for_model
+
+from camjobs.pipeline.decode import decode_batch
 
 
 def _jpeg(array: np.ndarray, **save) -> bytes:

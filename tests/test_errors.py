@@ -36,12 +36,12 @@ def test_exit_codes():
     [
         ("camjobs.config", "ConfigError", 2, ValueError),
         ("camjobs.layouts", "LayoutError", 2, ValueError),
-        ("camjobs.export", "ExportError", 2, ValueError),
-        ("camjobs.viz", "VizError", 2, ValueError),
-        ("camjobs.scores", "EvaluationError", 2, ValueError),
+        ("camjobs.labels.export", "ExportError", 2, ValueError),
+        ("camjobs.labels.viz", "VizError", 2, ValueError),
+        ("camjobs.labels.scores", "EvaluationError", 2, ValueError),
         ("camjobs.output", "NoResults", 2, ValueError),
         ("camjobs.output", "OutputLocked", 1, RuntimeError),
-        ("camjobs.submit", "SubmitError", 2, Exception),
+        ("camjobs.cluster.submit", "SubmitError", 2, Exception),
     ],
 )
 def test_each_error_carries_its_exit_code_and_keeps_its_builtin_base(module, name, code, builtin):
@@ -187,7 +187,11 @@ def test_every_error_type_written_is_a_documented_code():
 
 
 def test_shared_constants_are_imported_from_their_owner():
-    from camjobs import cam, decode, layouts, localize, models, scores, truth
+    from camjobs import cam, layouts
+    from camjobs.labels import scores, truth
+    from camjobs.models import networks as models
+    from camjobs import images as decode
+    from camjobs.pipeline import localize
 
     assert localize.DEFAULT_THRESHOLD is config.DEFAULT_THRESHOLD is scores.DEFAULT_THRESHOLD
     assert decode.DEFAULT_MAX_PIXELS is config.DEFAULT_MAX_PIXELS

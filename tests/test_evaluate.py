@@ -1,4 +1,4 @@
-"""camjobs.evaluate against known answers and an independent re-implementation of the metrics.
+"""camjobs.labels.evaluate against known answers and an independent re-implementation of the metrics.
 
 The oracle below is written from the definitions (Choe et al., CVPR 2020; the module docstring),
 not from the module: components with cv2.connectedComponentsWithStats instead of findContours,
@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from camjobs.evaluate import CamEvaluator, EvaluationError, GroundTruth, evaluate_output
-from camjobs.localize import localize
-from camjobs.metrics import pr_curve
+from camjobs.labels.evaluate import CamEvaluator, EvaluationError, GroundTruth, evaluate_output
+from camjobs.pipeline.localize import localize
+from camjobs.labels.metrics import pr_curve
 from camjobs.schema import CAMS_SCHEMA
-from camjobs.truth import index_mask_folder, load_coco_boxes
+from camjobs.labels.truth import index_mask_folder, load_coco_boxes
 
 KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc", "mean_iou", "iou50_share",
         "jaccard_mean", "jaccard_isic2018")
@@ -377,7 +377,7 @@ def test_pr_curve_matches_pixel_counting():
     rng = np.random.default_rng(7)
     score, mask = rng.random((30, 40)), rng.random((30, 40)) < 0.3
     score[0, 0], score[1, 1] = 0.0, 1.0
-    from camjobs.metrics import pixel_histograms
+    from camjobs.labels.metrics import pixel_histograms
 
     curve = pr_curve(*pixel_histograms(score, mask))
     expected = oracle_metrics([{
@@ -549,7 +549,7 @@ def test_isic2017_sample_otsu_baseline(tmp_path, isic2017_sample):
 
 # --------------------------------------------------------------------------- the Otsu baseline
 def pil_rgb(path: Path) -> np.ndarray:
-    """The file's pixels by Pillow directly (not camjobs.decode), full size."""
+    """The file's pixels by Pillow directly (not camjobs.images), full size."""
     from PIL import Image
 
     with Image.open(path) as image:

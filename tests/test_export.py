@@ -1,4 +1,4 @@
-"""camjobs.export: COCO, Label Studio and YOLO exports of DIR/cams, read back by their consumers.
+"""camjobs.labels.export: COCO, Label Studio and YOLO exports of DIR/cams, read back by their consumers.
 
 The DIR/cams fixtures are built by hand in CAMS_SCHEMA: images of different sizes, several boxes,
 an image without boxes, a non-ASCII image_id with a space and a "/", and one image_id written by
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from camjobs.geometry import mask_box
-from camjobs.export import (
+from camjobs.labels.export import (
     ExportError, export, image_url, label_config, label_config_path, plan_export, relative_file_name, yolo_stem,
 )
 from camjobs.schema import CAMS_SCHEMA, SCHEMA_VERSION

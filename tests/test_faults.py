@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from camjobs.config import RunConfig
-from camjobs.job import run_job
+from camjobs.pipeline.job import run_job
 from camjobs.output import LOCK_NAME
-from camjobs.verify import verify_output
+from camjobs.labels.verify import verify_output
 from layout_fixtures import noise_jpegs
 
 pytestmark = pytest.mark.slow
@@ -157,7 +157,7 @@ def test_read_only_output_fails_clearly_and_keeps_earlier_runs(ray_cluster, tmp_
 
 def test_actor_failing_in_init_fails_the_job_fast(ray_cluster, tmp_path):
     """A checkpoint the actors cannot load (here: corrupt on the workers' side) fails the run, with its cause."""
-    from camjobs.predictor import ModelSpec
+    from camjobs.pipeline.predictor import ModelSpec
 
     data = noise_jpegs(tmp_path / "data", 8, size=(24, 32))
     corrupt = tmp_path / "model.pt"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import camjobs.gpu_decode as gpu_decode
-from camjobs.decode import DEFAULT_MAX_PIXELS, inspect_header, load_image
-from camjobs.gpu_decode import decode_to_input, orient, resize_on_device
+import camjobs.pipeline.gpu_decode as gpu_decode
+from camjobs.images import DEFAULT_MAX_PIXELS, inspect_header, load_image
+from camjobs.pipeline.gpu_decode import decode_to_input, orient, resize_on_device
 
 CPU = torch.device("cpu")
 

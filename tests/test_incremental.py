@@ -14,7 +14,7 @@ from PIL import Image
 
 from camjobs.config import RunConfig
 from camjobs.output import LOCK_NAME, OutputLocked, existing_keys, output_lock
-from camjobs.job import run_job
+from camjobs.pipeline.job import run_job
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from camjobs.config import RunConfig
-from camjobs.decode import load_image
+from camjobs.images import load_image
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
-from camjobs.job import Tuning, plan_actors, run_job
-from camjobs.models import IMAGENET_MEAN, IMAGENET_STD, load_model
+from camjobs.pipeline.job import Tuning, plan_actors, run_job
+from camjobs.models.networks import IMAGENET_MEAN, IMAGENET_STD, load_model
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA
 from layout_fixtures import noise_jpegs
 
@@ -216,7 +216,7 @@ def test_actor_plan_leaves_cpus_for_decoding():
 
 def _recording_localize(log_path: str):
     """localize_batch that notes its Ray task and its rows for each call (it runs in Ray workers)."""
-    from camjobs.localize import localize_batch
+    from camjobs.pipeline.localize import localize_batch
 
     def recording_localize_batch(table, **options):
         import ray
@@ -272,7 +272,7 @@ def test_refine_run_masks_real_lesions_and_is_a_setting_of_incremental(ray_clust
     from pycocotools import mask as coco_mask
 
     from camjobs.geometry import mask_box, mask_jaccard
-    from camjobs.localize import boxes_from_normalized, normalized, upsample
+    from camjobs.pipeline.localize import boxes_from_normalized, normalized, upsample
     from camjobs.segment import REFINE_METHOD
 
     base = dict(data=str(isic2017_mini), output=str(tmp_path), model="resnet18", classes=ISIC2017_CLASSES,

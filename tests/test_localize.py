@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from camjobs.localize import boxes_from_normalized, heatmap_uint8, localize, normalized, upsample
+from camjobs.pipeline.localize import boxes_from_normalized, heatmap_uint8, localize, normalized, upsample
 
 
 def components_by_flood_fill(mask: np.ndarray) -> list[tuple[int, int, int, int, int]]:
@@ -50,7 +50,7 @@ def test_localize_stage_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, camjobs.localize; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, camjobs.pipeline.localize; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -128,7 +128,7 @@ def _model_rows(shapes):
 
 
 def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
-    from camjobs.localize import localize_batch
+    from camjobs.pipeline.localize import localize_batch
     from camjobs.schema import RESULT_SCHEMA
 
     shapes = _BATCH_SHAPES
@@ -163,7 +163,7 @@ def test_localize_batch_on_slices_and_chunks_gives_the_rows_of_the_whole_table()
     tables of several chunks: each row must come out as it does from the whole table."""
     import pyarrow as pa
 
-    from camjobs.localize import localize_batch
+    from camjobs.pipeline.localize import localize_batch
 
     table = _model_rows(_BATCH_SHAPES)
     whole = localize_batch(table).to_pylist()
@@ -175,7 +175,7 @@ def test_localize_batch_on_slices_and_chunks_gives_the_rows_of_the_whole_table()
 
 
 def test_localize_batch_on_an_empty_table():
-    from camjobs.localize import localize_batch
+    from camjobs.pipeline.localize import localize_batch
     from camjobs.schema import RESULT_SCHEMA
 
     empty = RESULT_SCHEMA.empty_table()
@@ -215,7 +215,7 @@ def test_component_boxes_and_scores_match_flood_fill_for_few_and_for_many_compon
 def test_heatmap_max_side_shrinks_only_large_heatmaps_and_keeps_full_size_boxes():
     import pyarrow as pa
 
-    from camjobs.localize import localize_batch, shrink_heatmap
+    from camjobs.pipeline.localize import localize_batch, shrink_heatmap
     from camjobs.schema import RESULT_SCHEMA
 
     heatmap = np.tile((np.arange(300) % 256).astype(np.uint8)[None, :], (200, 1))
@@ -243,7 +243,7 @@ def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic
     import pyarrow as pa
 
     from camjobs.geometry import component_boxes, rle_decode
-    from camjobs.localize import localize_batch, normalized, upsample
+    from camjobs.pipeline.localize import localize_batch, normalized, upsample
     from camjobs.schema import RESULT_SCHEMA
     from camjobs.segment import REFINE_METHOD, REFINE_SIDE, refine, to_work
 
@@ -279,7 +279,7 @@ def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic
     # the sink writes every image's row, refined or not, and counts the failed refinements
     import pandas as pd
 
-    from camjobs.sink import CamParquetSink
+    from camjobs.pipeline.sink import CamParquetSink
 
     table = localize_batch(table, refine_method=REFINE_METHOD)
     stats = CamParquetSink(str(tmp_path), "run").write([table], None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from camjobs.cam import locate_head
-from camjobs.models import (
+from camjobs.models.networks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LoadedModel,

@@ -144,7 +144,7 @@ def _result_rows() -> pa.Table:
 
 @pytest.mark.slow
 def test_a_failed_write_leaves_no_staging(ray_cluster, tmp_path):
-    from camjobs.sink import CamParquetSink
+    from camjobs.pipeline.sink import CamParquetSink
 
     class Watched(CamParquetSink):
         """Notes what was staged when Ray reported the failure, before the sink drops it."""

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from camjobs.cam import build_extractor
-from camjobs.models import IMAGENET_MEAN, IMAGENET_STD
-import camjobs.predictor
-from camjobs.predictor import CamPredictor, ModelSpec, autocast_dtype
+from camjobs.models.networks import IMAGENET_MEAN, IMAGENET_STD
+import camjobs.pipeline.predictor
+from camjobs.pipeline.predictor import CamPredictor, ModelSpec, autocast_dtype
 from camjobs.schema import RESULT_SCHEMA
 
 CLASSES = ("mel", "nv", "bkl")
@@ -41,7 +41,7 @@ def _batch(count: int, bad_rows: set[int] = frozenset(), skipped_rows: set[int] 
 @pytest.fixture(autouse=True)
 def cpu_predictor(monkeypatch):
     """The predictor on the CPU, where results are exact, also on a machine with a GPU."""
-    monkeypatch.setattr(camjobs.predictor, "choose_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(camjobs.pipeline.predictor, "choose_device", lambda: torch.device("cpu"))
 
 
 def _predictor(**kwargs) -> CamPredictor:
@@ -159,10 +159,10 @@ def test_bf16_forward_pass_still_gives_float32_maps_close_to_fp32(method):
 def test_gpu_rows_match_the_cpu_rows(method, monkeypatch):
     """The GPU path (pinned copies, channels_last, autocast) against the plain CPU path."""
     batch = _batch(40)
-    monkeypatch.setattr(camjobs.predictor, "choose_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(camjobs.pipeline.predictor, "choose_device", lambda: torch.device("cuda"))
     gpu_fp32 = _predictor(method=method, precision="fp32")(batch)
     gpu_bf16 = _predictor(method=method)(batch)  # auto: bf16 on the GPU
-    monkeypatch.setattr(camjobs.predictor, "choose_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(camjobs.pipeline.predictor, "choose_device", lambda: torch.device("cpu"))
     cpu = _predictor(method=method)(batch)
     # cuDNN convolutions use TF32 by default, so "fp32" on the GPU is close, not equal; a near-tie
     # between two classes may flip.
@@ -184,7 +184,7 @@ def test_encoded_rows_are_decoded_in_the_actor_like_the_decode_stage(tmp_path):
     device, the same code as on a GPU) and gives the maps the decode stage's pixels give."""
     import cv2
 
-    from camjobs.decode import decode_batch
+    from camjobs.pipeline.decode import decode_batch
 
     rng = np.random.default_rng(5)
     names = []

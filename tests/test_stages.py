@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from camjobs.config import RunConfig
-from camjobs.decode import decode_batch
-from camjobs.job import ActorPlan, Tuning, plan_actors, plan_stages
-from camjobs.localize import localize_batch
-from camjobs.predictor import CamPredictor, ModelSpec
+from camjobs.pipeline.decode import decode_batch
+from camjobs.pipeline.job import ActorPlan, Tuning, plan_actors, plan_stages
+from camjobs.pipeline.localize import localize_batch
+from camjobs.pipeline.predictor import CamPredictor, ModelSpec
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
-from camjobs.stages import Stage, build_pipeline
+from camjobs.pipeline.stages import Stage, build_pipeline
 
 CFG = RunConfig(data="d", output="o", model="resnet18", classes=["a", "b"], method="gradcam", threshold=0.3,
                 target="label", heatmap_max_side=300, max_pixels=1000, decode_on="gpu", precision="fp32", refine=True)

@@ -29,7 +29,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from camjobs import submit as jobs
+from camjobs.cluster import submit as jobs
 from camjobs.cli import app
 
 REPO = Path(__file__).resolve().parents[1]

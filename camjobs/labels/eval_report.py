@@ -1,5 +1,5 @@
 """The report of ``camjobs evaluate``: metrics.json, metrics.md (a table per score source),
-per_image.csv and the two plots (``camjobs.eval_plots``), written to a local folder or a URI.
+per_image.csv and the two plots (``camjobs.labels.eval_plots``), written to a local folder or a URI.
 
 No torch, no Ray.
 """
@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from camjobs.eval_plots import draw_box_acc_plot, draw_pr_plot, encode_png, fmt
-from camjobs.scores import METRIC_KEYS, source_blocks
+from camjobs.labels.eval_plots import draw_box_acc_plot, draw_pr_plot, encode_png, fmt
+from camjobs.labels.scores import METRIC_KEYS, source_blocks
 from camjobs.storage import open_filesystem
 
 METRIC_NAMES = {

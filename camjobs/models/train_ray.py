@@ -1,7 +1,7 @@
 """The training loop on N data-parallel Ray Train workers (DistributedDataParallel; one GPU each where
 the cluster has GPUs).
 
-Each worker runs ``camjobs.train_loop.train_epochs`` with a ``RayWorld``: rank 0 reports the resume
+Each worker runs ``camjobs.models.train_loop.train_epochs`` with a ``RayWorld``: rank 0 reports the resume
 payload as the epoch's Ray Train checkpoint, and a callback in the Train controller copies it to the
 resume file next to ``--out``.
 """
@@ -24,8 +24,8 @@ from ray.train import CheckpointConfig, ScalingConfig, UserCallback
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from camjobs.job import init_ray
-from camjobs.train_loop import TrainConfig, train_epochs
+from camjobs.pipeline.job import init_ray
+from camjobs.models.train_loop import TrainConfig, train_epochs
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ one image against its ground truth and keeps the sums (a ``Tally``), ``result()`
 metrics. ``CamEvaluator`` feeds the same images to every source, so a new baseline is a new
 source, not another branch in every metric. Sources: the CAM (a score map, swept over
 thresholds), and, with nothing to sweep, the refined labels of a ``--refine`` run, the Otsu
-lesion mask, the centre box and the constant map. Every rule is in ``camjobs.evaluate``'s
-module docstring; the arithmetic is ``camjobs.metrics``. No torch, no Ray.
+lesion mask, the centre box and the constant map. Every rule is in ``camjobs.labels.evaluate``'s
+module docstring; the arithmetic is ``camjobs.labels.metrics``. No torch, no Ray.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from camjobs.config import DEFAULT_THRESHOLD
 from camjobs.errors import UsageError
 from camjobs.geometry import XYXY, centre_box, mask_box, mask_jaccard, resize_mask
-from camjobs.metrics import (
+from camjobs.labels.metrics import (
     CAM_CURVE_INTERVAL,
     CAM_THRESHOLDS,
     IOU_THRESHOLDS,
@@ -325,7 +325,7 @@ class CamSource(ScoreSource):
         self.no_box = 0  # images whose run found no box
 
     def add(self, sample: Sample) -> dict[str, Any]:
-        from camjobs.localize import upsample
+        from camjobs.pipeline.localize import upsample
 
         raw = np.ascontiguousarray(sample.cam, dtype=np.float32)
         grid_width, grid_height = sample.grid

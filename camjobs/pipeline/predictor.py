@@ -13,7 +13,7 @@ want it on GPUs.
 On a GPU the batch travels as uint8 through pinned memory (a quarter of float's bytes),
 the model runs under bf16 autocast (precision "auto"), and a batch that
 does not fit in the GPU's memory is split in halves until it does. With `--decode-on gpu`
-the batch arrives as JPEG bytes and is decoded on the device (camjobs.gpu_decode).
+the batch arrives as JPEG bytes and is decoded on the device (camjobs.pipeline.gpu_decode).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from camjobs.cam import CAMResult, build_extractor
 from camjobs.config import PRECISIONS
-from camjobs.models import LoadedModel, load_model, prepare_for_inference
+from camjobs.models.networks import LoadedModel, load_model, prepare_for_inference
 from camjobs.schema import RESULT_SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How every actor rebuilds the same model (see camjobs.models.load_model)."""
+    """How every actor rebuilds the same model (see camjobs.models.networks.load_model)."""
 
     checkpoint: str | None = None
     arch: str | None = None
@@ -147,7 +147,7 @@ class CamPredictor:
             # All rows good (the usual case): no gathering copy of the whole batch.
             pixels = batch["pixels"] if len(good) == len(batch["pixels"]) else batch["pixels"][good]
             return np.ascontiguousarray(pixels)
-        from camjobs.gpu_decode import decode_to_input
+        from camjobs.pipeline.gpu_decode import decode_to_input
 
         pixels, errors, cpu_sizes = decode_to_input(
             [batch["encoded"][row] for row in good],

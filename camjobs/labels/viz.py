@@ -9,7 +9,7 @@ the paper's box, thick green; the other boxes thin green with their scores), whe
 refined lesion mask (``mask_rle``, ``camjobs run --refine``) its outline in magenta, and, where the
 ground-truth mask is known, its outline and its box in red. A caption strip below names the
 image, the prediction and its score, the explained class and the IoU of ``boxes[0]`` with the
-mask's box (``camjobs.evaluate``: the same number as the demo's mean IoU) and, for a refined
+mask's box (``camjobs.labels.evaluate``: the same number as the demo's mean IoU) and, for a refined
 row, that of ``refined_boxes[0]`` (0 where the refinement found nothing). Tiles are scaled so
 their long side is at most ``tile_size`` (512) pixels; the original is decoded from
 ``source_path`` with EXIF orientation applied, as the job did.
@@ -46,12 +46,12 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from camjobs.config import GallerySort
-from camjobs.decode import ImageInputError, decode_image, read_bytes
+from camjobs.images import ImageInputError, decode_image, read_bytes
 from camjobs.errors import UsageError
 from camjobs.geometry import box_iou, box_xyxy, mask_box, read_mask, resize_mask_nearest, rle_mask
 from camjobs.output import NoResults, open_cams, read_newest_cams
 from camjobs.schema import ImageRow
-from camjobs.truth import dataset_masks
+from camjobs.labels.truth import dataset_masks
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class VizItem(ImageRow):
 
     @property
     def refined(self) -> bool:
-        """A row of a --refine run (its mask may be null: nothing to refine), as camjobs.evaluate counts them."""
+        """A row of a --refine run (its mask may be null: nothing to refine), as camjobs.labels.evaluate counts them."""
         return self.refine is not None or self.mask_rle is not None or self.refined_boxes is not None
 
 

@@ -1,7 +1,7 @@
 """The report's two plots, drawn with OpenCV (no matplotlib): pixel precision-recall and BoxAcc.
 
 ``camjobs evaluate`` writes them as ``pr_curve.png`` and ``box_acc.png`` from metrics.json's
-content; each score source (``camjobs.scores``) gets its curve or line.
+content; each score source (``camjobs.labels.scores``) gets its curve or line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from camjobs.scores import source_blocks
+from camjobs.labels.scores import source_blocks
 
 _W, _H = 1280, 680
 _LEFT, _RIGHT, _TOP, _BOTTOM = 100, 420, 70, 90  # the legend goes in the right margin

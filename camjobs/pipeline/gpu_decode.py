@@ -2,7 +2,7 @@
 
 On a GPU machine the CPUs, not the GPU, limit the pipeline, and JPEG decoding is the largest
 CPU cost per image. With `--decode-on gpu` the decode stage only reads, hashes and checks each
-file's header (camjobs.decode); the model actor decodes its whole batch at once with nvJPEG
+file's header (camjobs.images); the model actor decodes its whole batch at once with nvJPEG
 (torchvision.io.decode_jpeg on a CUDA device), turns each image upright by its EXIF
 orientation, and resizes it to the model's input there (bilinear with antialiasing, i.e.
 averaging when shrinking, like the CPU path). A file the device decoder refuses (not a JPEG,
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from camjobs.decode import ImageInputError, decode_reduced, resize_for_model
+from camjobs.images import ImageInputError, decode_reduced, resize_for_model
 
 # Full-size pixels decoded per device call: 6000x4000 photographs, 256 to a batch, would need
 # 18 GB at once; groups of at most this many pixels (~0.8 GB as RGB) are decoded and resized

@@ -1,8 +1,8 @@
 """The arithmetic of ``camjobs evaluate``: IoUs, the threshold sweep, pixel histograms and PxAP.
 
-Pure numpy and OpenCV, no I/O. Every rule here is spelled out in ``camjobs.evaluate``'s module
+Pure numpy and OpenCV, no I/O. Every rule here is spelled out in ``camjobs.labels.evaluate``'s module
 docstring (after Choe et al., CVPR 2020, and wsolevaluation's code); the score sources in
-``camjobs.scores`` put them together.
+``camjobs.labels.scores`` put them together.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class SweepStep:
 
 
 def contour_boxes(scoremap: np.ndarray, thresholds: Iterable[float] = CAM_THRESHOLDS) -> list[SweepStep | None]:
-    """wsolevaluation's boxes per threshold (None where no pixel passes); see camjobs.evaluate."""
+    """wsolevaluation's boxes per threshold (None where no pixel passes); see camjobs.labels.evaluate."""
     quantized = (np.asarray(scoremap) * 255).astype(np.uint8)
     peak = int(quantized.max())
     # at_least[v] = pixels with Q >= v: regions are nested, so an equal count above two cuts
@@ -121,7 +121,7 @@ def contour_boxes(scoremap: np.ndarray, thresholds: Iterable[float] = CAM_THRESH
 def run_region(upsampled: np.ndarray, threshold: float) -> np.ndarray:
     """camjobs' box rule on an upsampled map: clip(U / max U, 0, 1) >= T; empty when max U <= 0.
 
-    In float32, as ``camjobs.localize.normalized`` computes it, so it is the region the run's
+    In float32, as ``camjobs.pipeline.localize.normalized`` computes it, so it is the region the run's
     boxes were drawn from.
     """
     upsampled = np.asarray(upsampled, dtype=np.float32)

@@ -7,7 +7,7 @@ The stages, top to bottom:
   localize.localize_batch   upsample, heatmap PNG, boxes (CPU tasks, off the actors' critical path)
   sink.CamParquetSink       cams/ and errors/ to staging, then output.publish_run
 
-The three map_batches stages are values (camjobs.stages.Stage) that plan_stages builds from the
+The three map_batches stages are values (camjobs.pipeline.stages.Stage) that plan_stages builds from the
 config and the ActorPlan; run_job's `tuning` and `adapt` change them without touching this module.
 """
 
@@ -28,17 +28,17 @@ import ray
 
 from camjobs import __version__
 from camjobs.config import RunConfig
-from camjobs.decode import decode_batch
+from camjobs.pipeline.decode import decode_batch
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
 from camjobs.layouts import DatasetListing, list_images
-from camjobs.localize import localize_batch
-from camjobs.models import LoadedModel
+from camjobs.pipeline.localize import localize_batch
+from camjobs.models.networks import LoadedModel
 from camjobs.output import existing_keys, output_lock, publish_run
-from camjobs.predictor import CamPredictor, ModelSpec
+from camjobs.pipeline.predictor import CamPredictor, ModelSpec
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
-from camjobs.sink import CamParquetSink, SinkStats
-from camjobs.stages import Stage, StageLike, build_pipeline
+from camjobs.pipeline.sink import CamParquetSink, SinkStats
+from camjobs.pipeline.stages import Stage, StageLike, build_pipeline
 
 log = logging.getLogger(__name__)
 

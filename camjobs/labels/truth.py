@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 
 from camjobs.geometry import mask_box, read_mask, resize_mask_nearest, xywh_to_xyxy
 from camjobs.layouts import MASK_SUFFIX
-from camjobs.scores import EvaluationError, GroundTruth
+from camjobs.labels.scores import EvaluationError, GroundTruth
 from camjobs.storage import open_filesystem
 
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

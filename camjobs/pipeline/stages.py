@@ -1,8 +1,8 @@
 """The pipeline as values: each map_batches step is a Stage, and build_pipeline applies them in order.
 
 After Ray's batch processor (ray.llm's batch StageBase and Processor): the plan builds the stages
-(camjobs.job.plan_stages), and whoever runs the job may change them as values (a benchmark timing
-each stage, a test recording a stage's calls) without touching camjobs.job or Ray. Imports Ray Data
+(camjobs.pipeline.job.plan_stages), and whoever runs the job may change them as values (a benchmark timing
+each stage, a test recording a stage's calls) without touching camjobs.pipeline.job or Ray. Imports Ray Data
 only, never torch: a stage's callable brings its own dependencies.
 """
 

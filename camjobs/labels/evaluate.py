@@ -6,8 +6,8 @@ default): ``metrics.json`` (the metrics below, a block per baseline, ``counts``,
 with the curves, ``settings``), ``metrics.md`` (a table: metric | CAM | refined | Otsu lesion
 mask | centre box | constant map), ``per_image.csv``, ``pr_curve.png`` (pixel precision-recall)
 and ``box_acc.png`` (BoxAcc against the CAM threshold). The plots are drawn with OpenCV
-(``camjobs.eval_plots``). ``CamEvaluator`` (``camjobs.scores``) does the same for maps held in
-memory; the metric arithmetic is ``camjobs.metrics``.
+(``camjobs.labels.eval_plots``). ``CamEvaluator`` (``camjobs.labels.scores``) does the same for maps held in
+memory; the metric arithmetic is ``camjobs.labels.metrics``.
 
 Rows: with ``run_id``, that run's rows. Without, the newest run's model and settings
 (``model_sha256, method, threshold, target_mode, input_size, refine``: ``schema.SETTINGS_COLUMNS``)
@@ -17,7 +17,7 @@ out. Files of schema version 1 (no ``mask_rle``, ``refined_boxes``, ``refine``) 
 ``CAMS_SCHEMA``: the missing columns are null, so their rows have no refined labels and their
 ``refine`` setting is null, as a version-2 run without ``--refine`` writes it.
 
-Score sources. Each thing scored is a source (``camjobs.scores``: one accumulator per source,
+Score sources. Each thing scored is a source (``camjobs.labels.scores``: one accumulator per source,
 ``add`` an image, then ``result()``); every source gets every metric below, in its own block of
 metrics.json, and null where it scored no image:
 
@@ -31,7 +31,7 @@ Metrics, after Choe et al., "Evaluating Weakly Supervised Object Localization Me
 ``inference.py``). All are percentages (0-100).
 
 Score map. The raw map (``cam``, ``cam_height`` x ``cam_width``) is upsampled bilinearly
-(align_corners=False, ``camjobs.localize.upsample``) to the image's width x height and min-max
+(align_corners=False, ``camjobs.pipeline.localize.upsample``) to the image's width x height and min-max
 normalized to [0, 1] in float64: ``S = (U - min U) / (max U - min U)``.
 
 Threshold sweep. ``tau`` in ``np.arange(0, 1, 0.01)`` (cam_curve_interval 0.01, 100 values).
@@ -109,7 +109,7 @@ side; foreground = grey <= Otsu's threshold of it (lesions are darker than skin)
 (vignette corners, shadows), and the best (the first in OpenCV's label order on a tie) is the
 mask, resized to the image's size. An image whose grey values are all equal has no mask. Its
 box is ``mask_box`` of the mask (one component, so the box around the whole mask); no mask: no
-box and an empty map. The pixels come from each row's ``source_path`` (``camjobs.decode``:
+box and an empty map. The pixels come from each row's ``source_path`` (``camjobs.images``:
 ``read_bytes``, then ``decode_reduced`` with both sides kept at >= 512 where the codec can
 shrink, as a JPEG can: the working image is no smaller than it would be from a full decode).
 Where the file cannot be read or decoded (moved, deleted, corrupt), or now has another size
@@ -175,9 +175,9 @@ largest-contour hits at IoU 0.5, for GT-known and top-1 Loc at the best threshol
 the end) and a few numbers per source are kept.
 
 Modules: this one reads the rows (through ``camjobs.output``) and runs the loop; the ground truth
-is ``camjobs.truth``, the score sources ``camjobs.scores``, the metric arithmetic
-``camjobs.metrics``, the report ``camjobs.eval_report`` and its plots ``camjobs.eval_plots``. None
-of them imports torch or ray: maps are upsampled by ``camjobs.localize``, which needs neither.
+is ``camjobs.labels.truth``, the score sources ``camjobs.labels.scores``, the metric arithmetic
+``camjobs.labels.metrics``, the report ``camjobs.labels.eval_report`` and its plots ``camjobs.labels.eval_plots``. None
+of them imports torch or ray: maps are upsampled by ``camjobs.pipeline.localize``, which needs neither.
 """
 
 from __future__ import annotations
@@ -188,11 +188,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from camjobs.eval_report import EvaluationReport, markdown_report, markdown_table, write_report  # noqa: F401 (API)
+from camjobs.labels.eval_report import EvaluationReport, markdown_report, markdown_table, write_report  # noqa: F401 (API)
 from camjobs.geometry import box_xyxy, rle_decode
 from camjobs.output import NoResults, newest_per_image, open_cams, settings_filter
 from camjobs.schema import SETTINGS_COLUMNS
-from camjobs.scores import (  # noqa: F401 (CamEvaluator and its types are this module's API too)
+from camjobs.labels.scores import (  # noqa: F401 (CamEvaluator and its types are this module's API too)
     DEFAULT_MAX_SIDE,
     DEFAULT_THRESHOLD,
     METRIC_KEYS,
@@ -202,7 +202,7 @@ from camjobs.scores import (  # noqa: F401 (CamEvaluator and its types are this 
     Refinement,
 )
 from camjobs.segment import WORK_SIDE
-from camjobs.truth import TruthSource
+from camjobs.labels.truth import TruthSource
 
 IMAGE_MIN_SIDE = WORK_SIDE  # the image baselines decode with both sides at least this (the Otsu working size)
 
@@ -256,7 +256,7 @@ class _ImageReader:
 
     def read(self, source_path: str | None, width: int, height: int) -> np.ndarray | None:
         """RGB pixels of a width x height image; None (counted) if unreadable or now another size."""
-        from camjobs.decode import ImageInputError, decode_reduced, read_bytes
+        from camjobs.images import ImageInputError, decode_reduced, read_bytes
 
         if not self.enabled:
             return None

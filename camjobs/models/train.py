@@ -1,7 +1,7 @@
 """Fine-tune a GAP (or GMP) classifier on a dataset layout and write a camjobs checkpoint.
 
-``train_model`` lists and splits the data (``camjobs.train_data``), runs the epochs
-(``camjobs.train_loop``) here or on Ray Train workers (``camjobs.train_ray``), and writes the
+``train_model`` lists and splits the data (``camjobs.models.train_data``), runs the epochs
+(``camjobs.models.train_loop``) here or on Ray Train workers (``camjobs.models.train_ray``), and writes the
 checkpoint.
 
 The checkpoint holds everything `camjobs run` needs (arch, classes, state_dict, input_size,
@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from camjobs.models import atomic_torch_save, build_model, check_pooling, save_checkpoint
-from camjobs.train_data import labelled_listing, lesion_groups, split_records, split_sha256
-from camjobs.train_loop import LocalWorld, TrainConfig, read_resume, resume_path, seed_everything, train_epochs
+from camjobs.models.networks import atomic_torch_save, build_model, check_pooling, save_checkpoint
+from camjobs.models.train_data import labelled_listing, lesion_groups, split_records, split_sha256
+from camjobs.models.train_loop import LocalWorld, TrainConfig, read_resume, resume_path, seed_everything, train_epochs
 
 __all__ = ["TrainConfig", "TrainResult", "resume_path", "train_model"]
 
@@ -83,7 +83,7 @@ def _run_epochs(cfg: TrainConfig, job: dict, resume_file: str) -> dict:
         log.info("the resume file has %d epoch(s) already: nothing to train", start["epoch"])
         return start
     if cfg.workers:
-        from camjobs.train_ray import train_on_ray  # Ray only when workers are asked for
+        from camjobs.models.train_ray import train_on_ray  # Ray only when workers are asked for
 
         return train_on_ray(cfg, job, resume_file)
     return train_epochs(job, LocalWorld(resume_file))

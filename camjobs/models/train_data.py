@@ -24,9 +24,9 @@ import pyarrow.fs as pafs
 import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
-from camjobs.decode import ImageInputError, load_image
+from camjobs.images import ImageInputError, load_image
 from camjobs.layouts import ImageRecord, group_source, list_images
-from camjobs.models import IMAGENET_MEAN, IMAGENET_STD
+from camjobs.models.networks import IMAGENET_MEAN, IMAGENET_STD
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The training loop: TrainConfig, the epochs, their metrics and the resume file.
 
 ``train_epochs(job, world)`` runs in this process (``LocalWorld``) and in every Ray Train worker
-(``camjobs.train_ray``); the world says which rank it is and how ranks talk to each other. After
+(``camjobs.models.train_ray``); the world says which rank it is and how ranks talk to each other. After
 every epoch the resume payload (model, optimizer, epoch, seed, classes, config;
 weights_only-safe) is written, and every epoch reseeds Python, NumPy and torch from
 (seed, epoch, rank), so a resumed run continues exactly as an uninterrupted one would.
@@ -27,8 +27,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from camjobs.layouts import ImageRecord
-from camjobs.models import atomic_torch_save, build_model
-from camjobs.train_data import BalancedSampler, LabelledImages, epoch_seed
+from camjobs.models.networks import atomic_torch_save, build_model
+from camjobs.models.train_data import BalancedSampler, LabelledImages, epoch_seed
 
 log = logging.getLogger(__name__)
 
