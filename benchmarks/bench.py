@@ -43,11 +43,22 @@ from benchmarks import datasets, harness, results
 from benchmarks.harness import HERE
 
 PROCESS_START = time.time()
-DEFAULT_VARIANTS = ("bare", "bare-unfolded", "job-cam", "cj-cam", "cj-gradcam", "torchcam", "gradcam-lib",
-                    "job-gradcam", "paired")
+DEFAULT_VARIANTS = (
+    "bare",
+    "bare-unfolded",
+    "job-cam",
+    "cj-cam",
+    "cj-gradcam",
+    "torchcam",
+    "gradcam-lib",
+    "job-gradcam",
+    "paired",
+)
 ALL_VARIANTS = DEFAULT_VARIANTS + ("job-cli",)
-TITLE = ("camjobs CPU throughput\n\nWritten by `benchmarks/bench.py` and `benchmarks/scaling.py`: the latest round "
-         "per script and machine; older rounds in `history/results-cpu.md`.")
+TITLE = (
+    "camjobs CPU throughput\n\nWritten by `benchmarks/bench.py` and `benchmarks/scaling.py`: the latest round "
+    "per script and machine; older rounds in `history/results-cpu.md`."
+)
 
 
 # --------------------------------------------------------------------------- the Ray job, in the child
@@ -81,9 +92,16 @@ def run_job_variant(variant: str, args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log_path = str(out / "stages.jsonl")
-    cfg = RunConfig(data=args.data, output=str(out / "output"), model=args.model, classes=args.classes.split(","),
-                    input_size=args.input_size, method=variant.removeprefix("job-"), batch_size=args.job_batch_size,
-                    actors=args.actors)
+    cfg = RunConfig(
+        data=args.data,
+        output=str(out / "output"),
+        model=args.model,
+        classes=args.classes.split(","),
+        input_size=args.input_size,
+        method=variant.removeprefix("job-"),
+        batch_size=args.job_batch_size,
+        actors=args.actors,
+    )
     sampler = harness.ProcessSampler()
     sampler.start()
     load_start, run_started = os.getloadavg()[0], time.time()
@@ -99,17 +117,33 @@ def run_job_variant(variant: str, args) -> dict:
     shutil.rmtree(out / "output", ignore_errors=True)
     summary = result.summary
     return {
-        "variant": variant, "images": summary["counts"]["inputs"], "exit_code": result.exit_code,
-        "message": result.message, "processed": summary["counts"]["processed"], "errors": summary["counts"]["errors"],
-        "summary_timings": summary["timings"], "summary_throughput": summary["throughput"], "actors": summary["actors"],
-        "imports_s": imported - imports_started, "process_to_import_s": imports_started - PROCESS_START,
-        "run_job_s": run_finished - run_started, "ray_shutdown_s": shut - run_finished,
+        "variant": variant,
+        "images": summary["counts"]["inputs"],
+        "exit_code": result.exit_code,
+        "message": result.message,
+        "processed": summary["counts"]["processed"],
+        "errors": summary["counts"]["errors"],
+        "summary_timings": summary["timings"],
+        "summary_throughput": summary["throughput"],
+        "actors": summary["actors"],
+        "imports_s": imported - imports_started,
+        "process_to_import_s": imports_started - PROCESS_START,
+        "run_job_s": run_finished - run_started,
+        "ray_shutdown_s": shut - run_finished,
         **harness.stage_figures(records, run_started),
-        "driver_peak_rss_mib": harness.peak_rss_mib(), "tree_peak_rss_mib": sampler.tree_peak_rss_mib(), "roles": roles,
-        "top_processes": [{"role": _role(pid, p["names"], actor_pids, decode_pids), "name": _title(p["names"]),
-                           "cpu_s": round(p["cpu_s"], 1)}
-                          for pid, p in sorted(sampler.procs.items(), key=lambda kv: -kv[1]["cpu_s"])[:10]],
-        "load_start": load_start, "load_end": os.getloadavg()[0],
+        "driver_peak_rss_mib": harness.peak_rss_mib(),
+        "tree_peak_rss_mib": sampler.tree_peak_rss_mib(),
+        "roles": roles,
+        "top_processes": [
+            {
+                "role": _role(pid, p["names"], actor_pids, decode_pids),
+                "name": _title(p["names"]),
+                "cpu_s": round(p["cpu_s"], 1),
+            }
+            for pid, p in sorted(sampler.procs.items(), key=lambda kv: -kv[1]["cpu_s"])[:10]
+        ],
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
     }
 
 
@@ -123,8 +157,20 @@ def run_cli_variant(args) -> dict:
     """job-cli: the plain `camjobs run` command, nothing changed; its own summary file for timings."""
     out = Path(args.scratch) / f"job-cli-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
-    command = [str(Path(sys.executable).with_name("camjobs")), "run", "--data", args.data, "--output", str(out),
-               "--model", args.model, "--classes", args.classes, "--input-size", str(args.input_size)]
+    command = [
+        str(Path(sys.executable).with_name("camjobs")),
+        "run",
+        "--data",
+        args.data,
+        "--output",
+        str(out),
+        "--model",
+        args.model,
+        "--classes",
+        args.classes,
+        "--input-size",
+        str(args.input_size),
+    ]
     if args.job_batch_size:
         command += ["--batch-size", str(args.job_batch_size)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -135,9 +181,14 @@ def run_cli_variant(args) -> dict:
         raise SystemExit(f"camjobs run failed ({done.returncode}): {done.stderr[-3000:]}")
     summary = json.loads(next((out / "runs").glob("*.json")).read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return {"variant": "job-cli", "images": summary["counts"]["inputs"], "cli_wall_s": elapsed,
-            "summary_timings": summary["timings"], "summary_throughput": summary["throughput"],
-            "children_peak_rss_mib": harness.peak_rss_mib("children")}
+    return {
+        "variant": "job-cli",
+        "images": summary["counts"]["inputs"],
+        "cli_wall_s": elapsed,
+        "summary_timings": summary["timings"],
+        "summary_throughput": summary["throughput"],
+        "children_peak_rss_mib": harness.peak_rss_mib("children"),
+    }
 
 
 def worker_main(args) -> None:
@@ -159,14 +210,26 @@ def worker_main(args) -> None:
 
 def child_args(args) -> list[str]:
     """The options a child needs from the parent's: the model and where to write."""
-    return ["--model", args.model, "--input-size", str(args.input_size), "--classes", args.classes,
-            "--scratch", str(args.scratch)]
+    return [
+        "--model",
+        args.model,
+        "--input-size",
+        str(args.input_size),
+        "--classes",
+        args.classes,
+        "--scratch",
+        str(args.scratch),
+    ]
 
 
 def run_child(variant: str, args, data: Path, log_dir: Path) -> dict:
     extra = ["--worker", variant, "--data", str(data), "--batch-size", str(args.batch_size)]
-    for flag, value in (("--paired-images", args.paired_images), ("--threads", args.threads),
-                        ("--job-batch-size", args.job_batch_size), ("--actors", args.actors)):
+    for flag, value in (
+        ("--paired-images", args.paired_images),
+        ("--threads", args.threads),
+        ("--job-batch-size", args.job_batch_size),
+        ("--actors", args.actors),
+    ):
         if value:
             extra += [flag, str(value)]
     result = harness.run_child("bench", child_args(args) + extra, log_dir / f"{variant}.log")
@@ -188,24 +251,35 @@ def parent_main(args) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="logs-", dir=args.scratch))
     facts = harness.machine_facts()
     command = " ".join([".venv/bin/python -m benchmarks.bench"] + sys.argv[1:])
-    print(f"bench: {facts['cpu']}, {facts['cores']} cores, {facts['ram_gib']} GiB; load {os.getloadavg()}; "
-          f"logs in {log_dir}", flush=True)
+    print(
+        f"bench: {facts['cpu']}, {facts['cores']} cores, {facts['ram_gib']} GiB; load {os.getloadavg()}; "
+        f"logs in {log_dir}",
+        flush=True,
+    )
     loads = harness.LoadSampler()
     loads.start()
     rounds: list[dict[str, dict]] = []
     for round_index in range(args.rounds):
         res: dict[str, dict] = {}
-        for variant in (variants if round_index % 2 == 0 else variants[::-1]):
+        for variant in variants if round_index % 2 == 0 else variants[::-1]:
             print(f"bench: round {round_index + 1}/{args.rounds} {variant} ...", flush=True)
             r = res[variant] = run_child(variant, args, data, log_dir)
             steady = f", steady {r['steady_images_per_s']:.2f} img/s" if r.get("steady_images_per_s") else ""
-            print(f"bench:   {r['images_per_s']:.2f} img/s ({r['images']} images in "
-                  f"{r.get('seconds', r['process_wall_s']):.1f} s{steady}), load {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"bench:   {r['images_per_s']:.2f} img/s ({r['images']} images in "
+                f"{r.get('seconds', r['process_wall_s']):.1f} s{steady}), load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
         rounds.append(res)
     load_values = loads.stop()
     if args.json:
-        Path(args.json).write_text(json.dumps({"rounds": rounds, "machine": facts, "loads": load_values,
-                                               "command": command, "args": vars(args)}, indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {"rounds": rounds, "machine": facts, "loads": load_values, "command": command, "args": vars(args)},
+                indent=1,
+                default=str,
+            )
+        )
     section = render(rounds, args, facts, load_values, command)
     print("\n" + section)
     results.publish(args.results, section, results.round_marker("bench.py", facts), TITLE)
@@ -232,29 +306,43 @@ def add_common_args(p: argparse.ArgumentParser, images: int) -> None:
     p.add_argument("--classes", default="mel,nv,bkl")
     p.add_argument("--width", type=int, default=600)
     p.add_argument("--height", type=int, default=450)
-    p.add_argument("--data-dir", default=os.environ.get("CAMJOBS_BENCH_DATA", "/tmp/camjobs-bench-data"),
-                   help="synthetic data cache")
-    p.add_argument("--scratch", default=os.environ.get("CAMJOBS_BENCH_SCRATCH", "/tmp/camjobs-bench-out"),
-                   help="job outputs and logs")
-    p.add_argument("--results", default=str(HERE / "results-cpu.md"),
-                   help="Markdown results file ('' for none); its last round on this machine moves to history/")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CAMJOBS_BENCH_DATA", "/tmp/camjobs-bench-data"),
+        help="synthetic data cache",
+    )
+    p.add_argument(
+        "--scratch",
+        default=os.environ.get("CAMJOBS_BENCH_SCRATCH", "/tmp/camjobs-bench-out"),
+        help="job outputs and logs",
+    )
+    p.add_argument(
+        "--results",
+        default=str(HERE / "results-cpu.md"),
+        help="Markdown results file ('' for none); its last round on this machine moves to history/",
+    )
     p.add_argument("--json", default=None, help="also write every raw figure to this JSON file")
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_args(p, images=1024)
     p.add_argument("--batch-size", type=int, default=16, help="batch of the plain loops (the job's CPU default is 16)")
     p.add_argument("--job-batch-size", type=int, default=None, help="--batch-size for the job [default: the job's own]")
     p.add_argument("--actors", type=int, default=None, help="--actors for the job [default: the job's own]")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the plain loops [default: all cores]")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
-    p.add_argument("--paired-images", type=int, default=128,
-                   help="images of the 'paired' variant (it runs all five loop methods)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run every variant this many times (every other round in reverse order)")
+    p.add_argument(
+        "--paired-images", type=int, default=128, help="images of the 'paired' variant (it runs all five loop methods)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every variant this many times (every other round in reverse order)"
+    )
     p.add_argument("--render-json", default=None, help="only render the Markdown section of a run saved with --json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

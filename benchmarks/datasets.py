@@ -20,8 +20,9 @@ def image_paths(data: Path) -> list[str]:
     return sorted(str(p) for part in PARTS for p in (Path(data) / part).glob("*.jpg"))
 
 
-def ham10000(cache: Path, images: int, unique: int | None = None, width: int = 600, height: int = 450,
-             processes: int = 1) -> Path:
+def ham10000(
+    cache: Path, images: int, unique: int | None = None, width: int = 600, height: int = 450, processes: int = 1
+) -> Path:
     """`images` synthetic JPEGs in the HAM10000 layout under `cache`, made once: `unique` of them
     (all by default) by camjobs.synth in `processes` parallel chunks (one seed each), renumbered
     into one id sequence; the rest copies of those under new image and lesion ids (no masks)."""
@@ -34,8 +35,9 @@ def ham10000(cache: Path, images: int, unique: int | None = None, width: int = 6
     scratch = target.with_name(f".{target.name}.{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     chunks = max(1, min(processes, math.ceil(unique / 8)))
-    jobs = [(str(scratch / f"chunk{k}"), unique // chunks + (k < unique % chunks), k, width, height)
-            for k in range(chunks)]
+    jobs = [
+        (str(scratch / f"chunk{k}"), unique // chunks + (k < unique % chunks), k, width, height) for k in range(chunks)
+    ]
     if chunks == 1:
         _synth_chunk(jobs[0])
     else:
@@ -90,8 +92,9 @@ def _add_copies(scratch: Path, rows: list[dict], unique: int, images: int) -> No
     for index in range(unique, images):
         source = rows[index % unique]
         row = dict(source, image_id=f"ISIC_{FIRST_ID + index:07d}", lesion_id=f"HAM_{lesions + index:07d}")
-        shutil.copyfile(parts[index % unique >= half] / f"{source['image_id']}.jpg",
-                        parts[index >= half] / f"{row['image_id']}.jpg")
+        shutil.copyfile(
+            parts[index % unique >= half] / f"{source['image_id']}.jpg", parts[index >= half] / f"{row['image_id']}.jpg"
+        )
         rows.append(row)
 
 

@@ -45,8 +45,8 @@ import numpy as np
 from benchmarks import harness, results
 from benchmarks.harness import HERE, ROOT
 from camjobs.geometry import box_iou, centre_box, mask_box, mask_jaccard, rle_decode
-from camjobs.pipeline.localize import normalized, refined_row, upsample
 from camjobs.output import open_cams
+from camjobs.pipeline.localize import normalized, refined_row, upsample
 from camjobs.segment import REFINE_RULE, REFINE_SIDE, otsu_lesion_mask, refine, to_work
 
 SAMPLE = ROOT.parent / "shared" / "data" / "isic2017-sample"
@@ -55,8 +55,11 @@ MASK_DIR = "ISIC-2017_Training_Part1_GroundTruth"
 LABELS_CSV = "ISIC-2017_Training_Part3_GroundTruth.csv"
 TITLE = "Label quality on held-out real images (benchmarks/fidelity.py)"
 SOURCES = ("cam", "refined", "refined-nomap", "otsu", "centre")
-DEFAULT_MODELS = ("effnet-gap=efficientnet_lite0:imagenet:gap", "effnet-gmp=efficientnet_lite0:imagenet:gmp",
-                  "resnet18=resnet18:none:gap")
+DEFAULT_MODELS = (
+    "effnet-gap=efficientnet_lite0:imagenet:gap",
+    "effnet-gmp=efficientnet_lite0:imagenet:gmp",
+    "resnet18=resnet18:none:gap",
+)
 
 
 @dataclass
@@ -87,8 +90,21 @@ def fold_layout(sample: Path, ids: list[str], folder: Path, rows: dict[str, dict
 
 
 def read_rows(output: Path) -> list[dict]:
-    columns = ["image_id", "source_path", "width", "height", "label", "pred_label", "cam", "cam_height", "cam_width",
-               "threshold", "boxes", "refined_boxes", "mask_rle"]
+    columns = [
+        "image_id",
+        "source_path",
+        "width",
+        "height",
+        "label",
+        "pred_label",
+        "cam",
+        "cam_height",
+        "cam_width",
+        "threshold",
+        "boxes",
+        "refined_boxes",
+        "mask_rle",
+    ]
     return open_cams(str(output)).to_table(columns=columns).to_pylist()
 
 
@@ -112,9 +128,13 @@ def score_row(row: dict, truth: np.ndarray, scores: Scores) -> None:
     centre_region = np.zeros((height, width), bool)
     x0, y0, x1, y1 = (int(round(v)) for v in centre)
     centre_region[y0:y1, x0:x1] = True
-    boxes = {"cam": largest_box(row["boxes"]), "refined": largest_box(row["refined_boxes"]),
-             "refined-nomap": None if nomap is None else mask_box(nomap),
-             "otsu": None if otsu is None else mask_box(otsu), "centre": centre}
+    boxes = {
+        "cam": largest_box(row["boxes"]),
+        "refined": largest_box(row["refined_boxes"]),
+        "refined-nomap": None if nomap is None else mask_box(nomap),
+        "otsu": None if otsu is None else mask_box(otsu),
+        "centre": centre,
+    }
     regions = {"cam": region, "refined": refined, "refined-nomap": nomap, "otsu": otsu, "centre": centre_region}
     for source in SOURCES:
         scores.iou[source].append(0.0 if boxes[source] is None else box_iou(boxes[source], truth_box))
@@ -139,8 +159,8 @@ def map_variants(checkpoint: str, rows: list[dict], sample: Path, scores: Scores
 
     from camjobs.cam import build_extractor
     from camjobs.images import resize_for_model
-    from camjobs.pipeline.localize import boxes_from_normalized
     from camjobs.models.networks import load_model
+    from camjobs.pipeline.localize import boxes_from_normalized
 
     loaded = load_model(checkpoint)
     model = loaded.model.eval()
@@ -163,8 +183,8 @@ def map_variants(checkpoint: str, rows: list[dict], sample: Path, scores: Scores
         predicted = int(class_index[row["pred_label"]])
         maps = {
             "base": base,
-            "flip-averaged": (base + cam_of(np.ascontiguousarray(rgb[:, ::-1]), loaded.input_size,
-                                            predicted)[:, ::-1]) / 2,
+            "flip-averaged": (base + cam_of(np.ascontiguousarray(rgb[:, ::-1]), loaded.input_size, predicted)[:, ::-1])
+            / 2,
             "448 px": cam_of(rgb, 448, None),
             "labelled class": cam_of(rgb, loaded.input_size, class_index.get(row["label"])),
         }
@@ -176,21 +196,43 @@ def map_variants(checkpoint: str, rows: list[dict], sample: Path, scores: Scores
 
 def balanced_accuracy(labels: list[str], predictions: list[str]) -> float:
     classes = sorted(set(labels))
-    return float(np.mean([np.mean([p == c for label, p in zip(labels, predictions, strict=True) if label == c])
-                          for c in classes]))
+    return float(
+        np.mean(
+            [np.mean([p == c for label, p in zip(labels, predictions, strict=True) if label == c]) for c in classes]
+        )
+    )
 
 
-def run_fold(args, name: str, arch: str, weights: str | None, pooling: str, train_dir: Path, test_dir: Path,
-             work: Path, scores: Scores) -> float:
+def run_fold(
+    args,
+    name: str,
+    arch: str,
+    weights: str | None,
+    pooling: str,
+    train_dir: Path,
+    test_dir: Path,
+    work: Path,
+    scores: Scores,
+) -> float:
     from camjobs.config import RunConfig
-    from camjobs.pipeline.job import run_job
     from camjobs.models.train import TrainConfig, train_model
+    from camjobs.pipeline.job import run_job
 
     checkpoint = work / f"{name}.pt"
     started = time.perf_counter()
-    train_model(TrainConfig(data=str(train_dir), out=str(checkpoint), arch=arch, epochs=args.epochs,
-                            weights=weights, pooling=pooling, seed=args.seed, progress=False,
-                            batch_size=16))
+    train_model(
+        TrainConfig(
+            data=str(train_dir),
+            out=str(checkpoint),
+            arch=arch,
+            epochs=args.epochs,
+            weights=weights,
+            pooling=pooling,
+            seed=args.seed,
+            progress=False,
+            batch_size=16,
+        )
+    )
     trained = time.perf_counter() - started
     output = work / f"{name}-out"
     result = run_job(RunConfig(data=str(test_dir), output=str(output), checkpoint=str(checkpoint), refine=True))
@@ -214,11 +256,13 @@ def refine_cost(sample: Path, ids: list[str], repeats: int = 3) -> dict[str, flo
     for label, size in (("600 x 450 (HAM10000)", (600, 450)), ("4000 x 3000 photograph", (4000, 3000))):
         refining, working = [], []
         for path in images:
-            rgb = cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), size,
-                             interpolation=cv2.INTER_LINEAR)
+            rgb = cv2.resize(
+                cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), size, interpolation=cv2.INTER_LINEAR
+            )
             # the decode stage decodes a large JPEG at 1/8 scale (libjpeg's draft mode): start from there
-            decoded = rgb if size[0] <= 1000 else cv2.resize(rgb, (size[0] // 8, size[1] // 8),
-                                                             interpolation=cv2.INTER_AREA)
+            decoded = (
+                rgb if size[0] <= 1000 else cv2.resize(rgb, (size[0] // 8, size[1] // 8), interpolation=cv2.INTER_AREA)
+            )
             cam = rng.random((7, 7)).astype(np.float32) + 1.0
             norm = normalized(upsample(cam, size[1], size[0]))  # the localize stage has it for the boxes
             for _ in range(repeats):
@@ -270,8 +314,13 @@ def untuned_check(work: Path, n: int = 200) -> dict[str, dict[str, float]]:
     synth_dataset(folder, n=n, seed=1)
     found: dict[str, dict[str, list[float]]] = {}
     for path in sorted(folder.glob("HAM10000_images_part_*/*.jpg")):
-        truth = cv2.imread(str(folder / "HAM10000_segmentations_lesion_tschandl" / f"{path.stem}_segmentation.png"),
-                           cv2.IMREAD_GRAYSCALE) > 127
+        truth = (
+            cv2.imread(
+                str(folder / "HAM10000_segmentations_lesion_tschandl" / f"{path.stem}_segmentation.png"),
+                cv2.IMREAD_GRAYSCALE,
+            )
+            > 127
+        )
         height, width = truth.shape
         plain = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
         ys, xs = np.mgrid[0:height, 0:width]
@@ -279,8 +328,10 @@ def untuned_check(work: Path, n: int = 200) -> dict[str, dict[str, float]]:
         vignetted = (plain * np.clip(1.6 - rim, 0.05, 1.0)[..., None]).astype(np.uint8)
         for condition, rgb in (("synthetic", plain), ("synthetic + dark rim", vignetted)):
             work_rgb = to_work(rgb, REFINE_SIDE)
-            masks = {"refined (rule, no map)": refine(work_rgb, no_preference(*work_rgb.shape[:2]), width, height),
-                     "Otsu baseline": otsu_lesion_mask(rgb)}
+            masks = {
+                "refined (rule, no map)": refine(work_rgb, no_preference(*work_rgb.shape[:2]), width, height),
+                "Otsu baseline": otsu_lesion_mask(rgb),
+            }
             for source, mask in masks.items():
                 scores = found.setdefault(f"{condition}: {source}", {"iou": [], "jaccard": []})
                 scores["iou"].append(0.0 if mask is None else box_iou(mask_box(mask), mask_box(truth)))
@@ -294,14 +345,32 @@ def table(title: str, header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def report(args, by_model: dict[str, Scores], train_seconds: dict[str, float], cost: dict[str, float],
-           ablation: dict[str, dict[str, float]], untuned: dict[str, dict[str, float]], elapsed: float) -> str:
-    names = {"cam": "CAM 20% (boxes)", "refined": "refined (--refine)",
-             "refined-nomap": "refinement's rule, map ignored", "otsu": "Otsu baseline", "centre": "centre box"}
+def report(
+    args,
+    by_model: dict[str, Scores],
+    train_seconds: dict[str, float],
+    cost: dict[str, float],
+    ablation: dict[str, dict[str, float]],
+    untuned: dict[str, dict[str, float]],
+    elapsed: float,
+) -> str:
+    names = {
+        "cam": "CAM 20% (boxes)",
+        "refined": "refined (--refine)",
+        "refined-nomap": "refinement's rule, map ignored",
+        "otsu": "Otsu baseline",
+        "centre": "centre box",
+    }
     parts = [
         f"## {harness.utc_now()}: {args.folds}-fold label quality on the ISIC 2017 sample\n",
-        "\n".join([f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.fidelity'] + sys.argv[1:])}`",
-                   *harness.machine_lines(args.facts), f"- {elapsed / 60:.1f} min in all"]) + "\n",
+        "\n".join(
+            [
+                f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.fidelity'] + sys.argv[1:])}`",
+                *harness.machine_lines(args.facts),
+                f"- {elapsed / 60:.1f} min in all",
+            ]
+        )
+        + "\n",
         f"Data: the ISIC 2017 sample ({sum(len(s.labels) for s in by_model.values()) // max(1, len(by_model))} images "
         f"with lesion masks), {args.folds}-fold (seed {args.seed}): each image is scored once, by the models "
         f"trained on the other folds ({args.epochs} epochs each). Box IoU: the largest box against the mask's "
@@ -313,26 +382,49 @@ def report(args, by_model: dict[str, Scores], train_seconds: dict[str, float], c
             iou, jac = np.array(scores.iou[source]), np.array(scores.jaccard[source])
             lines.append([names[source], f"{iou.mean():.3f}", f"{(iou >= 0.5).mean():.0%}", f"{jac.mean():.3f}"])
         accuracy = np.mean([label == p for label, p in zip(scores.labels, scores.predictions, strict=True)])
-        parts.append(table(
-            f"{model}: {args.models[model]} ({len(scores.labels)} held-out images; held-out accuracy "
-            f"{accuracy:.0%}, balanced {balanced_accuracy(scores.labels, scores.predictions):.0%}; training "
-            f"{train_seconds[model]:.0f} s per fold; refined mask null on {scores.refine_null})",
-            ["boxes / masks", "mean box IoU", "IoU >= 0.5", "mean mask Jaccard"], lines))
+        parts.append(
+            table(
+                f"{model}: {args.models[model]} ({len(scores.labels)} held-out images; held-out accuracy "
+                f"{accuracy:.0%}, balanced {balanced_accuracy(scores.labels, scores.predictions):.0%}; training "
+                f"{train_seconds[model]:.0f} s per fold; refined mask null on {scores.refine_null})",
+                ["boxes / masks", "mean box IoU", "IoU >= 0.5", "mean mask Jaccard"],
+                lines,
+            )
+        )
         if scores.variants:
             base = np.mean(scores.variants["base"])
-            parts.append(table(f"{model}: map variants, CAM 20% box",
-                               ["map", "mean box IoU", "IoU >= 0.5", "against base"],
-                               [[name, f"{np.mean(v):.3f}", f"{np.mean(np.array(v) >= 0.5):.0%}",
-                                 f"{np.mean(v) - base:+.3f}"] for name, v in scores.variants.items()]))
-    parts.append(table(f"The refinement's rule, each step left out or changed ({len(args.sample_ids)} sample images, "
-                       "map ignored, no model)", ["rule", "mean box IoU", "mean mask Jaccard"],
-                       [[name, f"{v['iou']:.3f}", f"{v['jaccard']:.3f}"] for name, v in ablation.items()]))
-    parts.append(table(f"Images that played no part in choosing the rule (camjobs synth, {args.synthetic} images, "
-                       "seed 1)",
-                       ["images: labels", "mean box IoU", "mean mask Jaccard"],
-                       [[name, f"{v['iou']:.3f}", f"{v['jaccard']:.3f}"] for name, v in untuned.items()]))
-    parts.append(table("Cost of --refine per image, one core (OpenCV single-threaded)",
-                       ["image", "median ms"], [[k, f"{v:.2f}"] for k, v in cost.items()]))
+            parts.append(
+                table(
+                    f"{model}: map variants, CAM 20% box",
+                    ["map", "mean box IoU", "IoU >= 0.5", "against base"],
+                    [
+                        [name, f"{np.mean(v):.3f}", f"{np.mean(np.array(v) >= 0.5):.0%}", f"{np.mean(v) - base:+.3f}"]
+                        for name, v in scores.variants.items()
+                    ],
+                )
+            )
+    parts.append(
+        table(
+            f"The refinement's rule, each step left out or changed ({len(args.sample_ids)} sample images, "
+            "map ignored, no model)",
+            ["rule", "mean box IoU", "mean mask Jaccard"],
+            [[name, f"{v['iou']:.3f}", f"{v['jaccard']:.3f}"] for name, v in ablation.items()],
+        )
+    )
+    parts.append(
+        table(
+            f"Images that played no part in choosing the rule (camjobs synth, {args.synthetic} images, seed 1)",
+            ["images: labels", "mean box IoU", "mean mask Jaccard"],
+            [[name, f"{v['iou']:.3f}", f"{v['jaccard']:.3f}"] for name, v in untuned.items()],
+        )
+    )
+    parts.append(
+        table(
+            "Cost of --refine per image, one core (OpenCV single-threaded)",
+            ["image", "median ms"],
+            [[k, f"{v:.2f}"] for k, v in cost.items()],
+        )
+    )
     return "\n".join(parts)
 
 
@@ -346,8 +438,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="name=arch:weights:pooling")
     parser.add_argument("--no-variants", dest="variants", action="store_false")
-    parser.add_argument("--out", type=Path, default=HERE / "results-fidelity.md",
-                        help="Markdown results file; its last round on this machine moves to history/")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results-fidelity.md",
+        help="Markdown results file; its last round on this machine moves to history/",
+    )
     args = parser.parse_args(argv)
     args.models = dict(spec.split("=", 1) for spec in args.models)
     return args
@@ -365,7 +461,7 @@ def main(argv=None) -> None:
         rows = {row["image_id"]: row for row in csv.DictReader(handle)}
     ids = sorted(rows)
     if args.limit:  # a seeded random subset: the first ids in order may all be of one class
-        ids = sorted(np.random.default_rng(args.seed).permutation(ids)[:args.limit].tolist())
+        ids = sorted(np.random.default_rng(args.seed).permutation(ids)[: args.limit].tolist())
     folds = np.array_split(np.random.default_rng(args.seed).permutation(len(ids)), args.folds)
     scores = {name: Scores() for name in args.models}
     train_seconds = {name: 0.0 for name in args.models}
@@ -378,8 +474,17 @@ def main(argv=None) -> None:
             test_dir = fold_layout(args.sample, test_ids, work / f"fold{k}" / "test", rows)
             for name, spec in args.models.items():
                 arch, weights, pooling = spec.split(":")
-                seconds = run_fold(args, f"fold{k}-{name}", arch, None if weights == "none" else weights, pooling,
-                                   train_dir, test_dir, work / f"fold{k}", scores[name])
+                seconds = run_fold(
+                    args,
+                    f"fold{k}-{name}",
+                    arch,
+                    None if weights == "none" else weights,
+                    pooling,
+                    train_dir,
+                    test_dir,
+                    work / f"fold{k}",
+                    scores[name],
+                )
                 train_seconds[name] += seconds / args.folds
                 print(f"fold {k} {name}: trained in {seconds:.0f} s", flush=True)
         untuned = untuned_check(work, args.synthetic)

@@ -37,18 +37,38 @@ from benchmarks.variants import NAMES
 START = time.time()
 ARCH, CLASSES, SIZE = "resnet50", ["mel", "nv", "bkl"], 224
 STEPS = ("machine", "data", "forward", "stages", "bare-loop", "bare-parallel", "jobs", "render")
-ESTIMATE_S = {"machine": 10, "data": 45, "forward": 45, "stages": 20, "bare-loop": 30, "bare-parallel": 30, "jobs": 45,
-              "render": 0}
+ESTIMATE_S = {
+    "machine": 10,
+    "data": 45,
+    "forward": 45,
+    "stages": 20,
+    "bare-loop": 30,
+    "bare-parallel": 30,
+    "jobs": 45,
+    "render": 0,
+}
 JOB_TIMEOUT_S = 120
 # (variant, method, actors, GPU share per actor) on a GPU; on CPUs: no GPU share, at most 2 actors
-JOBS = (("job-cam", "cam", 1, None), ("job-gradcam", "gradcam", 1, None),
-        ("job-cam-2x0.5", "cam", 2, 0.5), ("job-cam-4x0.25", "cam", 4, 0.25))
+JOBS = (
+    ("job-cam", "cam", 1, None),
+    ("job-gradcam", "gradcam", 1, None),
+    ("job-cam-2x0.5", "cam", 2, 0.5),
+    ("job-cam-4x0.25", "cam", 4, 0.25),
+)
 # Pipeline experiments, run only when named in --jobs: job-cam-<variant>, one actor, with any of
 # variants.NAMES (e.g. job-cam-split16, job-cam-gpudecode, job-cam-halfcpu+decode8).
-EXPERIMENTS = ("job-cam-gpudecode", "job-cam-decode8", "job-cam-halfcpu", "job-cam-noreserve",
-               "job-cam-nodownstream", "job-cam-split16")
-TITLE = ("camjobs GPU throughput\n\nWritten by `benchmarks/gpu.py`: the latest run per machine; older runs in "
-         "`history/results-gpu.md`. Each section names the JSON file that holds its raw figures.")
+EXPERIMENTS = (
+    "job-cam-gpudecode",
+    "job-cam-decode8",
+    "job-cam-halfcpu",
+    "job-cam-noreserve",
+    "job-cam-nodownstream",
+    "job-cam-split16",
+)
+TITLE = (
+    "camjobs GPU throughput\n\nWritten by `benchmarks/gpu.py`: the latest run per machine; older runs in "
+    "`history/results-gpu.md`. Each section names the JSON file that holds its raw figures."
+)
 
 
 def log(message: str) -> None:
@@ -108,9 +128,15 @@ def step_data(ctx, res: dict) -> None:
     started, before = time.time(), set(Path(args.work).glob("ham10000-*"))
     ctx.data = datasets.ham10000(Path(args.work), args.images, unique, processes=os.cpu_count() or 1)
     paths = datasets.image_paths(ctx.data)
-    res.update(path=str(ctx.data), images=args.images, unique=unique, reused=ctx.data in before,
-               synth_processes=os.cpu_count(), seconds=round(time.time() - started, 2),
-               jpeg_mib=round(sum(map(os.path.getsize, paths)) / 2**20, 1))
+    res.update(
+        path=str(ctx.data),
+        images=args.images,
+        unique=unique,
+        reused=ctx.data in before,
+        synth_processes=os.cpu_count(),
+        seconds=round(time.time() - started, 2),
+        jpeg_mib=round(sum(map(os.path.getsize, paths)) / 2**20, 1),
+    )
 
 
 def timed_loop(fn, device, batch: int, warmup: int, seconds: float) -> dict:
@@ -142,8 +168,14 @@ def step_forward(ctx, res: dict) -> None:
 
     device, batch = ctx.device, ctx.batch
     warmup, seconds = (5, 3.0) if device.type == "cuda" else (1, 2.0)
-    res.update(device=str(device), batch=batch, warmup=warmup, cudnn_benchmark=torch.backends.cudnn.benchmark,
-               cudnn_tf32=torch.backends.cudnn.allow_tf32, matmul_tf32=torch.backends.cuda.matmul.allow_tf32)
+    res.update(
+        device=str(device),
+        batch=batch,
+        warmup=warmup,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+        cudnn_tf32=torch.backends.cudnn.allow_tf32,
+        matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+    )
     model = load_model(arch=ARCH, classes=CLASSES, input_size=SIZE).model.to(device).eval()
     x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -191,11 +223,16 @@ def device_decode(ctx, warmup: int, seconds: float) -> dict:
     from camjobs.images import inspect_header
     from camjobs.pipeline.gpu_decode import decode_to_input
 
-    encoded = [Path(p).read_bytes() for p in datasets.image_paths(ctx.data)[:ctx.batch]]
+    encoded = [Path(p).read_bytes() for p in datasets.image_paths(ctx.data)[: ctx.batch]]
     headers = [inspect_header(data) for data in encoded]
     sizes, orientations = [h[:2] for h in headers], [h[2] for h in headers]
-    return timed_loop(lambda: decode_to_input(encoded, sizes, orientations, SIZE, ctx.device),
-                      ctx.device, len(encoded), warmup, seconds)
+    return timed_loop(
+        lambda: decode_to_input(encoded, sizes, orientations, SIZE, ctx.device),
+        ctx.device,
+        len(encoded),
+        warmup,
+        seconds,
+    )
 
 
 def smooth_maps(count: int):
@@ -204,8 +241,9 @@ def smooth_maps(count: int):
 
     gen, grid, maps = torch.Generator().manual_seed(0), torch.arange(7.0), []
     for _ in range(count):
-        cy, cx, width = (torch.rand(3, generator=gen) * torch.tensor([4.0, 4.0, 1.5])
-                         + torch.tensor([1.5, 1.5, 1.0])).tolist()
+        cy, cx, width = (
+            torch.rand(3, generator=gen) * torch.tensor([4.0, 4.0, 1.5]) + torch.tensor([1.5, 1.5, 1.0])
+        ).tolist()
         bump = torch.exp(-((grid[:, None] - cy) ** 2 + (grid[None, :] - cx) ** 2) / (2 * width**2))
         maps.append(3 * bump + 0.2 * torch.randn(7, 7, generator=gen) - 0.5)
     return maps
@@ -261,14 +299,21 @@ def step_bare_loop(ctx, res: dict) -> None:
     started = time.perf_counter()
     for first in range(0, len(paths), ctx.batch):
         t0 = time.perf_counter()
-        pixels = np.stack([load_image(p, input_size=SIZE).pixels for p in paths[first:first + ctx.batch]])
+        pixels = np.stack([load_image(p, input_size=SIZE).pixels for p in paths[first : first + ctx.batch]])
         t1 = time.perf_counter()
         forward(pixels)
         decode_s, model_s = decode_s + t1 - t0, model_s + time.perf_counter() - t1
     elapsed = time.perf_counter() - started
-    res.update(images=len(paths), batch=ctx.batch, load_image_reduced_default=reduced_default(),
-               seconds=round(elapsed, 3), images_per_s=round(len(paths) / elapsed, 2), decode_s=round(decode_s, 3),
-               model_s=round(model_s, 3), peak_rss_mib=harness.peak_rss_mib())
+    res.update(
+        images=len(paths),
+        batch=ctx.batch,
+        load_image_reduced_default=reduced_default(),
+        seconds=round(elapsed, 3),
+        images_per_s=round(len(paths) / elapsed, 2),
+        decode_s=round(decode_s, 3),
+        model_s=round(model_s, 3),
+        peak_rss_mib=harness.peak_rss_mib(),
+    )
 
 
 def step_bare_parallel(ctx, res: dict) -> None:
@@ -292,9 +337,16 @@ def step_bare_parallel(ctx, res: dict) -> None:
                     first_end, first_n = time.perf_counter(), done
         ended = time.perf_counter()
     after_first = (len(paths) - first_n) / (ended - first_end) if len(paths) > first_n else None
-    res.update(images=len(paths), workers=workers, batch=ctx.batch, seconds=round(ended - started, 3),
-               images_per_s=round(len(paths) / (ended - started), 2), first_batch_after_s=round(first_end - started, 3),
-               after_first_images_per_s=harness.rounded(after_first), peak_rss_mib=harness.peak_rss_mib())
+    res.update(
+        images=len(paths),
+        workers=workers,
+        batch=ctx.batch,
+        seconds=round(ended - started, 3),
+        images_per_s=round(len(paths) / (ended - started), 2),
+        first_batch_after_s=round(first_end - started, 3),
+        after_first_images_per_s=harness.rounded(after_first),
+        peak_rss_mib=harness.peak_rss_mib(),
+    )
 
 
 def worker_main(spec: dict) -> None:
@@ -311,9 +363,17 @@ def worker_main(spec: dict) -> None:
     shutil.rmtree(output, ignore_errors=True)
     stage_log = Path(output + ".stages.jsonl")
     stage_log.unlink(missing_ok=True)
-    cfg = RunConfig(data=spec["data"], output=output, model=ARCH, classes=CLASSES, input_size=SIZE,
-                    method=spec["method"], actors=spec["actors"], gpus_per_actor=spec["gpus_per_actor"],
-                    batch_size=spec["batch_size"])
+    cfg = RunConfig(
+        data=spec["data"],
+        output=output,
+        model=ARCH,
+        classes=CLASSES,
+        input_size=SIZE,
+        method=spec["method"],
+        actors=spec["actors"],
+        gpus_per_actor=spec["gpus_per_actor"],
+        batch_size=spec["batch_size"],
+    )
     sampler = harness.ProcessSampler(interval=0.5, gpu=True)
     sampler.start()
     started = time.time()
@@ -322,12 +382,21 @@ def worker_main(spec: dict) -> None:
     copy_ray_data_log(output + ".ray-data.log")  # Ray Data's per-operator budgets and queues, at DEBUG
     ray.shutdown()
     figures = harness.stage_figures(harness.read_log(stage_log), started)
-    out = {"exit_code": result.exit_code, "message": result.message, "counts": result.summary["counts"],
-           "timings": result.summary["timings"], "throughput": result.summary["throughput"],
-           "actors": result.summary["actors"], "imports_s": round(started - imports_started, 3),
-           "run_job_s": round(finished - started, 3), "ray_shutdown_s": round(time.time() - finished, 3),
-           "driver_peak_rss_mib": harness.peak_rss_mib(), "steady_images_per_s": figures["steady_images_per_s"],
-           "after_first_images_per_s": figures["after_first_images_per_s"], **sampler.stop().summary()}
+    out = {
+        "exit_code": result.exit_code,
+        "message": result.message,
+        "counts": result.summary["counts"],
+        "timings": result.summary["timings"],
+        "throughput": result.summary["throughput"],
+        "actors": result.summary["actors"],
+        "imports_s": round(started - imports_started, 3),
+        "run_job_s": round(finished - started, 3),
+        "ray_shutdown_s": round(time.time() - finished, 3),
+        "driver_peak_rss_mib": harness.peak_rss_mib(),
+        "steady_images_per_s": figures["steady_images_per_s"],
+        "after_first_images_per_s": figures["after_first_images_per_s"],
+        **sampler.stop().summary(),
+    }
     shutil.rmtree(output, ignore_errors=True)  # the heatmaps of 16,384 images, per job
     harness.emit(out)
 
@@ -341,9 +410,15 @@ def job_spec(ctx, name: str) -> dict:
     from benchmarks.variants import parse_variant
 
     parse_variant(variant)  # an unknown name fails here, before any job runs
-    return {"data": str(ctx.data), "output": str(Path(ctx.args.work) / "jobs" / name), "method": method,
-            "actors": actors if on_gpu else min(actors, 2), "gpus_per_actor": share if on_gpu else None,
-            "batch_size": ctx.args.job_batch_size or None, "variant": variant}
+    return {
+        "data": str(ctx.data),
+        "output": str(Path(ctx.args.work) / "jobs" / name),
+        "method": method,
+        "actors": actors if on_gpu else min(actors, 2),
+        "gpus_per_actor": share if on_gpu else None,
+        "batch_size": ctx.args.job_batch_size or None,
+        "variant": variant,
+    }
 
 
 def step_jobs(ctx, res: dict) -> None:
@@ -385,8 +460,13 @@ class Context:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.batch = args.batch or (256 if self.device.type == "cuda" else 16)
         self.facts = harness.machine_facts()
-        self.state = {"started_at": harness.utc_now(), "json": args.json, "args": vars(args), "steps": {},
-                      "command": "python -m benchmarks.gpu " + shlex.join(sys.argv[1:])}
+        self.state = {
+            "started_at": harness.utc_now(),
+            "json": args.json,
+            "args": vars(args),
+            "steps": {},
+            "command": "python -m benchmarks.gpu " + shlex.join(sys.argv[1:]),
+        }
 
     def pool_context(self):
         """forkserver: pool workers inherit neither this process's CUDA context nor its OpenMP threads."""
@@ -414,10 +494,13 @@ class Context:
             section = render(self.state)
         except Exception:  # a rendering bug must not cost the run: the figures are in the JSON file
             log("render failed; every figure is in the JSON file")
-            section = (f"## {self.state['started_at']}: rendering failed\n\nSee `{self.args.json}`.\n\n```\n"
-                       f"{traceback.format_exc()[-2000:]}```\n")
-        results.atomic_write(self.args.results,
-                             self._md_prefix.rstrip("\n") + "\n\n" + results.with_marker(section, marker))
+            section = (
+                f"## {self.state['started_at']}: rendering failed\n\nSee `{self.args.json}`.\n\n```\n"
+                f"{traceback.format_exc()[-2000:]}```\n"
+            )
+        results.atomic_write(
+            self.args.results, self._md_prefix.rstrip("\n") + "\n\n" + results.with_marker(section, marker)
+        )
 
 
 def parse_args(argv=None):
@@ -426,16 +509,24 @@ def parse_args(argv=None):
     parser.add_argument("--unique", type=int, default=1024)
     parser.add_argument("--work", default="/tmp/gpubench")
     parser.add_argument("--json", default="gpu.json")
-    parser.add_argument("--results", default="benchmarks/results-gpu.md",
-                        help="Markdown results file ('' for none); its last run on this machine moves to history/")
+    parser.add_argument(
+        "--results",
+        default="benchmarks/results-gpu.md",
+        help="Markdown results file ('' for none); its last run on this machine moves to history/",
+    )
     parser.add_argument("--steps", default=",".join(STEPS), help=f"a comma-separated subset of {','.join(STEPS)}")
-    parser.add_argument("--time-budget", type=float, default=330.0,
-                        help="skip steps that would end later (seconds from start)")
+    parser.add_argument(
+        "--time-budget", type=float, default=330.0, help="skip steps that would end later (seconds from start)"
+    )
     parser.add_argument("--batch", type=int, default=0, help="forward batch (default 256 on a GPU, 16 on CPUs)")
     parser.add_argument("--job-batch-size", type=int, default=0, help="the jobs' batch_size (default: the job's own)")
-    parser.add_argument("--jobs", default="", help="comma-separated job variants [default: the four standard ones, "
-                        f"{', '.join(name for name, *_ in JOBS)}]; experiments: job-cam-VARIANT, e.g. "
-                        f"{', '.join(EXPERIMENTS)}; VARIANT is {NAMES}")
+    parser.add_argument(
+        "--jobs",
+        default="",
+        help="comma-separated job variants [default: the four standard ones, "
+        f"{', '.join(name for name, *_ in JOBS)}]; experiments: job-cam-VARIANT, e.g. "
+        f"{', '.join(EXPERIMENTS)}; VARIANT is {NAMES}",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -454,8 +545,15 @@ def main(argv=None) -> None:
         return worker_main(json.loads(args.worker))
     Path(args.work).mkdir(parents=True, exist_ok=True)
     ctx = Context(args)
-    functions = {"machine": step_machine, "data": step_data, "forward": step_forward, "stages": step_stages,
-                 "bare-loop": step_bare_loop, "bare-parallel": step_bare_parallel, "jobs": step_jobs}
+    functions = {
+        "machine": step_machine,
+        "data": step_data,
+        "forward": step_forward,
+        "stages": step_stages,
+        "bare-loop": step_bare_loop,
+        "bare-parallel": step_bare_parallel,
+        "jobs": step_jobs,
+    }
     for number, name in enumerate(STEPS[:-1]):
         if name not in args.steps:
             continue
@@ -479,8 +577,10 @@ def main(argv=None) -> None:
     ctx.state["finished"], ctx.state["total_s"] = True, round(time.time() - START, 1)
     ctx.save()
     ctx.save_markdown()
-    log(f"[7] render: {args.results if 'render' in args.steps and args.results else 'not written'}; JSON {args.json}; "
-        f"done in {ctx.state['total_s']} s")
+    log(
+        f"[7] render: {args.results if 'render' in args.steps and args.results else 'not written'}; JSON {args.json}; "
+        f"done in {ctx.state['total_s']} s"
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,15 @@ def _timed_class(kind: str, cls: type, log_path: str) -> type:
         start = time.time()
         cls.__init__(self, *args, **kwargs)
         torch = sys.modules.get("torch")
-        _append(log_path, {"kind": "actor_init", "start": start, "end": time.time(),
-                           "torch_threads": torch.get_num_threads() if torch else None})
+        _append(
+            log_path,
+            {
+                "kind": "actor_init",
+                "start": start,
+                "end": time.time(),
+                "torch_threads": torch.get_num_threads() if torch else None,
+            },
+        )
         self._timed_extractor_s = [0.0]
         if hasattr(self, "extractor"):
             inner, spent = self.extractor, self._timed_extractor_s
@@ -86,8 +93,16 @@ def _timed_class(kind: str, cls: type, log_path: str) -> type:
     def __call__(self, batch):
         start, before = time.time(), self._timed_extractor_s[0]
         out = cls.__call__(self, batch)
-        _append(log_path, {"kind": kind, "start": start, "end": time.time(), "n": _rows(batch),
-                           "extractor_s": self._timed_extractor_s[0] - before})
+        _append(
+            log_path,
+            {
+                "kind": kind,
+                "start": start,
+                "end": time.time(),
+                "n": _rows(batch),
+                "extractor_s": self._timed_extractor_s[0] - before,
+            },
+        )
         return out
 
     return type(f"Timed{cls.__name__}", (cls,), {"__init__": __init__, "__call__": __call__})
@@ -126,7 +141,7 @@ def steady_window(batches: Sequence[tuple[float, int]]) -> tuple[float, float] |
     """(start, end) of the steady rate's window: the ends of the first and last quarters of the batches."""
     ends = sorted(end for end, _ in batches)
     quarter = len(ends) // 4
-    middle = ends[quarter:len(ends) - quarter]
+    middle = ends[quarter : len(ends) - quarter]
     return (middle[0], middle[-1]) if len(middle) > 1 and middle[-1] > middle[0] else None
 
 
@@ -146,26 +161,34 @@ def stage_figures(records: Sequence[dict], started: float) -> dict:
     predicts = [r for r in records if r["kind"] == "predict"]
     inits = [r for r in records if r["kind"] == "actor_init"]
     window = steady_window(last)
-    out = {"steady_images_per_s": rounded(steady_rate(last)),
-           "after_first_images_per_s": rounded(rate_after_first(last)),
-           "first_batch_after_s": rounded(last[0][0] - started) if last else None,
-           "actor_init_s": [round(r["end"] - r["start"], 3) for r in inits],
-           "actor_ready_after_s": [round(r["end"] - started, 3) for r in inits],
-           "actor_torch_threads": [r["torch_threads"] for r in inits],
-           "actor_extractor_s": round(sum(r.get("extractor_s", 0.0) for r in predicts), 3)}
+    out = {
+        "steady_images_per_s": rounded(steady_rate(last)),
+        "after_first_images_per_s": rounded(rate_after_first(last)),
+        "first_batch_after_s": rounded(last[0][0] - started) if last else None,
+        "actor_init_s": [round(r["end"] - r["start"], 3) for r in inits],
+        "actor_ready_after_s": [round(r["end"] - started, 3) for r in inits],
+        "actor_torch_threads": [r["torch_threads"] for r in inits],
+        "actor_extractor_s": round(sum(r.get("extractor_s", 0.0) for r in predicts), 3),
+    }
     if predicts:
         span = max(r["end"] for r in predicts) - min(r["start"] for r in predicts)
         busy = busy_s(predicts, "predict")
         out["actor_busy_fraction"] = round(busy / (max(1, len(inits)) * span), 3) if span else None
     for kind in ("decode", "predict", "localize"):
         mine = [r for r in records if r["kind"] == kind]
-        out[kind] = {"batches": len(mine), "rows": sum(r["n"] for r in mine),
-                     "busy_s": round(busy_s(mine, kind), 3),
-                     "processes": len({r["pid"] for r in mine}),
-                     "span_s": round(max(r["end"] for r in mine) - min(r["start"] for r in mine), 3) if mine else 0.0}
+        out[kind] = {
+            "batches": len(mine),
+            "rows": sum(r["n"] for r in mine),
+            "busy_s": round(busy_s(mine, kind), 3),
+            "processes": len({r["pid"] for r in mine}),
+            "span_s": round(max(r["end"] for r in mine) - min(r["start"] for r in mine), 3) if mine else 0.0,
+        }
         if window:  # time busy inside the window / its length
-            out[kind]["at_once"] = round(sum(max(0.0, min(r["end"], window[1]) - max(r["start"], window[0]))
-                                             for r in mine) / (window[1] - window[0]), 2)
+            out[kind]["at_once"] = round(
+                sum(max(0.0, min(r["end"], window[1]) - max(r["start"], window[0])) for r in mine)
+                / (window[1] - window[0]),
+                2,
+            )
     return out
 
 
@@ -184,8 +207,13 @@ def _stat(pid: int) -> tuple | None:
     except (OSError, IndexError):
         return None
     ticks = os.sysconf("SC_CLK_TCK")
-    return (fields[0], int(fields[1]), int(fields[3]), (int(fields[11]) + int(fields[12])) / ticks,
-            int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))
+    return (
+        fields[0],
+        int(fields[1]),
+        int(fields[3]),
+        (int(fields[11]) + int(fields[12])) / ticks,
+        int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+    )
 
 
 def _name(pid: int) -> str:
@@ -285,12 +313,19 @@ class ProcessSampler(threading.Thread):
 
     def summary(self) -> dict:
         procs = self.procs.values()
-        out = {"tree_peak_rss_mib": self.tree_peak_rss_mib(), "tree_cpu_s": round(sum(p["cpu_s"] for p in procs), 1),
-               "largest_process_peak_rss_mib": round(max((p["peak_rss"] for p in procs), default=0) / 2**20, 1)}
+        out = {
+            "tree_peak_rss_mib": self.tree_peak_rss_mib(),
+            "tree_cpu_s": round(sum(p["cpu_s"] for p in procs), 1),
+            "largest_process_peak_rss_mib": round(max((p["peak_rss"] for p in procs), default=0) / 2**20, 1),
+        }
         gpu = [s for s in self.gpu or [] if s[0] == s[0]]  # NaN: a failed query
         if gpu:
-            out.update(gpu_util_mean=round(sum(s[0] for s in gpu) / len(gpu), 1), gpu_util_max=max(s[0] for s in gpu),
-                       gpu_memory_used_peak_mib=max(s[1] for s in gpu), gpu_samples=len(gpu))
+            out.update(
+                gpu_util_mean=round(sum(s[0] for s in gpu) / len(gpu), 1),
+                gpu_util_max=max(s[0] for s in gpu),
+                gpu_memory_used_peak_mib=max(s[1] for s in gpu),
+                gpu_samples=len(gpu),
+            )
         return out
 
     def roles(self, role_of: Callable[[int, set[str]], str]) -> dict[str, dict]:
@@ -337,8 +372,18 @@ class LoadSampler(threading.Thread):
 
 # --------------------------------------------------------------------------- machine facts
 
-VERSIONS = ("camjobs", "torch", "torchvision", "ray", "pyarrow", "numpy", "opencv-python-headless", "pillow",
-            "torchcam", "grad-cam")
+VERSIONS = (
+    "camjobs",
+    "torch",
+    "torchvision",
+    "ray",
+    "pyarrow",
+    "numpy",
+    "opencv-python-headless",
+    "pillow",
+    "torchcam",
+    "grad-cam",
+)
 
 
 def nvidia_smi(query: str, units: bool = True) -> list[str] | None:
@@ -346,8 +391,9 @@ def nvidia_smi(query: str, units: bool = True) -> list[str] | None:
         return None
     try:
         form = "csv,noheader" + ("" if units else ",nounits")
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={query}", f"--format={form}"],
-                              capture_output=True, text=True, timeout=10)
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", f"--format={form}"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return [line.strip() for line in done.stdout.splitlines() if line.strip()] or None
@@ -355,8 +401,10 @@ def nvidia_smi(query: str, units: bool = True) -> list[str] | None:
 
 def _proc_line(path: str, prefix: str) -> str | None:
     try:
-        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
-                     if line.startswith(prefix)), None)
+        return next(
+            (line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines() if line.startswith(prefix)),
+            None,
+        )
     except OSError:
         return None
 
@@ -367,11 +415,14 @@ def machine_facts(torch_gpu: bool = False) -> dict:
     mem = _proc_line("/proc/meminfo", "MemTotal")
     facts = {
         "cpu": _proc_line("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
         "ram_gib": round(int(mem.split()[0]) / 2**20, 1) if mem else None,
         "dev_shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if Path("/dev/shm").is_dir() else None,
-        "platform": platform.platform(), "host": platform.node(),
-        "date_utc": utc_now(), "nvidia_smi": nvidia_smi("name,driver_version,memory.total"),
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "date_utc": utc_now(),
+        "nvidia_smi": nvidia_smi("name,driver_version,memory.total"),
         "raylets_running": sum(1 for pid in process_table() if "raylet" in _name(pid)),
         "versions": {"python": platform.python_version()},
     }
@@ -384,9 +435,13 @@ def machine_facts(torch_gpu: bool = False) -> dict:
         facts["cuda_available"] = torch.cuda.is_available()
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            facts.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                         gpu_count=torch.cuda.device_count(), cuda=torch.version.cuda,
-                         cudnn=torch.backends.cudnn.version())
+            facts.update(
+                gpu=props.name,
+                gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                gpu_count=torch.cuda.device_count(),
+                cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(),
+            )
     return facts
 
 
@@ -398,10 +453,12 @@ def machine_key(facts: Mapping) -> str:
 
 def machine_lines(facts: Mapping) -> list[str]:
     """The Markdown lines that name the machine and the versions."""
-    return [f"- Machine: {facts['cpu']}, {facts['cores']} cores ({facts.get('usable_cores', '?')} usable), "
-            f"{facts['ram_gib']} GiB RAM, {facts['platform']}"
-            + (f"; nvidia-smi: {'; '.join(facts['nvidia_smi'])}" if facts.get("nvidia_smi") else ""),
-            "- Versions: " + ", ".join(f"{k} {v}" for k, v in facts["versions"].items())]
+    return [
+        f"- Machine: {facts['cpu']}, {facts['cores']} cores ({facts.get('usable_cores', '?')} usable), "
+        f"{facts['ram_gib']} GiB RAM, {facts['platform']}"
+        + (f"; nvidia-smi: {'; '.join(facts['nvidia_smi'])}" if facts.get("nvidia_smi") else ""),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()),
+    ]
 
 
 def utc_now() -> str:
@@ -427,16 +484,27 @@ def run_child(module: str, argv: Sequence[str], log_path, timeout: float | None 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started, killed = time.time(), False
     with open(log_path, "w") as log:
-        child = subprocess.Popen([sys.executable, "-m", f"benchmarks.{module}", *argv], env=env, cwd=str(ROOT),
-                                 stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{module}", *argv],
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,
+        )
         try:
             stdout, _ = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_session(child.pid)
             stdout, _ = child.communicate()
             killed = True
-    out = {"process_wall_s": round(time.time() - started, 3), "returncode": child.returncode, "log": str(log_path),
-           "leftover_processes_killed": kill_session(child.pid)}
+    out = {
+        "process_wall_s": round(time.time() - started, 3),
+        "returncode": child.returncode,
+        "log": str(log_path),
+        "leftover_processes_killed": kill_session(child.pid),
+    }
     line = next((x for x in reversed(stdout.splitlines()) if x.startswith(RESULT_PREFIX)), None)
     if killed or child.returncode != 0 or line is None:
         out["status"] = f"killed after {timeout:.0f} s" if killed else f"failed (exit {child.returncode})"

@@ -30,6 +30,7 @@ def build_method(variant: str, model, size: int):
     import torch
 
     if variant in ("bare", "bare-unfolded"):
+
         def method(images):
             with torch.inference_mode():
                 model(images)
@@ -48,8 +49,9 @@ def build_method(variant: str, model, size: int):
         from camjobs.cam import locate_head
 
         head = locate_head(model, probe_size=size)
-        extractor = CAM(model, target_layer=head.target_name, fc_layer=head.classifier_name,
-                        input_shape=(3, size, size))
+        extractor = CAM(
+            model, target_layer=head.target_name, fc_layer=head.classifier_name, input_shape=(3, size, size)
+        )
 
         def method(images):
             with torch.inference_mode():
@@ -101,8 +103,11 @@ class Setup:
         """One untimed batch: oneDNN primitive creation, allocator growth."""
         import numpy as np
 
-        method(self.normalize(np.random.default_rng(0).integers(0, 255, (self.batch, self.size, self.size, 3),
-                                                                 dtype=np.uint8)))
+        method(
+            self.normalize(
+                np.random.default_rng(0).integers(0, 255, (self.batch, self.size, self.size, 3), dtype=np.uint8)
+            )
+        )
 
     def batches(self):
         """(decoded images, their normalized batch, decode seconds) batch by batch."""
@@ -112,7 +117,9 @@ class Setup:
 
         for first in range(0, len(self.records), self.batch):
             t0 = time.perf_counter()
-            decoded = [load_image(r.source_path, input_size=self.size) for r in self.records[first:first + self.batch]]
+            decoded = [
+                load_image(r.source_path, input_size=self.size) for r in self.records[first : first + self.batch]
+            ]
             images = self.normalize(np.stack([d.pixels for d in decoded]))
             yield decoded, images, time.perf_counter() - t0
 
@@ -144,7 +151,7 @@ def run_paired(args) -> dict:
     load_start, started = os.getloadavg()[0], time.time()
     for index, (decoded, images, decode_time) in enumerate(setup.batches()):
         decode_s += decode_time
-        for variant in PAIRED[index % len(PAIRED):] + PAIRED[:index % len(PAIRED)]:
+        for variant in PAIRED[index % len(PAIRED) :] + PAIRED[: index % len(PAIRED)]:
             t1 = time.perf_counter()
             maps = methods[variant](images.clone())
             t2 = time.perf_counter()
@@ -152,10 +159,18 @@ def run_paired(args) -> dict:
             model_s[variant] += t2 - t1
             localize_s[variant] += time.perf_counter() - t2
     elapsed = time.time() - started
-    return {"variant": "paired", "images": len(setup.records), "seconds": elapsed,
-            "images_per_s": len(setup.records) / elapsed,  # all five methods per image
-            "decode_s": decode_s, "model_s": model_s, "localize_s": localize_s, "torch_threads": setup.threads,
-            "load_start": load_start, "load_end": os.getloadavg()[0]}
+    return {
+        "variant": "paired",
+        "images": len(setup.records),
+        "seconds": elapsed,
+        "images_per_s": len(setup.records) / elapsed,  # all five methods per image
+        "decode_s": decode_s,
+        "model_s": model_s,
+        "localize_s": localize_s,
+        "torch_threads": setup.threads,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+    }
 
 
 def run_loop(variant: str, args) -> dict:
@@ -180,7 +195,17 @@ def run_loop(variant: str, args) -> dict:
         timings["model_s"] += t2 - t1
         timings["localize_s"] += time.perf_counter() - t2
     elapsed = time.time() - started
-    return {"variant": variant, "images": len(setup.records), "seconds": elapsed,
-            "images_per_s": len(setup.records) / elapsed, "setup_s": setup_s, "cpu_s": _cpu_s() - cpu_before,
-            "peak_rss_mib": peak_rss_mib(), "torch_threads": setup.threads, "boxes": boxes,
-            "load_start": load_start, "load_end": os.getloadavg()[0], **{k: round(v, 3) for k, v in timings.items()}}
+    return {
+        "variant": variant,
+        "images": len(setup.records),
+        "seconds": elapsed,
+        "images_per_s": len(setup.records) / elapsed,
+        "setup_s": setup_s,
+        "cpu_s": _cpu_s() - cpu_before,
+        "peak_rss_mib": peak_rss_mib(),
+        "torch_threads": setup.threads,
+        "boxes": boxes,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        **{k: round(v, 3) for k, v in timings.items()},
+    }

@@ -35,8 +35,14 @@ def worker(args) -> None:
     out = Path(args.scratch) / args.worker
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cfg = RunConfig(data=args.data, output=str(out / "output"), model="resnet18", classes=["mel", "nv", "bkl"],
-                    input_size=32, batch_size=256)
+    cfg = RunConfig(
+        data=args.data,
+        output=str(out / "output"),
+        model="resnet18",
+        classes=["mel", "nv", "bkl"],
+        input_size=32,
+        batch_size=256,
+    )
     started = time.time()
     result = run_variant(cfg, parse_variant(args.worker), str(out / "stages.jsonl"))
     wall = time.time() - started
@@ -44,18 +50,32 @@ def worker(args) -> None:
     ray.shutdown()
     shutil.rmtree(out / "output", ignore_errors=True)
     images = result.summary["counts"]["inputs"]
-    harness.emit({"variant": args.worker, "images": images, "wall_s": round(wall, 1),
-                  "images_per_s": round(images / wall, 1), "steady_images_per_s": figures["steady_images_per_s"],
-                  "plan": result.summary["actors"]})
+    harness.emit(
+        {
+            "variant": args.worker,
+            "images": images,
+            "wall_s": round(wall, 1),
+            "images_per_s": round(images / wall, 1),
+            "steady_images_per_s": figures["steady_images_per_s"],
+            "plan": result.summary["actors"],
+        }
+    )
 
 
 def render(args, facts: dict, rows: list[dict]) -> str:
-    lines = [f"## {harness.utc_now()}: a simulated GPU node with {args.cpus} logical CPUs (benchmarks/pipeline.py)", "",
-             f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.pipeline'] + sys.argv[1:])}`",
-             *harness.machine_lines(facts), "",
-             "| round | variant | wall s | images/s | steady images/s |", "| --- | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['round']} | {r['variant']} | {r['wall_s']} | {r['images_per_s']} | {r['steady_images_per_s']} |"
-              for r in rows]
+    lines = [
+        f"## {harness.utc_now()}: a simulated GPU node with {args.cpus} logical CPUs (benchmarks/pipeline.py)",
+        "",
+        f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.pipeline'] + sys.argv[1:])}`",
+        *harness.machine_lines(facts),
+        "",
+        "| round | variant | wall s | images/s | steady images/s |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['round']} | {r['variant']} | {r['wall_s']} | {r['images_per_s']} | {r['steady_images_per_s']} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -67,8 +87,11 @@ def main(args) -> None:
             argv = ["--worker", variant, "--data", args.data, "--cpus", str(args.cpus), "--scratch", args.scratch]
             r = harness.run_child("pipeline", argv, log)
             rows.append({**r, "round": round_number + 1})
-            print(f"round {round_number + 1} {variant:13s} {r['wall_s']:6.1f} s  {r['images_per_s']:6.1f} images/s  "
-                  f"steady {r['steady_images_per_s']} images/s", flush=True)
+            print(
+                f"round {round_number + 1} {variant:13s} {r['wall_s']:6.1f} s  {r['images_per_s']:6.1f} images/s  "
+                f"steady {r['steady_images_per_s']} images/s",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.results:

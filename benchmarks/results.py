@@ -44,8 +44,14 @@ def retire_rounds(path, marker: str) -> str:
         return text
     history = history_path(path)
     history.parent.mkdir(parents=True, exist_ok=True)
-    start = "" if history.exists() else (f"# Older rounds of {path.name}\n\nMoved here verbatim when a newer round "
-                                         "of the same script on the same machine replaced them; oldest first.\n\n")
+    start = (
+        ""
+        if history.exists()
+        else (
+            f"# Older rounds of {path.name}\n\nMoved here verbatim when a newer round "
+            "of the same script on the same machine replaced them; oldest first.\n\n"
+        )
+    )
     with open(history, "a") as file:
         file.write(start + "".join(s.rstrip("\n") + "\n\n" for s in old))
     kept = head + "".join(s.rstrip("\n") + "\n\n" for s in sections if marker not in s)

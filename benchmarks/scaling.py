@@ -53,9 +53,17 @@ def worker(args) -> None:
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     cluster_ready = time.time()
     try:
-        cfg = RunConfig(data=args.data, output=str(out / "output"), model=args.model, classes=args.classes.split(","),
-                        input_size=args.input_size, actors=args.worker_actors, gpus_per_actor=1.0,
-                        batch_size=args.batch_size, address=cluster.address)
+        cfg = RunConfig(
+            data=args.data,
+            output=str(out / "output"),
+            model=args.model,
+            classes=args.classes.split(","),
+            input_size=args.input_size,
+            actors=args.worker_actors,
+            gpus_per_actor=1.0,
+            batch_size=args.batch_size,
+            address=cluster.address,
+        )
         load_start, run_started = os.getloadavg()[0], time.time()
         result = run_variant(cfg, log_path=log_path)
         run_finished = time.time()
@@ -65,15 +73,23 @@ def worker(args) -> None:
     records = harness.read_log(log_path)
     images = result.summary["counts"]["inputs"]
     shutil.rmtree(out / "output", ignore_errors=True)
-    harness.emit({
-        "actors": args.worker_actors, "images": images, "processed": result.summary["counts"]["processed"],
-        "rows_per_node": result.summary["rows_per_node"], "plan": result.summary["actors"],
-        "cluster_start_s": cluster_ready - started, "run_job_s": run_finished - run_started,
-        "e2e_images_per_s": images / (run_finished - run_started),
-        "pipeline_images_per_s": result.summary["throughput"]["pipeline_images_per_s"],
-        **harness.stage_figures(records, run_started), "per_actor": per_actor(records),
-        "load_start": load_start, "load_end": os.getloadavg()[0],
-    })
+    harness.emit(
+        {
+            "actors": args.worker_actors,
+            "images": images,
+            "processed": result.summary["counts"]["processed"],
+            "rows_per_node": result.summary["rows_per_node"],
+            "plan": result.summary["actors"],
+            "cluster_start_s": cluster_ready - started,
+            "run_job_s": run_finished - run_started,
+            "e2e_images_per_s": images / (run_finished - run_started),
+            "pipeline_images_per_s": result.summary["throughput"]["pipeline_images_per_s"],
+            **harness.stage_figures(records, run_started),
+            "per_actor": per_actor(records),
+            "load_start": load_start,
+            "load_end": os.getloadavg()[0],
+        }
+    )
 
 
 def per_actor(records: list[dict]) -> list[dict]:
@@ -84,8 +100,10 @@ def per_actor(records: list[dict]) -> list[dict]:
         a["images"] += r["n"]
         a["batches"] += 1
         a["busy_s"] += r["end"] - r["start"]
-    return [{**a, "busy_s": round(a["busy_s"], 2), "images_per_busy_s": round(a["images"] / a["busy_s"], 3)}
-            for a in actors.values()]
+    return [
+        {**a, "busy_s": round(a["busy_s"], 2), "images_per_busy_s": round(a["images"] / a["busy_s"], 3)}
+        for a in actors.values()
+    ]
 
 
 def render(args, facts: dict, runs: dict[int, list[dict]], loads: list[float]) -> str:
@@ -97,12 +115,16 @@ def render(args, facts: dict, runs: dict[int, list[dict]], loads: list[float]) -
     command = " ".join([".venv/bin/python -m benchmarks.scaling"] + sys.argv[1:])
     lines = [
         f"## {harness.utc_now()}: scaling, {args.model} at {args.input_size} px, {args.images} images, "
-        "simulated cluster", "", f"- Command: `{command}`", *harness.machine_lines(facts),
+        "simulated cluster",
+        "",
+        f"- Command: `{command}`",
+        *harness.machine_lines(facts),
         f"- Cluster: head {args.head_cpus} CPUs (decode and write tasks), 2 nodes x (1 CPU, 1 logical GPU); all on "
         f"these {facts['cores']} cores; `--gpus-per-actor 1 --batch-size {args.batch_size}`; torch on the CPU, "
         "1 thread per actor",
         f"- 1-minute load average during the run: min {min(loads):.2f}, mean {statistics.mean(loads):.2f},"
-        f" max {max(loads):.2f}" + (f"; {args.rounds} rounds, medians" if args.rounds > 1 else ""), "",
+        f" max {max(loads):.2f}" + (f"; {args.rounds} rounds, medians" if args.rounds > 1 else ""),
+        "",
         "| actors | run_job s | end to end img/s | steady img/s | per-actor img/s (busy time) | rows per node "
         "| load start/end |",
         "| ---: | ---: | ---: | ---: | --- | --- | --- |",
@@ -111,9 +133,11 @@ def render(args, facts: dict, runs: dict[int, list[dict]], loads: list[float]) -
         for r in runs[actors]:
             per = ", ".join(str(a["images_per_busy_s"]) for a in r["per_actor"])
             nodes = ", ".join(str(v) for v in r["rows_per_node"].values())
-            lines.append(f"| {actors} | {r['run_job_s']:.1f} | {r['e2e_images_per_s']:.2f} | "
-                         f"{r['steady_images_per_s'] or 0:.2f} | {per} | {nodes} | "
-                         f"{r['load_start']:.1f}/{r['load_end']:.1f} |")
+            lines.append(
+                f"| {actors} | {r['run_job_s']:.1f} | {r['e2e_images_per_s']:.2f} | "
+                f"{r['steady_images_per_s'] or 0:.2f} | {per} | {nodes} | "
+                f"{r['load_start']:.1f}/{r['load_end']:.1f} |"
+            )
     lines += ["", f"Efficiency rate2 / (2 x rate1): end to end **{e2e:.2f}**, steady rate **{steady:.2f}**."]
     return "\n".join(lines) + "\n"
 
@@ -127,16 +151,27 @@ def main(args) -> None:
     loads.start()
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for round_index in range(args.rounds):
-        for actors in ((1, 2) if round_index % 2 == 0 else (2, 1)):
+        for actors in (1, 2) if round_index % 2 == 0 else (2, 1):
             print(f"scaling: round {round_index + 1}/{args.rounds}, {actors} actor(s) ...", flush=True)
-            extra = ["--worker-actors", str(actors), "--data", str(data), "--batch-size", str(args.batch_size),
-                     "--head-cpus", str(args.head_cpus)]
+            extra = [
+                "--worker-actors",
+                str(actors),
+                "--data",
+                str(data),
+                "--batch-size",
+                str(args.batch_size),
+                "--head-cpus",
+                str(args.head_cpus),
+            ]
             log = log_dir / f"scaling-{actors}-{int(time.time())}.log"
             r = harness.run_child("scaling", child_args(args) + extra, log)
             runs[actors].append(r)
-            print(f"scaling:   run_job {r['run_job_s']:.1f} s, {r['e2e_images_per_s']:.2f} img/s end to end, steady "
-                  f"{r['steady_images_per_s'] or 0:.2f} img/s, per actor "
-                  f"{[a['images_per_busy_s'] for a in r['per_actor']]}, load {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"scaling:   run_job {r['run_job_s']:.1f} s, {r['e2e_images_per_s']:.2f} img/s end to end, steady "
+                f"{r['steady_images_per_s'] or 0:.2f} img/s, per actor "
+                f"{[a['images_per_busy_s'] for a in r['per_actor']]}, load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
     load_values = loads.stop()
     section = render(args, facts, runs, load_values)
     print("\n" + section)
@@ -149,8 +184,12 @@ def main(args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     add_common_args(p, images=256)
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="--batch-size of the job (its GPU default leaves few batches per actor)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="--batch-size of the job (its GPU default leaves few batches per actor)",
+    )
     p.add_argument("--head-cpus", type=int, default=2, help="logical CPUs of the head node (decode and write tasks)")
     p.add_argument("--rounds", type=int, default=1, help="1 then 2 actors, then 2 then 1, ... (medians reported)")
     p.add_argument("--worker-actors", type=int, default=None, help=argparse.SUPPRESS)

@@ -77,40 +77,54 @@ def worker(args) -> None:
     out = Path(args.scratch) / args.worker
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    change = {"decode": lambda fn: padded(fn, args.decode_ms * slow),
-              "predict": lambda cls: simulated(cls, args.model_rate / slow),
-              "localize": lambda fn: padded(fn, args.localize_ms * slow)}
-    cfg = RunConfig(data=args.data, output=str(out / "output"), model="resnet18", classes=["mel", "nv", "bkl"],
-                    input_size=224)
+    change = {
+        "decode": lambda fn: padded(fn, args.decode_ms * slow),
+        "predict": lambda cls: simulated(cls, args.model_rate / slow),
+        "localize": lambda fn: padded(fn, args.localize_ms * slow),
+    }
+    cfg = RunConfig(
+        data=args.data, output=str(out / "output"), model="resnet18", classes=["mel", "nv", "bkl"], input_size=224
+    )
     started = time.time()
     result = run_variant(cfg, parse_variant(args.worker), str(out / "stages.jsonl"), change)
     wall = time.time() - started
     figures = harness.stage_figures(harness.read_log(out / "stages.jsonl"), started)
     ray.shutdown()
     shutil.rmtree(out / "output", ignore_errors=True)
-    harness.emit({
-        "variant": args.worker, "images": result.summary["counts"]["inputs"],
-        "processed": result.summary["counts"]["processed"], "wall_s": round(wall, 1),
-        "after_first_images_per_s": harness.rounded((figures["after_first_images_per_s"] or 0) * slow, 1),
-        "steady_images_per_s": harness.rounded((figures["steady_images_per_s"] or 0) * slow, 1),
-        "running": {kind: figures[kind].get("at_once") for kind in ("decode", "localize")},
-        "plan": result.summary["actors"],
-    })
+    harness.emit(
+        {
+            "variant": args.worker,
+            "images": result.summary["counts"]["inputs"],
+            "processed": result.summary["counts"]["processed"],
+            "wall_s": round(wall, 1),
+            "after_first_images_per_s": harness.rounded((figures["after_first_images_per_s"] or 0) * slow, 1),
+            "steady_images_per_s": harness.rounded((figures["steady_images_per_s"] or 0) * slow, 1),
+            "running": {kind: figures[kind].get("at_once") for kind in ("decode", "localize")},
+            "plan": result.summary["actors"],
+        }
+    )
 
 
 def render(args, facts: dict, rows: list[dict], ideal: float) -> str:
-    lines = [f"## {harness.utc_now()}: Ray Data's scheduling on a simulated {args.cpus}-CPU GPU machine "
-             "(benchmarks/schedule.py)", "",
-             f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.schedule'] + sys.argv[1:])}`",
-             *harness.machine_lines(facts),
-             f"- {args.images} images; decode {args.decode_ms} ms, localize {args.localize_ms} ms per image, model "
-             f"{args.model_rate:g} images/s, slowdown {args.slowdown:g}: ideal {ideal:.0f} images/s", "",
-             "| round | variant | wall s | after the first batch, images/s | steady, images/s | x ideal (steady) "
-             "| decode / localize tasks at once |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"## {harness.utc_now()}: Ray Data's scheduling on a simulated {args.cpus}-CPU GPU machine "
+        "(benchmarks/schedule.py)",
+        "",
+        f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.schedule'] + sys.argv[1:])}`",
+        *harness.machine_lines(facts),
+        f"- {args.images} images; decode {args.decode_ms} ms, localize {args.localize_ms} ms per image, model "
+        f"{args.model_rate:g} images/s, slowdown {args.slowdown:g}: ideal {ideal:.0f} images/s",
+        "",
+        "| round | variant | wall s | after the first batch, images/s | steady, images/s | x ideal (steady) "
+        "| decode / localize tasks at once |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['round']} | {r['variant']} | {r['wall_s']} | {r['after_first_images_per_s']} | "
-                     f"{r['steady_images_per_s']} | {(r['steady_images_per_s'] or 0) / ideal:.2f} | "
-                     f"{r['running']['decode']} / {r['running']['localize']} |")
+        lines.append(
+            f"| {r['round']} | {r['variant']} | {r['wall_s']} | {r['after_first_images_per_s']} | "
+            f"{r['steady_images_per_s']} | {(r['steady_images_per_s'] or 0) / ideal:.2f} | "
+            f"{r['running']['decode']} / {r['running']['localize']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -120,17 +134,33 @@ def main(args) -> None:
     ideal = min(args.model_rate, (args.cpus - 1) / (args.decode_ms + args.localize_ms) * 1000)
     print(f"{args.images} images; {args.cpus} CPUs + 1 GPU simulated; ideal {ideal:.0f} images/s", flush=True)
     rows, variants = [], args.variants.split(",")
-    passed = ["--data", str(data), "--cpus", str(args.cpus), "--decode-ms", str(args.decode_ms), "--localize-ms",
-              str(args.localize_ms), "--model-rate", str(args.model_rate), "--slowdown", str(args.slowdown),
-              "--scratch", args.scratch]
+    passed = [
+        "--data",
+        str(data),
+        "--cpus",
+        str(args.cpus),
+        "--decode-ms",
+        str(args.decode_ms),
+        "--localize-ms",
+        str(args.localize_ms),
+        "--model-rate",
+        str(args.model_rate),
+        "--slowdown",
+        str(args.slowdown),
+        "--scratch",
+        args.scratch,
+    ]
     for round_number in range(args.rounds):
         for variant in variants if round_number % 2 == 0 else reversed(variants):
             log = Path(args.scratch) / "logs" / f"{variant}-{round_number + 1}.log"
             r = harness.run_child("schedule", ["--worker", variant, *passed], log)
             rows.append({**r, "round": round_number + 1, "ideal_images_per_s": round(ideal, 1)})
-            print(f"round {round_number + 1} {variant:15s} {r['wall_s']:6.1f} s  after the first batch "
-                  f"{r['after_first_images_per_s']}  steady {r['steady_images_per_s']} images/s "
-                  f"({(r['steady_images_per_s'] or 0) / ideal:.2f} x ideal); tasks at once {r['running']}", flush=True)
+            print(
+                f"round {round_number + 1} {variant:15s} {r['wall_s']:6.1f} s  after the first batch "
+                f"{r['after_first_images_per_s']}  steady {r['steady_images_per_s']} images/s "
+                f"({(r['steady_images_per_s'] or 0) / ideal:.2f} x ideal); tasks at once {r['running']}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.results:

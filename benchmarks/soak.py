@@ -36,8 +36,26 @@ def staged_rows(output: Path) -> int:
 
 
 def soak(data: Path, output: Path, count: int) -> dict:
-    command = [sys.executable, "-m", "camjobs", "run", "--data", str(data), "--output", str(output), "--layout",
-               "folder", "--model", "resnet18", "--classes", "a,b", "--input-size", "64", "--batch-size", "64"]
+    command = [
+        sys.executable,
+        "-m",
+        "camjobs",
+        "run",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--layout",
+        "folder",
+        "--model",
+        "resnet18",
+        "--classes",
+        "a,b",
+        "--input-size",
+        "64",
+        "--batch-size",
+        "64",
+    ]
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
     log_path = output.with_suffix(".log")
@@ -60,27 +78,41 @@ def soak(data: Path, output: Path, count: int) -> dict:
         return (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9) if len(window) > 1 else None
 
     actors = [p["peak_rss"] for p in sampler.procs.values() if any("CamPredictor" in n for n in p["names"])]
-    return {"images": count, "wall_s": round(wall, 1), "images_per_s": round(count / wall, 1),
-            "rate_first_quarter": harness.rounded(rate(busy[:quarter + 1]), 1),
-            "rate_last_quarter": harness.rounded(rate(busy[-quarter - 1:]), 1),
-            "driver_peak_rss_mib": round(sampler.procs.get(driver.pid, {"peak_rss": 0})["peak_rss"] / 2**20),
-            "actor_peak_rss_mib": round(max(actors, default=0) / 2**20)}
+    return {
+        "images": count,
+        "wall_s": round(wall, 1),
+        "images_per_s": round(count / wall, 1),
+        "rate_first_quarter": harness.rounded(rate(busy[: quarter + 1]), 1),
+        "rate_last_quarter": harness.rounded(rate(busy[-quarter - 1 :]), 1),
+        "driver_peak_rss_mib": round(sampler.procs.get(driver.pid, {"peak_rss": 0})["peak_rss"] / 2**20),
+        "actor_peak_rss_mib": round(max(actors, default=0) / 2**20),
+    }
 
 
 def render(facts: dict, rows: list[dict]) -> str:
-    lines = [f"## {harness.utc_now()}: soak, resnet18 at 64 px, 64x48 JPEGs, batch 64, one CPU actor",
-             "", f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.soak'] + sys.argv[1:])}`",
-             *harness.machine_lines(facts), f"- 1-minute load average at the end: {os.getloadavg()[0]:.1f}", "",
-             "| images | wall s | images/s | rate, first quarter | rate, last quarter | driver peak RSS MiB | "
-             "actor peak RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['images']} | {r['wall_s']} | {r['images_per_s']} | {r['rate_first_quarter']} | "
-              f"{r['rate_last_quarter']} | {r['driver_peak_rss_mib']} | {r['actor_peak_rss_mib']} |" for r in rows]
+    lines = [
+        f"## {harness.utc_now()}: soak, resnet18 at 64 px, 64x48 JPEGs, batch 64, one CPU actor",
+        "",
+        f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.soak'] + sys.argv[1:])}`",
+        *harness.machine_lines(facts),
+        f"- 1-minute load average at the end: {os.getloadavg()[0]:.1f}",
+        "",
+        "| images | wall s | images/s | rate, first quarter | rate, last quarter | driver peak RSS MiB | "
+        "actor peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['images']} | {r['wall_s']} | {r['images_per_s']} | {r['rate_first_quarter']} | "
+        f"{r['rate_last_quarter']} | {r['driver_peak_rss_mib']} | {r['actor_peak_rss_mib']} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/camjobs-soak"))
     parser.add_argument("--results", default=str(HERE / "results-soak.md"), help="Markdown results file ('' for none)")

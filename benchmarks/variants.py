@@ -11,9 +11,11 @@ from pathlib import Path
 
 from benchmarks.harness import timed
 
-NAMES = ("default; changes joined by '+': splitN (blocks of N rows before the localize stage), gpubatchN, "
-         "decoderowsN (decodeN), halfcpu (stage tasks reserve 0.5 CPU), gpudecode (--decode-on gpu), "
-         "reserveP (Ray Data reserves P per cent per operator), noreserve, nodownstream (no downstream backpressure)")
+NAMES = (
+    "default; changes joined by '+': splitN (blocks of N rows before the localize stage), gpubatchN, "
+    "decoderowsN (decodeN), halfcpu (stage tasks reserve 0.5 CPU), gpudecode (--decode-on gpu), "
+    "reserveP (Ray Data reserves P per cent per operator), noreserve, nodownstream (no downstream backpressure)"
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,9 @@ def parse_variant(name: str) -> Variant:
     return Variant(name, tuning, config, context, split)
 
 
-def adapt_stages(stages, variant: Variant | None = None, log_path: str | None = None,
-                 change: Mapping[str, Callable] | None = None) -> list:
+def adapt_stages(
+    stages, variant: Variant | None = None, log_path: str | None = None, change: Mapping[str, Callable] | None = None
+) -> list:
     """The planned stages as one run wants them: each fn changed by change[stage.name](fn) (a
     simulation), timed into log_path, and the variant's repartition before the localize stage."""
     out = []
@@ -83,8 +86,9 @@ def adapt_stages(stages, variant: Variant | None = None, log_path: str | None = 
     return out
 
 
-def run_variant(cfg, variant: Variant | None = None, log_path: str | None = None,
-                change: Mapping[str, Callable] | None = None):
+def run_variant(
+    cfg, variant: Variant | None = None, log_path: str | None = None, change: Mapping[str, Callable] | None = None
+):
     """camjobs.pipeline.job.run_job with the variant's Tuning, RunConfig and DataContext changes, its stages
     adapted (adapt_stages); Ray Data's per-operator budgets logged at DEBUG into its ray-data.log."""
     import logging
@@ -102,8 +106,9 @@ def run_variant(cfg, variant: Variant | None = None, log_path: str | None = None
         setattr(context, key, value)
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.DEBUG)
     cfg = dataclasses.replace(cfg, **variant.config)
-    return run_job(cfg, tuning=Tuning(**variant.tuning),
-                   adapt=lambda stages: adapt_stages(stages, variant, log_path, change))
+    return run_job(
+        cfg, tuning=Tuning(**variant.tuning), adapt=lambda stages: adapt_stages(stages, variant, log_path, change)
+    )
 
 
 def init_local_ray(cpus: float | None = None, gpus: float | None = None) -> None:
@@ -112,8 +117,14 @@ def init_local_ray(cpus: float | None = None, gpus: float | None = None) -> None
 
     import ray
 
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        num_gpus=gpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
 
 
 def copy_ray_data_log(target) -> None:

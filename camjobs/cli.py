@@ -11,9 +11,10 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -84,7 +85,7 @@ def _default(name: str) -> Any:
     return RunConfig.__dataclass_fields__[name].default
 
 
-def load_run_config(config_file: Optional[Path], flags: dict[str, Any]) -> RunConfig:
+def load_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     """YAML file first, then every flag given on the command line on top of it; ConfigError for
     anything wrong with either (a YAML syntax error too)."""
     values: dict[str, Any] = {}
@@ -102,49 +103,70 @@ def load_run_config(config_file: Optional[Path], flags: dict[str, Any]) -> RunCo
 
 @app.command()
 def run(
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset directory or URI (s3://, gs://, local path)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Output directory or URI: cams/, errors/, runs/ go here."),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file with job options; flags override it."),
-    layout: Optional[Layout] = typer.Option(None, help=f"Dataset layout (default: {_default('layout')})."),
-    checkpoint: Optional[str] = typer.Option(None, help="Checkpoint file (camjobs train's format, or a bare state_dict with --model/--classes)."),
-    model: Optional[str] = typer.Option(None, help="torchvision architecture name, e.g. resnet50."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated class names, for --model without a camjobs checkpoint."),
-    weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision weights API, needs internet) or a local torchvision weights file."),
-    input_size: Optional[int] = typer.Option(None, help="Model input size (default: the checkpoint's, else 224)."),
-    method: Optional[Method] = typer.Option(None, help=f"CAM method (default: {_default('method')})."),
-    threshold: Optional[float] = typer.Option(
+    data: str | None = typer.Option(None, "--data", help="Dataset directory or URI (s3://, gs://, local path)."),
+    output: str | None = typer.Option(
+        None, "--output", help="Output directory or URI: cams/, errors/, runs/ go here."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", exists=True, dir_okay=False, help="YAML file with job options; flags override it."
+    ),
+    layout: Layout | None = typer.Option(None, help=f"Dataset layout (default: {_default('layout')})."),
+    checkpoint: str | None = typer.Option(
+        None, help="Checkpoint file (camjobs train's format, or a bare state_dict with --model/--classes)."
+    ),
+    model: str | None = typer.Option(None, help="torchvision architecture name, e.g. resnet50."),
+    classes: str | None = typer.Option(
+        None, help="Comma-separated class names, for --model without a camjobs checkpoint."
+    ),
+    weights: str | None = typer.Option(
+        None, help="'imagenet' (torchvision weights API, needs internet) or a local torchvision weights file."
+    ),
+    input_size: int | None = typer.Option(None, help="Model input size (default: the checkpoint's, else 224)."),
+    method: Method | None = typer.Option(None, help=f"CAM method (default: {_default('method')})."),
+    threshold: float | None = typer.Option(
         None, help=f"Box threshold as a fraction of the map's maximum (default: {DEFAULT_THRESHOLD})."
     ),
-    target: Optional[Target] = typer.Option(
+    target: Target | None = typer.Option(
         None, help=f"Which class to explain: the predicted one or the label (default: {_default('target')})."
     ),
-    actors: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, else 1)."),
-    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor (default: 1 where the cluster has GPUs, else 0)."),
-    batch_size: Optional[int] = typer.Option(
+    actors: int | None = typer.Option(None, help="Model actors (default: one per GPU, else 1)."),
+    gpus_per_actor: float | None = typer.Option(
+        None, help="GPUs per actor (default: 1 where the cluster has GPUs, else 0)."
+    ),
+    batch_size: int | None = typer.Option(
         None, help="Images per model batch (default: 256 on GPU at 224 px, scaled by input area; 16 on CPU)."
     ),
-    precision: Optional[Precision] = typer.Option(
+    precision: Precision | None = typer.Option(
         None, help=f"The forward pass's precision (default: {_default('precision')} = bf16 on GPU, fp32 on CPU)."
     ),
-    decode_on: Optional[DecodeOn] = typer.Option(
-        None, help="Where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU "
-        f"machines (default: {_default('decode_on')})."
+    decode_on: DecodeOn | None = typer.Option(
+        None,
+        help="Where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU "
+        f"machines (default: {_default('decode_on')}).",
     ),
-    heatmap_max_side: Optional[int] = typer.Option(
+    heatmap_max_side: int | None = typer.Option(
         None, help="Store heatmaps scaled down to this longer side, for very large images (default: the image's size)."
     ),
-    max_error_fraction: Optional[float] = typer.Option(
+    max_error_fraction: float | None = typer.Option(
         None, help=f"Above this fraction of failed inputs, exit 3 (default: {_default('max_error_fraction')})."
     ),
-    max_pixels: Optional[int] = typer.Option(
+    max_pixels: int | None = typer.Option(
         None, help=f"Refuse images with more pixels (decompression bombs) (default: {DEFAULT_MAX_PIXELS})."
     ),
-    follow_symlinks: Optional[bool] = typer.Option(None, "--follow-symlinks", help="Allow symlinks that point outside the dataset root."),
-    incremental: Optional[bool] = typer.Option(None, "--incremental", help="Skip images that already have a row for this model and these settings."),
-    refine: Optional[bool] = typer.Option(
-        None, "--refine", help="Also write a lesion mask (mask_rle) and its boxes (refined_boxes): the CAM picks the region, the image draws its outline."
+    follow_symlinks: bool | None = typer.Option(
+        None, "--follow-symlinks", help="Allow symlinks that point outside the dataset root."
     ),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."),
+    incremental: bool | None = typer.Option(
+        None, "--incremental", help="Skip images that already have a row for this model and these settings."
+    ),
+    refine: bool | None = typer.Option(
+        None,
+        "--refine",
+        help="Also write a lesion mask (mask_rle) and its boxes (refined_boxes): the CAM picks the region, the image draws its outline.",
+    ),
+    address: str | None = typer.Option(
+        None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Compute CAM heatmaps and boxes for every image of a dataset, as a Ray job."""
@@ -186,24 +208,54 @@ def synth(
 def train(
     data: str = typer.Option(..., "--data", help="Dataset directory in any supported layout."),
     out: Path = typer.Option(..., "--out", help="Checkpoint file to write (and OUT.resume.pt after every epoch)."),
-    model: str = typer.Option("resnet18", help="Architecture with a GAP -> linear head: a torchvision name, efficientnet_lite0 (pip install 'camjobs[efficientnet]'), or timm/NAME (timm's NAME, where timm is installed)."),
+    model: str = typer.Option(
+        "resnet18",
+        help="Architecture with a GAP -> linear head: a torchvision name, efficientnet_lite0 (pip install 'camjobs[efficientnet]'), or timm/NAME (timm's NAME, where timm is installed).",
+    ),
     pooling: Pooling = typer.Option(
-        Pooling.GAP, help="Global pooling before the final linear layer: gap (average) or gmp (max, in place of the "
-        "model's average pool); recorded in the checkpoint."
+        Pooling.GAP,
+        help="Global pooling before the final linear layer: gap (average) or gmp (max, in place of the "
+        "model's average pool); recorded in the checkpoint.",
     ),
     epochs: int = typer.Option(5, help="Training epochs (in all, counting those before --resume)."),
     input_size: int = typer.Option(224, help="Square input size."),
     batch_size: int = typer.Option(32, help="Batch size (per worker with --workers)."),
     lr: float = typer.Option(1e-3, help="Learning rate (AdamW)."),
     layout: Layout = typer.Option(Layout.AUTO, help="Dataset layout."),
-    weights: Optional[str] = typer.Option(None, help="'imagenet' (torchvision's weights, downloaded: needs internet; efficientnet_lite0's come with its package, offline; timm's from its local caches) or a local weights file to start from."),
-    weights_file: Optional[Path] = typer.Option(None, "--weights-file", exists=True, dir_okay=False, help="Local weights file for --model to start from (e.g. torchvision's resnet18-f37072fd.pth); the classifier is replaced for the dataset's classes."),
-    balanced: bool = typer.Option(True, "--balanced/--no-balanced", help="Class-balanced sampling: draw with replacement, weights 1/class count."),
-    val_fraction: float = typer.Option(0.2, help="Validation share, split by lesion (no lesion on both sides) and stratified by class."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.resume.pt, written after every epoch, up to --epochs (same data and settings)."),
-    workers: int = typer.Option(0, help="0: train in this process; N: data-parallel on N Ray Train workers (one GPU each where the cluster has GPUs)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster for --workers (default: RAY_ADDRESS, else a new local cluster)."),
-    ray_storage: Optional[str] = typer.Option(None, "--ray-storage", help="Ray Train storage for --workers: shared (NFS path, s3://...) on several nodes (default: a folder next to --out, removed after success)."),
+    weights: str | None = typer.Option(
+        None,
+        help="'imagenet' (torchvision's weights, downloaded: needs internet; efficientnet_lite0's come with its package, offline; timm's from its local caches) or a local weights file to start from.",
+    ),
+    weights_file: Path | None = typer.Option(
+        None,
+        "--weights-file",
+        exists=True,
+        dir_okay=False,
+        help="Local weights file for --model to start from (e.g. torchvision's resnet18-f37072fd.pth); the classifier is replaced for the dataset's classes.",
+    ),
+    balanced: bool = typer.Option(
+        True, "--balanced/--no-balanced", help="Class-balanced sampling: draw with replacement, weights 1/class count."
+    ),
+    val_fraction: float = typer.Option(
+        0.2, help="Validation share, split by lesion (no lesion on both sides) and stratified by class."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue from OUT.resume.pt, written after every epoch, up to --epochs (same data and settings).",
+    ),
+    workers: int = typer.Option(
+        0,
+        help="0: train in this process; N: data-parallel on N Ray Train workers (one GPU each where the cluster has GPUs).",
+    ),
+    address: str | None = typer.Option(
+        None, help="Ray cluster for --workers (default: RAY_ADDRESS, else a new local cluster)."
+    ),
+    ray_storage: str | None = typer.Option(
+        None,
+        "--ray-storage",
+        help="Ray Train storage for --workers: shared (NFS path, s3://...) on several nodes (default: a folder next to --out, removed after success).",
+    ),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Fine-tune a GAP (or --pooling gmp) classifier and write a camjobs checkpoint."""
@@ -215,11 +267,23 @@ def train(
     with _reported(ValueError, FileNotFoundError, RuntimeError, OSError):
         result = train_model(
             TrainConfig(
-                data=data, out=str(out), arch=model, epochs=epochs, input_size=input_size,
-                batch_size=batch_size, lr=lr, layout=layout.value,
-                weights=str(weights_file) if weights_file is not None else weights, seed=seed,
-                val_fraction=val_fraction, balanced=balanced, resume=resume, workers=workers,
-                address=address, storage_path=ray_storage, pooling=pooling.value,
+                data=data,
+                out=str(out),
+                arch=model,
+                epochs=epochs,
+                input_size=input_size,
+                batch_size=batch_size,
+                lr=lr,
+                layout=layout.value,
+                weights=str(weights_file) if weights_file is not None else weights,
+                seed=seed,
+                val_fraction=val_fraction,
+                balanced=balanced,
+                resume=resume,
+                workers=workers,
+                address=address,
+                storage_path=ray_storage,
+                pooling=pooling.value,
             )
         )
     typer.echo(
@@ -257,7 +321,9 @@ def verify(
         typer.echo(f"note: {note}", err=True)
     for problem in report.problems:
         typer.echo(f"problem: {problem}", err=True)
-    typer.echo(f"{report.runs} runs, {report.rows['cams']} cams rows, {report.rows['errors']} error rows, {len(report.problems)} problems")
+    typer.echo(
+        f"{report.runs} runs, {report.rows['cams']} cams rows, {report.rows['errors']} error rows, {len(report.problems)} problems"
+    )
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
 
@@ -265,15 +331,25 @@ def verify(
 @app.command()
 def evaluate(
     output: str = typer.Option(..., "--output", help="Output directory or URI written by camjobs run."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset with lesion masks (ham10000, isic2017, isic2018 layouts)."),
-    masks: Optional[str] = typer.Option(None, "--masks", help="Folder of <image_id>_segmentation.png (or <image_id>.png) masks."),
-    boxes: Optional[str] = typer.Option(None, "--boxes", help="COCO json: bbox (x, y, w, h) per image, matched by file_name or id."),
-    report: Optional[str] = typer.Option(None, "--report", help="Report folder (default: OUTPUT/eval)."),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Only this run's rows (default: the newest run's model and settings, over all runs)."),
+    data: str | None = typer.Option(
+        None, "--data", help="Dataset with lesion masks (ham10000, isic2017, isic2018 layouts)."
+    ),
+    masks: str | None = typer.Option(
+        None, "--masks", help="Folder of <image_id>_segmentation.png (or <image_id>.png) masks."
+    ),
+    boxes: str | None = typer.Option(
+        None, "--boxes", help="COCO json: bbox (x, y, w, h) per image, matched by file_name or id."
+    ),
+    report: str | None = typer.Option(None, "--report", help="Report folder (default: OUTPUT/eval)."),
+    run_id: str | None = typer.Option(
+        None, "--run-id", help="Only this run's rows (default: the newest run's model and settings, over all runs)."
+    ),
     max_side: int = typer.Option(1024, help="Sweep metrics on a grid of at most this long side; 0: the full size."),
     image_baselines: bool = typer.Option(
-        True, "--image-baselines/--no-image-baselines",
-        help="Read each row's image (source_path) for the Otsu lesion baseline; off for outputs whose images are gone."),
+        True,
+        "--image-baselines/--no-image-baselines",
+        help="Read each row's image (source_path) for the Otsu lesion baseline; off for outputs whose images are gone.",
+    ),
 ) -> None:
     """Localization metrics of the maps (MaxBoxAcc, MaxBoxAccV2, PxAP, top-1/GT-known Loc, IoU, Jaccard) beside
     the refined labels of a --refine run and the Otsu, centre-box and constant-map baselines."""
@@ -281,9 +357,17 @@ def evaluate(
     from camjobs.labels.evaluate import evaluate_output
 
     with _reported(ValueError, OSError):  # an EvaluationError is a UsageError: exit 2
-        result = evaluate_output(output, data=data, masks=masks, boxes=boxes, run_id=run_id,
-                                 report_dir=report, max_side=max_side or None, progress=True,
-                                 image_baselines=image_baselines)
+        result = evaluate_output(
+            output,
+            data=data,
+            masks=masks,
+            boxes=boxes,
+            run_id=run_id,
+            report_dir=report,
+            max_side=max_side or None,
+            progress=True,
+            image_baselines=image_baselines,
+        )
     typer.echo(result.table())
     typer.echo(f"report: {result.report_dir}")
 
@@ -293,20 +377,34 @@ def evaluate(
 
 @app.command("export")
 def export_(
-    output: str = typer.Option(..., "--output", help="The job's output directory or URI (reads OUTPUT/cams and OUTPUT/runs)."),
+    output: str = typer.Option(
+        ..., "--output", help="The job's output directory or URI (reads OUTPUT/cams and OUTPUT/runs)."
+    ),
     fmt: ExportFormat = typer.Option(..., "--format", help="Export format."),
-    to: str = typer.Option(..., "--to", help="File to write (coco; labelstudio, with its labeling config next to it) or folder (yolo)."),
-    min_score: float = typer.Option(0.0, "--min-score", help="Drop boxes scoring below this (CAM box scores lie in [threshold, 1]; a refined box's is the normalized map's mean over its mask)."),
-    image_root: Optional[str] = typer.Option(None, "--image-root", help="URL where the dataset root (--data of the run) is served: images are <image-root>/<path below the root>."),
+    to: str = typer.Option(
+        ..., "--to", help="File to write (coco; labelstudio, with its labeling config next to it) or folder (yolo)."
+    ),
+    min_score: float = typer.Option(
+        0.0,
+        "--min-score",
+        help="Drop boxes scoring below this (CAM box scores lie in [threshold, 1]; a refined box's is the normalized map's mean over its mask).",
+    ),
+    image_root: str | None = typer.Option(
+        None,
+        "--image-root",
+        help="URL where the dataset root (--data of the run) is served: images are <image-root>/<path below the root>.",
+    ),
     categories: CategoryMode = typer.Option(
-        CategoryMode.LESION, "--categories",
-        help="lesion: one category; classes: the model's classes (a box gets its image's target_label)."
+        CategoryMode.LESION,
+        "--categories",
+        help="lesion: one category; classes: the model's classes (a box gets its image's target_label).",
     ),
     boxes: BoxSource = typer.Option(
-        BoxSource.AUTO, "--boxes",
+        BoxSource.AUTO,
+        "--boxes",
         help="auto: refined_boxes (with their masks: COCO segmentation, Label Studio polygons) where a row has them "
         "(camjobs run --refine), else the CAM boxes; cam: the CAM boxes only, as before masks existed; refined: "
-        "refined_boxes only, images without them listed with no box."
+        "refined_boxes only, images without them listed with no box.",
     ),
 ) -> None:
     """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels."""
@@ -314,8 +412,15 @@ def export_(
     from camjobs.labels.export import export
 
     with _reported(OSError):  # an ExportError is a UsageError: exit 2
-        result = export(output, fmt.value, to, min_score=min_score, image_root=image_root,
-                        categories=categories.value, boxes=boxes.value)
+        result = export(
+            output,
+            fmt.value,
+            to,
+            min_score=min_score,
+            image_root=image_root,
+            categories=categories.value,
+            boxes=boxes.value,
+        )
     typer.echo(result.message())
 
 
@@ -325,10 +430,13 @@ def viz(
     to: Path = typer.Option(..., "--to", file_okay=False, help="Local folder for the PNG panels and index.html."),
     limit: int = typer.Option(50, "--limit", min=1, help="Images to draw."),
     sort: GallerySort = typer.Option(
-        GallerySort.WORST, "--sort",
-        help="By IoU of boxes[0] with the mask's box (needs --data with masks; else by pred_score)."
+        GallerySort.WORST,
+        "--sort",
+        help="By IoU of boxes[0] with the mask's box (needs --data with masks; else by pred_score).",
     ),
-    data: Optional[str] = typer.Option(None, "--data", help="The dataset, for ground-truth masks (HAM10000, ISIC 2017, ISIC 2018 layouts)."),
+    data: str | None = typer.Option(
+        None, "--data", help="The dataset, for ground-truth masks (HAM10000, ISIC 2017, ISIC 2018 layouts)."
+    ),
     layout: Layout = typer.Option(Layout.AUTO, help="Layout of --data."),
 ) -> None:
     """Draw image | heatmap | blend with boxes (and refined mask outlines) per image, and a sortable index.html gallery."""
@@ -344,14 +452,14 @@ def viz(
 # --- Ray Jobs API: run the job on a remote cluster -------------------------------------------------
 
 AddressOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--address",
         help="Ray Jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS).",
     ),
 ]
 TokenOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--token",
         help="Cluster auth token (default: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token). Never printed.",
@@ -382,7 +490,7 @@ def with_run_options(func):
     return func
 
 
-def _cluster(address: Optional[str], token: Optional[str]):
+def _cluster(address: str | None, token: str | None):
     """Connect to the Jobs API; a SubmitError (exit 2) says why not."""
     from camjobs.cluster import submit as jobs
 
@@ -391,7 +499,7 @@ def _cluster(address: Optional[str], token: Optional[str]):
     return jobs.connect(url, secret, source, warn=lambda message: typer.echo(f"camjobs: warning: {message}", err=True))
 
 
-def _check_job_options(config: Optional[str], flags: dict[str, Any]) -> None:
+def _check_job_options(config: str | None, flags: dict[str, Any]) -> None:
     """Validate the job options here, so a mistake fails now rather than on the cluster (skipped
     when --config names a file that exists only there)."""
     if config is not None and not Path(config).is_file():
@@ -402,13 +510,21 @@ def _check_job_options(config: Optional[str], flags: dict[str, Any]) -> None:
 @app.command()
 @with_run_options
 def submit(
-    config: Optional[str] = typer.Option(None, "--config", help="YAML file of job options, read on the cluster; flags override it."),
+    config: str | None = typer.Option(
+        None, "--config", help="YAML file of job options, read on the cluster; flags override it."
+    ),
     address: AddressOption = None,
     token: TokenOption = None,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs and exit with its exit code."),
-    submission_id: Optional[str] = typer.Option(None, help="Submission id to use (unique per cluster; default: Ray picks one)."),
+    submission_id: str | None = typer.Option(
+        None, help="Submission id to use (unique per cluster; default: Ray picks one)."
+    ),
     python: str = typer.Option("python", help="The cluster's Python interpreter for the job's command."),
-    pip: Optional[list[str]] = typer.Option(None, "--pip", help="Have Ray pip-install this requirement for the job (repeatable; needs the cluster to reach a package index)."),
+    pip: list[str] | None = typer.Option(
+        None,
+        "--pip",
+        help="Have Ray pip-install this requirement for the job (repeatable; needs the cluster to reach a package index).",
+    ),
     **job_options: Any,
 ) -> None:
     """Run `camjobs run` on a Ray cluster through its Jobs API; prints the submission id last.
@@ -433,8 +549,9 @@ def submit(
         info = jobs.follow(cluster, job_id, write=lambda text: typer.echo(text, nl=False))
     except jobs.SubmitError as exc:
         typer.echo(job_id)
-        raise jobs.SubmitError(f"{exc} (job {job_id} may still be running: camjobs status {job_id})",
-                               exc.exit_code) from exc
+        raise jobs.SubmitError(
+            f"{exc} (job {job_id} may still be running: camjobs status {job_id})", exc.exit_code
+        ) from exc
     except KeyboardInterrupt:
         typer.echo(f"camjobs: stopped following; job {job_id} goes on (camjobs stop {job_id} stops it)", err=True)
         typer.echo(job_id)
@@ -520,4 +637,6 @@ def list_(
     for info in found:
         fields = dict(jobs.summary_lines(info))
         entry = fields["entrypoint"] if len(fields["entrypoint"]) <= 70 else fields["entrypoint"][:67] + "..."
-        typer.echo(f"{fields['submission_id']:<30} {fields['status']:<10} {fields['exit_code']:>4}  {fields['start_time']:<20}  {entry}")
+        typer.echo(
+            f"{fields['submission_id']:<30} {fields['status']:<10} {fields['exit_code']:>4}  {fields['start_time']:<20}  {entry}"
+        )

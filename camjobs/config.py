@@ -11,9 +11,10 @@ import dataclasses
 import types
 import typing
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from camjobs.errors import UsageError
 
@@ -162,7 +163,9 @@ class RunConfig:
         for name, choice in _CHOICES.items():
             _choice(name, getattr(self, name), choice.values())
         if not self.checkpoint and not self.model:
-            raise ConfigError("checkpoint: give --checkpoint PATH, or --model ARCH with --classes a,b,c (or --weights imagenet)")
+            raise ConfigError(
+                "checkpoint: give --checkpoint PATH, or --model ARCH with --classes a,b,c (or --weights imagenet)"
+            )
         if self.checkpoint is None and self.model and not self.classes and self.weights is None:
             raise ConfigError("classes: --model without a checkpoint needs --classes a,b,c (or --weights imagenet)")
         if not 0.0 <= self.threshold <= 1.0:
@@ -177,7 +180,7 @@ class RunConfig:
             raise ConfigError(f"gpus_per_actor: must be >= 0, got {self.gpus_per_actor}")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from a plain mapping (a YAML file, CLI flags), rejecting unknown keys and wrong types."""
         hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -200,7 +203,16 @@ class RunConfig:
         return {name: redact_uri(value) if isinstance(value, str) else value for name, value in self.to_dict().items()}
 
 
-_SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token", "token", "password", "credential", "sig", "signature"}
+_SECRET_QUERY_KEYS = {
+    "access_key",
+    "secret_key",
+    "session_token",
+    "token",
+    "password",
+    "credential",
+    "sig",
+    "signature",
+}
 
 
 def redact_uri(value: str) -> str:
@@ -212,7 +224,10 @@ def redact_uri(value: str) -> str:
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = urllib.parse.urlencode(
-        [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
+        [
+            (k, "***" if k.lower() in _SECRET_QUERY_KEYS else v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        ],
         safe="*",
     )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
@@ -220,7 +235,11 @@ def redact_uri(value: str) -> str:
 
 # The RunConfig fields whose values are a Choice's (the CLI types the options with them).
 _CHOICES: dict[str, type[Choice]] = {
-    "layout": Layout, "method": Method, "target": Target, "precision": Precision, "decode_on": DecodeOn,
+    "layout": Layout,
+    "method": Method,
+    "target": Target,
+    "precision": Precision,
+    "decode_on": DecodeOn,
 }
 
 

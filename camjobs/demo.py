@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 
 from camjobs.config import RunConfig
 from camjobs.labels.evaluate import evaluate_output
+from camjobs.labels.viz import render_gallery
+from camjobs.models.train import TrainConfig, train_model
 from camjobs.pipeline.job import run_job
 from camjobs.synth import synth_dataset
-from camjobs.models.train import TrainConfig, train_model
-from camjobs.labels.viz import render_gallery
 
 DEMO_ARCH = "shufflenet_v2_x1_0"
 DEMO_INPUT_SIZE = 224
@@ -33,7 +32,9 @@ class DemoResult:
     index_html: str
 
 
-def run_demo(output: Path, *, n: int = 240, epochs: int = DEMO_EPOCHS, seed: int = 0, echo: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    output: Path, *, n: int = 240, epochs: int = DEMO_EPOCHS, seed: int = 0, echo: Callable[[str], None] = print
+) -> DemoResult:
     output = Path(output)
     data, checkpoint, results = output / "data", output / "model.pt", output / "results"
     started = time.time()
@@ -46,8 +47,14 @@ def run_demo(output: Path, *, n: int = 240, epochs: int = DEMO_EPOCHS, seed: int
     echo(f"2/5 training {DEMO_ARCH} at {DEMO_INPUT_SIZE} px for {epochs} epochs on the CPU")
     trained = train_model(
         TrainConfig(
-            data=str(data), out=str(checkpoint), arch=DEMO_ARCH, epochs=epochs, input_size=DEMO_INPUT_SIZE,
-            batch_size=32, lr=3e-3, seed=seed,
+            data=str(data),
+            out=str(checkpoint),
+            arch=DEMO_ARCH,
+            epochs=epochs,
+            input_size=DEMO_INPUT_SIZE,
+            batch_size=32,
+            lr=3e-3,
+            seed=seed,
         )
     )
     echo(f"    validation accuracy {trained.val_accuracy:.1%}, {time.time() - started:.0f} s so far")
@@ -66,7 +73,9 @@ def run_demo(output: Path, *, n: int = 240, epochs: int = DEMO_EPOCHS, seed: int
     echo("")
     echo(report.table())
     echo("")
-    echo(f"run {result.run_id}: {counts['processed']} rows, {counts['errors']} errors, {time.time() - started:.0f} s in all")
+    echo(
+        f"run {result.run_id}: {counts['processed']} rows, {counts['errors']} errors, {time.time() - started:.0f} s in all"
+    )
     echo(f"Parquet: {results / 'cams'}  (pandas.read_parquet works on it)")
     echo(f"mean IoU of the first CAM box with the mask box: {metrics['mean_iou'] / 100:.3f}")
     echo(f"mean IoU of the first refined box (--refine):    {metrics['refined']['mean_iou'] / 100:.3f}")
@@ -75,6 +84,11 @@ def run_demo(output: Path, *, n: int = 240, epochs: int = DEMO_EPOCHS, seed: int
     echo(f"report: {report.report_dir}")
     echo(f"gallery: {gallery.index_html}")
     return DemoResult(
-        result.exit_code, results / "cams" / result.run_id, counts["processed"], counts["errors"],
-        trained.val_accuracy, metrics, gallery.index_html,
+        result.exit_code,
+        results / "cams" / result.run_id,
+        counts["processed"],
+        counts["errors"],
+        trained.val_accuracy,
+        metrics,
+        gallery.index_html,
     )

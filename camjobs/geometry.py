@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -136,8 +136,13 @@ def component_stats(mask: np.ndarray, score: np.ndarray) -> np.ndarray:
     if count <= 1:
         return np.zeros((0, 6))
     if count - 1 <= _FEW_COMPONENTS:
-        stats = np.array([_mask_stats(score, inside if count == 2 else (labels == index).view(np.uint8))
-                          for index in range(1, count)], dtype=np.float64)
+        stats = np.array(
+            [
+                _mask_stats(score, inside if count == 2 else (labels == index).view(np.uint8))
+                for index in range(1, count)
+            ],
+            dtype=np.float64,
+        )
     else:
         stats = _label_stats(score, inside, count)
     return stats[np.argsort(-stats[:, 4], kind="stable")]
@@ -162,8 +167,10 @@ def component_boxes(mask: np.ndarray, score: np.ndarray) -> list[dict]:
     """One xyxy box per 8-connected component of a boolean mask, largest area first, as dicts
     of the output's box struct; a box's score is the mean of `score` (the mask's shape, float32)
     over its component."""
-    return [{"x_min": float(x), "y_min": float(y), "x_max": float(x + w), "y_max": float(y + h), "score": float(mean)}
-            for x, y, w, h, _, mean in component_stats(mask, np.asarray(score, np.float32))]
+    return [
+        {"x_min": float(x), "y_min": float(y), "x_max": float(x + w), "y_max": float(y + h), "score": float(mean)}
+        for x, y, w, h, _, mean in component_stats(mask, np.asarray(score, np.float32))
+    ]
 
 
 def rle_encode(mask: np.ndarray) -> dict:
@@ -193,7 +200,9 @@ def rle_decode(rle: dict) -> np.ndarray:
     with warnings.catch_warnings():
         # pycocotools' decode asks numpy 2 for copy=False on its own array type, which numpy
         # answers with a DeprecationWarning per call; the mask is right either way.
-        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message="__array__ implementation doesn't accept a copy", category=DeprecationWarning
+        )
         return coco_mask.decode(compressed).astype(bool)
 
 
@@ -202,8 +211,14 @@ def rle_area(rle: dict) -> int:
     from pycocotools import mask as coco_mask
 
     counts = rle["counts"]
-    return int(coco_mask.area({"size": [int(v) for v in rle["size"]],
-                               "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+    return int(
+        coco_mask.area(
+            {
+                "size": [int(v) for v in rle["size"]],
+                "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+            }
+        )
+    )
 
 
 def mask_polygons(mask: np.ndarray, *, min_area: float = 1.0, epsilon: float = 1.0) -> list[np.ndarray]:
@@ -213,8 +228,9 @@ def mask_polygons(mask: np.ndarray, *, min_area: float = 1.0, epsilon: float = 1
     Douglas-Peucker with `epsilon` pixels; outlines of under `min_area` pixels or with fewer
     than 3 points are left out. Largest area first.
     """
-    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     outlines = []
     for contour in sorted(contours, key=cv2.contourArea, reverse=True):
         if cv2.contourArea(contour) < min_area:
@@ -236,8 +252,9 @@ def resize_mask(mask: np.ndarray, width: int, height: int, *, fortran: bool = Fa
     if mask.shape == (height, width):
         return mask.astype(bool)
     shrinking = width <= mask.shape[1] and height <= mask.shape[0]
-    resized = cv2.resize(mask * np.uint8(255), (int(width), int(height)),
-                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    resized = cv2.resize(
+        mask * np.uint8(255), (int(width), int(height)), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    )
     return resized >= 128
 
 
@@ -274,7 +291,8 @@ def box_components(mask: np.ndarray, boxes: Sequence[Mapping[str, float]]) -> li
     """Each box's own part of the mask: the 8-connected component whose box it is (refined boxes
     are component_boxes of the mask), else the mask inside the box. Boxes of the output's struct."""
     count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-        np.ascontiguousarray(mask, dtype=np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA)
+        np.ascontiguousarray(mask, dtype=np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA
+    )
     by_box: dict[tuple[int, ...], list[int]] = {}
     for label in 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable"):  # largest first, as boxes are
         x, y, w, h = (int(v) for v in stats[label, :4])
@@ -286,6 +304,6 @@ def box_components(mask: np.ndarray, boxes: Sequence[Mapping[str, float]]) -> li
             parts.append(labels == by_box[key].pop(0))
             continue
         part = np.zeros_like(mask, dtype=bool)
-        part[key[1]:key[3], key[0]:key[2]] = mask[key[1]:key[3], key[0]:key[2]]
+        part[key[1] : key[3], key[0] : key[2]] = mask[key[1] : key[3], key[0] : key[2]]
         parts.append(part)
     return parts

@@ -51,8 +51,8 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -239,7 +239,7 @@ class _Root:
     real_root: str | None  # local only: realpath of the root as given, for the symlink check
     follow_symlinks: bool
 
-    def at(self, path: str) -> "_Root":
+    def at(self, path: str) -> _Root:
         return replace(self, path=path)
 
     def join(self, *names: str) -> str:
@@ -269,8 +269,11 @@ def _open_root(uri: str, follow_symlinks: bool) -> _Root:
     path = path.rstrip("/") or "/"
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
-        raise LayoutError(f"dataset root {uri!r} is not a directory" if info.type == pafs.FileType.File
-                          else f"dataset root {uri!r} does not exist")
+        raise LayoutError(
+            f"dataset root {uri!r} is not a directory"
+            if info.type == pafs.FileType.File
+            else f"dataset root {uri!r} does not exist"
+        )
     local = isinstance(fs, pafs.LocalFileSystem)
     return _Root(
         fs=fs,
@@ -345,7 +348,9 @@ def _resolve(root: _Root, layout: str) -> tuple[str, _Root]:
     if layout != "auto":
         return layout, root
     if len(found) > 1:
-        raise LayoutError(f"{root.uri(root.path)} matches several layouts ({', '.join(found)}); pass the layout explicitly")
+        raise LayoutError(
+            f"{root.uri(root.path)} matches several layouts ({', '.join(found)}); pass the layout explicitly"
+        )
     if found:
         return found[0], root
     if any(_is_image(path) for path in _walk_files(root)):
@@ -375,14 +380,25 @@ def _read_csv(root: _Root, path: str, spec: _Spec) -> list[dict]:
 
 def _bad_id(image_id: str) -> bool:
     # Ids in these layouts are plain file names; anything else could reach outside the image folder.
-    return (not image_id or ".." in image_id or any(c in image_id for c in "/\\\0")
-            or os.path.isabs(image_id) or bool(re.match(r"[A-Za-z]:", image_id)))
+    return (
+        not image_id
+        or ".." in image_id
+        or any(c in image_id for c in "/\\\0")
+        or os.path.isabs(image_id)
+        or bool(re.match(r"[A-Za-z]:", image_id))
+    )
 
 
 def _file_record(root: _Root, image_id: str, path: str, label=None, mask=None) -> ImageRecord:
     if root.escapes(path):
-        return ImageRecord(image_id, root.uri(path), label, mask, "invalid_path",
-                           f"{path}: symlink outside the dataset root; use --follow-symlinks to allow")
+        return ImageRecord(
+            image_id,
+            root.uri(path),
+            label,
+            mask,
+            "invalid_path",
+            f"{path}: symlink outside the dataset root; use --follow-symlinks to allow",
+        )
     return ImageRecord(image_id, root.uri(path), label, mask)
 
 
@@ -391,8 +407,12 @@ def _masks(root: _Root, spec: _Spec) -> dict[str, str]:
     for folder in spec.mask_dirs:
         for info in root.listdir(root.join(folder)):
             stem = _stem(info.base_name)
-            if (info.type == pafs.FileType.File and _is_image(info.base_name) and stem.endswith(MASK_SUFFIX)
-                    and not root.escapes(info.path)):
+            if (
+                info.type == pafs.FileType.File
+                and _is_image(info.base_name)
+                and stem.endswith(MASK_SUFFIX)
+                and not root.escapes(info.path)
+            ):
                 masks.setdefault(stem[: -len(MASK_SUFFIX)], root.uri(info.path))
     return masks
 
@@ -403,8 +423,12 @@ def _split_images(root: _Root, spec: _Spec, folders: list[str]) -> dict[str, lis
     for folder in folders:
         for info in root.listdir(root.join(folder)):
             name, stem = info.base_name, _stem(info.base_name)
-            if (info.type == pafs.FileType.File and _is_image(name) and not name.startswith(".")
-                    and not stem.endswith(spec.skip_stem_suffixes)):
+            if (
+                info.type == pafs.FileType.File
+                and _is_image(name)
+                and not name.startswith(".")
+                and not stem.endswith(spec.skip_stem_suffixes)
+            ):
                 files.setdefault(stem, []).append(info.path)
     return files
 
@@ -423,17 +447,33 @@ def _list_spec(root: _Root, spec: _Spec) -> list[ImageRecord]:
             image_id, label = row[spec.id_column], spec.label_rule(row, spec.classes)
             if _bad_id(image_id):  # never looked up on disk
                 where = f"{posixpath.basename(csv_path)} line {line}"
-                records.append(ImageRecord(image_id or f"<empty id: {where}>", "", label, None, "invalid_path",
-                                           f"{where}: image id {image_id!r} is not a plain file name"))
+                records.append(
+                    ImageRecord(
+                        image_id or f"<empty id: {where}>",
+                        "",
+                        label,
+                        None,
+                        "invalid_path",
+                        f"{where}: image id {image_id!r} is not a plain file name",
+                    )
+                )
                 continue
             named.add(image_id)
             if image_id not in files:
                 expected = [root.uri(root.join(d, image_id + ".jpg")) for d in folders or split.image_dirs]
-                records.append(ImageRecord(image_id, expected[0], label, masks.get(image_id), "missing_file",
-                                           f"no image file for {image_id}: expected {' or '.join(expected)} "
-                                           f"(or .jpeg/.png, any case)"))
-            records.extend(_file_record(root, image_id, path, label, masks.get(image_id))
-                           for path in files.get(image_id, []))
+                records.append(
+                    ImageRecord(
+                        image_id,
+                        expected[0],
+                        label,
+                        masks.get(image_id),
+                        "missing_file",
+                        f"no image file for {image_id}: expected {' or '.join(expected)} (or .jpeg/.png, any case)",
+                    )
+                )
+            records.extend(
+                _file_record(root, image_id, path, label, masks.get(image_id)) for path in files.get(image_id, [])
+            )
         for image_id, paths in files.items():  # image files the CSV does not name are inputs too
             if image_id not in named:
                 records.extend(_file_record(root, image_id, path, None, masks.get(image_id)) for path in paths)
@@ -466,10 +506,15 @@ def _unique_ids(records: list[ImageRecord]) -> list[ImageRecord]:
             count += 1
         new_id = f"{record.image_id}#{count}"
         taken.add(new_id)
-        result.append(replace(
-            record, image_id=new_id, error_type=record.error_type or "duplicate_id",
-            error_message=record.error_message or f"image_id {record.image_id!r} already used by {first.source_path}",
-        ))
+        result.append(
+            replace(
+                record,
+                image_id=new_id,
+                error_type=record.error_type or "duplicate_id",
+                error_message=record.error_message
+                or f"image_id {record.image_id!r} already used by {first.source_path}",
+            )
+        )
     return sorted(result, key=lambda r: r.image_id)
 
 

@@ -29,10 +29,11 @@ import operator
 import os
 import socket
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -162,7 +163,7 @@ def _move_dir(fs: pafs.FileSystem, source: str, destination: str) -> None:
     # afterwards is what marks the run as complete.
     for info in fs.get_file_info(pafs.FileSelector(source, recursive=True)):
         if info.type == pafs.FileType.File:
-            fs.move(info.path, destination + info.path[len(source):])
+            fs.move(info.path, destination + info.path[len(source) :])
 
 
 def _remove_stale_staging(out: OutputDir) -> None:
@@ -195,8 +196,12 @@ def output_lock(output: str, run_id: str) -> Iterator[None]:
     out = OutputDir.open(output)
     out.fs.create_dir(out.root, recursive=True)
     path = out.lock
-    mine = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "started_at": datetime.now(timezone.utc).isoformat()}
+    mine = {
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": datetime.now(timezone.utc).isoformat(),
+    }
     payload = json.dumps(mine).encode()
     for attempt in range(2):
         holder = read_lock(out)
@@ -206,8 +211,9 @@ def output_lock(output: str, run_id: str) -> Iterator[None]:
             continue
         stale = holder.get("host") == mine["host"] and not _pid_alive(int(holder.get("pid", -1)))
         if stale and attempt == 0 and isinstance(out.fs, pafs.LocalFileSystem):
-            log.warning("taking over the lock of run %s, whose process %s is gone",
-                        holder.get("run_id"), holder.get("pid"))
+            log.warning(
+                "taking over the lock of run %s, whose process %s is gone", holder.get("run_id"), holder.get("pid")
+            )
             out.fs.delete_file(path)
             continue
         raise OutputLocked(
@@ -255,16 +261,19 @@ def _cams_dataset(out: OutputDir) -> pads.Dataset | None:
     if not out.is_dir(out.table("cams")):
         return None
     # Read through CAMS_SCHEMA: version-1 files come back with nulls in the columns added since.
-    return pads.dataset(out.table("cams"), schema=CAMS_SCHEMA, filesystem=out.fs, format="parquet",
-                        exclude_invalid_files=False)
+    return pads.dataset(
+        out.table("cams"), schema=CAMS_SCHEMA, filesystem=out.fs, format="parquet", exclude_invalid_files=False
+    )
 
 
 def open_cams(output: str) -> pads.Dataset:
     """OUTPUT/cams as one dataset of CAMS_SCHEMA, every published run in it; NoResults without cams/."""
     dataset = _cams_dataset(OutputDir.open(output))
     if dataset is None:
-        raise NoResults(f"no results in {output}: {output.rstrip('/')}/cams does not exist "
-                        "(no cams/ folder: not a camjobs output, or run `camjobs run` first)")
+        raise NoResults(
+            f"no results in {output}: {output.rstrip('/')}/cams does not exist "
+            "(no cams/ folder: not a camjobs output, or run `camjobs run` first)"
+        )
     return dataset
 
 
@@ -331,8 +340,11 @@ def read_run_summaries(output: str, run_ids: Iterable[str] | None = None) -> tup
     out = OutputDir.open(output)
     if run_ids is None:
         listed = out.fs.get_file_info(pafs.FileSelector(out.runs)) if out.is_dir(out.runs) else []
-        run_ids = [info.base_name[: -len(".json")] for info in listed
-                   if info.base_name.endswith(".json") and not info.base_name.startswith("_")]
+        run_ids = [
+            info.base_name[: -len(".json")]
+            for info in listed
+            if info.base_name.endswith(".json") and not info.base_name.startswith("_")
+        ]
     summaries, missing = {}, {}
     for run_id in sorted(set(run_ids)):
         try:

@@ -189,8 +189,9 @@ def refine_work_mask(work_rgb: np.ndarray, work_norm: np.ndarray, rule: RefineRu
     return fill_holes(labels == int(np.argmax(scores)) + 1)
 
 
-def refine(work_rgb: np.ndarray, norm: np.ndarray, width: int, height: int,
-           rule: RefineRule = REFINE_RULE) -> np.ndarray | None:
+def refine(
+    work_rgb: np.ndarray, norm: np.ndarray, width: int, height: int, rule: RefineRule = REFINE_RULE
+) -> np.ndarray | None:
     """The refined lesion mask at (height, width) (column-major, for COCO's RLE), from the working
     image and the map U / max U (any size: it is resized to the working image's); None where the
     map is empty or flat or the image shows no lesion."""

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -64,12 +64,23 @@ _REAL_DX_ORDER = ("bkl", "nv", "df", "mel", "vasc", "bcc", "akiec")
 
 # Real localization vocabulary with its HAM10000 frequencies (used as weights).
 LOCALIZATIONS = (
-    "back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest",
-    "foot", "unknown", "neck", "scalp", "hand", "ear", "genital", "acral",
+    "back",
+    "lower extremity",
+    "trunk",
+    "upper extremity",
+    "abdomen",
+    "face",
+    "chest",
+    "foot",
+    "unknown",
+    "neck",
+    "scalp",
+    "hand",
+    "ear",
+    "genital",
+    "acral",
 )
-_LOC_WEIGHTS = np.array(
-    [2192, 2077, 1404, 1118, 1022, 745, 407, 319, 234, 168, 128, 90, 56, 48, 7], dtype=float
-)
+_LOC_WEIGHTS = np.array([2192, 2077, 1404, 1118, 1022, 745, 407, 319, 234, 168, 128, 90, 56, 48, 7], dtype=float)
 _DX_TYPES = ("histo", "follow_up", "consensus", "confocal")
 # Approximate per-class dx_type mix of the real set (mel, bcc, akiec are histo-confirmed).
 _DX_TYPE_P = {
@@ -83,8 +94,13 @@ _DX_TYPE_P = {
 }
 # (mean, std) of patient age per class, roughly as in HAM10000.
 _AGE = {
-    "akiec": (67, 12), "bcc": (67, 13), "bkl": (64, 13), "df": (53, 15),
-    "mel": (61, 15), "nv": (47, 16), "vasc": (52, 20),
+    "akiec": (67, 12),
+    "bcc": (67, 13),
+    "bkl": (64, 13),
+    "df": (53, 15),
+    "mel": (61, 15),
+    "nv": (47, 16),
+    "vasc": (52, 20),
 }
 # Images per lesion: 10,015 images of 7,470 lesions in the real set (mean ~1.34).
 _VIEWS_P = (0.74, 0.18, 0.08)
@@ -155,6 +171,7 @@ def _plan(n: int, seed: int, classes: Sequence[str]) -> list[dict]:
             )
     return rows
 
+
 # --------------------------------------------------------------------------- dataset
 def _checked(layout: str, n: int, classes: Sequence[str], width: int, height: int) -> tuple[str, ...]:
     """The classes as a tuple, once every argument of synth_dataset is known to be usable."""
@@ -180,8 +197,9 @@ def _write_metadata(csv_path: Path, rows: list[dict]) -> None:
         wr = csv.writer(f, lineterminator="\n")
         wr.writerow(METADATA_COLUMNS)
         for r in rows:
-            wr.writerow([r["lesion_id"], r["image_id"], r["dx"], r["dx_type"], repr(r["age"]),
-                         r["sex"], r["localization"]])
+            wr.writerow(
+                [r["lesion_id"], r["image_id"], r["dx"], r["dx_type"], repr(r["age"]), r["sex"], r["localization"]]
+            )
 
 
 def _write_image(image_id: str, rgb: np.ndarray, mask: np.ndarray, image_dir: Path, mask_dir: Path) -> None:
@@ -196,8 +214,9 @@ def _write_image(image_id: str, rgb: np.ndarray, mask: np.ndarray, image_dir: Pa
     (mask_dir / f"{image_id}{MASK_SUFFIX}.png").write_bytes(png.tobytes())
 
 
-def _write_images(rows: list[dict], seed: int, size: tuple[int, int], img_dirs: tuple[Path, ...], mask_dir: Path,
-                  progress: bool) -> None:
+def _write_images(
+    rows: list[dict], seed: int, size: tuple[int, int], img_dirs: tuple[Path, ...], mask_dir: Path, progress: bool
+) -> None:
     """Render and write every row's image and mask, in image-number order."""
     width, height = size
     # first half of the image ids in part_1, the rest in part_2 (as in the real release)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -63,52 +63,122 @@ class _Style:
 _STYLES: dict[str, _Style] = {
     # common mole: small-medium, round, symmetric, uniform brown, soft edge, regular network
     "nv": _Style(
-        radius=(0.13, 0.26), aspect=(0.78, 1.0), asym=(0.0, 0.04), irregular=(0.0, 0.012),
-        palette=("brown", "light_brown", "dark_brown"), n_base=1, n_colours=(1, 2),
-        sharp=1.2, cells=(2, 3), network=(0.10, 0.28), texture=0.04,
-        fade=(6.0, 14.0), edge_floor=(0.2, 0.45), opacity=(0.85, 0.97),
+        radius=(0.13, 0.26),
+        aspect=(0.78, 1.0),
+        asym=(0.0, 0.04),
+        irregular=(0.0, 0.012),
+        palette=("brown", "light_brown", "dark_brown"),
+        n_base=1,
+        n_colours=(1, 2),
+        sharp=1.2,
+        cells=(2, 3),
+        network=(0.10, 0.28),
+        texture=0.04,
+        fade=(6.0, 14.0),
+        edge_floor=(0.2, 0.45),
+        opacity=(0.85, 0.97),
     ),
     # melanoma: larger, asymmetric, irregular border, variegated dark brown/black/blue-grey/red
     "mel": _Style(
-        radius=(0.19, 0.36), aspect=(0.55, 0.92), asym=(0.07, 0.15), irregular=(0.03, 0.07),
+        radius=(0.19, 0.36),
+        aspect=(0.55, 0.92),
+        asym=(0.07, 0.15),
+        irregular=(0.03, 0.07),
         palette=("dark_brown", "black", "blue_grey", "brown", "red", "white", "blue_grey"),
-        n_base=2, n_colours=(3, 5), sharp=2.2, cells=(3, 6), network=(0.2, 0.45),
-        texture=0.07, fade=(1.0, 4.0), edge_floor=(0.55, 0.85), opacity=(0.92, 1.0),
+        n_base=2,
+        n_colours=(3, 5),
+        sharp=2.2,
+        cells=(3, 6),
+        network=(0.2, 0.45),
+        texture=0.07,
+        fade=(1.0, 4.0),
+        edge_floor=(0.55, 0.85),
+        opacity=(0.92, 1.0),
     ),
     # benign keratosis: medium, waxy light brown/tan, cerebriform texture, milia, sharp edge
     "bkl": _Style(
-        radius=(0.15, 0.31), aspect=(0.6, 0.95), asym=(0.04, 0.1), irregular=(0.02, 0.05),
-        palette=("light_brown", "tan", "yellow_tan", "brown"), n_base=1, n_colours=(2, 3),
-        sharp=1.5, cells=(2, 4), network=(0.0, 0.0), texture=0.10,
-        fade=(1.0, 3.0), edge_floor=(0.85, 0.95), opacity=(0.85, 0.95),
+        radius=(0.15, 0.31),
+        aspect=(0.6, 0.95),
+        asym=(0.04, 0.1),
+        irregular=(0.02, 0.05),
+        palette=("light_brown", "tan", "yellow_tan", "brown"),
+        n_base=1,
+        n_colours=(2, 3),
+        sharp=1.5,
+        cells=(2, 4),
+        network=(0.0, 0.0),
+        texture=0.10,
+        fade=(1.0, 3.0),
+        edge_floor=(0.85, 0.95),
+        opacity=(0.85, 0.95),
     ),
     # actinic keratosis / Bowen: pink-red, scaly white, ill-defined
     "akiec": _Style(
-        radius=(0.1, 0.22), aspect=(0.6, 0.95), asym=(0.05, 0.12), irregular=(0.03, 0.07),
-        palette=("pink", "red", "light_brown", "white"), n_base=1, n_colours=(2, 4),
-        sharp=1.5, cells=(3, 5), network=(0.0, 0.0), texture=0.1,
-        fade=(10.0, 20.0), edge_floor=(0.1, 0.3), opacity=(0.6, 0.8),
+        radius=(0.1, 0.22),
+        aspect=(0.6, 0.95),
+        asym=(0.05, 0.12),
+        irregular=(0.03, 0.07),
+        palette=("pink", "red", "light_brown", "white"),
+        n_base=1,
+        n_colours=(2, 4),
+        sharp=1.5,
+        cells=(3, 5),
+        network=(0.0, 0.0),
+        texture=0.1,
+        fade=(10.0, 20.0),
+        edge_floor=(0.1, 0.3),
+        opacity=(0.6, 0.8),
     ),
     # basal cell carcinoma: pink translucent, blue-grey ovoid nests, arborizing vessels
     "bcc": _Style(
-        radius=(0.1, 0.2), aspect=(0.65, 0.95), asym=(0.04, 0.1), irregular=(0.02, 0.06),
-        palette=("pink", "white", "blue_grey"), n_base=1, n_colours=(2, 3),
-        sharp=1.5, cells=(2, 4), network=(0.0, 0.0), texture=0.05,
-        fade=(5.0, 10.0), edge_floor=(0.3, 0.5), opacity=(0.6, 0.8),
+        radius=(0.1, 0.2),
+        aspect=(0.65, 0.95),
+        asym=(0.04, 0.1),
+        irregular=(0.02, 0.06),
+        palette=("pink", "white", "blue_grey"),
+        n_base=1,
+        n_colours=(2, 3),
+        sharp=1.5,
+        cells=(2, 4),
+        network=(0.0, 0.0),
+        texture=0.05,
+        fade=(5.0, 10.0),
+        edge_floor=(0.3, 0.5),
+        opacity=(0.6, 0.8),
     ),
     # dermatofibroma: small, round, brown ring with white centre
     "df": _Style(
-        radius=(0.06, 0.12), aspect=(0.75, 1.0), asym=(0.0, 0.05), irregular=(0.0, 0.02),
-        palette=("light_brown", "brown"), n_base=1, n_colours=(1, 2),
-        sharp=1.0, cells=(2, 3), network=(0.1, 0.25), texture=0.04,
-        fade=(6.0, 12.0), edge_floor=(0.2, 0.4), opacity=(0.75, 0.9),
+        radius=(0.06, 0.12),
+        aspect=(0.75, 1.0),
+        asym=(0.0, 0.05),
+        irregular=(0.0, 0.02),
+        palette=("light_brown", "brown"),
+        n_base=1,
+        n_colours=(1, 2),
+        sharp=1.0,
+        cells=(2, 3),
+        network=(0.1, 0.25),
+        texture=0.04,
+        fade=(6.0, 12.0),
+        edge_floor=(0.2, 0.4),
+        opacity=(0.75, 0.9),
     ),
     # vascular lesion: small-medium, round, well demarcated, red/purple lacunae
     "vasc": _Style(
-        radius=(0.06, 0.14), aspect=(0.7, 1.0), asym=(0.02, 0.06), irregular=(0.0, 0.03),
-        palette=("red", "purple", "dark_red"), n_base=1, n_colours=(2, 3),
-        sharp=2.0, cells=(2, 4), network=(0.0, 0.0), texture=0.04,
-        fade=(1.0, 3.0), edge_floor=(0.8, 0.95), opacity=(0.85, 1.0),
+        radius=(0.06, 0.14),
+        aspect=(0.7, 1.0),
+        asym=(0.02, 0.06),
+        irregular=(0.0, 0.03),
+        palette=("red", "purple", "dark_red"),
+        n_base=1,
+        n_colours=(2, 3),
+        sharp=2.0,
+        cells=(2, 4),
+        network=(0.0, 0.0),
+        texture=0.04,
+        fade=(1.0, 3.0),
+        edge_floor=(0.8, 0.95),
+        opacity=(0.85, 1.0),
     ),
 }
 
@@ -169,7 +239,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, n
     red = np.maximum(_smooth(rng, h2, w2, int(rng.integers(3, 7))) + 0.3, 0.0) * float(rng.uniform(0.0, 0.07))
     grain = rng.standard_normal((h2, w2), dtype=np.float32) * float(rng.uniform(0.012, 0.03))
     lines = _smooth(rng, h2, w2, 40)
-    base = 1.0 + bright + grain - np.exp(-(lines * 2.5) ** 2) * float(rng.uniform(0.0, 0.04))
+    base = 1.0 + bright + grain - np.exp(-((lines * 2.5) ** 2)) * float(rng.uniform(0.0, 0.04))
     small = np.empty((h2, w2, 3), np.float32)
     small[..., 0] = base * (tone[0] * (1.0 + 0.3 * red))
     small[..., 1] = base * (tone[1] * (1.0 - 0.6 * red))
@@ -187,7 +257,6 @@ class _Lesion:
     fade: float
     edge_floor: float
     opacity: float
-
 
 
 def _border(rng: np.random.Generator, st: _Style) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +281,7 @@ def _colour_regions(st: _Style, rng: np.random.Generator, rho: np.ndarray) -> np
     """(S, S, 3) colours: a softmax over smooth random fields, one per palette colour."""
     S = rho.shape[0]
     n_col = int(rng.integers(st.n_colours[0], st.n_colours[1] + 1))
-    extra = list(st.palette[st.n_base:])
+    extra = list(st.palette[st.n_base :])
     rng.shuffle(extra)
     names = list(st.palette[: st.n_base]) + extra[: max(0, n_col - st.n_base)]
     cols = np.stack([_jitter(_C[nm], rng, 0.08) for nm in names])
@@ -238,8 +307,9 @@ def _colour_regions(st: _Style, rng: np.random.Generator, rho: np.ndarray) -> np
     return colour
 
 
-def _pigment_network(dx: str, st: _Style, rng: np.random.Generator, colour: np.ndarray, rho: np.ndarray,
-                     scale: float) -> None:
+def _pigment_network(
+    dx: str, st: _Style, rng: np.random.Generator, colour: np.ndarray, rho: np.ndarray, scale: float
+) -> None:
     """Darken colour in place by a pigment network (ridged mid-frequency noise), fading towards the border."""
     net_s = _u(rng, st.network)
     if net_s <= 0:
@@ -254,7 +324,7 @@ def _pigment_network(dx: str, st: _Style, rng: np.random.Generator, colour: np.n
     u += _smooth(rng, S, S, max(3, int(S / period / 2.5))) * 2.5
     v += _smooth(rng, S, S, max(3, int(S / period / 2.5))) * 2.5
     m = np.minimum(np.abs(np.sin(u)), np.abs(np.sin(v)))
-    net = np.exp(-(m * 3.0) ** 2)
+    net = np.exp(-((m * 3.0) ** 2))
     if dx == "mel":  # atypical: broadened, irregular network
         net *= 0.5 + 0.5 * (_smooth(rng, S, S, 4) > 0)
     else:
@@ -268,7 +338,7 @@ def _fine_texture(dx: str, st: _Style, rng: np.random.Generator, colour: np.ndar
         S = colour.shape[0]
         t = _smooth(rng, S, S, max(8, int(S / (scale * 0.02))))
         if dx == "bkl":
-            t = 1.0 - 2.0 * np.exp(-(t * 2.0) ** 2)  # gyri and sulci
+            t = 1.0 - 2.0 * np.exp(-((t * 2.0) ** 2))  # gyri and sulci
         colour *= (1.0 + st.texture * t)[..., None]
 
 
@@ -351,8 +421,17 @@ def _class_features(dx, rng, colour, rho, R, aspect, scale, c) -> None:
         # blue-grey ovoid nests
         for x, y in _points_inside(rng, int(rng.integers(1, 6)), R, aspect, c, 0.7):
             ax = (max(2, int(rng.uniform(4, 12) * s)), max(2, int(rng.uniform(3, 8) * s)))
-            cv2.ellipse(colour, (int(x), int(y)), ax, float(rng.uniform(0, 180)), 0, 360,
-                        tuple(float(v) for v in _jitter(_C["blue_grey"], rng, 0.05)), -1, cv2.LINE_AA)
+            cv2.ellipse(
+                colour,
+                (int(x), int(y)),
+                ax,
+                float(rng.uniform(0, 180)),
+                0,
+                360,
+                tuple(float(v) for v in _jitter(_C["blue_grey"], rng, 0.05)),
+                -1,
+                cv2.LINE_AA,
+            )
         # arborizing vessels: branching red lines
         for _ in range(int(rng.integers(2, 6))):
             p = _points_inside(rng, 1, R, aspect, c, 0.6)[0]
@@ -360,8 +439,14 @@ def _class_features(dx, rng, colour, rho, R, aspect, scale, c) -> None:
             for _seg in range(int(rng.integers(4, 10))):
                 ln = rng.uniform(6, 18) * s
                 q = p + ln * np.array([np.cos(a), np.sin(a)])
-                cv2.line(colour, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])),
-                         tuple(float(v) for v in _C["red"]), max(1, int(round(1.5 * s))), cv2.LINE_AA)
+                cv2.line(
+                    colour,
+                    (int(p[0]), int(p[1])),
+                    (int(q[0]), int(q[1])),
+                    tuple(float(v) for v in _C["red"]),
+                    max(1, int(round(1.5 * s))),
+                    cv2.LINE_AA,
+                )
                 p, a = q, a + rng.normal(0, 0.6)
     elif dx == "df":
         # central white scar-like patch
@@ -393,8 +478,9 @@ def _draw_hairs(rng: np.random.Generator, img: np.ndarray, scale: float) -> None
         p1 = (p0 + p2) / 2 + bend * np.array([-np.sin(a), np.cos(a)])
         pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         thick = max(1, int(round((1 if rng.random() < 0.6 else 2) * scale / 450.0)))
-        cv2.polylines(layer, [np.round(pts * 16).astype(np.int32)], False,
-                      int(rng.integers(150, 256)), thick, cv2.LINE_AA, 4)
+        cv2.polylines(
+            layer, [np.round(pts * 16).astype(np.int32)], False, int(rng.integers(150, 256)), thick, cv2.LINE_AA, 4
+        )
     col = np.array([rng.uniform(20, 70)] * 3, np.float32) * np.array([1.0, 0.85, 0.75], np.float32)
     x, y, bw, bh = cv2.boundingRect(layer)
     if bw == 0 or bh == 0:
@@ -515,8 +601,7 @@ def _lesion_mask(les: _Lesion, M: np.ndarray, cx: float, cy: float, h: int, w: i
     return mask, box
 
 
-def _paint_lesion(img: np.ndarray, tone: np.ndarray, les: _Lesion, M: np.ndarray, mask: np.ndarray,
-                  box: tuple) -> None:
+def _paint_lesion(img: np.ndarray, tone: np.ndarray, les: _Lesion, M: np.ndarray, mask: np.ndarray, box: tuple) -> None:
     """Blend the warped lesion colours into img in place, inside the mask, faded towards its border."""
     h, w = mask.shape
     # work only in the lesion's bounding box (plus a margin)
@@ -525,8 +610,7 @@ def _paint_lesion(img: np.ndarray, tone: np.ndarray, les: _Lesion, M: np.ndarray
     Mroi = M.copy()
     Mroi[0, 2] -= x0
     Mroi[1, 2] -= y0
-    col = cv2.warpAffine(les.colour, Mroi, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REPLICATE)
+    col = cv2.warpAffine(les.colour, Mroi, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     mroi = mask[y0:y1, x0:x1]
     dist = cv2.distanceTransform(mroi, cv2.DIST_L2, 3)
     a = np.clip(dist / max(les.fade, 1e-3), 0.0, 1.0)
@@ -537,8 +621,9 @@ def _paint_lesion(img: np.ndarray, tone: np.ndarray, les: _Lesion, M: np.ndarray
     img[y0:y1, x0:x1] = bg + alpha[..., None] * (col * skin_mod - bg)
 
 
-def _draw_confounders(rng: np.random.Generator, img: np.ndarray, cx: float, cy: float, scale: float,
-                      has_sticker: bool, has_ruler: bool) -> None:
+def _draw_confounders(
+    rng: np.random.Generator, img: np.ndarray, cx: float, cy: float, scale: float, has_sticker: bool, has_ruler: bool
+) -> None:
     """Class-independent confounders, in place: sticker and ruler away from the lesion, hairs, vignetting."""
     h, w = img.shape[:2]
     if has_sticker:

@@ -110,27 +110,41 @@ def _one_hot(classes: list[str], label: str) -> list[str]:
     return ["1.0" if name == label else "0.0" for name in classes]
 
 
-def make_ham10000(root: Path, n: int = 6, *, n_masks: int = 2, size=(64, 48), dataset_column: bool = False,
-                  part_dirs=("HAM10000_images_part_1", "HAM10000_images_part_2")) -> FixtureInfo:
+def make_ham10000(
+    root: Path,
+    n: int = 6,
+    *,
+    n_masks: int = 2,
+    size=(64, 48),
+    dataset_column: bool = False,
+    part_dirs=("HAM10000_images_part_1", "HAM10000_images_part_2"),
+) -> FixtureInfo:
     """HAM10000 (Harvard Dataverse): images split over part_1/part_2, metadata CSV, tschandl masks."""
     root = Path(root)
     info = FixtureInfo(root, "ham10000", HAM10000_CLASSES, {}, {})
-    header = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"] + (["dataset"] if dataset_column else [])
+    header = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"] + (
+        ["dataset"] if dataset_column else []
+    )
     rows = []
     for i in range(n):
         image_id, dx = isic_id(24306 + i), HAM10000_CLASSES[i % len(HAM10000_CLASSES)]
         info.labels[image_id] = dx
         info.paths[image_id] = write_image(root / part_dirs[i % len(part_dirs)] / f"{image_id}.jpg", size, i)
         if i < n_masks:
-            info.masks[image_id] = write_mask(root / "HAM10000_segmentations_lesion_tschandl" / f"{image_id}_segmentation.png", size, i)
-        rows.append([f"HAM_{i:07d}", image_id, dx, "histo", 45.0 + i, "male" if i % 2 else "female", "back"]
-                    + (["vidir_modern"] if dataset_column else []))
+            info.masks[image_id] = write_mask(
+                root / "HAM10000_segmentations_lesion_tschandl" / f"{image_id}_segmentation.png", size, i
+            )
+        rows.append(
+            [f"HAM_{i:07d}", image_id, dx, "histo", 45.0 + i, "male" if i % 2 else "female", "back"]
+            + (["vidir_modern"] if dataset_column else [])
+        )
     write_csv(root / "HAM10000_metadata.csv", header, rows)
     return info
 
 
-def make_isic2017(root: Path, n: int = 6, *, split: str = "Training", n_masks: int | None = None,
-                  size=(64, 48), start: int = 0) -> FixtureInfo:
+def make_isic2017(
+    root: Path, n: int = 6, *, split: str = "Training", n_masks: int | None = None, size=(64, 48), start: int = 0
+) -> FixtureInfo:
     """ISIC 2017: <split>_Data/ (with a _superpixels.png decoy per image), Part1 masks, Part3 CSV.
 
     split is "Training", "Validation" or "Test_v2"; call it several times on one root for several
@@ -148,14 +162,20 @@ def make_isic2017(root: Path, n: int = 6, *, split: str = "Training", n_masks: i
         superpixels = root / f"ISIC-2017_{split}_Data" / f"{image_id}_superpixels.png"
         info.decoys.append(write_mask(superpixels, size, i))
         if i - start < n_masks:
-            info.masks[image_id] = write_mask(root / f"ISIC-2017_{split}_Part1_GroundTruth" / f"{image_id}_segmentation.png", size, i)
+            info.masks[image_id] = write_mask(
+                root / f"ISIC-2017_{split}_Part1_GroundTruth" / f"{image_id}_segmentation.png", size, i
+            )
         mel, sk = flags[label]
-        rows.append([image_id, f"{mel}.0" if i % 2 else mel, f"{sk}.0" if i % 2 else sk])  # the real files mix 0 and 0.0
+        rows.append(
+            [image_id, f"{mel}.0" if i % 2 else mel, f"{sk}.0" if i % 2 else sk]
+        )  # the real files mix 0 and 0.0
     write_csv(root / f"ISIC-2017_{split}_Part3_GroundTruth.csv", ["image_id", "melanoma", "seborrheic_keratosis"], rows)
     return info
 
 
-def make_isic2018(root: Path, n: int = 7, *, gt_in_folder: bool = False, n_masks: int = 2, size=(64, 48)) -> FixtureInfo:
+def make_isic2018(
+    root: Path, n: int = 7, *, gt_in_folder: bool = False, n_masks: int = 2, size=(64, 48)
+) -> FixtureInfo:
     """ISIC 2018 Task 3 training input + one-hot ground truth (at root or in its folder), Task 1 masks."""
     root = Path(root)
     info = FixtureInfo(root, "isic2018", ISIC2018_CLASSES, {}, {})
@@ -166,7 +186,9 @@ def make_isic2018(root: Path, n: int = 7, *, gt_in_folder: bool = False, n_masks
         info.labels[image_id] = label
         info.paths[image_id] = write_image(input_dir / f"{image_id}.jpg", size, i)
         if i < n_masks:
-            info.masks[image_id] = write_mask(root / "ISIC2018_Task1_Training_GroundTruth" / f"{image_id}_segmentation.png", size, i)
+            info.masks[image_id] = write_mask(
+                root / "ISIC2018_Task1_Training_GroundTruth" / f"{image_id}_segmentation.png", size, i
+            )
         rows.append([image_id, *_one_hot(ISIC2018_CLASSES, label)])
     for name in ("ATTRIBUTION.txt", "LICENSE.txt"):
         (input_dir / name).write_text("CC-BY-NC 4.0\n")
@@ -190,8 +212,11 @@ def make_isic2019(root: Path, n: int = 9, *, metadata: bool = True, size=(64, 48
         meta_rows.append([image_id, 55, "anterior torso", f"BCN_{i:07d}" if i % 2 else "", "male"])
     write_csv(root / "ISIC_2019_Training_GroundTruth.csv", ["image", *ISIC2019_CLASSES], gt_rows)
     if metadata:
-        write_csv(root / "ISIC_2019_Training_Metadata.csv",
-                  ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], meta_rows)
+        write_csv(
+            root / "ISIC_2019_Training_Metadata.csv",
+            ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"],
+            meta_rows,
+        )
     return info
 
 
@@ -199,16 +224,38 @@ def make_isic2020(root: Path, n: int = 4, *, v2: bool = False, size=(64, 48)) ->
     """ISIC 2020 train/ JPEGs + ground truth CSV (v2 adds lesion_id); every third image malignant."""
     root = Path(root)
     info = FixtureInfo(root, "isic2020", ISIC2020_CLASSES, {}, {})
-    header = ["image_name", "patient_id", *(["lesion_id"] if v2 else []), "sex", "age_approx",
-              "anatom_site_general_challenge", "diagnosis", "benign_malignant", "target"]
+    header = [
+        "image_name",
+        "patient_id",
+        *(["lesion_id"] if v2 else []),
+        "sex",
+        "age_approx",
+        "anatom_site_general_challenge",
+        "diagnosis",
+        "benign_malignant",
+        "target",
+    ]
     rows = []
     for i in range(n):
         image_id, malignant = isic_id(2637011 + i), i % 3 == 2
         info.labels[image_id] = "malignant" if malignant else "benign"
         info.paths[image_id] = write_image(root / "train" / f"{image_id}.jpg", size, i)
-        rows.append([image_id, f"IP_{7279968 + i}", *([f"IL_{7972535 + i}"] if v2 else []), "male", 45.0, "head/neck",
-                     "melanoma" if malignant else "unknown", info.labels[image_id], int(malignant)])
-    write_csv(root / ("ISIC_2020_Training_GroundTruth_v2.csv" if v2 else "ISIC_2020_Training_GroundTruth.csv"), header, rows)
+        rows.append(
+            [
+                image_id,
+                f"IP_{7279968 + i}",
+                *([f"IL_{7972535 + i}"] if v2 else []),
+                "male",
+                45.0,
+                "head/neck",
+                "melanoma" if malignant else "unknown",
+                info.labels[image_id],
+                int(malignant),
+            ]
+        )
+    write_csv(
+        root / ("ISIC_2020_Training_GroundTruth_v2.csv" if v2 else "ISIC_2020_Training_GroundTruth.csv"), header, rows
+    )
     return info
 
 
@@ -217,7 +264,9 @@ def make_folder(root: Path, size=(64, 48)) -> FixtureInfo:
     (hidden files, __MACOSX, a text file) that must not be listed."""
     root = Path(root)
     info = FixtureInfo(root, "folder", [], {}, {})
-    for i, rel in enumerate(["a.jpg", "b.PNG", "c.JPEG", "sub dir/Ünïcode name.jpg", "sub dir/deeper/x.Jpg", "z/ISIC_0024306.png"]):
+    for i, rel in enumerate(
+        ["a.jpg", "b.PNG", "c.JPEG", "sub dir/Ünïcode name.jpg", "sub dir/deeper/x.Jpg", "z/ISIC_0024306.png"]
+    ):
         image_id = rel.rsplit(".", 1)[0]
         info.labels[image_id] = None
         info.paths[image_id] = write_image(root / rel, size, i)

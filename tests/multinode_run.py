@@ -50,8 +50,15 @@ def main(data: str, output: str, remove_node: bool = False) -> None:
     try:
         # At 128 px a model batch takes longer than decoding the next block: both actors get
         # work. (At 64 px one actor kept up with the decode tasks on its own.)
-        cfg = RunConfig(data=data, output=output, layout="folder", model="resnet18", classes=["a", "b"],
-                        input_size=128, batch_size=2)
+        cfg = RunConfig(
+            data=data,
+            output=output,
+            layout="folder",
+            model="resnet18",
+            classes=["a", "b"],
+            input_size=128,
+            batch_size=2,
+        )
         watcher = remove_node_once_rows_are_staged(cluster, workers[1], output) if remove_node else None
         result = run_job(cfg)
         if watcher:

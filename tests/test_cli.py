@@ -45,7 +45,13 @@ def test_help_texts_show_defaults_and_brackets():
     result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
     assert result.exit_code == 0
     defaults = RunConfig.from_mapping({"data": "d", "output": "o", "model": "resnet18", "classes": "a"})
-    for value in (defaults.method, defaults.threshold, defaults.target, defaults.max_error_fraction, defaults.decode_on):
+    for value in (
+        defaults.method,
+        defaults.threshold,
+        defaults.target,
+        defaults.max_error_fraction,
+        defaults.decode_on,
+    ):
         assert f"(default: {value})" in result.output
     assert "[threshold, 1]" in runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"}).output
 
@@ -69,8 +75,11 @@ CHOICE_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("command, option, choice, needed", CHOICE_OPTIONS,
-                         ids=[f"{command} {option}" for command, option, _, _ in CHOICE_OPTIONS])
+@pytest.mark.parametrize(
+    "command, option, choice, needed",
+    CHOICE_OPTIONS,
+    ids=[f"{command} {option}" for command, option, _, _ in CHOICE_OPTIONS],
+)
 def test_help_lists_a_choice_options_values_and_a_bad_value_exits_2(command, option, choice, needed):
     shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
     values = "|".join(re.escape(member.value) for member in choice)
@@ -80,8 +89,17 @@ def test_help_lists_a_choice_options_values_and_a_bad_value_exits_2(command, opt
 
 
 def test_choices_reach_the_config_as_plain_strings():
-    cfg = load_run_config(None, {"data": "d", "output": "o", "model": "resnet18", "classes": "a",
-                                 "method": config.Method.GRADCAM_PP, "layout": config.Layout.ISIC2017})
+    cfg = load_run_config(
+        None,
+        {
+            "data": "d",
+            "output": "o",
+            "model": "resnet18",
+            "classes": "a",
+            "method": config.Method.GRADCAM_PP,
+            "layout": config.Layout.ISIC2017,
+        },
+    )
     assert (cfg.method, cfg.layout) == ("gradcam++", "isic2017")
     assert type(cfg.method) is str and type(cfg.layout) is str  # to_dict() and run summaries hold strings
 
@@ -96,8 +114,19 @@ def test_usage_error_exits_2_and_names_the_key(tmp_path):
 @pytest.mark.slow
 def test_run_command_writes_parquet_and_exit_3_over_error_budget(ray_cluster, isic2017_mini, tmp_path):
     output = tmp_path / "out"
-    args = ["run", "--data", str(isic2017_mini), "--output", str(output), "--model", "resnet18",
-            "--classes", "melanoma,nevus,seborrheic_keratosis", "--input-size", "64"]
+    args = [
+        "run",
+        "--data",
+        str(isic2017_mini),
+        "--output",
+        str(output),
+        "--model",
+        "resnet18",
+        "--classes",
+        "melanoma,nevus,seborrheic_keratosis",
+        "--input-size",
+        "64",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "6 processed, 0 errors" in result.output
@@ -106,17 +135,40 @@ def test_run_command_writes_parquet_and_exit_3_over_error_budget(ray_cluster, is
     data = tmp_path / "folder"
     data.mkdir()
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
-    (data / "ok.png").write_bytes((isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth/ISIC_0014628_segmentation.png").read_bytes())
-    failing = runner.invoke(app, ["run", "--data", str(data), "--output", str(tmp_path / "out2"), "--model", "resnet18",
-                                  "--classes", "a,b", "--input-size", "64", "--max-error-fraction", "0.1"])
+    (data / "ok.png").write_bytes(
+        (isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth/ISIC_0014628_segmentation.png").read_bytes()
+    )
+    failing = runner.invoke(
+        app,
+        [
+            "run",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "out2"),
+            "--model",
+            "resnet18",
+            "--classes",
+            "a,b",
+            "--input-size",
+            "64",
+            "--max-error-fraction",
+            "0.1",
+        ],
+    )
     assert failing.exit_code == 3 and "max-error-fraction" in failing.output
-    assert len(pd.read_parquet(tmp_path / "out2" / "errors")) == 1 and len(pd.read_parquet(tmp_path / "out2" / "cams")) == 1
+    assert (
+        len(pd.read_parquet(tmp_path / "out2" / "errors")) == 1
+        and len(pd.read_parquet(tmp_path / "out2" / "cams")) == 1
+    )
 
 
 def test_bad_checkpoint_fails_with_exit_1(tmp_path, isic2017_mini):
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a checkpoint")
-    result = runner.invoke(app, ["run", "--data", str(isic2017_mini), "--output", str(tmp_path / "o"), "--checkpoint", str(bogus)])
+    result = runner.invoke(
+        app, ["run", "--data", str(isic2017_mini), "--output", str(tmp_path / "o"), "--checkpoint", str(bogus)]
+    )
     assert result.exit_code == 1 and str(bogus) in result.output
 
 
@@ -128,9 +180,12 @@ def test_python_dash_m_entry_point():
 def test_credentials_in_uris_are_redacted():
     from camjobs.config import redact_uri
 
-    cfg = RunConfig(data="s3://AKIAEXAMPLE:s3cr3t@bucket/ham?region=eu-west-1&secret_key=s3cr3t",
-                    output="gs://bucket/out?access_key=AKIAEXAMPLE&endpoint_override=localhost:9000",
-                    model="resnet18", classes=["a"])
+    cfg = RunConfig(
+        data="s3://AKIAEXAMPLE:s3cr3t@bucket/ham?region=eu-west-1&secret_key=s3cr3t",
+        output="gs://bucket/out?access_key=AKIAEXAMPLE&endpoint_override=localhost:9000",
+        model="resnet18",
+        classes=["a"],
+    )
     shown = str(cfg.redacted())
     assert "s3cr3t" not in shown and "AKIAEXAMPLE" not in shown
     assert "bucket/ham" in shown and "region=eu-west-1" in shown and "endpoint_override=localhost%3A9000" in shown

@@ -126,8 +126,17 @@ def test_cpu_smoke_config_runs_the_whole_job(ray_cluster, tmp_path):
     # an untrained model exercises every stage; `camjobs train` writes the same format
     save_checkpoint(checkpoint, build_model("resnet18", len(classes)), arch="resnet18", classes=classes, input_size=64)
 
-    args = ["run", "--config", str(CONFIGS / "cpu-smoke.yaml"),
-            "--data", str(data), "--output", str(output), "--checkpoint", str(checkpoint)]
+    args = [
+        "run",
+        "--config",
+        str(CONFIGS / "cpu-smoke.yaml"),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--checkpoint",
+        str(checkpoint),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "8 processed, 0 errors" in result.output

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from camjobs.images import ImageInputError, decode_image, decode_reduced, load_image, resize_for_model
-
 from camjobs.pipeline.decode import decode_batch
 
 
@@ -23,7 +22,9 @@ def _jpeg(array: np.ndarray, **save) -> bytes:
 
 def _gradient(height: int, width: int) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
-    return np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), np.full_like(x, 128)], axis=2).astype(np.uint8)
+    return np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), np.full_like(x, 128)], axis=2).astype(
+        np.uint8
+    )
 
 
 def test_exif_orientation_swaps_width_and_height():
@@ -63,7 +64,12 @@ def test_bad_inputs_get_their_codes(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (tmp_path / "text.jpg").write_bytes(b"this is not an image\n" * 10)
-    expectations = {"empty.jpg": "empty_file", "truncated.jpg": "decode_error", "text.jpg": "decode_error", "gone.jpg": "missing_file"}
+    expectations = {
+        "empty.jpg": "empty_file",
+        "truncated.jpg": "decode_error",
+        "text.jpg": "decode_error",
+        "gone.jpg": "missing_file",
+    }
     for name, code in expectations.items():
         with pytest.raises(ImageInputError) as caught:
             load_image(str(tmp_path / name), input_size=32)
@@ -100,7 +106,9 @@ def test_load_image_hashes_bytes_and_resizes_whole_image(tmp_path):
 
 def test_upscaling_small_images_uses_linear():
     small = _gradient(10, 10)
-    np.testing.assert_array_equal(resize_for_model(small, 32), cv2.resize(small, (32, 32), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(
+        resize_for_model(small, 32), cv2.resize(small, (32, 32), interpolation=cv2.INTER_LINEAR)
+    )
 
 
 def test_shrinking_by_less_than_two_is_bilinear_and_close_to_area_averaging():
@@ -131,16 +139,26 @@ def test_decode_batch_keeps_every_row(tmp_path):
     assert table["pixels"].combine_chunks().to_numpy_ndarray().shape == (3, 16, 16, 3)
     assert (out["width"][0], out["height"][0]) == (30, 20)
     # Bytes that were read are hashed, decodable or not; a row never read has no hash.
-    assert out["content_sha256"][0] is not None and out["content_sha256"][1] is not None and out["content_sha256"][2] is None
+    assert (
+        out["content_sha256"][0] is not None
+        and out["content_sha256"][1] is not None
+        and out["content_sha256"][2] is None
+    )
     # Nothing but nulls still reads back as a string column, never as NaN floats.
-    assert decode_batch({k: v[2:] for k, v in batch.items()}, input_size=8).schema.field("content_sha256").type == "string"
+    assert (
+        decode_batch({k: v[2:] for k, v in batch.items()}, input_size=8).schema.field("content_sha256").type == "string"
+    )
 
 
 def test_decode_batch_for_the_device_checks_headers_and_passes_bytes_on(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
-    files = {"ok.jpg": _jpeg(_gradient(20, 30)), "turned.jpg": _jpeg(_gradient(20, 30), exif=exif),
-             "bad.jpg": b"\xff\xd8garbage", "huge.jpg": _jpeg(_gradient(40, 50))}
+    files = {
+        "ok.jpg": _jpeg(_gradient(20, 30)),
+        "turned.jpg": _jpeg(_gradient(20, 30), exif=exif),
+        "bad.jpg": b"\xff\xd8garbage",
+        "huge.jpg": _jpeg(_gradient(40, 50)),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     names = list(files)
@@ -177,7 +195,12 @@ def test_reduced_jpeg_decoding_matches_libjpeg_scaled_decode(min_side, scale):
     assert (width, height) == (600, 450)  # the original's size, for the heatmap and boxes
     assert rgb.shape == (-(-450 // scale), -(-600 // scale), 3) and min(rgb.shape[:2]) >= min(min_side, 450)
     # Oracle: OpenCV's own reduced decoding (its copy of libjpeg), or a full decode at scale 1.
-    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    flags = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }
     expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flags[scale]), cv2.COLOR_BGR2RGB)
     assert expected.shape == rgb.shape
     assert np.abs(rgb.astype(int) - expected.astype(int)).max() <= 2

@@ -18,7 +18,9 @@ def test_demo_completes_and_beats_the_centre_box(tmp_path):
     output = tmp_path / "demo"
     completed = subprocess.run(
         [sys.executable, "-m", "camjobs", "demo", "--output", str(output)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     text = completed.stdout

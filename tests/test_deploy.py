@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import ray
@@ -267,7 +268,11 @@ def _entries(path: Path) -> Iterator[tuple[str, str, list[list[str]]]]:
 
 
 def scanned_files() -> list[Path]:
-    files = [p for p in sorted(DEPLOY.rglob("*")) if p.is_file() and p.suffix in (".yaml", ".yml", ".service", ".timer", ".crontab")]
+    files = [
+        p
+        for p in sorted(DEPLOY.rglob("*"))
+        if p.is_file() and p.suffix in (".yaml", ".yml", ".service", ".timer", ".crontab")
+    ]
     return files + sorted(CONFIGS.glob("*.yaml"))
 
 
@@ -466,7 +471,9 @@ def test_checker_finds_a_bogus_option_in_a_manifest(tmp_path):
         "spec:\n  entrypoint: camjobs run --config /home/ray/configs/ham10000.yaml --gpus 2\n"
     )
     unit = tmp_path / "x.service"
-    unit.write_text("[Service]\nExecStart=/opt/camjobs/.venv/bin/camjobs run --config configs/nightly.yaml --incremntal\n")
+    unit.write_text(
+        "[Service]\nExecStart=/opt/camjobs/.venv/bin/camjobs run --config configs/nightly.yaml --incremntal\n"
+    )
     found, mentions = collect([manifest, unit], readme=False)
     assert [f.argv[:2] for f in found] == [("camjobs", "run"), ("camjobs", "run")] and not mentions
     for item in found:
@@ -511,7 +518,11 @@ def one(path: Path, kind: str) -> dict:
 
 
 def containers(pod_template: dict, where: str) -> list[dict]:
-    items = pod_template["template"]["spec"]["containers"] if "template" in pod_template else pod_template["spec"]["containers"]
+    items = (
+        pod_template["template"]["spec"]["containers"]
+        if "template" in pod_template
+        else pod_template["spec"]["containers"]
+    )
     assert items, f"{where}: no containers"
     for container in items:
         assert container.get("name") and container.get("image"), f"{where}: a container without name or image"
@@ -520,17 +531,23 @@ def containers(pod_template: dict, where: str) -> list[dict]:
 
 def check_cron(schedule: str, where: str) -> None:
     fields = schedule.split()
-    assert len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields), f"{where}: {schedule!r} is not a 5-field cron schedule"
+    assert len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields), (
+        f"{where}: {schedule!r} is not a 5-field cron schedule"
+    )
 
 
 def check_ray_cluster_spec(spec: dict, where: str, *, gpu: bool = True) -> list[dict]:
     """The RayClusterSpec fields KubeRay requires, and what camjobs needs of them."""
-    assert spec.get("rayVersion") == ray.__version__, f"{where}: rayVersion {spec.get('rayVersion')} != installed Ray {ray.__version__}"
+    assert spec.get("rayVersion") == ray.__version__, (
+        f"{where}: rayVersion {spec.get('rayVersion')} != installed Ray {ray.__version__}"
+    )
     assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: Ray token auth is not on"
     head = spec["headGroupSpec"]
     assert isinstance(head.get("rayStartParams", {}), dict)
     all_containers = containers(head, f"{where}.headGroupSpec")
-    assert any(p.get("containerPort") == 8265 for c in all_containers for p in c.get("ports", [])), f"{where}: head without dashboard port"
+    assert any(p.get("containerPort") == 8265 for c in all_containers for p in c.get("ports", [])), (
+        f"{where}: head without dashboard port"
+    )
     groups = spec["workerGroupSpecs"]
     assert groups, f"{where}: no workerGroupSpecs"
     gpu_containers = []
@@ -544,14 +561,20 @@ def check_ray_cluster_spec(spec: dict, where: str, *, gpu: bool = True) -> list[
     if gpu:
         assert gpu_containers, f"{where}: no worker container with an nvidia.com/gpu limit"
         for container in gpu_containers:
-            assert container["image"].endswith("-gpu"), f"{where}: GPU container runs the non-GPU image {container['image']}"
+            assert container["image"].endswith("-gpu"), (
+                f"{where}: GPU container runs the non-GPU image {container['image']}"
+            )
     for container in all_containers:
-        assert container["image"].startswith("registry.example.com/camjobs:"), f"{where}: {container['image']} is not the camjobs image"
+        assert container["image"].startswith("registry.example.com/camjobs:"), (
+            f"{where}: {container['image']} is not the camjobs image"
+        )
     return all_containers
 
 
 def check_rayjob_spec(spec: dict, where: str) -> None:
-    assert isinstance(spec.get("entrypoint"), str) and "camjobs" in spec["entrypoint"], f"{where}: no camjobs entrypoint"
+    assert isinstance(spec.get("entrypoint"), str) and "camjobs" in spec["entrypoint"], (
+        f"{where}: no camjobs entrypoint"
+    )
     assert spec.get("shutdownAfterJobFinishes") is True, f"{where}: the cluster would outlive the job"
     assert isinstance(spec.get("ttlSecondsAfterFinished"), int) and spec["ttlSecondsAfterFinished"] >= 0
     assert isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0
@@ -570,7 +593,9 @@ def test_raycronjob():
     spec = cron["spec"]
     check_cron(spec["schedule"], "RayCronJob.spec.schedule")
     # KubeRay 1.6's RayCronJobSpec: schedule, jobTemplate (a RayJobSpec), suspend; no more
-    assert set(spec) <= {"schedule", "jobTemplate", "suspend"}, f"fields KubeRay 1.6 does not know: {set(spec) - {'schedule', 'jobTemplate', 'suspend'}}"
+    assert set(spec) <= {"schedule", "jobTemplate", "suspend"}, (
+        f"fields KubeRay 1.6 does not know: {set(spec) - {'schedule', 'jobTemplate', 'suspend'}}"
+    )
     check_rayjob_spec(spec["jobTemplate"], "RayCronJob.spec.jobTemplate")
     assert "alpha" in RAYCRONJOB.read_text().lower() and "feature-gates=RayCronJob=true" in RAYCRONJOB.read_text()
 
@@ -614,9 +639,13 @@ def test_pods_use_only_volumes_and_accounts_that_exist():
                     for mount in container.get("volumeMounts", []):
                         assert mount["name"] in volumes, f"{where}: mount of undefined volume {mount['name']}"
                 if "serviceAccountName" in node:
-                    assert node["serviceAccountName"] in accounts, f"{where}: no ServiceAccount {node['serviceAccountName']}"
+                    assert node["serviceAccountName"] in accounts, (
+                        f"{where}: no ServiceAccount {node['serviceAccountName']}"
+                    )
             if "persistentVolumeClaim" in node:
-                assert node["persistentVolumeClaim"]["claimName"] in claims, f"{where}: no PVC {node['persistentVolumeClaim']}"
+                assert node["persistentVolumeClaim"]["claimName"] in claims, (
+                    f"{where}: no PVC {node['persistentVolumeClaim']}"
+                )
             for key, value in node.items():
                 walk(value, f"{where}.{key}")
         elif isinstance(node, list):
@@ -665,7 +694,8 @@ def test_systemd_units():
 
 def test_crontab_line_is_a_valid_schedule_without_percent_signs():
     lines = [
-        line for line in CRONTAB.read_text().splitlines()
+        line
+        for line in CRONTAB.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#") and not ASSIGNMENT.match(line.strip())
     ]
     assert lines
@@ -728,12 +758,16 @@ def test_dockerfile_has_no_entrypoint_and_installs_camjobs_with_its_configs():
     instructions = dockerfile_instructions()
     entrypoints = [rest for keyword, rest in instructions if keyword == "ENTRYPOINT"]
     assert entrypoints in ([], ["[]"]), "KubeRay must be able to run its own commands"
-    assert any(keyword == "RUN" and "pip install" in rest and "/tmp/camjobs-src" in rest for keyword, rest in instructions)
+    assert any(
+        keyword == "RUN" and "pip install" in rest and "/tmp/camjobs-src" in rest for keyword, rest in instructions
+    )
     assert dockerfile_copy_destination("configs") == "/home/ray/configs"
 
 
 def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
-    rules = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    rules = [
+        l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")
+    ]
     assert rules[0] == "*", "the .dockerignore is an allow-list"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     copied = set()
@@ -762,5 +796,7 @@ def test_ray_version_is_the_same_everywhere():
         for pattern in patterns:
             for match in re.finditer(pattern, text):
                 seen += 1
-                assert re.fullmatch(version, match[1]), f"{path.relative_to(REPO)}: {match[0]} but Ray is {ray.__version__}"
+                assert re.fullmatch(version, match[1]), (
+                    f"{path.relative_to(REPO)}: {match[0]} but Ray is {ray.__version__}"
+                )
     assert seen >= 10

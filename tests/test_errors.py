@@ -73,9 +73,22 @@ def one_row_output(tmp_path) -> Path:
     output = tmp_path / "out"
     (output / "cams").mkdir(parents=True)
     row = {name: None for name in CAMS_SCHEMA.names}
-    row.update(image_id="ISIC_0000001", source_path=str(tmp_path / "ISIC_0000001.jpg"), width=64, height=48,
-               pred_label="nevus", pred_score=0.9, method="cam", threshold=0.2, boxes=[], run_id="run1",
-               model_sha256="0" * 64, target_mode="predicted", input_size=64, schema_version=SCHEMA_VERSION)
+    row.update(
+        image_id="ISIC_0000001",
+        source_path=str(tmp_path / "ISIC_0000001.jpg"),
+        width=64,
+        height=48,
+        pred_label="nevus",
+        pred_score=0.9,
+        method="cam",
+        threshold=0.2,
+        boxes=[],
+        run_id="run1",
+        model_sha256="0" * 64,
+        target_mode="predicted",
+        input_size=64,
+        schema_version=SCHEMA_VERSION,
+    )
     pq.write_table(pa.Table.from_pylist([row], schema=CAMS_SCHEMA), output / "cams" / "part-0.parquet")
     return output
 
@@ -83,15 +96,25 @@ def one_row_output(tmp_path) -> Path:
 def test_a_dataset_in_no_known_layout_exits_2_from_every_command_that_reads_one(no_layout, one_row_output, tmp_path):
     data = str(no_layout)
     commands = {
-        "run": ["run", "--data", data, "--output", str(tmp_path / "run-out"), "--model", "resnet18",
-                "--classes", "a,b"],
+        "run": [
+            "run",
+            "--data",
+            data,
+            "--output",
+            str(tmp_path / "run-out"),
+            "--model",
+            "resnet18",
+            "--classes",
+            "a,b",
+        ],
         "train": ["train", "--data", data, "--out", str(tmp_path / "model.pt")],
         "viz": ["viz", "--output", str(one_row_output), "--to", str(tmp_path / "gallery"), "--data", data],
         "evaluate": ["evaluate", "--output", str(one_row_output), "--data", data, "--report", str(tmp_path / "r")],
     }
     codes = {name: runner.invoke(app, args) for name, args in commands.items()}
     assert {name: result.exit_code for name, result in codes.items()} == dict.fromkeys(commands, 2), {
-        name: result.output for name, result in codes.items()}
+        name: result.output for name, result in codes.items()
+    }
     for result in codes.values():
         assert "no known dataset layout" in result.output
 
@@ -128,7 +151,8 @@ def test_an_output_without_results_exits_2_from_every_command_that_reads_one(tmp
 def _mentions_error_type(target: ast.expr) -> bool:
     node = target.value if isinstance(target, ast.Subscript) else target
     return (isinstance(node, ast.Name) and node.id == "error_type") or (
-        isinstance(node, ast.Attribute) and node.attr == "error_type")
+        isinstance(node, ast.Attribute) and node.attr == "error_type"
+    )
 
 
 def _error_type_values(node: ast.AST) -> list[ast.expr]:
@@ -188,16 +212,16 @@ def test_every_error_type_written_is_a_documented_code():
 
 def test_shared_constants_are_imported_from_their_owner():
     from camjobs import cam, layouts
+    from camjobs import images as decode
     from camjobs.labels import scores, truth
     from camjobs.models import networks as models
-    from camjobs import images as decode
     from camjobs.pipeline import localize
 
     assert localize.DEFAULT_THRESHOLD is config.DEFAULT_THRESHOLD is scores.DEFAULT_THRESHOLD
     assert decode.DEFAULT_MAX_PIXELS is config.DEFAULT_MAX_PIXELS
     assert truth.MASK_SUFFIX is layouts.MASK_SUFFIX
     assert cam.METHODS is config.METHODS and layouts.LAYOUTS is config.LAYOUTS
-    assert models.POOLINGS == config.Pooling.values()
+    assert config.Pooling.values() == models.POOLINGS
     assert config.Layout.values() == ("auto", *config.LAYOUTS)
 
 
@@ -236,7 +260,9 @@ def test_a_shared_constant_is_spelled_once(value, owner):
 
 
 def test_the_config_and_the_cli_load_neither_opencv_nor_torch_nor_ray():
-    code = ("import sys, camjobs.config, camjobs.cli, camjobs.errors; "
-            "print(sorted({'cv2', 'torch', 'ray', 'torchvision'} & set(sys.modules)))")
+    code = (
+        "import sys, camjobs.config, camjobs.cli, camjobs.errors; "
+        "print(sorted({'cv2', 'torch', 'ray', 'torchvision'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"

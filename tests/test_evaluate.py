@@ -20,31 +20,71 @@ import pyarrow.parquet as pq
 import pytest
 
 from camjobs.labels.evaluate import CamEvaluator, EvaluationError, GroundTruth, evaluate_output
-from camjobs.pipeline.localize import localize
 from camjobs.labels.metrics import pr_curve
-from camjobs.schema import CAMS_SCHEMA
 from camjobs.labels.truth import index_mask_folder, load_coco_boxes
+from camjobs.pipeline.localize import localize
+from camjobs.schema import CAMS_SCHEMA
 
-KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc", "mean_iou", "iou50_share",
-        "jaccard_mean", "jaccard_isic2018")
+KEYS = (
+    "max_box_acc",
+    "max_box_acc_v2",
+    "pxap",
+    "top1_loc",
+    "gt_known_loc",
+    "mean_iou",
+    "iou50_share",
+    "jaccard_mean",
+    "jaccard_isic2018",
+)
 SOURCES = ("centre_baseline", "constant_baseline", "otsu_baseline", "refined")
 THRESHOLDS = [k / 100 for k in range(100)]
 
 
 # --------------------------------------------------------------------------- fixtures: real Parquet
-def cams_row(image_id, cam, width, height, *, threshold=0.2, label="mel", pred_label="mel", target_label=None,
-             run_id="20260101T000000Z-aaaaaa", model="m1", boxes=None, **columns):
+def cams_row(
+    image_id,
+    cam,
+    width,
+    height,
+    *,
+    threshold=0.2,
+    label="mel",
+    pred_label="mel",
+    target_label=None,
+    run_id="20260101T000000Z-aaaaaa",
+    model="m1",
+    boxes=None,
+    **columns,
+):
     """A cams row as the pipeline writes it; ``columns`` sets others (source_path, mask_rle, refine, ...)."""
     cam = np.asarray(cam, dtype=np.float32)
     if boxes is None:  # the run's own rule, as the pipeline writes it
         boxes = [b.as_dict() for b in localize(cam, height, width, threshold).boxes]
     return {
-        "image_id": image_id, "source_path": f"/data/{image_id}.jpg", "content_sha256": "0" * 64,
-        "width": width, "height": height, "label": label, "pred_index": 0, "pred_label": pred_label,
-        "pred_score": 0.9, "target_index": 0, "target_label": pred_label if target_label is None else target_label,
-        "method": "cam", "cam": cam.ravel().tolist(), "cam_height": cam.shape[0], "cam_width": cam.shape[1],
-        "heatmap_png": b"", "threshold": threshold, "boxes": boxes, "model_sha256": model,
-        "target_mode": "predicted", "input_size": 224, "run_id": run_id, "schema_version": 2, **columns,
+        "image_id": image_id,
+        "source_path": f"/data/{image_id}.jpg",
+        "content_sha256": "0" * 64,
+        "width": width,
+        "height": height,
+        "label": label,
+        "pred_index": 0,
+        "pred_label": pred_label,
+        "pred_score": 0.9,
+        "target_index": 0,
+        "target_label": pred_label if target_label is None else target_label,
+        "method": "cam",
+        "cam": cam.ravel().tolist(),
+        "cam_height": cam.shape[0],
+        "cam_width": cam.shape[1],
+        "heatmap_png": b"",
+        "threshold": threshold,
+        "boxes": boxes,
+        "model_sha256": model,
+        "target_mode": "predicted",
+        "input_size": 224,
+        "run_id": run_id,
+        "schema_version": 2,
+        **columns,
     }
 
 
@@ -252,28 +292,49 @@ def random_images(seed, count, sizes=(24, 56)):
         width, height = (int(v) for v in rng.integers(*sizes, size=2))
         mask = smooth_random(rng, height, width) > rng.uniform(0.0, 0.8)
         if not mask.any():
-            mask[height // 3: height // 2, width // 3: width // 2] = True
+            mask[height // 3 : height // 2, width // 3 : width // 2] = True
         cam = rng.normal(size=(int(rng.integers(3, 8)), int(rng.integers(3, 8)))).astype(np.float32)
         if i % 3 == 0:  # a raw map at the image's size (no upsampling)
             cam = smooth_random(rng, height, width) + 0.3 * rng.normal(size=(height, width)).astype(np.float32)
         label = [None, "mel", "nv"][i % 3]
         pred = ["mel", "nv"][int(rng.integers(2))]
-        images.append({
-            "image_id": f"img{i:02d}", "cam": cam, "width": width, "height": height, "mask": mask,
-            "threshold": float(np.float32([0.2, 0.35, 0.5][i % 3])), "label": label, "pred_label": pred,
-            "target_label": pred if i % 2 else (label or pred),
-        })
+        images.append(
+            {
+                "image_id": f"img{i:02d}",
+                "cam": cam,
+                "width": width,
+                "height": height,
+                "mask": mask,
+                "threshold": float(np.float32([0.2, 0.35, 0.5][i % 3])),
+                "label": label,
+                "pred_label": pred,
+                "target_label": pred if i % 2 else (label or pred),
+            }
+        )
     return images
 
 
 def write_images(tmp_path: Path, images) -> tuple[Path, Path]:
-    rows = [cams_row(im["image_id"], im["cam"], im["width"], im["height"], threshold=im["threshold"],
-                     label=im["label"], pred_label=im["pred_label"], target_label=im["target_label"]) for im in images]
+    rows = [
+        cams_row(
+            im["image_id"],
+            im["cam"],
+            im["width"],
+            im["height"],
+            threshold=im["threshold"],
+            label=im["label"],
+            pred_label=im["pred_label"],
+            target_label=im["target_label"],
+        )
+        for im in images
+    ]
     for im in images:
         from camjobs.geometry import mask_box
 
         im["boxes"] = [mask_box(im["mask"])]
-    return write_output(tmp_path / "out", rows), write_masks(tmp_path / "masks", {im["image_id"]: im["mask"] for im in images})
+    return write_output(tmp_path / "out", rows), write_masks(
+        tmp_path / "masks", {im["image_id"]: im["mask"] for im in images}
+    )
 
 
 # --------------------------------------------------------------------------- known answers
@@ -299,7 +360,7 @@ def test_a_constant_map_scores_as_the_whole_image_box(tmp_path):
         width, height = 60 + 10 * i, 50
         mask = np.zeros((height, width), bool)
         x0, y0 = int(width * (1 - fx) / 2), int(height * (1 - fy) / 2)
-        mask[y0: y0 + round(height * fy), x0: x0 + round(width * fx)] = True
+        mask[y0 : y0 + round(height * fy), x0 : x0 + round(width * fx)] = True
         masks[f"c{i}"] = mask
         rows.append(cams_row(f"c{i}", np.full((7, 7), 0.3), width, height))
     out = write_output(tmp_path / "out", rows)
@@ -307,7 +368,9 @@ def test_a_constant_map_scores_as_the_whole_image_box(tmp_path):
     whole = [oracle_iou((0, 0, m.shape[1], m.shape[0]), (0, 0, m.sum(1).max(), m.sum(0).max())) for m in masks.values()]
     assert report["max_box_acc"] == pytest.approx(100 * np.mean([w >= 0.5 for w in whole]))  # 50
     assert report["max_box_acc"] == pytest.approx(50.0)
-    assert report["max_box_acc_v2"] == pytest.approx(100 * np.mean([np.mean([w >= d for w in whole]) for d in (0.3, 0.5, 0.7)]))
+    assert report["max_box_acc_v2"] == pytest.approx(
+        100 * np.mean([np.mean([w >= d for w in whole]) for d in (0.3, 0.5, 0.7)])
+    )
     positives = sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())
     assert report["pxap"] == pytest.approx(100 * positives)
     assert report["mean_iou"] == pytest.approx(100 * np.mean(whole))
@@ -326,15 +389,23 @@ def test_two_blobs_only_the_largest_counts_for_max_box_acc(tmp_path):
     ]
     rows = [cams_row(im["image_id"], cam, width, height) for im in images]
     out = write_output(tmp_path / "out", rows)
-    report = evaluate_output(str(out), masks=str(write_masks(tmp_path / "masks", {i["image_id"]: i["mask"] for i in images})), write=False)
+    report = evaluate_output(
+        str(out), masks=str(write_masks(tmp_path / "masks", {i["image_id"]: i["mask"] for i in images})), write=False
+    )
     assert report["max_box_acc"] == pytest.approx(50.0)
     assert report["max_box_acc_v2"] == pytest.approx(100.0)
     assert report["gt_known_loc"] == pytest.approx(50.0) and report["top1_loc"] == pytest.approx(50.0)
     assert report["mean_iou"] == pytest.approx(50.0)  # boxes[0] is the big blob: IoU 1, then 0
     for im in images:
         im.update(cam=cam, width=width, height=height, threshold=0.2, label="mel", pred_label="mel", target_label="mel")
-        im["boxes"] = [(np.nonzero(im["mask"].any(0))[0][0], np.nonzero(im["mask"].any(1))[0][0],
-                        np.nonzero(im["mask"].any(0))[0][-1] + 1, np.nonzero(im["mask"].any(1))[0][-1] + 1)]
+        im["boxes"] = [
+            (
+                np.nonzero(im["mask"].any(0))[0][0],
+                np.nonzero(im["mask"].any(1))[0][0],
+                np.nonzero(im["mask"].any(0))[0][-1] + 1,
+                np.nonzero(im["mask"].any(1))[0][-1] + 1,
+            )
+        ]
     assert_matches_oracle(report.metrics, oracle_metrics(images))
 
 
@@ -380,10 +451,21 @@ def test_pr_curve_matches_pixel_counting():
     from camjobs.labels.metrics import pixel_histograms
 
     curve = pr_curve(*pixel_histograms(score, mask))
-    expected = oracle_metrics([{
-        "cam": score.astype(np.float32), "width": 40, "height": 30, "mask": mask, "boxes": [(0, 0, 40, 30)],
-        "threshold": 0.2, "label": None, "pred_label": None, "target_label": None,
-    }])["pxap"]
+    expected = oracle_metrics(
+        [
+            {
+                "cam": score.astype(np.float32),
+                "width": 40,
+                "height": 30,
+                "mask": mask,
+                "boxes": [(0, 0, 40, 30)],
+                "threshold": 0.2,
+                "label": None,
+                "pred_label": None,
+                "target_label": None,
+            }
+        ]
+    )["pxap"]
     assert curve.pxap == pytest.approx(expected, abs=1e-9)
     assert np.all(np.diff(curve.recall) >= 0) and curve.recall[-1] == 1.0
     assert curve.precision[-1] == pytest.approx(mask.mean())
@@ -394,11 +476,15 @@ def test_coco_boxes_on_a_real_output_fixture(tmp_path):
     out = tmp_path / "out"
     shutil.copytree(Path(__file__).parent / "fixtures" / "output-v1", out)
     coco = {
-        "images": [{"id": 1, "file_name": "img0.jpg", "width": 64, "height": 48},
-                   {"id": 2, "file_name": "sub/img1.png", "width": 128, "height": 96}],  # twice the size: rescaled
-        "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 8, 40, 30], "category_id": 1},
-                        {"id": 2, "image_id": 2, "bbox": [0, 0, 128, 96], "category_id": 1},
-                        {"id": 3, "image_id": 2, "bbox": [20, 20, 30, 30], "category_id": 1}],
+        "images": [
+            {"id": 1, "file_name": "img0.jpg", "width": 64, "height": 48},
+            {"id": 2, "file_name": "sub/img1.png", "width": 128, "height": 96},
+        ],  # twice the size: rescaled
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [10, 8, 40, 30], "category_id": 1},
+            {"id": 2, "image_id": 2, "bbox": [0, 0, 128, 96], "category_id": 1},
+            {"id": 3, "image_id": 2, "bbox": [20, 20, 30, 30], "category_id": 1},
+        ],
     }
     (tmp_path / "boxes.json").write_text(json.dumps(coco))
     report = evaluate_output(str(out), boxes=str(tmp_path / "boxes.json"), report_dir=str(tmp_path / "report"))
@@ -411,9 +497,17 @@ def test_coco_boxes_on_a_real_output_fixture(tmp_path):
     images = []
     for image_id, boxes in (("img0", [(10, 8, 50, 38)]), ("img1", [(0, 0, 64, 48), (10, 10, 25, 25)])):
         row = rows.loc[image_id]
-        images.append({"cam": np.asarray(row.cam, np.float32).reshape(row.cam_height, row.cam_width),
-                       "width": 64, "height": 48, "mask": None, "boxes": boxes, "threshold": float(row.threshold),
-                       **{k: row[k] if isinstance(row[k], str) else None for k in ("label", "pred_label", "target_label")}})
+        images.append(
+            {
+                "cam": np.asarray(row.cam, np.float32).reshape(row.cam_height, row.cam_width),
+                "width": 64,
+                "height": 48,
+                "mask": None,
+                "boxes": boxes,
+                "threshold": float(row.threshold),
+                **{k: row[k] if isinstance(row[k], str) else None for k in ("label", "pred_label", "target_label")},
+            }
+        )
     assert_matches_oracle(report.metrics, oracle_metrics(images))
     for name in ("metrics.json", "metrics.md", "per_image.csv", "pr_curve.png", "box_acc.png"):
         assert (tmp_path / "report" / name).is_file()
@@ -423,14 +517,25 @@ def test_mask_folder_and_coco_keys(tmp_path):
     folder = tmp_path / "masks"
     (folder / "sub").mkdir(parents=True)
     for name in ("ISIC_1_segmentation.png", "ISIC_1.png", "sub/x.png", "ISIC_2.png", "notes.txt"):
-        cv2.imwrite(str(folder / name), np.zeros((4, 4), np.uint8)) if name.endswith(".png") else (folder / name).write_text("")
+        cv2.imwrite(str(folder / name), np.zeros((4, 4), np.uint8)) if name.endswith(".png") else (
+            folder / name
+        ).write_text("")
     index = index_mask_folder(str(folder))
     assert index["ISIC_1"].endswith("ISIC_1_segmentation.png")  # the _segmentation file wins
     assert index["ISIC_2"].endswith("ISIC_2.png") and index["sub/x"] == index["x"]
     assert not any(k.startswith("notes") for k in index)
-    (tmp_path / "c.json").write_text(json.dumps({
-        "images": [{"id": 7, "file_name": "a/p.jpg"}, {"id": 8, "file_name": "b/p.jpg"}, {"id": 9, "file_name": "q.jpg"}],
-        "annotations": [{"image_id": 9, "bbox": [1, 2, 3, 4]}]}))
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 7, "file_name": "a/p.jpg"},
+                    {"id": 8, "file_name": "b/p.jpg"},
+                    {"id": 9, "file_name": "q.jpg"},
+                ],
+                "annotations": [{"image_id": 9, "bbox": [1, 2, 3, 4]}],
+            }
+        )
+    )
     coco = load_coco_boxes(str(tmp_path / "c.json"))
     assert "p" not in coco and {"a/p", "b/p", "q", "7", "9"} <= set(coco)  # an ambiguous base name is left out
     assert coco["q"].boxes == [(1.0, 2.0, 4.0, 6.0)] and coco["9"] is coco["q"]
@@ -481,8 +586,11 @@ def mask_cam_rows(dataset: Path, names: list[str] | None = None) -> list[dict]:
         mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
         cam = cv2.resize(cv2.GaussianBlur(mask, (0, 0), 25), (7, 7), interpolation=cv2.INTER_AREA)
         source = dataset / "ISIC-2017_Training_Data" / f"{image_id}.jpg"
-        rows.append(cams_row(image_id, cam, mask.shape[1], mask.shape[0], label="nevus", pred_label="nevus",
-                             source_path=str(source)))
+        rows.append(
+            cams_row(
+                image_id, cam, mask.shape[1], mask.shape[0], label="nevus", pred_label="nevus", source_path=str(source)
+            )
+        )
     return rows
 
 
@@ -510,8 +618,10 @@ def test_isic2017_mini_report(tmp_path, isic2017_mini):
     for name in ("pr_curve.png", "box_acc.png"):
         image = cv2.imread(str(report_dir / name))
         assert image is not None and image.shape[2] == 3 and image.shape[0] > 400
-    assert ("| metric | CAM | refined (--refine) | Otsu lesion mask | centre box | constant map |"
-            in (report_dir / "metrics.md").read_text())
+    assert (
+        "| metric | CAM | refined (--refine) | Otsu lesion mask | centre box | constant map |"
+        in (report_dir / "metrics.md").read_text()
+    )
     per_image = read_per_image(report_dir)
     for image_id, row in per_image.items():
         rgb = pil_rgb(isic2017_mini / "ISIC-2017_Training_Data" / f"{image_id}.jpg")
@@ -536,7 +646,9 @@ def test_isic2017_sample_otsu_baseline(tmp_path, isic2017_sample):
     ious, jaccards = [], []
     for image_id, row in read_per_image(tmp_path / "report").items():
         rgb = pil_rgb(isic2017_sample / "ISIC-2017_Training_Data" / f"{image_id}.jpg")
-        truth = read_truth_mask(isic2017_sample / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png")
+        truth = read_truth_mask(
+            isic2017_sample / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png"
+        )
         iou, jaccard = otsu_oracle(rgb, truth)
         assert float(row["otsu_box_iou"]) == pytest.approx(iou, abs=1e-12), image_id
         ious.append(iou)
@@ -620,12 +732,17 @@ def otsu_fixture(tmp_path: Path):
     ]
     rows, masks, images = [], {}, {}
     for k, (image_id, (width, height), lesion, truth, (label, pred, target)) in enumerate(specs):
-        rgb = np.full((height, width, 3), 150, np.uint8) if lesion is None else lesion_photo(width, height, *lesion, seed=k)
+        rgb = (
+            np.full((height, width, 3), 150, np.uint8)
+            if lesion is None
+            else lesion_photo(width, height, *lesion, seed=k)
+        )
         path = write_jpeg(folder / f"{image_id}.jpg", rgb)
         masks[image_id] = ellipse_mask(width, height, *(truth or lesion))
         cam = cv2.GaussianBlur(masks[image_id].astype(np.float32), (0, 0), 6)[::8, ::8]
-        rows.append(cams_row(image_id, cam, width, height, label=label, pred_label=pred, target_label=target,
-                             source_path=path))
+        rows.append(
+            cams_row(image_id, cam, width, height, label=label, pred_label=pred, target_label=target, source_path=path)
+        )
         images[image_id] = pil_rgb(Path(path))
     (folder / "deleted.jpg").unlink()
     write_jpeg(folder / "replaced.jpg", lesion_photo(50, 40, (25, 20), (10, 8), seed=99))
@@ -677,8 +794,9 @@ def test_otsu_baseline_against_an_oracle_on_real_jpegs(tmp_path):
 
     rows, masks, images = otsu_fixture(tmp_path)
     out = write_output(tmp_path / "out", rows)
-    report = evaluate_output(str(out), masks=str(write_masks(tmp_path / "masks", masks)),
-                             report_dir=str(tmp_path / "report"))
+    report = evaluate_output(
+        str(out), masks=str(write_masks(tmp_path / "masks", masks)), report_dir=str(tmp_path / "report")
+    )
     counts = report["counts"]
     assert counts["evaluated"] == 7  # the CAM and the fixed baselines count every image
     assert counts["image_unreadable"] == 1 and counts["image_size_changed"] == 1 and counts["otsu_images"] == 5
@@ -710,7 +828,9 @@ def test_a_large_jpeg_is_read_at_a_reduced_size_with_the_full_sizes_answer(tmp_p
     truth = ellipse_mask(width, height, (620, 540), (300, 220), 15)
     cam = cv2.resize(truth.astype(np.float32), (7, 7), interpolation=cv2.INTER_AREA)
     out = write_output(tmp_path / "out", [cams_row("big", cam, width, height, source_path=path)])
-    evaluate_output(str(out), masks=str(write_masks(tmp_path / "masks", {"big": truth})), report_dir=str(tmp_path / "r"))
+    evaluate_output(
+        str(out), masks=str(write_masks(tmp_path / "masks", {"big": truth})), report_dir=str(tmp_path / "r")
+    )
     row = read_per_image(tmp_path / "r")["big"]
     iou, jaccard = otsu_oracle(pil_rgb(Path(path)), truth)
     assert iou > 0.8
@@ -740,7 +860,9 @@ def test_cli_no_image_baselines(tmp_path):
     rows, masks, _ = otsu_fixture(tmp_path)
     out = write_output(tmp_path / "out", rows)
     masks_dir = write_masks(tmp_path / "masks", masks)
-    result = CliRunner().invoke(app, ["evaluate", "--output", str(out), "--masks", str(masks_dir), "--no-image-baselines"])
+    result = CliRunner().invoke(
+        app, ["evaluate", "--output", str(out), "--masks", str(masks_dir), "--no-image-baselines"]
+    )
     assert result.exit_code == 0, result.output
     assert "| metric | CAM | refined (--refine) | Otsu lesion mask | centre box | constant map |" in result.output
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -773,11 +895,27 @@ def refined_fixture():
     ]
     rows, truths, refined, boxes = [], {}, {}, {}
     for image_id, truth, mask, (label, pred, target) in specs:
-        found = [] if mask is None else [np_box(mask & big), np_box(mask & small)] if (mask & small).any() else [np_box(mask)]
-        rows.append(cams_row(image_id, truth.astype(np.float32), width, height, label=label, pred_label=pred,
-                             target_label=target, refine="cam-blue-otsu-1",
-                             mask_rle=None if mask is None else coco_rle(mask),
-                             refined_boxes=None if mask is None else [box_struct(b) for b in found]))
+        found = (
+            []
+            if mask is None
+            else [np_box(mask & big), np_box(mask & small)]
+            if (mask & small).any()
+            else [np_box(mask)]
+        )
+        rows.append(
+            cams_row(
+                image_id,
+                truth.astype(np.float32),
+                width,
+                height,
+                label=label,
+                pred_label=pred,
+                target_label=target,
+                refine="cam-blue-otsu-1",
+                mask_rle=None if mask is None else coco_rle(mask),
+                refined_boxes=None if mask is None else [box_struct(b) for b in found],
+            )
+        )
         truths[image_id], refined[image_id], boxes[image_id] = truth, mask, found
     return rows, truths, refined, boxes
 
@@ -785,8 +923,9 @@ def refined_fixture():
 def test_refined_labels_against_an_oracle(tmp_path):
     rows, truths, refined, boxes = refined_fixture()
     out = write_output(tmp_path / "out", rows)
-    report = evaluate_output(str(out), masks=str(write_masks(tmp_path / "masks", truths)),
-                             report_dir=str(tmp_path / "report"))
+    report = evaluate_output(
+        str(out), masks=str(write_masks(tmp_path / "masks", truths)), report_dir=str(tmp_path / "report")
+    )
     assert report["counts"]["refined_images"] == 4 and report["counts"]["refined_mask_resized"] == 0
     per_image = read_per_image(tmp_path / "report")
     entries = []
@@ -833,8 +972,20 @@ def test_version_1_outputs_still_evaluate(tmp_path):
     images = random_images(3, 5)
     _, masks = write_images(tmp_path / "v2", images)
     v1_run, v2_run = "20260101T000000Z-aaaaaa", "20260201T000000Z-bbbbbb"
-    rows = [cams_row(im["image_id"], im["cam"], im["width"], im["height"], threshold=0.2, label=im["label"],
-                     pred_label=im["pred_label"], target_label=im["target_label"], run_id=v1_run) for im in images]
+    rows = [
+        cams_row(
+            im["image_id"],
+            im["cam"],
+            im["width"],
+            im["height"],
+            threshold=0.2,
+            label=im["label"],
+            pred_label=im["pred_label"],
+            target_label=im["target_label"],
+            run_id=v1_run,
+        )
+        for im in images
+    ]
     out = tmp_path / "out"
     write_v1(out / "cams" / v1_run / "part-00000.parquet", rows)
     assert "refine" not in pq.read_schema(out / "cams" / v1_run / "part-00000.parquet").names
@@ -845,8 +996,15 @@ def test_version_1_outputs_still_evaluate(tmp_path):
     assert_matches_oracle(old.metrics, oracle_metrics(images))
     # a version-2 --refine run beside it: the newest run's settings (refine included) pick its rows,
     # and the version-1 run still evaluates by its run id
-    refined_rows = [{**r, "run_id": v2_run, "refine": "cam-blue-otsu-1", "mask_rle": coco_rle(np.ones((r["height"], r["width"]), bool))}
-                    for r in rows[:3]]
+    refined_rows = [
+        {
+            **r,
+            "run_id": v2_run,
+            "refine": "cam-blue-otsu-1",
+            "mask_rle": coco_rle(np.ones((r["height"], r["width"]), bool)),
+        }
+        for r in rows[:3]
+    ]
     write_output(out, refined_rows)
     new = evaluate_output(str(out), masks=str(masks), write=False, image_baselines=False)
     assert new["settings"]["runs"] == [v2_run] and new["counts"]["images"] == 3 == new["counts"]["refined_images"]

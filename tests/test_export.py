@@ -26,7 +26,14 @@ import pytest
 
 from camjobs.geometry import mask_box
 from camjobs.labels.export import (
-    ExportError, export, image_url, label_config, label_config_path, plan_export, relative_file_name, yolo_stem,
+    ExportError,
+    export,
+    image_url,
+    label_config,
+    label_config_path,
+    plan_export,
+    relative_file_name,
+    yolo_stem,
 )
 from camjobs.schema import CAMS_SCHEMA, SCHEMA_VERSION
 
@@ -34,7 +41,7 @@ CLASSES = ["melanoma", "nevus", "seborrheic_keratosis"]
 OLD_RUN = "20240101T000000Z-aaaaaa"
 NEW_RUN = "20240202T000000Z-bbbbbb"
 DATA_ROOT = "/data/derm"
-ODD_ID = "sub dir/Ünïcödé été <1> & \"q\""
+ODD_ID = 'sub dir/Ünïcödé été <1> & "q"'
 
 
 def _mask(width: int, height: int, centre, axes) -> np.ndarray:
@@ -60,12 +67,29 @@ def _box(xyxy, score):
 def _row(image_id, source_path, width, height, boxes, run_id, target="nevus", pred_score=0.8, label=None):
     row = {name: None for name in CAMS_SCHEMA.names}
     row.update(
-        image_id=image_id, source_path=source_path, content_sha256="0" * 64, width=width, height=height,
-        label=label, pred_index=CLASSES.index(target), pred_label=target, pred_score=pred_score,
-        target_index=CLASSES.index(target), target_label=target, method="cam", cam=[0.0, 1.0, 2.0, 3.0],
-        cam_height=2, cam_width=2, heatmap_png=b"", threshold=0.2, boxes=boxes,
-        model_sha256=("a" if run_id == OLD_RUN else "b") * 64, target_mode="predicted", input_size=224,
-        run_id=run_id, schema_version=SCHEMA_VERSION,
+        image_id=image_id,
+        source_path=source_path,
+        content_sha256="0" * 64,
+        width=width,
+        height=height,
+        label=label,
+        pred_index=CLASSES.index(target),
+        pred_label=target,
+        pred_score=pred_score,
+        target_index=CLASSES.index(target),
+        target_label=target,
+        method="cam",
+        cam=[0.0, 1.0, 2.0, 3.0],
+        cam_height=2,
+        cam_width=2,
+        heatmap_png=b"",
+        threshold=0.2,
+        boxes=boxes,
+        model_sha256=("a" if run_id == OLD_RUN else "b") * 64,
+        target_mode="predicted",
+        input_size=224,
+        run_id=run_id,
+        schema_version=SCHEMA_VERSION,
     )
     return row
 
@@ -93,22 +117,52 @@ def cams_dir(tmp_path) -> Path:
     with scores below every hit, so COCO AP is exactly 1 for the boxes[0]s."""
     out = tmp_path / "out"
     old_rows = [
-        _row("ISIC_0000001", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000001.jpg", 800, 500,
-             [_box(gt_box("ISIC_0000001"), 0.9), _box((700, 10, 790, 60), 0.25)], OLD_RUN, label="nevus"),
-        _row(ODD_ID, f"{DATA_ROOT}/{ODD_ID}.jpg", 1022, 767, [_box(gt_box(ODD_ID), 0.8)], OLD_RUN,
-             target="melanoma", pred_score=0.55),
-        _row("ISIC_0000003", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000003.jpg", 4288, 2848,
-             [_box(gt_box("ISIC_0000003"), 0.7), _box((10, 10, 400, 333), 0.3), _box((4000, 2600, 4288, 2848), 0.21)],
-             OLD_RUN, target="seborrheic_keratosis", pred_score=0.97),
+        _row(
+            "ISIC_0000001",
+            f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000001.jpg",
+            800,
+            500,
+            [_box(gt_box("ISIC_0000001"), 0.9), _box((700, 10, 790, 60), 0.25)],
+            OLD_RUN,
+            label="nevus",
+        ),
+        _row(
+            ODD_ID,
+            f"{DATA_ROOT}/{ODD_ID}.jpg",
+            1022,
+            767,
+            [_box(gt_box(ODD_ID), 0.8)],
+            OLD_RUN,
+            target="melanoma",
+            pred_score=0.55,
+        ),
+        _row(
+            "ISIC_0000003",
+            f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000003.jpg",
+            4288,
+            2848,
+            [_box(gt_box("ISIC_0000003"), 0.7), _box((10, 10, 400, 333), 0.3), _box((4000, 2600, 4288, 2848), 0.21)],
+            OLD_RUN,
+            target="seborrheic_keratosis",
+            pred_score=0.97,
+        ),
         _row("ISIC_0000004", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000004.jpg", 640, 480, [], OLD_RUN),
         # superseded by the newer run's row: a box nowhere near the lesion
-        _row("ISIC_0000002", f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000002.jpg", 600, 450,
-             [_box((0, 0, 50, 50), 0.99)], OLD_RUN),
+        _row(
+            "ISIC_0000002",
+            f"{DATA_ROOT}/ISIC-2017_Training_Data/ISIC_0000002.jpg",
+            600,
+            450,
+            [_box((0, 0, 50, 50), 0.99)],
+            OLD_RUN,
+        ),
     ]
-    _write_run(out, OLD_RUN, old_rows, {"run_id": OLD_RUN, "config": {"data": DATA_ROOT + "/"},
-                                        "model": {"classes": CLASSES}})
-    new_rows = [_row("ISIC_0000002", "/elsewhere/ISIC_0000002.jpg", 600, 450,
-                     [_box(gt_box("ISIC_0000002"), 0.6)], NEW_RUN)]
+    _write_run(
+        out, OLD_RUN, old_rows, {"run_id": OLD_RUN, "config": {"data": DATA_ROOT + "/"}, "model": {"classes": CLASSES}}
+    )
+    new_rows = [
+        _row("ISIC_0000002", "/elsewhere/ISIC_0000002.jpg", 600, 450, [_box(gt_box("ISIC_0000002"), 0.6)], NEW_RUN)
+    ]
     _write_run(out, NEW_RUN, new_rows, None)  # no summary: file name falls back to the base name
     return out
 
@@ -165,9 +219,16 @@ def _coco_gt(export_json: dict, category_id: int | None = None):
         if box is None:
             continue
         x0, y0, x1, y1 = box
-        annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                            "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0,
-                            "category_id": category_id or 1})
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": image["id"],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": float((x1 - x0) * (y1 - y0)),
+                "iscrowd": 0,
+                "category_id": category_id or 1,
+            }
+        )
     gt = COCO()
     gt.dataset = {"images": export_json["images"], "annotations": annotations, "categories": export_json["categories"]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -209,8 +270,14 @@ def test_coco_export_loads_and_evaluates_with_pycocotools(cams_dir, tmp_path):
         x, y, w, h = annotation["bbox"]
         assert annotation["area"] == pytest.approx(w * h) and annotation["iscrowd"] == 0 and w > 0 and h > 0
     first = [a for a in data["annotations"] if a["image_id"] == images["ISIC_0000001"]["id"]]
-    assert [a["bbox"] for a in first] == [[*gt_box("ISIC_0000001")[:2], gt_box("ISIC_0000001")[2] - gt_box("ISIC_0000001")[0],
-                                           gt_box("ISIC_0000001")[3] - gt_box("ISIC_0000001")[1]], [700, 10, 90, 50]]
+    assert [a["bbox"] for a in first] == [
+        [
+            *gt_box("ISIC_0000001")[:2],
+            gt_box("ISIC_0000001")[2] - gt_box("ISIC_0000001")[0],
+            gt_box("ISIC_0000001")[3] - gt_box("ISIC_0000001")[1],
+        ],
+        [700, 10, 90, 50],
+    ]
     assert not [a for a in data["annotations"] if a["image_id"] == images["ISIC_0000004"]["id"]]
 
     gt = _coco_gt(data)
@@ -241,12 +308,17 @@ def test_coco_min_score_and_class_categories(cams_dir, tmp_path):
     names = {c["id"]: c["name"] for c in data["categories"]}
     images = {i["id"]: i["camjobs_image_id"] for i in data["images"]}
     assert {images[a["image_id"]]: names[a["category_id"]] for a in data["annotations"]} == {
-        "ISIC_0000001": "nevus", ODD_ID: "melanoma", "ISIC_0000003": "seborrheic_keratosis", "ISIC_0000002": "nevus",
+        "ISIC_0000001": "nevus",
+        ODD_ID: "melanoma",
+        "ISIC_0000003": "seborrheic_keratosis",
+        "ISIC_0000002": "nevus",
     }
     # per-category evaluation against class-labelled ground truth still gives AP 1
     gt = _coco_gt(data)
     for annotation in gt.dataset["annotations"]:
-        annotation["category_id"] = next(a["category_id"] for a in data["annotations"] if a["image_id"] == annotation["image_id"])
+        annotation["category_id"] = next(
+            a["category_id"] for a in data["annotations"] if a["image_id"] == annotation["image_id"]
+        )
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     assert _evaluate(gt, data["annotations"])[0] == pytest.approx(1.0)
@@ -288,8 +360,9 @@ def _config_labels(xml_text: str) -> set[str]:
 @pytest.mark.parametrize("categories", ["lesion", "classes"])
 def test_labelstudio_export_matches_documented_format(cams_dir, tmp_path, categories):
     target = tmp_path / "ls" / "tasks.json"
-    result = export(str(cams_dir), "labelstudio", str(target), image_root="https://img.example.org/derm",
-                    categories=categories)
+    result = export(
+        str(cams_dir), "labelstudio", str(target), image_root="https://img.example.org/derm", categories=categories
+    )
     config_path = tmp_path / "ls" / "tasks.label_config.xml"
     assert result.paths == [str(target), str(config_path)] and config_path.exists()
     labels = _config_labels(config_path.read_text(encoding="utf-8"))
@@ -300,7 +373,8 @@ def test_labelstudio_export_matches_documented_format(cams_dir, tmp_path, catego
         _check_labelstudio_task(task, labels)
     by_id = {task["data"]["image_id"]: task for task in tasks}
     assert by_id[ODD_ID]["data"]["image"] == "https://img.example.org/derm/" + (
-        "sub%20dir/%C3%9Cn%C3%AFc%C3%B6d%C3%A9%20%C3%A9t%C3%A9%20%3C1%3E%20%26%20%22q%22.jpg")
+        "sub%20dir/%C3%9Cn%C3%AFc%C3%B6d%C3%A9%20%C3%A9t%C3%A9%20%3C1%3E%20%26%20%22q%22.jpg"
+    )
     assert by_id["ISIC_0000002"]["predictions"][0]["model_version"] == "b" * 12
     assert by_id["ISIC_0000004"]["predictions"][0]["result"] == []
     # percent -> pixels, Label Studio's own conversion, gives back the exported boxes
@@ -339,8 +413,9 @@ def test_labelstudio_sdk_validates_tasks(output, request, tmp_path):
     not in the dev extra; run this test in an environment that has label-studio-sdk)."""
     interface_module = pytest.importorskip("label_studio_sdk.label_interface")
     target = tmp_path / "tasks.json"
-    export(str(request.getfixturevalue(output)), "labelstudio", str(target), image_root="http://x/y",
-           categories="classes")
+    export(
+        str(request.getfixturevalue(output)), "labelstudio", str(target), image_root="http://x/y", categories="classes"
+    )
     interface = interface_module.LabelInterface((tmp_path / "tasks.label_config.xml").read_text(encoding="utf-8"))
     interface.validate()
     for task in json.loads(target.read_text(encoding="utf-8")):
@@ -360,7 +435,7 @@ def test_yolo_export_parses_back_to_the_boxes(cams_dir, tmp_path):
     with_boxes = [image_id for image_id, image in plan.items() if image.boxes]
     assert label_files == sorted(f"{yolo_stem(i)}.txt" for i in with_boxes)
     assert "ISIC_0000004.txt" not in label_files  # no box, no label file
-    assert yolo_stem(ODD_ID) == "sub dir__Ünïcödé été <1> & \"q\""
+    assert yolo_stem(ODD_ID) == 'sub dir__Ünïcödé été <1> & "q"'
     assert len(result.paths) == 2 + len(with_boxes)
 
     import csv
@@ -426,8 +501,11 @@ def _refined(row: dict, blobs: list[np.ndarray], scores: list[float]) -> dict:
     from pycocotools import mask as coco_mask
 
     rle = coco_mask.encode(np.asfortranarray(np.any(blobs, axis=0), dtype=np.uint8))
-    row.update(mask_rle={"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-               refined_boxes=[_box(_pixel_box(blob), score) for blob, score in zip(blobs, scores)], refine=REFINE)
+    row.update(
+        mask_rle={"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        refined_boxes=[_box(_pixel_box(blob), score) for blob, score in zip(blobs, scores)],
+        refine=REFINE,
+    )
     return row
 
 
@@ -436,23 +514,30 @@ BLOBS = {
     "R_two": (400, 300, [_disc(400, 300, (150, 140), (90, 70)), _disc(400, 300, (340, 50), (20, 15))], [0.8, 0.3]),
     "R_one": (640, 480, [_disc(640, 480, (300, 260), (160, 120))], [0.7]),
 }
-CAM_BOXES = {"R_two": [_box((40, 40, 260, 230), 0.9)], "R_one": [_box((100, 100, 500, 400), 0.6)],
-             "U_plain": [_box((10, 10, 60, 50), 0.5)], "N_nothing": [_box((5, 5, 30, 30), 0.4)]}
+CAM_BOXES = {
+    "R_two": [_box((40, 40, 260, 230), 0.9)],
+    "R_one": [_box((100, 100, 500, 400), 0.6)],
+    "U_plain": [_box((10, 10, 60, 50), 0.5)],
+    "N_nothing": [_box((5, 5, 30, 30), 0.4)],
+}
 
 
 def _blob_rows(run_id: str) -> list[dict]:
     """Two refined rows, one of a run without --refine, one whose refinement found nothing."""
     rows = []
     for image_id, (width, height, blobs, scores) in BLOBS.items():
-        rows.append(_refined(_row(image_id, f"/d/{image_id}.jpg", width, height, CAM_BOXES[image_id], run_id),
-                             blobs, scores))
+        rows.append(
+            _refined(_row(image_id, f"/d/{image_id}.jpg", width, height, CAM_BOXES[image_id], run_id), blobs, scores)
+        )
     rows.append(_row("U_plain", "/d/U_plain.jpg", 200, 100, CAM_BOXES["U_plain"], run_id))
     rows.append({**_row("N_nothing", "/d/N_nothing.jpg", 120, 90, CAM_BOXES["N_nothing"], run_id), "refine": REFINE})
     return rows
 
 
-V1_SCHEMA = pa.schema([f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
-                      metadata={"camjobs.schema_version": "1"})
+V1_SCHEMA = pa.schema(
+    [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
+    metadata={"camjobs.schema_version": "1"},
+)
 
 
 def _write_v1(output: Path, rows: list[dict]) -> None:
@@ -519,8 +604,17 @@ def test_coco_refined_masks_load_as_results_and_evaluate(refined_dir, tmp_path):
         for blob in blobs:
             rle = coco_mask.encode(np.asfortranarray(blob, dtype=np.uint8))
             rle["counts"] = rle["counts"].decode("ascii")
-            truth.append({"id": len(truth) + 1, "image_id": names[image_id], "category_id": 1, "segmentation": rle,
-                          "area": float(np.count_nonzero(blob)), "bbox": list(coco_mask.toBbox(rle)), "iscrowd": 0})
+            truth.append(
+                {
+                    "id": len(truth) + 1,
+                    "image_id": names[image_id],
+                    "category_id": 1,
+                    "segmentation": rle,
+                    "area": float(np.count_nonzero(blob)),
+                    "bbox": list(coco_mask.toBbox(rle)),
+                    "iscrowd": 0,
+                }
+            )
     gt = COCO()
     gt.dataset = {"images": data["images"], "annotations": truth, "categories": data["categories"]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -592,7 +686,8 @@ def test_labelstudio_polygons_fill_back_to_the_masks(refined_dir, tmp_path):
     polygons = config.find("PolygonLabels")
     assert polygons.get("name") == "polygon" and polygons.get("toName") == "image"
     assert {label.get("value") for label in polygons.findall("Label")} == _config_labels(
-        (tmp_path / "tasks.label_config.xml").read_text(encoding="utf-8"))
+        (tmp_path / "tasks.label_config.xml").read_text(encoding="utf-8")
+    )
     tasks = {task["data"]["image_id"]: task for task in json.loads(target.read_text(encoding="utf-8"))}
     for image_id, (width, height, blobs, scores) in BLOBS.items():
         regions = tasks[image_id]["predictions"][0]["result"]
@@ -600,7 +695,11 @@ def test_labelstudio_polygons_fill_back_to_the_masks(refined_dir, tmp_path):
         assert len({r["id"] for r in regions}) == len(regions)
         for rectangle, polygon, blob, score in zip(regions[::2], regions[1::2], blobs, scores):
             assert polygon["from_name"] == "polygon" and polygon["to_name"] == "image"
-            assert (polygon["original_width"], polygon["original_height"], polygon["image_rotation"]) == (width, height, 0)
+            assert (polygon["original_width"], polygon["original_height"], polygon["image_rotation"]) == (
+                width,
+                height,
+                0,
+            )
             assert polygon["score"] == rectangle["score"] == pytest.approx(score)
             value = polygon["value"]
             assert set(value) == {"points", "closed", "polygonlabels"} and value["closed"] is True
@@ -632,8 +731,10 @@ def test_yolo_lines_are_the_refined_boxes(refined_dir, tmp_path):
         expected = []
         for blob in blobs:
             x0, y0, x1, y1 = _pixel_box(blob)
-            expected.append(f"0 {(x0 + x1) / 2 / width:.8f} {(y0 + y1) / 2 / height:.8f} "
-                            f"{(x1 - x0) / width:.8f} {(y1 - y0) / height:.8f}")
+            expected.append(
+                f"0 {(x0 + x1) / 2 / width:.8f} {(y0 + y1) / 2 / height:.8f} "
+                f"{(x1 - x0) / width:.8f} {(y1 - y0) / height:.8f}"
+            )
         assert (target / f"{image_id}.txt").read_text(encoding="utf-8").splitlines() == expected
 
 

@@ -13,19 +13,26 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from layout_fixtures import noise_jpegs
 
 from camjobs.config import RunConfig
-from camjobs.pipeline.job import run_job
-from camjobs.output import LOCK_NAME
 from camjobs.labels.verify import verify_output
-from layout_fixtures import noise_jpegs
+from camjobs.output import LOCK_NAME
+from camjobs.pipeline.job import run_job
 
 pytestmark = pytest.mark.slow
 
 
 def _config(data: Path, output: Path, **overrides) -> RunConfig:
-    values = dict(data=str(data), output=str(output), layout="folder", model="resnet18", classes=["a", "b"],
-                  input_size=96, batch_size=4)
+    values = dict(
+        data=str(data),
+        output=str(output),
+        layout="folder",
+        model="resnet18",
+        classes=["a", "b"],
+        input_size=96,
+        batch_size=4,
+    )
     values.update(overrides)
     return RunConfig(**values)
 
@@ -91,8 +98,26 @@ def test_model_actor_killed_mid_run(ray_cluster, tmp_path):
 
 def test_driver_killed_mid_run_leaves_nothing_visible_and_next_run_completes(ray_cluster, tmp_path):
     data, output = noise_jpegs(tmp_path / "data", 240), tmp_path / "out"
-    command = [sys.executable, "-m", "camjobs", "run", "--data", str(data), "--output", str(output), "--layout", "folder",
-               "--model", "resnet18", "--classes", "a,b", "--input-size", "96", "--batch-size", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "camjobs",
+        "run",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--layout",
+        "folder",
+        "--model",
+        "resnet18",
+        "--classes",
+        "a,b",
+        "--input-size",
+        "96",
+        "--batch-size",
+        "2",
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -121,7 +146,9 @@ def small_disk(tmp_path):
     """A real 96 KiB file system (tmpfs), where the machine lets us mount one."""
     mountpoint = tmp_path / "disk"
     mountpoint.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mountpoint)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mountpoint)], capture_output=True
+    ).returncode:
         pytest.skip("mounting a tmpfs is not permitted here")
     yield mountpoint
     subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
@@ -172,7 +199,16 @@ def test_actor_failing_in_init_fails_the_job_fast(ray_cluster, tmp_path):
 
     started = time.time()
     with pytest.raises(Exception, match="model.pt"):
-        run_job(RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18",
-                          classes=["a", "b"], input_size=64), adapt=corrupt_on_workers)
+        run_job(
+            RunConfig(
+                data=str(data),
+                output=str(tmp_path / "out"),
+                layout="folder",
+                model="resnet18",
+                classes=["a", "b"],
+                input_size=64,
+            ),
+            adapt=corrupt_on_workers,
+        )
     assert time.time() - started < 120
     assert not (tmp_path / "out" / "cams").exists() and not (tmp_path / "out" / LOCK_NAME).exists()

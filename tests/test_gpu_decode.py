@@ -26,7 +26,9 @@ def _photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def _encode(array: np.ndarray, format: str = "JPEG", orientation: int | None = None, mode: str | None = None, **save) -> bytes:
+def _encode(
+    array: np.ndarray, format: str = "JPEG", orientation: int | None = None, mode: str | None = None, **save
+) -> bytes:
     image = Image.fromarray(array)
     if mode:
         image = image.convert(mode)
@@ -97,11 +99,16 @@ def test_batch_decodes_like_the_decode_stage_and_isolates_bad_files(tmp_path, mo
     orientations = [headers[n][2] for n in names]
     # A small budget per device call: the batch is decoded in several groups.
     monkeypatch.setattr(gpu_decode, "MAX_PIXELS_PER_CALL", 600 * 450 * 2)
-    pixels, errors, cpu_sizes = decode_to_input(encoded, sizes, orientations, 224, CPU, sources=[files[n][0] for n in names])
+    pixels, errors, cpu_sizes = decode_to_input(
+        encoded, sizes, orientations, 224, CPU, sources=[files[n][0] for n in names]
+    )
     assert pixels.shape == (len(names), 3, 224, 224) and pixels.dtype == torch.uint8
     by_name = dict(zip(names, errors))
     assert {n for n, e in by_name.items() if e is not None} == {"truncated", "not_an_image"}
-    assert all(by_name[n].error_type == "decode_error" and files[n][0] in str(by_name[n]) for n in ("truncated", "not_an_image"))
+    assert all(
+        by_name[n].error_type == "decode_error" and files[n][0] in str(by_name[n])
+        for n in ("truncated", "not_an_image")
+    )
     assert dict(zip(names, cpu_sizes))["png"] == (300, 200)  # not a JPEG: decoded on the CPU, its size reported
     for i, name in enumerate(names):
         if by_name[name] is not None:

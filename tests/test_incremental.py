@@ -27,8 +27,15 @@ def _write_images(folder: Path, names: list[str], seed: int = 0) -> None:
 
 
 def _config(data: Path, output: Path, **overrides) -> RunConfig:
-    values = dict(data=str(data), output=str(output), layout="folder", model="resnet18", classes=["a", "b"],
-                  input_size=64, incremental=True)
+    values = dict(
+        data=str(data),
+        output=str(output),
+        layout="folder",
+        model="resnet18",
+        classes=["a", "b"],
+        input_size=64,
+        incremental=True,
+    )
     values.update(overrides)
     return RunConfig(**values)
 

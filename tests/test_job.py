@@ -13,15 +13,15 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 import torch
+from layout_fixtures import noise_jpegs
 from PIL import Image
 
 from camjobs.config import RunConfig
-from camjobs.images import load_image
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
-from camjobs.pipeline.job import Tuning, plan_actors, run_job
+from camjobs.images import load_image
 from camjobs.models.networks import IMAGENET_MEAN, IMAGENET_STD, load_model
+from camjobs.pipeline.job import Tuning, plan_actors, run_job
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA
-from layout_fixtures import noise_jpegs
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,9 @@ def _oracle_cam(model: torch.nn.Module, pixels: np.ndarray, target: int) -> np.n
     x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4)
+        trunk = torch.nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4
+        )
         features = trunk(x)[0]
         return torch.einsum("k,khw->hw", model.fc.weight[target], features).numpy()
 
@@ -41,7 +43,14 @@ def _oracle_cam(model: torch.nn.Module, pixels: np.ndarray, target: int) -> np.n
 @pytest.fixture(scope="module")
 def real_run(ray_cluster, isic2017_mini, tmp_path_factory):
     output = tmp_path_factory.mktemp("real-run")
-    cfg = RunConfig(data=str(isic2017_mini), output=str(output), model="resnet18", classes=ISIC2017_CLASSES, input_size=128, batch_size=4)
+    cfg = RunConfig(
+        data=str(isic2017_mini),
+        output=str(output),
+        model="resnet18",
+        classes=ISIC2017_CLASSES,
+        input_size=128,
+        batch_size=4,
+    )
     return cfg, run_job(cfg)
 
 
@@ -88,7 +97,11 @@ def test_real_run_schema_labels_and_summary(real_run):
     assert errors.num_rows == 0 and errors.schema.names == ERRORS_SCHEMA.names
     rows = table.to_pandas()
     labels = dict(zip(rows.image_id, rows.label))
-    assert labels["ISIC_0014722"] == "melanoma" and labels["ISIC_0014628"] == "seborrheic_keratosis" and labels["ISIC_0014657"] == "nevus"
+    assert (
+        labels["ISIC_0014722"] == "melanoma"
+        and labels["ISIC_0014628"] == "seborrheic_keratosis"
+        and labels["ISIC_0014657"] == "nevus"
+    )
     assert set(rows.method) == {"cam"} and set(rows.run_id) == {result.run_id}
     assert (rows.pred_score > 0).all() and (rows.pred_score <= 1).all()
     # without --refine the refinement's columns are null
@@ -121,7 +134,9 @@ def _awkward_dataset(root: Path, real_jpeg: Path) -> dict[str, str | None]:
     exif[0x0112] = 6
     (root / "rotated.jpg").write_bytes(_jpeg_bytes(rgb, exif=exif))
     Image.fromarray(rgb).save(root / "sub dir" / "Ünïcode naïve.jpeg")
-    expected.update(dict.fromkeys(["plain", "UPPER", "grey", "alpha", "cmyk", "deep16", "rotated", "sub dir/Ünïcode naïve"]))
+    expected.update(
+        dict.fromkeys(["plain", "UPPER", "grey", "alpha", "cmyk", "deep16", "rotated", "sub dir/Ünïcode naïve"])
+    )
     (root / "empty.jpg").write_bytes(b"")
     good = _jpeg_bytes(rgb)
     (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
@@ -136,8 +151,17 @@ def test_bad_inputs_accounted_exactly_once(ray_cluster, isic2017_mini, tmp_path,
     data = tmp_path / "data"
     expected = _awkward_dataset(data, next((isic2017_mini / "ISIC-2017_Training_Data").glob("*.jpg")))
     output = tmp_path / "out"
-    cfg = RunConfig(data=str(data), output=str(output), layout="folder", model="resnet18", classes=["a", "b"],
-                    input_size=64, max_pixels=100_000, batch_size=3, decode_on=decode_on)
+    cfg = RunConfig(
+        data=str(data),
+        output=str(output),
+        layout="folder",
+        model="resnet18",
+        classes=["a", "b"],
+        input_size=64,
+        max_pixels=100_000,
+        batch_size=3,
+        decode_on=decode_on,
+    )
     result = run_job(cfg)
     cams = pd.read_parquet(output / "cams")
     errors = pd.read_parquet(output / "errors")
@@ -162,16 +186,35 @@ def test_listing_errors_reach_the_errors_table(ray_cluster, tmp_path):
     lines.append("HAM_0009999,../../etc/passwd,nv,histo,40.0,male,back")
     metadata.write_text("\n".join(lines) + "\n")
     output = tmp_path / "out"
-    result = run_job(RunConfig(data=str(data), output=str(output), model="resnet18", classes=["nv", "mel"], input_size=64, max_error_fraction=0.5))
+    result = run_job(
+        RunConfig(
+            data=str(data),
+            output=str(output),
+            model="resnet18",
+            classes=["nv", "mel"],
+            input_size=64,
+            max_error_fraction=0.5,
+        )
+    )
     errors = pd.read_parquet(output / "errors")
-    assert dict(zip(errors.image_id, errors.error_type)) == {"ISIC_9999999": "missing_file", "../../etc/passwd": "invalid_path"}
+    assert dict(zip(errors.image_id, errors.error_type)) == {
+        "ISIC_9999999": "missing_file",
+        "../../etc/passwd": "invalid_path",
+    }
     assert len(pd.read_parquet(output / "cams")) == 4
     assert result.exit_code == EXIT_OK and result.summary["counts"]["inputs"] == 6
 
 
 def test_target_label_and_gradcam(ray_cluster, isic2017_mini, tmp_path):
-    cfg = RunConfig(data=str(isic2017_mini), output=str(tmp_path), model="resnet18", classes=ISIC2017_CLASSES,
-                    input_size=96, method="gradcam", target="label")
+    cfg = RunConfig(
+        data=str(isic2017_mini),
+        output=str(tmp_path),
+        model="resnet18",
+        classes=ISIC2017_CLASSES,
+        input_size=96,
+        method="gradcam",
+        target="label",
+    )
     run_job(cfg)
     cams = pd.read_parquet(tmp_path / "cams")
     assert (cams.target_label == cams.label).all()
@@ -181,11 +224,15 @@ def test_target_label_and_gradcam(ray_cluster, isic2017_mini, tmp_path):
 
 
 def test_runs_append_to_one_dataset(ray_cluster, isic2017_mini, tmp_path):
-    cfg = RunConfig(data=str(isic2017_mini), output=str(tmp_path), model="resnet18", classes=ISIC2017_CLASSES, input_size=64)
+    cfg = RunConfig(
+        data=str(isic2017_mini), output=str(tmp_path), model="resnet18", classes=ISIC2017_CLASSES, input_size=64
+    )
     first, second = run_job(cfg), run_job(cfg)
     cams = pd.read_parquet(tmp_path / "cams")
     assert len(cams) == 12 and set(cams.run_id) == {first.run_id, second.run_id}
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([f"{first.run_id}.json", f"{second.run_id}.json"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
+        [f"{first.run_id}.json", f"{second.run_id}.json"]
+    )
     assert not any((tmp_path / "_staging").iterdir())
 
 
@@ -236,8 +283,16 @@ def test_one_localize_task_per_model_batch_a_few_rows_at_a_time_with_small_heatm
     def record_localize(stages):
         return [dataclasses.replace(s, fn=recording) if s.name == "localize" else s for s in stages]
 
-    cfg = RunConfig(data=str(data), output=str(tmp_path / "out"), layout="folder", model="resnet18", classes=["a", "b"],
-                    input_size=32, batch_size=40, heatmap_max_side=30)
+    cfg = RunConfig(
+        data=str(data),
+        output=str(tmp_path / "out"),
+        layout="folder",
+        model="resnet18",
+        classes=["a", "b"],
+        input_size=32,
+        batch_size=40,
+        heatmap_max_side=30,
+    )
     result = run_job(cfg, tuning=Tuning(localize_rows=16), adapt=record_localize)
     rows_per_task: dict[str, list[int]] = {}
     for line in log_path.read_text().splitlines():
@@ -256,8 +311,13 @@ def test_one_localize_task_per_model_batch_a_few_rows_at_a_time_with_small_heatm
 
 def test_uris_for_data_and_output(ray_cluster, isic2017_mini, tmp_path):
     """file:// URIs go through pyarrow.fs like s3:// or gs:// would, for reading and writing."""
-    cfg = RunConfig(data=isic2017_mini.as_uri(), output=(tmp_path / "out").as_uri(), model="resnet18",
-                    classes=ISIC2017_CLASSES, input_size=64)
+    cfg = RunConfig(
+        data=isic2017_mini.as_uri(),
+        output=(tmp_path / "out").as_uri(),
+        model="resnet18",
+        classes=ISIC2017_CLASSES,
+        input_size=64,
+    )
     result = run_job(cfg)
     assert result.summary["counts"]["processed"] == 6
     cams = pd.read_parquet(tmp_path / "out" / "cams")
@@ -275,8 +335,15 @@ def test_refine_run_masks_real_lesions_and_is_a_setting_of_incremental(ray_clust
     from camjobs.pipeline.localize import boxes_from_normalized, normalized, upsample
     from camjobs.segment import REFINE_METHOD
 
-    base = dict(data=str(isic2017_mini), output=str(tmp_path), model="resnet18", classes=ISIC2017_CLASSES,
-                input_size=64, incremental=True, decode_on=decode_on)
+    base = dict(
+        data=str(isic2017_mini),
+        output=str(tmp_path),
+        model="resnet18",
+        classes=ISIC2017_CLASSES,
+        input_size=64,
+        incremental=True,
+        decode_on=decode_on,
+    )
     plain = run_job(RunConfig(**base))
     refined = run_job(RunConfig(**base, refine=True))
     again = run_job(RunConfig(**base, refine=True))
@@ -289,8 +356,13 @@ def test_refine_run_masks_real_lesions_and_is_a_setting_of_incremental(ray_clust
     assert old.mask_rle.isna().all() and (new.refine == REFINE_METHOD).all()
     jaccards = []
     for image_id, row in new.iterrows():
-        truth = cv2.imread(str(isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png"),
-                           cv2.IMREAD_GRAYSCALE) > 127
+        truth = (
+            cv2.imread(
+                str(isic2017_mini / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png"),
+                cv2.IMREAD_GRAYSCALE,
+            )
+            > 127
+        )
         rle = {"size": list(row.mask_rle["size"]), "counts": row.mask_rle["counts"].encode()}
         mask = coco_mask.decode(rle).astype(bool)
         assert mask.shape == (row.height, row.width) == truth.shape

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-
-from camjobs import layouts
-from camjobs.layouts import LAYOUTS, DatasetListing, LayoutError, detect_layout, list_images
 from layout_fixtures import (
     make_folder,
     make_ham10000,
@@ -25,6 +22,9 @@ from layout_fixtures import (
     write_csv,
     write_image,
 )
+
+from camjobs import layouts
+from camjobs.layouts import LAYOUTS, DatasetListing, LayoutError, detect_layout, list_images
 
 ISIC2017_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/isic2017-sample"
 
@@ -80,7 +80,10 @@ def test_ham10000(tmp_path):
     assert len(listing.records) == 9
     assert_matches_fixture(listing, info)
     # images come from both parts; labels cover the whole vocabulary
-    assert {Path(r.source_path).parent.name for r in listing.records} == {"HAM10000_images_part_1", "HAM10000_images_part_2"}
+    assert {Path(r.source_path).parent.name for r in listing.records} == {
+        "HAM10000_images_part_1",
+        "HAM10000_images_part_2",
+    }
     assert Counter(r.label for r in listing.records)["akiec"] == 2
     assert sum(r.mask_path is not None for r in listing.records) == 3
 
@@ -147,7 +150,13 @@ def test_folder_names_spaces_unicode_and_case(tmp_path):
     listing = list_images(str(tmp_path))
     assert_matches_fixture(listing, info)
     assert [r.image_id for r in listing.records] == [
-        "a", "b", "c", "sub dir/deeper/x", "sub dir/Ünïcode name", "z/ISIC_0024306"]
+        "a",
+        "b",
+        "c",
+        "sub dir/deeper/x",
+        "sub dir/Ünïcode name",
+        "z/ISIC_0024306",
+    ]
     assert listing.classes == []
 
 
@@ -173,9 +182,11 @@ def test_relative_path_and_file_uri(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_s3(tmp_path, monkeypatch):
     """Serve tmp_path/<bucket>/... as s3://<bucket>/... through a non-local pyarrow file system."""
+
     def from_uri(uri):
         assert uri.startswith("s3://"), uri
-        return pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), uri[len("s3://"):]
+        return pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), uri[len("s3://") :]
+
     fake_pafs = types.SimpleNamespace(**{**vars(pafs), "FileSystem": types.SimpleNamespace(from_uri=from_uri)})
     monkeypatch.setattr(layouts, "pafs", fake_pafs)
     return tmp_path
@@ -191,13 +202,22 @@ def test_remote_filesystem_paths_keep_the_scheme(fake_s3):
         ("ISIC_0000002", "s3://bucket/isic/ISIC-2017_Training_Data/ISIC_0000002.jpg", "nevus"),
     ]
     assert [r.mask_path for r in listing.records] == [
-        "s3://bucket/isic/ISIC-2017_Training_Part1_GroundTruth/ISIC_0000000_segmentation.png", None, None]
+        "s3://bucket/isic/ISIC-2017_Training_Part1_GroundTruth/ISIC_0000000_segmentation.png",
+        None,
+        None,
+    ]
 
     make_folder(fake_s3 / "bucket" / "plain")
     folder = list_images("s3://bucket/plain")
     assert folder.layout == "folder"
     assert [r.image_id for r in folder.records] == [
-        "a", "b", "c", "sub dir/deeper/x", "sub dir/Ünïcode name", "z/ISIC_0024306"]
+        "a",
+        "b",
+        "c",
+        "sub dir/deeper/x",
+        "sub dir/Ünïcode name",
+        "z/ISIC_0024306",
+    ]
     assert by_id(folder)["sub dir/Ünïcode name"].source_path == "s3://bucket/plain/sub dir/Ünïcode name.jpg"
 
 
@@ -245,7 +265,9 @@ def test_missing_file_named_by_metadata(tmp_path):
     assert errors(listing) == {"ISIC_0024307": "missing_file"}
 
 
-@pytest.mark.parametrize("bad_id", ["..", "../outside", "../../etc/passwd", "/etc/passwd", "sub/../x", "a\\b", "a\0b", "C:\\x"])
+@pytest.mark.parametrize(
+    "bad_id", ["..", "../outside", "../../etc/passwd", "/etc/passwd", "sub/../x", "a\\b", "a\0b", "C:\\x"]
+)
 def test_metadata_ids_escaping_the_root_are_invalid(tmp_path, bad_id):
     make_isic2018(tmp_path, n=2, n_masks=0)
     write_image(tmp_path / "outside.jpg")  # would be found if ../outside were resolved
@@ -363,7 +385,9 @@ def test_unreadable_label_is_none_not_error(tmp_path):
 
 def test_missing_csv_column_raises(tmp_path):
     make_ham10000(tmp_path, n=2)
-    write_csv(tmp_path / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx_type"], [["HAM_1", "ISIC_0024306", "histo"]])
+    write_csv(
+        tmp_path / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx_type"], [["HAM_1", "ISIC_0024306", "histo"]]
+    )
     with pytest.raises(LayoutError, match=r"HAM10000_metadata\.csv.*'dx'"):
         list_images(str(tmp_path))
 
@@ -372,8 +396,14 @@ def test_empty_dir_raises_listing_what_was_looked_for(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(LayoutError) as excinfo:
         detect_layout(str(tmp_path))
-    for marker in ("HAM10000_metadata.csv", "ISIC-2017_*_Data", "ISIC2018_Task3_", "ISIC_2019_Training_",
-                   "ISIC_2020_Training_GroundTruth.csv", ".jpg"):
+    for marker in (
+        "HAM10000_metadata.csv",
+        "ISIC-2017_*_Data",
+        "ISIC2018_Task3_",
+        "ISIC_2019_Training_",
+        "ISIC_2020_Training_GroundTruth.csv",
+        ".jpg",
+    ):
         assert marker in str(excinfo.value)
     with pytest.raises(LayoutError):
         list_images(str(tmp_path))

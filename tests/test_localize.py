@@ -38,7 +38,11 @@ def components_by_flood_fill(mask: np.ndarray) -> list[tuple[int, int, int, int,
 
 
 def test_upsample_matches_torch_bilinear_without_corner_alignment():
-    for cam, (height, width) in ((torch.randn(7, 9), (50, 80)), (torch.randn(7, 7), (450, 600)), (torch.randn(7, 7), (5, 4))):
+    for cam, (height, width) in (
+        (torch.randn(7, 9), (50, 80)),
+        (torch.randn(7, 7), (450, 600)),
+        (torch.randn(7, 7), (5, 4)),
+    ):
         upsampled = upsample(cam, height, width)
         expected = F.interpolate(cam[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         assert upsampled.dtype == np.float32 and upsampled.shape == (height, width)
@@ -122,7 +126,9 @@ def _model_rows(shapes):
             cam = rng.normal(size=(h, w)).astype(np.float32) + np.linspace(-1, 2, h * w, dtype=np.float32).reshape(h, w)
             if i == 3:
                 cam = -np.abs(cam)  # no positive evidence: an empty heatmap, no box
-            row.update(cam=cam.ravel().tolist(), cam_height=h, cam_width=w, height=height, width=width, threshold=threshold)
+            row.update(
+                cam=cam.ravel().tolist(), cam_height=h, cam_width=w, height=height, width=width, threshold=threshold
+            )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
@@ -150,7 +156,9 @@ def test_localize_batch_fills_rows_with_maps_and_leaves_the_rest():
         if peak <= 0:
             assert row["boxes"] == []
             continue
-        count, _, stats, _ = cv2.connectedComponentsWithStats((upsampled >= threshold * peak).astype(np.uint8), connectivity=8)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(
+            (upsampled >= threshold * peak).astype(np.uint8), connectivity=8
+        )
         assert abs(len(row["boxes"]) - (count - 1)) <= 1  # bilinear rounding may split or join a sliver
         x, y, bw, bh, _ = stats[1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])]
         first = row["boxes"][0]
@@ -227,8 +235,16 @@ def test_heatmap_max_side_shrinks_only_large_heatmaps_and_keeps_full_size_boxes(
     cam = np.zeros((7, 7), np.float32)
     cam[2:4, 3:5] = 1.0
     row = {name: None for name in RESULT_SCHEMA.names}
-    row.update(image_id="big", skipped=False, cam=cam.ravel().tolist(), cam_height=7, cam_width=7,
-               height=1500, width=2000, threshold=0.2)
+    row.update(
+        image_id="big",
+        skipped=False,
+        cam=cam.ravel().tolist(),
+        cam_height=7,
+        cam_width=7,
+        height=1500,
+        width=2000,
+        threshold=0.2,
+    )
     table = pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
     full, reduced = localize_batch(table).to_pylist()[0], localize_batch(table, heatmap_max_side=500).to_pylist()[0]
     decoded = cv2.imdecode(np.frombuffer(reduced["heatmap_png"], np.uint8), cv2.IMREAD_UNCHANGED)
@@ -253,7 +269,9 @@ def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic
     work = to_work(rgb, REFINE_SIDE)
     table = _model_rows([(7, 7, height, width, 0.2)] * 4 + [None])
     pixels = [work.tobytes(), b"\x00" * 10, None, work.tobytes(), None]  # row 3's map is all negative
-    table = table.set_column(RESULT_SCHEMA.get_field_index("refine_pixels"), "refine_pixels", pa.array(pixels, pa.binary()))
+    table = table.set_column(
+        RESULT_SCHEMA.get_field_index("refine_pixels"), "refine_pixels", pa.array(pixels, pa.binary())
+    )
     plain = localize_batch(table).to_pylist()
     refined = localize_batch(table, refine_method=REFINE_METHOD).to_pylist()
     assert all(row["refine_pixels"] is None for row in refined)  # used up, not carried to the sink
@@ -271,7 +289,9 @@ def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic
     for got, want in zip(good["refined_boxes"], oracle):
         assert got == pytest.approx(want, rel=1e-6)  # float32 in the table
     assert good["refine"] == REFINE_METHOD and good["refine_error"] is None
-    assert empty["mask_rle"] is None and empty["refined_boxes"] is None and empty["refine_error"] is None  # no positive evidence
+    assert (
+        empty["mask_rle"] is None and empty["refined_boxes"] is None and empty["refine_error"] is None
+    )  # no positive evidence
     for failed in (broken, missing):
         assert failed["mask_rle"] is None and failed["refine"] == REFINE_METHOD and failed["refine_error"]
     assert error["refine"] is None and error["refine_error"] is None

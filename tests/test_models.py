@@ -183,7 +183,9 @@ def test_folding_batchnorms_keeps_the_model_s_function(arch):
     torch.testing.assert_close(predict(model), expected, rtol=1e-4, atol=1e-4)
     # The modules stay in place (no GraphModule): a hook on the CAM's target layer still fires.
     seen = []
-    model.get_submodule(locate_head(model, probe_size=64).target_name).register_forward_hook(lambda *args: seen.append(1))
+    model.get_submodule(locate_head(model, probe_size=64).target_name).register_forward_hook(
+        lambda *args: seen.append(1)
+    )
     predict(model)
     assert len(seen) == (2 if arch == "efficientnet_lite0" else 1)  # lite0's one ReLU6 module runs at stem and head
 
@@ -216,7 +218,9 @@ class _StandardizedConv(torch.nn.Conv2d):
     """A conv that standardizes its weights in forward (timm's StdConv2d): a folded scale would be undone."""
 
     def forward(self, x):
-        weight = (self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)) / self.weight.std(dim=(1, 2, 3), keepdim=True)
+        weight = (self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)) / self.weight.std(
+            dim=(1, 2, 3), keepdim=True
+        )
         return self._conv_forward(x, weight, self.bias)
 
 
@@ -249,7 +253,9 @@ def test_prepare_for_inference_folds_and_goes_channels_last(random_model):
 # --------------------------------------------------------------------------- GAP against GMP
 def test_gmp_swaps_the_average_pool_and_the_checkpoint_keeps_it(tmp_path):
     gap, gmp = load_model(arch=ARCH, classes=CLASSES), load_model(arch=ARCH, classes=CLASSES, pooling="gmp")
-    assert isinstance(gap.model.avgpool, torch.nn.AdaptiveAvgPool2d) and isinstance(gmp.model.avgpool, torch.nn.AdaptiveMaxPool2d)
+    assert isinstance(gap.model.avgpool, torch.nn.AdaptiveAvgPool2d) and isinstance(
+        gmp.model.avgpool, torch.nn.AdaptiveMaxPool2d
+    )
     assert (gap.pooling, gmp.pooling) == ("gap", "gmp")
     assert gmp.model_sha256 != gap.model_sha256  # same weights, another function
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))

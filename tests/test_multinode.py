@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from layout_fixtures import noise_jpegs
 
 pytestmark = pytest.mark.slow
@@ -20,8 +19,9 @@ def _run_on_simulated_cluster(tmp_path: Path, *flags: str) -> tuple[dict, Path, 
     data = noise_jpegs(tmp_path / "data", 96, size=(48, 64))
     output = tmp_path / "out"
     script = Path(__file__).with_name("multinode_run.py")
-    completed = subprocess.run([sys.executable, str(script), str(data), str(output), *flags],
-                               capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        [sys.executable, str(script), str(data), str(output), *flags], capture_output=True, text=True, timeout=600
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     # Ray's own processes may print to the driver's stdout too (a lost node's retries): take the summary line.
     summary_line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith("{"))

@@ -15,19 +15,45 @@ import pyarrow.parquet as pq
 import pytest
 
 from camjobs.output import (
-    LOCK_NAME, NoResults, OutputDir, OutputLocked, drop_staging, existing_keys, item_key, newest_per_image,
-    open_cams, output_lock, publish_run, read_newest_cams, read_run_summaries, settings_filter, staging_dir,
+    LOCK_NAME,
+    NoResults,
+    OutputDir,
+    OutputLocked,
+    drop_staging,
+    existing_keys,
+    item_key,
+    newest_per_image,
+    open_cams,
+    output_lock,
+    publish_run,
+    read_newest_cams,
+    read_run_summaries,
+    settings_filter,
+    staging_dir,
 )
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA, RESULT_SCHEMA
 
 OLD, NEW = "20240101T000000Z-aaaaaa", "20240202T000000Z-bbbbbb"
-SETTINGS = {"model_sha256": "m1", "method": "cam", "threshold": 0.2, "target_mode": "predicted", "input_size": 64,
-            "refine": None}
+SETTINGS = {
+    "model_sha256": "m1",
+    "method": "cam",
+    "threshold": 0.2,
+    "target_mode": "predicted",
+    "input_size": 64,
+    "refine": None,
+}
 
 
 def _row(image_id: str, run_id: str, sha: str = "0" * 64, **settings) -> dict:
-    return {"image_id": image_id, "content_sha256": sha, "width": 4, "height": 3, "run_id": run_id,
-            "schema_version": 2, **{**SETTINGS, **settings}}
+    return {
+        "image_id": image_id,
+        "content_sha256": sha,
+        "width": 4,
+        "height": 3,
+        "run_id": run_id,
+        "schema_version": 2,
+        **{**SETTINGS, **settings},
+    }
 
 
 def _write(root: Path, rows: list[dict]) -> Path:
@@ -49,11 +75,15 @@ def test_paths_of_the_output_folder(tmp_path):
 
 
 def test_newest_row_per_image_wins():
-    table = pa.Table.from_pylist([_row("b", OLD), _row("a", NEW), _row("b", NEW), _row("a", OLD), _row("c", OLD)],
-                                 schema=CAMS_SCHEMA)
+    table = pa.Table.from_pylist(
+        [_row("b", OLD), _row("a", NEW), _row("b", NEW), _row("a", OLD), _row("c", OLD)], schema=CAMS_SCHEMA
+    )
     newest = newest_per_image(table)
     assert list(zip(newest["image_id"].to_pylist(), newest["run_id"].to_pylist())) == [
-        ("a", NEW), ("b", NEW), ("c", OLD)]
+        ("a", NEW),
+        ("b", NEW),
+        ("c", OLD),
+    ]
     assert newest_per_image(table.slice(0, 0)).num_rows == 0
 
 
@@ -64,8 +94,9 @@ def test_cams_read_through_the_schema_and_newest_rows(tmp_path):
     # a version-1 file: without the columns added since, which read as nulls
     v1 = tmp_path / "cams" / "20230101T000000Z-v1"
     v1.mkdir()
-    pq.write_table(pa.table({"image_id": ["z"], "run_id": ["20230101T000000Z-v1"], "schema_version": [1]}),
-                   v1 / "part-0.parquet")
+    pq.write_table(
+        pa.table({"image_id": ["z"], "run_id": ["20230101T000000Z-v1"], "schema_version": [1]}), v1 / "part-0.parquet"
+    )
     assert open_cams(str(tmp_path)).schema == CAMS_SCHEMA
     table = read_newest_cams(str(tmp_path), ["refine"])
     assert table.column_names == ["image_id", "run_id", "refine"]
@@ -74,8 +105,10 @@ def test_cams_read_through_the_schema_and_newest_rows(tmp_path):
 
 def test_existing_keys_match_every_setting_and_null_matches_null(tmp_path):
     assert existing_keys(str(tmp_path / "nothing-yet"), SETTINGS) == frozenset()
-    _write(tmp_path, [_row("a", OLD, "1" * 64), _row("b", OLD, "2" * 64, refine="otsu"),
-                      _row("c", NEW, "3" * 64, threshold=0.5)])
+    _write(
+        tmp_path,
+        [_row("a", OLD, "1" * 64), _row("b", OLD, "2" * 64, refine="otsu"), _row("c", NEW, "3" * 64, threshold=0.5)],
+    )
     assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "1" * 64)}
     assert existing_keys(str(tmp_path), {**SETTINGS, "refine": "otsu"}) == {item_key("b", "2" * 64)}
     assert existing_keys(str(tmp_path), {**SETTINGS, "threshold": 0.5}) == {item_key("c", "3" * 64)}
@@ -113,9 +146,8 @@ def test_run_summaries_say_which_runs_have_none(tmp_path):
 
 def test_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
     with output_lock(str(tmp_path), "first"):
-        with pytest.raises(OutputLocked, match="first"):
-            with output_lock(str(tmp_path), "second"):
-                pass
+        with pytest.raises(OutputLocked, match="first"), output_lock(str(tmp_path), "second"):
+            pass
         assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "first"
     assert not (tmp_path / LOCK_NAME).exists()
     dead_pid = 2**22 + 12345  # above Linux's largest pid: no process has it
@@ -136,9 +168,17 @@ def test_drop_staging_is_idempotent(tmp_path):
 
 def _result_rows() -> pa.Table:
     """Result rows as the pipeline hands them to the sink: one image, one error."""
-    rows = [{"image_id": "ok", "run_id": "r1", "width": 4, "height": 3, "skipped": False, "node_id": "n"},
-            {"image_id": "bad", "run_id": "r1", "error_type": "decode_error", "error_message": "corrupt",
-             "skipped": False, "node_id": "n"}]
+    rows = [
+        {"image_id": "ok", "run_id": "r1", "width": 4, "height": 3, "skipped": False, "node_id": "n"},
+        {
+            "image_id": "bad",
+            "run_id": "r1",
+            "error_type": "decode_error",
+            "error_message": "corrupt",
+            "skipped": False,
+            "node_id": "n",
+        },
+    ]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 

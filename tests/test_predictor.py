@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
+import camjobs.pipeline.predictor
 from camjobs.cam import build_extractor
 from camjobs.models.networks import IMAGENET_MEAN, IMAGENET_STD
-import camjobs.pipeline.predictor
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec, autocast_dtype
 from camjobs.schema import RESULT_SCHEMA
 
@@ -78,7 +78,9 @@ def test_rows_in_maps_out_and_bad_rows_pass_through():
         cam = np.asarray(row["cam"], np.float32).reshape(row["cam_height"], row["cam_width"])
         np.testing.assert_allclose(cam, oracle.maps[i].numpy(), rtol=1e-4, atol=1e-5)
         assert row["pred_index"] == int(oracle.logits[i].argmax()) == row["target_index"]
-        assert (row["width"], row["height"], row["run_id"]) == (600, 450, "run-1") and row["threshold"] == pytest.approx(0.2)
+        assert (row["width"], row["height"], row["run_id"]) == (600, 450, "run-1") and row[
+            "threshold"
+        ] == pytest.approx(0.2)
         assert row["pred_label"] == CLASSES[row["pred_index"]] and 1 / 3 <= row["pred_score"] <= 1
 
 
@@ -119,8 +121,10 @@ def test_batch_that_does_not_fit_is_split_in_halves_and_gives_the_same_rows():
     assert predictor.max_chunk == 5
     for name in ("cam", "pred_index", "target_index", "pred_score"):
         np.testing.assert_allclose(
-            np.array(split.column(name).to_pylist(), dtype=float), np.array(whole.column(name).to_pylist(), dtype=float),
-            rtol=1e-5, atol=1e-6,
+            np.array(split.column(name).to_pylist(), dtype=float),
+            np.array(whole.column(name).to_pylist(), dtype=float),
+            rtol=1e-5,
+            atol=1e-6,
         )
     predictor.extractor.sizes.clear()
     predictor(_batch(7))
@@ -201,7 +205,9 @@ def test_encoded_rows_are_decoded_in_the_actor_like_the_decode_stage(tmp_path):
         "error_type": np.array([None] * 6, dtype=object),
         "error_message": np.array([None] * 6, dtype=object),
     }
-    to_numpy = lambda table: {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    to_numpy = lambda table: {
+        name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names
+    }
     on_cpu = to_numpy(decode_batch(listed, input_size=SIZE))
     on_cpu["pixels"] = decode_batch(listed, input_size=SIZE)["pixels"].combine_chunks().to_numpy_ndarray()
     on_device = to_numpy(decode_batch(listed, input_size=SIZE, decode_on="gpu"))
@@ -211,6 +217,11 @@ def test_encoded_rows_are_decoded_in_the_actor_like_the_decode_stage(tmp_path):
     assert expected[5]["error_type"] == got[5]["error_type"] == "decode_error" and got[5]["cam"] is None
     assert str(names[5]) in got[5]["error_message"]
     for want, row in zip(expected[:5], got[:5]):
-        assert row["error_type"] is None and (row["width"], row["height"]) == (want["width"], want["height"]) == (400, 300)
-        np.testing.assert_allclose(row["cam"], want["cam"], rtol=0, atol=0.1 * np.abs(want["cam"]).max())  # inputs within ~1 grey level
+        assert row["error_type"] is None and (row["width"], row["height"]) == (want["width"], want["height"]) == (
+            400,
+            300,
+        )
+        np.testing.assert_allclose(
+            row["cam"], want["cam"], rtol=0, atol=0.1 * np.abs(want["cam"]).max()
+        )  # inputs within ~1 grey level
         assert np.corrcoef(row["cam"], want["cam"])[0, 1] > 0.98

@@ -10,16 +10,29 @@ from camjobs.pipeline.decode import decode_batch
 from camjobs.pipeline.job import ActorPlan, Tuning, plan_actors, plan_stages
 from camjobs.pipeline.localize import localize_batch
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec
-from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 from camjobs.pipeline.stages import Stage, build_pipeline
+from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 
-CFG = RunConfig(data="d", output="o", model="resnet18", classes=["a", "b"], method="gradcam", threshold=0.3,
-                target="label", heatmap_max_side=300, max_pixels=1000, decode_on="gpu", precision="fp32", refine=True)
+CFG = RunConfig(
+    data="d",
+    output="o",
+    model="resnet18",
+    classes=["a", "b"],
+    method="gradcam",
+    threshold=0.3,
+    target="label",
+    heatmap_max_side=300,
+    max_pixels=1000,
+    decode_on="gpu",
+    precision="fp32",
+    refine=True,
+)
 
 
 def test_plan_stages_sizes_each_stage_from_the_plan():
-    plan = ActorPlan(actors=3, num_cpus=0.75, num_gpus=0.5, torch_threads=5, batch_size=48, decode_rows=12,
-                     stage_cpus=0.5)
+    plan = ActorPlan(
+        actors=3, num_cpus=0.75, num_gpus=0.5, torch_threads=5, batch_size=48, decode_rows=12, stage_cpus=0.5
+    )
     spec = ModelSpec(arch="resnet18", classes=("a", "b"))
     settings = {"input_size": 96, "refine": REFINE_METHOD}
     keys = frozenset({"k1", "k2"})
@@ -27,19 +40,38 @@ def test_plan_stages_sizes_each_stage_from_the_plan():
 
     assert (decode.name, decode.fn, decode.batch_size, decode.batch_format) == ("decode", decode_batch, 12, "numpy")
     assert (decode.num_cpus, decode.num_gpus) == (0.5, 0.0) and not decode.is_actor_pool
-    assert dict(decode.fn_kwargs) == {"input_size": 96, "max_pixels": 1000, "skip_keys": keys, "decode_on": "gpu",
-                                      "refine_side": REFINE_SIDE}
+    assert dict(decode.fn_kwargs) == {
+        "input_size": 96,
+        "max_pixels": 1000,
+        "skip_keys": keys,
+        "decode_on": "gpu",
+        "refine_side": REFINE_SIDE,
+    }
 
     assert (predict.name, predict.fn, predict.batch_size, predict.batch_format) == (
-        "predict", CamPredictor, 48, "numpy")
+        "predict",
+        CamPredictor,
+        48,
+        "numpy",
+    )
     assert (predict.num_cpus, predict.num_gpus, predict.actors) == (0.75, 0.5, 3) and predict.is_actor_pool
     assert predict.fn_constructor_args == (spec,)
-    assert dict(predict.fn_constructor_kwargs) == {"method": "gradcam", "threshold": 0.3, "target": "label",
-                                                   "run_id": "run-1", "torch_threads": 5, "precision": "fp32"}
+    assert dict(predict.fn_constructor_kwargs) == {
+        "method": "gradcam",
+        "threshold": 0.3,
+        "target": "label",
+        "run_id": "run-1",
+        "torch_threads": 5,
+        "precision": "fp32",
+    }
 
     # the same CPUs as the Parquet write after it, so that Ray Data fuses the two
     assert (localize.name, localize.fn, localize.batch_size, localize.batch_format) == (
-        "localize", localize_batch, 7, "pyarrow")
+        "localize",
+        localize_batch,
+        7,
+        "pyarrow",
+    )
     assert (localize.num_cpus, localize.num_gpus) == (0.5, 0.0)
     assert dict(localize.fn_kwargs) == {"heatmap_max_side": 300, "refine_method": REFINE_METHOD}
 
@@ -101,8 +133,10 @@ class _Reverse:
 def test_build_pipeline_applies_the_stages_in_order(ray_cluster):
     add, double, _ = _callables()
     ids = np.arange(20)
-    stages = [Stage("add", add, fn_kwargs={"amount": 3}, batch_size=4, num_cpus=0.5),
-              Stage("double", double, batch_size=None, num_cpus=0.5)]
+    stages = [
+        Stage("add", add, fn_kwargs={"amount": 3}, batch_size=4, num_cpus=0.5),
+        Stage("double", double, batch_size=None, num_cpus=0.5),
+    ]
     out = build_pipeline(ray_cluster.data.range(20), stages).to_pandas()["id"].to_numpy()
     np.testing.assert_array_equal(np.sort(out), np.sort((ids + 3) * 2))
     out = build_pipeline(ray_cluster.data.range(20), stages[::-1]).to_pandas()["id"].to_numpy()
@@ -112,9 +146,18 @@ def test_build_pipeline_applies_the_stages_in_order(ray_cluster):
 def test_build_pipeline_with_an_actor_stage_and_a_stage_of_its_own(ray_cluster):
     add, _, scale = _callables()
     ids = np.arange(20)
-    stages = [Stage("add", add, fn_kwargs={"amount": 1}, num_cpus=0.5),
-              Stage("scale", scale, fn_constructor_args=(3,), fn_constructor_kwargs={"offset": -2}, batch_size=6,
-                    num_cpus=0.5, actors=1),
-              _Reverse()]
+    stages = [
+        Stage("add", add, fn_kwargs={"amount": 1}, num_cpus=0.5),
+        Stage(
+            "scale",
+            scale,
+            fn_constructor_args=(3,),
+            fn_constructor_kwargs={"offset": -2},
+            batch_size=6,
+            num_cpus=0.5,
+            actors=1,
+        ),
+        _Reverse(),
+    ]
     out = build_pipeline(ray_cluster.data.range(20), stages).to_pandas()["id"].to_numpy()
     np.testing.assert_array_equal(out, ((ids + 1) * 3 - 2)[::-1])

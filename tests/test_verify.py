@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from camjobs.config import RunConfig
-from camjobs.pipeline.job import run_job
 from camjobs.labels.verify import verify_output
+from camjobs.pipeline.job import run_job
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,17 @@ def clean_output(ray_cluster, tmp_path_factory) -> Path:
         Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(data / f"i{i}.jpg")
     (data / "broken.jpg").write_bytes(b"nope")
     output = base / "out"
-    run_job(RunConfig(data=str(data), output=str(output), layout="folder", model="resnet18", classes=["a", "b"],
-                      input_size=64, max_error_fraction=0.5))
+    run_job(
+        RunConfig(
+            data=str(data),
+            output=str(output),
+            layout="folder",
+            model="resnet18",
+            classes=["a", "b"],
+            input_size=64,
+            max_error_fraction=0.5,
+        )
+    )
     return output
 
 

@@ -21,21 +21,30 @@ import pytest
 import torch
 
 from camjobs.cam import build_extractor
-from camjobs.images import load_image
 from camjobs.geometry import box_iou, mask_box, read_mask, rle_encode
-from camjobs.layouts import list_images
-from camjobs.pipeline.localize import encode_png, localize
-from camjobs.models.networks import load_model
-from camjobs.schema import CAMS_SCHEMA, SCHEMA_VERSION
+from camjobs.images import load_image
 from camjobs.labels.viz import (
-    GAP, VizError, order_items, png_name, render_gallery, render_panel, tile_shape, VizItem,
+    GAP,
+    VizError,
+    VizItem,
+    order_items,
+    png_name,
+    render_gallery,
+    render_panel,
+    tile_shape,
 )
+from camjobs.layouts import list_images
+from camjobs.models.networks import load_model
+from camjobs.pipeline.localize import encode_png, localize
+from camjobs.schema import CAMS_SCHEMA, SCHEMA_VERSION
 
 RUN_ID = "20240301T000000Z-cccccc"
 ODD_ID = '<b>"Ünï & co"</b> x\'1'
 
 
-def build_cams(data: Path, output: Path, *, limit: int | None = None, extra_ids: dict[str, str] | None = None) -> list[dict]:
+def build_cams(
+    data: Path, output: Path, *, limit: int | None = None, extra_ids: dict[str, str] | None = None
+) -> list[dict]:
     """OUTPUT/cams/<run>/part-0.parquet for the images of `data`, as the job would write them."""
     listing = list_images(str(data), "isic2017")
     records = [r for r in listing.records if r.error_type is None][:limit]
@@ -48,7 +57,7 @@ def build_cams(data: Path, output: Path, *, limit: int | None = None, extra_ids:
         sources.append((image_id, source, None))
     rows = []
     for start in range(0, len(sources), 32):
-        chunk = sources[start:start + 32]
+        chunk = sources[start : start + 32]
         decoded = [load_image(source, input_size=loaded.input_size) for _, source, _ in chunk]
         images = torch.from_numpy(np.stack([d.pixels for d in decoded])).permute(0, 3, 1, 2).float() / 255.0
         result = extractor((images - mean) / std)
@@ -56,17 +65,33 @@ def build_cams(data: Path, output: Path, *, limit: int | None = None, extra_ids:
         for i, ((image_id, source, label), image) in enumerate(zip(chunk, decoded)):
             located = localize(result.maps[i], image.height, image.width, 0.2)
             pred = int(probabilities[i].argmax())
-            rows.append({
-                "image_id": image_id, "source_path": source, "content_sha256": image.content_sha256,
-                "width": image.width, "height": image.height, "label": label, "pred_index": pred,
-                "pred_label": loaded.classes[pred], "pred_score": float(probabilities[i, pred]),
-                "target_index": int(result.target[i]), "target_label": loaded.classes[int(result.target[i])],
-                "method": "cam", "cam": result.maps[i].flatten().tolist(), "cam_height": result.maps.shape[1],
-                "cam_width": result.maps.shape[2], "heatmap_png": encode_png(located.heatmap), "threshold": 0.2,
-                "boxes": [box.as_dict() for box in located.boxes], "model_sha256": loaded.model_sha256,
-                "target_mode": "predicted", "input_size": loaded.input_size, "run_id": RUN_ID,
-                "schema_version": SCHEMA_VERSION,
-            })
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "source_path": source,
+                    "content_sha256": image.content_sha256,
+                    "width": image.width,
+                    "height": image.height,
+                    "label": label,
+                    "pred_index": pred,
+                    "pred_label": loaded.classes[pred],
+                    "pred_score": float(probabilities[i, pred]),
+                    "target_index": int(result.target[i]),
+                    "target_label": loaded.classes[int(result.target[i])],
+                    "method": "cam",
+                    "cam": result.maps[i].flatten().tolist(),
+                    "cam_height": result.maps.shape[1],
+                    "cam_width": result.maps.shape[2],
+                    "heatmap_png": encode_png(located.heatmap),
+                    "threshold": 0.2,
+                    "boxes": [box.as_dict() for box in located.boxes],
+                    "model_sha256": loaded.model_sha256,
+                    "target_mode": "predicted",
+                    "input_size": loaded.input_size,
+                    "run_id": RUN_ID,
+                    "schema_version": SCHEMA_VERSION,
+                }
+            )
     folder = output / "cams" / RUN_ID
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=CAMS_SCHEMA), folder / "part-0.parquet")
@@ -82,8 +107,11 @@ def expected_ious(rows: list[dict], data: Path) -> dict[str, float]:
             continue
         truth = mask_box(read_mask(masks[row["image_id"]]))
         boxes = row["boxes"]
-        ious[row["image_id"]] = box_iou((boxes[0]["x_min"], boxes[0]["y_min"], boxes[0]["x_max"], boxes[0]["y_max"]),
-                                        truth) if boxes else 0.0
+        ious[row["image_id"]] = (
+            box_iou((boxes[0]["x_min"], boxes[0]["y_min"], boxes[0]["x_max"], boxes[0]["y_max"]), truth)
+            if boxes
+            else 0.0
+        )
     return ious
 
 
@@ -121,9 +149,9 @@ def check_panel(path: Path, width: int, height: int) -> np.ndarray:
     assert panel.shape[1] == 3 * tw + 2 * GAP  # three tiles wide
     assert panel.shape[0] > th  # a caption strip below the tiles
     # the gaps between tiles are white, the tiles are not
-    assert (panel[:th, tw:tw + GAP] == 255).all() and (panel[:th, 2 * tw + GAP:2 * tw + 2 * GAP] == 255).all()
+    assert (panel[:th, tw : tw + GAP] == 255).all() and (panel[:th, 2 * tw + GAP : 2 * tw + 2 * GAP] == 255).all()
     for column in range(3):
-        tile = panel[:th, column * (tw + GAP):column * (tw + GAP) + tw]
+        tile = panel[:th, column * (tw + GAP) : column * (tw + GAP) + tw]
         assert tile.std() > 5, f"tile {column} of {path.name} is flat"
     return panel
 
@@ -211,8 +239,20 @@ def test_large_image_tiles_are_downscaled():
 def test_html_escapes_everything(tmp_path):
     from camjobs.labels.viz import gallery_html
 
-    item = VizItem(image_id='a<script>alert("x")</script>&\'', source_path="", width=1, height=1, label="<l>",
-                   pred_label="p&q", pred_score=0.5, target_label='"t"', boxes=[], run_id="r", iou=None, png="x.png")
+    item = VizItem(
+        image_id='a<script>alert("x")</script>&\'',
+        source_path="",
+        width=1,
+        height=1,
+        label="<l>",
+        pred_label="p&q",
+        pred_score=0.5,
+        target_label='"t"',
+        boxes=[],
+        run_id="r",
+        iou=None,
+        png="x.png",
+    )
     text = gallery_html([item], title="t<", summary="s&", note="n>")
     assert "<script>alert" not in text and "&lt;script&gt;alert(&quot;x&quot;)" in text
     assert "&lt;l&gt;" in text and "p&amp;q" in text and "t&lt;" in text and "s&amp;" in text and "n&gt;" in text
@@ -264,14 +304,14 @@ def test_panel_draws_the_refined_outline_along_the_mask_border():
     box = {"x_min": 0.0, "y_min": 0.0, "x_max": 300.0, "y_max": 200.0, "score": 0.5}
     panel = render_panel(rgb, heatmap, [box], ["id", "pred", "legend"], None, refined=refined)
     tw, th = tile_shape(width, height)
-    blend = panel[:th, 2 * (tw + GAP):2 * (tw + GAP) + tw]
+    blend = panel[:th, 2 * (tw + GAP) : 2 * (tw + GAP) + tw]
     magenta = _is_magenta(blend)
     small = cv2.resize(refined.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
     border = cv2.morphologyEx(small, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool)
     near_border = cv2.dilate(border.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
     assert magenta.sum() > 0.5 * border.sum()  # the outline runs all along the border
     assert (magenta & ~near_border).sum() == 0  # and nowhere else
-    assert not _is_magenta(panel[:th, :2 * (tw + GAP)]).any()  # only on the blend tile
+    assert not _is_magenta(panel[:th, : 2 * (tw + GAP)]).any()  # only on the blend tile
     plain = render_panel(rgb, heatmap, [box], ["id", "pred", "legend"], None)
     assert not _is_magenta(plain).any()
 
@@ -279,8 +319,10 @@ def test_panel_draws_the_refined_outline_along_the_mask_border():
 def _write_rows(output: Path, rows: list[dict], schema: pa.Schema) -> Path:
     folder = output / "cams" / RUN_ID
     folder.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k in schema.names} for row in rows],
-                                        schema=schema), folder / "part-0.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{k: v for k, v in row.items() if k in schema.names} for row in rows], schema=schema),
+        folder / "part-0.parquet",
+    )
     return output
 
 
@@ -298,8 +340,13 @@ def refined_cams(mini_cams, tmp_path_factory):
         elif row["image_id"] != plain:
             mask = _drawn_mask(row["width"], row["height"])
             x0, y0, x1, y1 = _pixel_box(mask)
-            row.update(mask_rle=rle_encode(mask), refine="otsu", refined_boxes=[
-                {"x_min": float(x0), "y_min": float(y0), "x_max": float(x1), "y_max": float(y1), "score": 0.7}])
+            row.update(
+                mask_rle=rle_encode(mask),
+                refine="otsu",
+                refined_boxes=[
+                    {"x_min": float(x0), "y_min": float(y0), "x_max": float(x1), "y_max": float(y1), "score": 0.7}
+                ],
+            )
         refined_rows.append(row)
     output = _write_rows(tmp_path_factory.mktemp("refined") / "out", refined_rows, CAMS_SCHEMA)
     return output, refined_rows, nothing, plain
@@ -322,11 +369,13 @@ def test_gallery_shows_refined_masks_and_their_iou(refined_cams, isic2017_mini, 
             assert item.refined_iou == 0.0  # refined, nothing found: a miss
         else:
             truth = mask_box(read_mask(masks[item.image_id]))
-            assert item.refined_iou == pytest.approx(box_iou(_pixel_box(_drawn_mask(row["width"], row["height"])), truth))
+            assert item.refined_iou == pytest.approx(
+                box_iou(_pixel_box(_drawn_mask(row["width"], row["height"])), truth)
+            )
     text = (tmp_path / "g" / "index.html").read_text(encoding="utf-8")
     assert '<th data-type="num">refined IoU</th>' in text and "Magenta: outline of the refined lesion mask" in text
     assert "of their refined boxes" in text
-    cells = re.findall(r'<tr>(.*?)</tr>', text.split("<tbody>")[1])
+    cells = re.findall(r"<tr>(.*?)</tr>", text.split("<tbody>")[1])
     assert len(cells) == len(result.items)
     for item, cell in zip(result.items, cells):  # the refined IoU is the column after the IoU
         numbers = re.findall(r'<td class="num"[^>]*>([^<]*)</td>', cell)
@@ -337,8 +386,10 @@ def test_version_1_output_renders_as_before(mini_cams, isic2017_mini, tmp_path):
     """A version-1 file (no mask_rle, refined_boxes, refine) draws the same files as version-2 rows
     without refinement, which draw what the gallery drew before masks existed: no refined column."""
     _, rows = mini_cams
-    v1_schema = pa.schema([f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
-                          metadata={"camjobs.schema_version": "1"})
+    v1_schema = pa.schema(
+        [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
+        metadata={"camjobs.schema_version": "1"},
+    )
     v1 = _write_rows(tmp_path / "v1", [{**row, "schema_version": 1} for row in rows], v1_schema)
     v2 = _write_rows(tmp_path / "v2", rows, CAMS_SCHEMA)
     for output, folder in ((v1, "g1"), (v2, "g2")):
@@ -347,7 +398,9 @@ def test_version_1_output_renders_as_before(mini_cams, isic2017_mini, tmp_path):
     files = sorted(p.name for p in (tmp_path / "g1").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "g2").iterdir()) and "index.html" in files
     for name in files:  # index.html names the output folder
-        first, second = ((tmp_path / g / name).read_bytes().replace(str(o).encode(), b"OUT") for g, o in (("g1", v1), ("g2", v2)))
+        first, second = (
+            (tmp_path / g / name).read_bytes().replace(str(o).encode(), b"OUT") for g, o in (("g1", v1), ("g2", v2))
+        )
         assert first == second, name
     text = (tmp_path / "g1" / "index.html").read_text(encoding="utf-8")
     assert "refined" not in text.lower() and "magenta" not in text.lower()

@@ -1,8 +1,8 @@
 """Class Activation Mapping engine, grouped by family like torchcam's `torchcam/methods/`.
 
-    core.py        CAMResult, head discovery, the CAMExtractor base class
-    activation.py  CAM (needs a global average- or max-pooling -> Linear head)
-    gradient.py    GradCAM, GradCAMpp (any model with a 4-D feature layer)
+core.py        CAMResult, head discovery, the CAMExtractor base class
+activation.py  CAM (needs a global average- or max-pooling -> Linear head)
+gradient.py    GradCAM, GradCAMpp (any model with a 4-D feature layer)
 """
 
 from __future__ import annotations

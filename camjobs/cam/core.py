@@ -119,7 +119,9 @@ def locate_head(model: nn.Module, target_layer: str | None = None, probe_size: i
     return HeadInfo(seen["target"], classifier_name, relu, gap_error, pool if problem is None else None)
 
 
-def _gap_linear_problem(target_name: str, features: torch.Tensor, linear_call, output) -> tuple[bool, str | None, str | None]:
+def _gap_linear_problem(
+    target_name: str, features: torch.Tensor, linear_call, output
+) -> tuple[bool, str | None, str | None]:
     """Check that the model's output is Linear(P_ij A) or Linear(P_ij ReLU(A)), P the spatial mean or max.
 
     linear_call: (name, module, input, output) of the last Linear call, or None.
@@ -129,15 +131,23 @@ def _gap_linear_problem(target_name: str, features: torch.Tensor, linear_call, o
     name, linear, linear_input, linear_output = linear_call
     channels = features.shape[1]
     if linear.in_features != channels:
-        return False, None, (
-            f"the final Linear {name!r} takes {linear.in_features} features but the target layer "
-            f"{target_name!r} has {channels} channels"
+        return (
+            False,
+            None,
+            (
+                f"the final Linear {name!r} takes {linear.in_features} features but the target layer "
+                f"{target_name!r} has {channels} channels"
+            ),
         )
     if linear_input.shape != (features.shape[0], channels):
         return False, None, f"the final Linear {name!r} gets input of shape {tuple(linear_input.shape)}"
     relu, pool = _pooling_of(linear_input, features)
     if pool is None:
-        return False, None, f"the input of the final Linear {name!r} is not the spatial mean or maximum of {target_name!r}'s output"
+        return (
+            False,
+            None,
+            f"the input of the final Linear {name!r} is not the spatial mean or maximum of {target_name!r}'s output",
+        )
     if not (isinstance(output, torch.Tensor) and output.shape == linear_output.shape and _close(output, linear_output)):
         return relu, pool, f"the model's output is not the output of its final Linear {name!r}"
     return relu, pool, None

@@ -23,10 +23,11 @@ import os
 import re
 import shlex
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 from camjobs.errors import EXIT_FAILED, UsageError
@@ -46,7 +47,7 @@ class SubmitError(UsageError):
 # --- address ------------------------------------------------------------------------------------
 
 
-def resolve_address(flag: Optional[str], environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+def resolve_address(flag: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """The Jobs API URL and where it came from: --address, then RAY_API_SERVER_ADDRESS, then RAY_ADDRESS."""
     candidates = [("--address", flag)] + [(name, environ.get(name)) for name in ADDRESS_ENV_VARS]
     source, address = next(((s, a.strip()) for s, a in candidates if a and a.strip()), ("", ""))
@@ -75,7 +76,7 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def insecure_address_warning(address: str) -> Optional[str]:
+def insecure_address_warning(address: str) -> str | None:
     """A warning for plain http to anything but this machine: the Jobs API runs whatever it is sent."""
     parts = urlsplit(address)
     if parts.scheme != "http" or is_loopback_host(parts.hostname or ""):
@@ -95,7 +96,7 @@ def default_token_path() -> Path:
     return Path.home() / ".ray" / "auth_token"
 
 
-def resolve_token(flag: Optional[str], environ: Mapping[str, str] = os.environ) -> tuple[Optional[str], str]:
+def resolve_token(flag: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str | None, str]:
     """The auth token and a description of its source (never the token), or (None, "") when there is none.
 
     The order after --token is Ray 2.60's own (its AuthenticationTokenLoader): RAY_AUTH_TOKEN, then
@@ -120,7 +121,7 @@ def resolve_token(flag: Optional[str], environ: Mapping[str, str] = os.environ) 
     return None, ""
 
 
-def _read_token_file(path: Path) -> Optional[str]:
+def _read_token_file(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
     except OSError:
@@ -146,7 +147,7 @@ def entrypoint(options: Mapping[str, Any], python: str = "python") -> str:
     return shlex.join([python, "-m", "camjobs", "run", *run_arguments(options)])
 
 
-def runtime_env(pip: Optional[list[str]] = None) -> dict[str, Any]:
+def runtime_env(pip: list[str] | None = None) -> dict[str, Any]:
     """Ship this camjobs package with the job; install pip packages only when asked."""
     import camjobs
 
@@ -183,7 +184,9 @@ def _address_env(address: str) -> Iterator[None]:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
-def connect(address: str, token: Optional[str], token_source: str = "", warn: Callable[[str], None] = log.warning) -> Cluster:
+def connect(
+    address: str, token: str | None, token_source: str = "", warn: Callable[[str], None] = log.warning
+) -> Cluster:
     """Connect to the Jobs API at `address` (checking that it answers and that the token is accepted)."""
     warning = insecure_address_warning(address)
     if warning:
@@ -202,7 +205,7 @@ def connect(address: str, token: Optional[str], token_source: str = "", warn: Ca
 
 
 @contextmanager
-def translate_errors(address: str, token_source: str, job_id: Optional[str] = None) -> Iterator[None]:
+def translate_errors(address: str, token_source: str, job_id: str | None = None) -> Iterator[None]:
     """Turn the Jobs API's exceptions into SubmitErrors with messages a person can act on."""
     import requests
     from ray.exceptions import AuthenticationError
@@ -232,7 +235,7 @@ def translate_errors(address: str, token_source: str, job_id: Optional[str] = No
         raise SubmitError(f"the Ray Jobs API at {address} refused the request: {message}") from None
 
 
-def submit(cluster: Cluster, command: str, env: dict[str, Any], submission_id: Optional[str] = None) -> str:
+def submit(cluster: Cluster, command: str, env: dict[str, Any], submission_id: str | None = None) -> str:
     from camjobs import __version__
 
     with translate_errors(cluster.address, cluster.token_source):
@@ -329,7 +332,7 @@ def summary_lines(info) -> list[tuple[str, str]]:
     ]
 
 
-def format_time(millis: Optional[int]) -> str:
+def format_time(millis: int | None) -> str:
     if not millis:
         return ""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(millis / 1000))

@@ -17,7 +17,14 @@ from camjobs.labels.scores import source_blocks
 _W, _H = 1280, 680
 _LEFT, _RIGHT, _TOP, _BOTTOM = 100, 420, 70, 90  # the legend goes in the right margin
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
-_BLUE, _ORANGE, _GREEN, _RED, _GREY, _BLACK = (200, 90, 30), (20, 130, 240), (60, 160, 40), (40, 40, 210), (140, 140, 140), (0, 0, 0)
+_BLUE, _ORANGE, _GREEN, _RED, _GREY, _BLACK = (
+    (200, 90, 30),
+    (20, 130, 240),
+    (60, 160, 40),
+    (40, 40, 210),
+    (140, 140, 140),
+    (0, 0, 0),
+)
 _PURPLE, _BROWN = (160, 50, 150), (30, 80, 140)
 
 
@@ -52,7 +59,7 @@ class _Axes:
         cv2.putText(label, ylabel, (4, th + 4), _FONT, 0.65, _BLACK, 1, cv2.LINE_AA)
         label = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)
         top = max(0, (self.y0 + self.y1) // 2 - label.shape[0] // 2)
-        self.image[top: top + label.shape[0], 18: 18 + label.shape[1]] = label
+        self.image[top : top + label.shape[0], 18 : 18 + label.shape[1]] = label
         self.legend: list[tuple[str, tuple, str]] = []
 
     def point(self, x: float, y: float) -> tuple[int, int]:
@@ -77,7 +84,10 @@ class _Axes:
                 steps = max(1, int(length // dash))
                 for k in range(0, steps, 2):
                     p = (a[0] + (b[0] - a[0]) * k / steps, a[1] + (b[1] - a[1]) * k / steps)
-                    q = (a[0] + (b[0] - a[0]) * min(k + 1, steps) / steps, a[1] + (b[1] - a[1]) * min(k + 1, steps) / steps)
+                    q = (
+                        a[0] + (b[0] - a[0]) * min(k + 1, steps) / steps,
+                        a[1] + (b[1] - a[1]) * min(k + 1, steps) / steps,
+                    )
                     cv2.line(self.image, tuple(map(int, p)), tuple(map(int, q)), colour, thickness, cv2.LINE_AA)
         if label:
             self.legend.append((label, colour, style))
@@ -112,8 +122,13 @@ class _Axes:
             cv2.putText(self.image, line, (self.x1 + 22, y + 22 * k), _FONT, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
 
 
-_STYLES = {"cam": (_BLUE, "solid"), "refined": (_PURPLE, "solid"), "otsu": (_BROWN, "solid"),
-           "centre": (_ORANGE, "solid"), "constant": (_GREY, "dashed")}
+_STYLES = {
+    "cam": (_BLUE, "solid"),
+    "refined": (_PURPLE, "solid"),
+    "otsu": (_BROWN, "solid"),
+    "centre": (_ORANGE, "solid"),
+    "constant": (_GREY, "dashed"),
+}
 
 
 def fmt(value: float | None) -> str:
@@ -137,13 +152,15 @@ def draw_pr_plot(metrics: dict[str, Any]) -> np.ndarray:
             axes.line(xs, ys, colour, f"{title}: PxAP {fmt(block['pxap'])}", style)
     axes.draw_legend()
     counts = metrics["counts"]
-    axes.notes([
-        f"{counts['with_mask']} images with masks, pixels pooled.",
-        "Precision and recall of the pixels with",
-        "normalized CAM >= t, for t = 1, 0.99, ..., 0;",
-        "binary maps: the pixels they cover.",
-        "PxAP: the area under the steps (x100).",
-    ])
+    axes.notes(
+        [
+            f"{counts['with_mask']} images with masks, pixels pooled.",
+            "Precision and recall of the pixels with",
+            "normalized CAM >= t, for t = 1, 0.99, ..., 0;",
+            "binary maps: the pixels they cover.",
+            "PxAP: the area under the steps (x100).",
+        ]
+    )
     return axes.image
 
 
@@ -162,8 +179,15 @@ def draw_box_acc_plot(metrics: dict[str, Any]) -> np.ndarray:
     """BoxAcc against the CAM threshold for IoU 0.3/0.5/0.7 (BGR image)."""
     curves = metrics["details"]["box_acc_curves"]
     thresholds = curves["thresholds"]
-    axes = _Axes("BoxAcc against the CAM threshold", "CAM threshold", "BoxAcc (%)", 1.0, 100.0,
-                 [0, 0.2, 0.4, 0.6, 0.8, 1.0], [0, 20, 40, 60, 80, 100])
+    axes = _Axes(
+        "BoxAcc against the CAM threshold",
+        "CAM threshold",
+        "BoxAcc (%)",
+        1.0,
+        100.0,
+        [0, 0.2, 0.4, 0.6, 0.8, 1.0],
+        [0, 20, 40, 60, 80, 100],
+    )
     colours = {"0.3": _GREEN, "0.5": _BLUE, "0.7": _RED}
     for iou, colour in colours.items():
         values = curves["all_contours"][iou]
@@ -180,12 +204,12 @@ def draw_box_acc_plot(metrics: dict[str, Any]) -> np.ndarray:
             colour = _STYLES.get(name, (_BLACK, "dotted"))[0]
             axes.line([0, 1], [level, level], colour, f"{title}, IoU 0.5: {level:.1f}", "dotted")
     axes.draw_legend()
-    axes.notes([
-        f"{metrics['counts']['evaluated']} images; circles mark the maxima.",
-        f"MaxBoxAcc: {metrics['max_box_acc']:.2f} at threshold {metrics['details']['best_threshold']:.2f}.",
-        f"MaxBoxAccV2: {metrics['max_box_acc_v2']:.2f}, the mean of the",
-        "three all-contour maxima.",
-    ])
+    axes.notes(
+        [
+            f"{metrics['counts']['evaluated']} images; circles mark the maxima.",
+            f"MaxBoxAcc: {metrics['max_box_acc']:.2f} at threshold {metrics['details']['best_threshold']:.2f}.",
+            f"MaxBoxAccV2: {metrics['max_box_acc_v2']:.2f}, the mean of the",
+            "three all-contour maxima.",
+        ]
+    )
     return axes.image
-
-

@@ -45,8 +45,7 @@ class EvaluationReport:
 def markdown_table(metrics: dict[str, Any]) -> str:
     """metric | CAM | each other source, in percent (n/a where a metric does not apply)."""
     blocks = source_blocks(metrics)
-    lines = ["| metric | " + " | ".join(title for _, title, _ in blocks) + " |",
-             "| --- |" + " ---: |" * len(blocks)]
+    lines = ["| metric | " + " | ".join(title for _, title, _ in blocks) + " |", "| --- |" + " ---: |" * len(blocks)]
     for key in METRIC_KEYS:
         lines.append(f"| {METRIC_NAMES[key]} | " + " | ".join(fmt(block[key]) for _, _, block in blocks) + " |")
     return "\n".join(lines)

@@ -188,10 +188,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from camjobs.labels.eval_report import EvaluationReport, markdown_report, markdown_table, write_report  # noqa: F401 (API)
 from camjobs.geometry import box_xyxy, rle_decode
-from camjobs.output import NoResults, newest_per_image, open_cams, settings_filter
-from camjobs.schema import SETTINGS_COLUMNS
+from camjobs.labels.eval_report import EvaluationReport, markdown_report, markdown_table, write_report  # noqa: F401 (API)
 from camjobs.labels.scores import (  # noqa: F401 (CamEvaluator and its types are this module's API too)
     DEFAULT_MAX_SIDE,
     DEFAULT_THRESHOLD,
@@ -201,16 +199,34 @@ from camjobs.labels.scores import (  # noqa: F401 (CamEvaluator and its types ar
     GroundTruth,
     Refinement,
 )
-from camjobs.segment import WORK_SIDE
 from camjobs.labels.truth import TruthSource
+from camjobs.output import NoResults, newest_per_image, open_cams, settings_filter
+from camjobs.schema import SETTINGS_COLUMNS
+from camjobs.segment import WORK_SIDE
 
 IMAGE_MIN_SIDE = WORK_SIDE  # the image baselines decode with both sides at least this (the Otsu working size)
 
 
 # --------------------------------------------------------------------------- reading the output
 _LIGHT = ("image_id", "run_id", *SETTINGS_COLUMNS)
-_HEAVY = ("image_id", "run_id", "source_path", "width", "height", "cam", "cam_height", "cam_width", "boxes",
-          "threshold", "label", "pred_label", "target_label", "mask_rle", "refined_boxes", "refine")
+_HEAVY = (
+    "image_id",
+    "run_id",
+    "source_path",
+    "width",
+    "height",
+    "cam",
+    "cam_height",
+    "cam_width",
+    "boxes",
+    "threshold",
+    "label",
+    "pred_label",
+    "target_label",
+    "mask_rle",
+    "refined_boxes",
+    "refine",
+)
 
 
 def _select_rows(dataset: pads.Dataset, run_id: str | None) -> tuple[set[tuple[str, str]], list[str]]:
@@ -280,10 +296,15 @@ def _add_row(evaluator: CamEvaluator, row: dict[str, Any], truth: GroundTruth, i
     cam = np.asarray(row["cam"], dtype=np.float32).reshape(int(row["cam_height"]), int(row["cam_width"]))
     threshold = row.get("threshold")
     evaluator.add(
-        cam, width, height, truth,
+        cam,
+        width,
+        height,
+        truth,
         threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold),
         first_box=_first_box(row.get("boxes")),
-        label=row.get("label"), pred_label=row.get("pred_label"), target_label=row.get("target_label"),
+        label=row.get("label"),
+        pred_label=row.get("pred_label"),
+        target_label=row.get("target_label"),
         image_id=row["image_id"],
         refined=_refinement(row),
         rgb=images.read(row.get("source_path"), width, height),
@@ -348,10 +369,21 @@ def evaluate_output(
             f"({skipped['no_ground_truth']} without, {skipped['empty_ground_truth']} empty)"
         )
     metrics = evaluator.result()
-    metrics["counts"] = {"images": len(selected), **metrics["counts"], **skipped, **truth_source.counts,
-                         **images.counts}
-    metrics["settings"].update({"output": output_dir, "runs": runs, "ground_truth": truth_source.description,
-                                "image_baselines": image_baselines})
+    metrics["counts"] = {
+        "images": len(selected),
+        **metrics["counts"],
+        **skipped,
+        **truth_source.counts,
+        **images.counts,
+    }
+    metrics["settings"].update(
+        {
+            "output": output_dir,
+            "runs": runs,
+            "ground_truth": truth_source.description,
+            "image_baselines": image_baselines,
+        }
+    )
     report = EvaluationReport(metrics)
     if write:
         report.report_dir = report_dir or f"{output_dir.rstrip('/')}/eval"

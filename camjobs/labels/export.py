@@ -66,9 +66,9 @@ import logging
 import os
 import posixpath
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
@@ -78,7 +78,16 @@ import pyarrow.fs as pafs
 from camjobs.config import BoxSource, CategoryMode, ExportFormat
 from camjobs.errors import UsageError
 from camjobs.geometry import (
-    Box, box_components, box_xyxy, mask_polygons, rle_area, rle_decode, rle_encode, rle_mask, xyxy_to_cxcywh, xyxy_to_xywh,
+    Box,
+    box_components,
+    box_xyxy,
+    mask_polygons,
+    rle_area,
+    rle_decode,
+    rle_encode,
+    rle_mask,
+    xyxy_to_cxcywh,
+    xyxy_to_xywh,
 )
 from camjobs.output import NoResults, read_newest_cams, read_run_summaries
 from camjobs.schema import ImageRow
@@ -95,8 +104,19 @@ POLYGON_DECIMALS = 4  # percent: 1e-4 % of a 100,000 px side is 0.1 px
 
 # Everything an export needs; heatmaps and raw maps (the heavy columns) are never read.
 EXPORT_COLUMNS = (
-    "image_id", "source_path", "width", "height", "label", "pred_label", "pred_score",
-    "target_label", "boxes", "mask_rle", "refined_boxes", "model_sha256", "run_id",
+    "image_id",
+    "source_path",
+    "width",
+    "height",
+    "label",
+    "pred_label",
+    "pred_score",
+    "target_label",
+    "boxes",
+    "mask_rle",
+    "refined_boxes",
+    "model_sha256",
+    "run_id",
 )
 
 
@@ -124,7 +144,7 @@ def _root_of(data: str | None) -> str | None:
         return None
     data = data.rstrip("/") or "/"
     if data.startswith("file://"):
-        return data[len("file://"):].rstrip("/") or "/"
+        return data[len("file://") :].rstrip("/") or "/"
     return data
 
 
@@ -136,14 +156,14 @@ def relative_file_name(source_path: str, data: str | None) -> str:
         return base
     if "://" in root or os.path.isabs(root):
         prefix = root if root.endswith("/") else root + "/"
-        return source_path[len(prefix):] if source_path.startswith(prefix) else base
+        return source_path[len(prefix) :] if source_path.startswith(prefix) else base
     # A relative --data (resolved against the run's working directory, which is not recorded):
     # find it as a run of whole path components inside the absolute source path.
     parts = [p for p in root.split("/") if p not in ("", ".")]
     source_parts = source_path.split("/")
     for start in range(len(source_parts) - len(parts) - 1, -1, -1):
-        if source_parts[start:start + len(parts)] == parts:
-            return "/".join(source_parts[start + len(parts):])
+        if source_parts[start : start + len(parts)] == parts:
+            return "/".join(source_parts[start + len(parts) :])
     return base
 
 
@@ -240,15 +260,26 @@ def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION
             if box["score"] is not None and box["score"] < min_score:
                 dropped += 1
                 continue
-            kept.append(ExportBox(*box_xyxy(box), _clean_score(box["score"]) or 0.0, category=category,
-                                  segmentation=mask))
-        images.append(ExportImage(
-            image_id=row["image_id"], source_path=row["source_path"] or "",
-            file_name=relative_file_name(row["source_path"] or row["image_id"], data),
-            width=int(row["width"]), height=int(row["height"]), label=row["label"],
-            pred_label=row["pred_label"], pred_score=_clean_score(row["pred_score"]),
-            target_label=target, model_sha256=row["model_sha256"], run_id=row["run_id"], boxes=kept, refined=refined,
-        ))
+            kept.append(
+                ExportBox(*box_xyxy(box), _clean_score(box["score"]) or 0.0, category=category, segmentation=mask)
+            )
+        images.append(
+            ExportImage(
+                image_id=row["image_id"],
+                source_path=row["source_path"] or "",
+                file_name=relative_file_name(row["source_path"] or row["image_id"], data),
+                width=int(row["width"]),
+                height=int(row["height"]),
+                label=row["label"],
+                pred_label=row["pred_label"],
+                pred_score=_clean_score(row["pred_score"]),
+                target_label=target,
+                model_sha256=row["model_sha256"],
+                run_id=row["run_id"],
+                boxes=kept,
+                refined=refined,
+            )
+        )
     if categories == LESION:
         names = [LESION]
     else:
@@ -263,16 +294,25 @@ def to_coco(plan: ExportPlan, *, image_root: str | None = None) -> dict:
     category_id = {name: i + 1 for i, name in enumerate(plan.categories)}
     images, annotations = [], []
     for number, image in enumerate(plan.images, start=1):
-        entry = {"id": number, "file_name": image.file_name, "width": image.width, "height": image.height,
-                 "camjobs_image_id": image.image_id}
+        entry = {
+            "id": number,
+            "file_name": image.file_name,
+            "width": image.width,
+            "height": image.height,
+            "camjobs_image_id": image.image_id,
+        }
         if image_root:
             entry["coco_url"] = image_url(image_root, image.file_name)
         images.append(entry)
         for box in image.boxes:
             annotation = {
-                "id": len(annotations) + 1, "image_id": number, "category_id": category_id[box.category],
-                "bbox": list(xyxy_to_xywh(box.xyxy)), "area": box.area,
-                "score": box.score, "iscrowd": 0,
+                "id": len(annotations) + 1,
+                "image_id": number,
+                "category_id": category_id[box.category],
+                "bbox": list(xyxy_to_xywh(box.xyxy)),
+                "area": box.area,
+                "score": box.score,
+                "iscrowd": 0,
             }
             if box.segmentation is not None:
                 annotation["segmentation"] = box.segmentation
@@ -280,7 +320,8 @@ def to_coco(plan: ExportPlan, *, image_root: str | None = None) -> dict:
     return {
         "info": {
             "description": "camjobs weak lesion boxes (class activation maps)",
-            "version": "1.0", "contributor": "camjobs",
+            "version": "1.0",
+            "contributor": "camjobs",
             "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "licenses": [],
@@ -300,39 +341,69 @@ def label_config(categories: Sequence[str], *, polygons: bool = False) -> str:
     and, where the tasks hold outlines, PolygonLabels "polygon" with the same labels."""
     labels = "\n".join(f"    <Label value={quoteattr(name)}/>" for name in categories)
     kinds = ("rectanglelabels", "polygonlabels") if polygons else ("rectanglelabels",)
-    controls = "".join(f'  <{CONTROLS[kind][1]} name="{CONTROLS[kind][0]}" toName="image">\n{labels}\n'
-                       f"  </{CONTROLS[kind][1]}>\n" for kind in kinds)
+    controls = "".join(
+        f'  <{CONTROLS[kind][1]} name="{CONTROLS[kind][0]}" toName="image">\n{labels}\n  </{CONTROLS[kind][1]}>\n'
+        for kind in kinds
+    )
     return '<View>\n  <Image name="image" value="$image"/>\n' + controls + "</View>\n"
 
 
 def _region(region_id: str, kind: str, image: ExportImage, value: dict, score: float) -> dict:
     """One result of a prediction, in Label Studio's import format."""
-    return {"id": region_id, "type": kind, "from_name": CONTROLS[kind][0], "to_name": "image",
-            "original_width": image.width, "original_height": image.height, "image_rotation": 0,
-            "value": value, "score": score}
+    return {
+        "id": region_id,
+        "type": kind,
+        "from_name": CONTROLS[kind][0],
+        "to_name": "image",
+        "original_width": image.width,
+        "original_height": image.height,
+        "image_rotation": 0,
+        "value": value,
+        "score": score,
+    }
 
 
 def outline_points(segmentation: dict, width: int, height: int) -> list[list[list[float]]]:
     """The outlines of a box's mask as Label Studio polygon points: the outline's pixel centres
     (x + 0.5, y + 0.5, as the rectangles' edges, in continuous image coordinates) in percent."""
-    return [[[round(100.0 * (x + 0.5) / width, POLYGON_DECIMALS), round(100.0 * (y + 0.5) / height, POLYGON_DECIMALS)]
-             for x, y in outline] for outline in mask_polygons(rle_decode(segmentation))]
+    return [
+        [
+            [round(100.0 * (x + 0.5) / width, POLYGON_DECIMALS), round(100.0 * (y + 0.5) / height, POLYGON_DECIMALS)]
+            for x, y in outline
+        ]
+        for outline in mask_polygons(rle_decode(segmentation))
+    ]
 
 
 def _box_regions(number: int, k: int, image: ExportImage, box: ExportBox) -> list[dict]:
     """A box's rectangle and, where it has a mask, its outlines as polygons."""
-    regions = [_region(f"cam{number}_{k}", "rectanglelabels", image, {
-        "x": 100.0 * box.x_min / image.width,
-        "y": 100.0 * box.y_min / image.height,
-        "width": 100.0 * (box.x_max - box.x_min) / image.width,
-        "height": 100.0 * (box.y_max - box.y_min) / image.height,
-        "rotation": 0,
-        "rectanglelabels": [box.category],
-    }, box.score)]
+    regions = [
+        _region(
+            f"cam{number}_{k}",
+            "rectanglelabels",
+            image,
+            {
+                "x": 100.0 * box.x_min / image.width,
+                "y": 100.0 * box.y_min / image.height,
+                "width": 100.0 * (box.x_max - box.x_min) / image.width,
+                "height": 100.0 * (box.y_max - box.y_min) / image.height,
+                "rotation": 0,
+                "rectanglelabels": [box.category],
+            },
+            box.score,
+        )
+    ]
     if box.segmentation is not None:
         for j, points in enumerate(outline_points(box.segmentation, image.width, image.height)):
-            regions.append(_region(f"cam{number}_{k}_polygon{j}", "polygonlabels", image,
-                                   {"points": points, "closed": True, "polygonlabels": [box.category]}, box.score))
+            regions.append(
+                _region(
+                    f"cam{number}_{k}_polygon{j}",
+                    "polygonlabels",
+                    image,
+                    {"points": points, "closed": True, "polygonlabels": [box.category]},
+                    box.score,
+                )
+            )
     return regions
 
 
@@ -349,14 +420,24 @@ def to_labelstudio(plan: ExportPlan, *, image_root: str | None = None) -> list[d
         }
         if image.pred_score is not None:
             prediction["score"] = image.pred_score
-        tasks.append({
-            "id": number,
-            "data": {key: value for key, value in (
-                ("image", source), ("image_id", image.image_id), ("pred_label", image.pred_label),
-                ("pred_score", image.pred_score), ("label", image.label), ("run_id", image.run_id),
-            ) if value is not None},
-            "predictions": [prediction],
-        })
+        tasks.append(
+            {
+                "id": number,
+                "data": {
+                    key: value
+                    for key, value in (
+                        ("image", source),
+                        ("image_id", image.image_id),
+                        ("pred_label", image.pred_label),
+                        ("pred_score", image.pred_score),
+                        ("label", image.label),
+                        ("run_id", image.run_id),
+                    )
+                    if value is not None
+                },
+                "predictions": [prediction],
+            }
+        )
     return tasks
 
 
@@ -391,18 +472,22 @@ class ExportResult:
     def refined_note(self) -> str:
         """Which boxes went out, where refinement played a part: empty when none did."""
         if self.box_source == "refined":
-            return (f"refined boxes of {self.refined_images} images, "
-                    f"{self.images - self.refined_images} without refinement exported with no box")
+            return (
+                f"refined boxes of {self.refined_images} images, "
+                f"{self.images - self.refined_images} without refinement exported with no box"
+            )
         if self.box_source == "auto" and self.refined_images:
             return f"refined boxes of {self.refined_images} images, CAM boxes of {self.images - self.refined_images}"
         return ""
 
     def message(self) -> str:
         note = self.refined_note()
-        return (f"{self.format}: {self.images} images, {self.boxes} boxes"
-                f"{f' ({self.dropped_boxes} below --min-score dropped)' if self.dropped_boxes else ''}"
-                f"{f' ({note})' if note else ''}, "
-                f"categories {', '.join(self.categories)} -> {self.paths[0] if self.paths else '(nothing)'}")
+        return (
+            f"{self.format}: {self.images} images, {self.boxes} boxes"
+            f"{f' ({self.dropped_boxes} below --min-score dropped)' if self.dropped_boxes else ''}"
+            f"{f' ({note})' if note else ''}, "
+            f"categories {', '.join(self.categories)} -> {self.paths[0] if self.paths else '(nothing)'}"
+        )
 
 
 def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
@@ -413,8 +498,16 @@ def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
         stream.write(text.encode("utf-8"))
 
 
-def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_root: str | None = None,
-           categories: str = LESION, boxes: str = "auto") -> ExportResult:
+def export(
+    output: str,
+    format: str,
+    to: str,
+    *,
+    min_score: float = 0.0,
+    image_root: str | None = None,
+    categories: str = LESION,
+    boxes: str = "auto",
+) -> ExportResult:
     """Export the newest row per image of OUTPUT/cams to `to` (a file; a directory for yolo)."""
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -422,8 +515,12 @@ def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_r
     if not plan.images:
         log.warning("%s/cams holds no rows: the export is empty", output.rstrip("/"))
     elif boxes == "refined" and plan.refined_images < len(plan.images):
-        log.warning("--boxes refined: %d of %d images have no refined boxes (run without --refine, or nothing to "
-                    "refine) and are exported with no box", len(plan.images) - plan.refined_images, len(plan.images))
+        log.warning(
+            "--boxes refined: %d of %d images have no refined boxes (run without --refine, or nothing to "
+            "refine) and are exported with no box",
+            len(plan.images) - plan.refined_images,
+            len(plan.images),
+        )
     fs, path = open_filesystem(to.rstrip("/") if format == "yolo" else to)
     box_count = sum(len(image.boxes) for image in plan.images)
     paths: list[str] = []
@@ -432,8 +529,10 @@ def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_r
         paths = [to]
     elif format == "labelstudio":
         if not image_root and any("://" not in image.source_path for image in plan.images):
-            log.warning("no --image-root: tasks name local paths, which Label Studio cannot open from a browser; "
-                        "pass the URL where the dataset root is served")
+            log.warning(
+                "no --image-root: tasks name local paths, which Label Studio cannot open from a browser; "
+                "pass the URL where the dataset root is served"
+            )
         _write_text(fs, path, json.dumps(to_labelstudio(plan, image_root=image_root), ensure_ascii=False, indent=1))
         config = label_config_path(path)
         polygons = any(box.segmentation is not None for image in plan.images for box in image.boxes)
@@ -451,8 +550,10 @@ def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_r
                 continue
             stem = yolo_stem(image.image_id)
             if stem in stems or stem in ("classes", "manifest"):
-                raise ExportError(f"image ids {stems.get(stem, stem)!r} and {image.image_id!r} map to the same "
-                                  f"YOLO label file {stem}.txt")
+                raise ExportError(
+                    f"image ids {stems.get(stem, stem)!r} and {image.image_id!r} map to the same "
+                    f"YOLO label file {stem}.txt"
+                )
             stems[stem] = image.image_id
             _write_text(fs, f"{path}/{stem}.txt", "\n".join(yolo_lines(image, plan.categories)) + "\n")
             writer.writerow([stem, image.image_id, image.file_name, image.width, image.height, len(image.boxes)])
@@ -460,5 +561,13 @@ def export(output: str, format: str, to: str, *, min_score: float = 0.0, image_r
         _write_text(fs, f"{path}/classes.txt", "\n".join(plan.categories) + "\n")
         _write_text(fs, f"{path}/manifest.csv", manifest.getvalue())
         paths = [f"{to.rstrip('/')}/classes.txt", f"{to.rstrip('/')}/manifest.csv", *label_files]
-    return ExportResult(format, paths, len(plan.images), box_count, plan.dropped_boxes, list(plan.categories),
-                        plan.box_source, plan.refined_images)
+    return ExportResult(
+        format,
+        paths,
+        len(plan.images),
+        box_count,
+        plan.dropped_boxes,
+        list(plan.categories),
+        plan.box_source,
+        plan.refined_images,
+    )

@@ -7,8 +7,8 @@ docstring (after Choe et al., CVPR 2020, and wsolevaluation's code); the score s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -36,13 +36,18 @@ def best_ious(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
     width = np.maximum(0.0, np.minimum(boxes[..., 2], truth[..., 2]) - np.maximum(boxes[..., 0], truth[..., 0]))
     height = np.maximum(0.0, np.minimum(boxes[..., 3], truth[..., 3]) - np.maximum(boxes[..., 1], truth[..., 1]))
     intersection = width * height
-    union = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-             + (truth[..., 2] - truth[..., 0]) * (truth[..., 3] - truth[..., 1]) - intersection)
+    union = (
+        (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+        + (truth[..., 2] - truth[..., 0]) * (truth[..., 3] - truth[..., 1])
+        - intersection
+    )
     iou = np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
     return iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
 
 
-def box_region(box: XYXY, width: int, height: int, grid_width: int | None = None, grid_height: int | None = None) -> np.ndarray:
+def box_region(
+    box: XYXY, width: int, height: int, grid_width: int | None = None, grid_height: int | None = None
+) -> np.ndarray:
     """Pixels of a grid_height x grid_width grid over a width x height image whose centres lie in box."""
     grid_width, grid_height = grid_width or width, grid_height or height
     xs = (np.arange(grid_width) + 0.5) * (width / grid_width)
@@ -166,7 +171,11 @@ class PrCurve:
 
     def as_dict(self) -> dict[str, list[float]]:
         """The curve as metrics.json's details.pr_curves holds it."""
-        return {"thresholds": self.thresholds.tolist(), "precision": self.precision.tolist(), "recall": self.recall.tolist()}
+        return {
+            "thresholds": self.thresholds.tolist(),
+            "precision": self.precision.tolist(),
+            "recall": self.recall.tolist(),
+        }
 
 
 def pr_curve(positive_hist: np.ndarray, negative_hist: np.ndarray) -> PrCurve:

@@ -11,9 +11,10 @@ module docstring; the arithmetic is ``camjobs.labels.metrics``. No torch, no Ray
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +43,17 @@ from camjobs.labels.metrics import (
 )
 
 DEFAULT_MAX_SIDE = 1024
-METRIC_KEYS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "gt_known_loc",
-               "mean_iou", "iou50_share", "jaccard_mean", "jaccard_isic2018")
+METRIC_KEYS = (
+    "max_box_acc",
+    "max_box_acc_v2",
+    "pxap",
+    "top1_loc",
+    "gt_known_loc",
+    "mean_iou",
+    "iou50_share",
+    "jaccard_mean",
+    "jaccard_isic2018",
+)
 
 
 class EvaluationError(UsageError, ValueError):
@@ -119,8 +129,15 @@ class Tally:
     def images(self) -> int:
         return len(self.ious)
 
-    def add(self, sample: Sample, largest_iou: np.ndarray, any_iou: np.ndarray, first_iou: float,
-            pixels: tuple[np.ndarray, np.ndarray] | None = None, jaccard: float | None = None) -> None:
+    def add(
+        self,
+        sample: Sample,
+        largest_iou: np.ndarray,
+        any_iou: np.ndarray,
+        first_iou: float,
+        pixels: tuple[np.ndarray, np.ndarray] | None = None,
+        jaccard: float | None = None,
+    ) -> None:
         """One image: IoUs per step (largest box, best box), boxes[0]'s IoU, PxAP's counts, the Jaccard."""
         for iou in IOU_THRESHOLDS:
             self.largest_hits[iou] += largest_iou >= iou
@@ -202,7 +219,7 @@ class Prediction:
     mask: np.ndarray | None = None  # bool (height, width); None: the pixels of boxes[0]
 
     @classmethod
-    def of_mask(cls, mask: np.ndarray | None, width: int, height: int) -> "Prediction":
+    def of_mask(cls, mask: np.ndarray | None, width: int, height: int) -> Prediction:
         """A mask and its one box (mask_box); None counts as an empty mask with no box."""
         if mask is None:
             mask = np.zeros((height, width), bool)
@@ -284,7 +301,9 @@ class OtsuSource(BinarySource):
 
         if sample.rgb is None:
             return None
-        return Prediction.of_mask(otsu_lesion_mask(sample.rgb, sample.width, sample.height), sample.width, sample.height)
+        return Prediction.of_mask(
+            otsu_lesion_mask(sample.rgb, sample.width, sample.height), sample.width, sample.height
+        )
 
 
 class RefinedSource(BinarySource):
@@ -369,7 +388,9 @@ class CamSource(ScoreSource):
         return {
             "best_threshold": float(CAM_THRESHOLDS[self.tally.best_step()]),
             "box_acc_v2_by_iou": {str(iou): float(any_box[iou].max()) for iou in IOU_THRESHOLDS},
-            "best_thresholds_v2": {str(iou): float(CAM_THRESHOLDS[int(np.argmax(any_box[iou]))]) for iou in IOU_THRESHOLDS},
+            "best_thresholds_v2": {
+                str(iou): float(CAM_THRESHOLDS[int(np.argmax(any_box[iou]))]) for iou in IOU_THRESHOLDS
+            },
             "jaccard_mean": percent(sum(jaccards), len(jaccards)),
             "box_acc_curves": {
                 "thresholds": [round(float(t), 2) for t in CAM_THRESHOLDS],
@@ -390,7 +411,12 @@ def default_sources() -> list[ScoreSource]:
         RefinedSource(),
         OtsuSource(),
         FixedBoxSource("centre", "centre_baseline", "centre box", partial(centre_box, frac=0.5), "centre_box_iou"),
-        FixedBoxSource("constant", "constant_baseline", "constant map", lambda width, height: (0.0, 0.0, float(width), float(height))),
+        FixedBoxSource(
+            "constant",
+            "constant_baseline",
+            "constant map",
+            lambda width, height: (0.0, 0.0, float(width), float(height)),
+        ),
     ]
 
 
@@ -446,8 +472,21 @@ class CamEvaluator:
         if truth.mask is not None and truth.mask.shape != (height, width):
             raise ValueError(f"mask is {truth.mask.shape[1]}x{truth.mask.shape[0]}, image {width}x{height}")
         truth = GroundTruth(truth.boxes, None if truth.mask is None else np.asarray(truth.mask, dtype=bool))
-        sample = Sample(image_id, width, height, truth, eval_grid(width, height, self.max_side), cam,
-                        float(threshold), first_box, refined, rgb, label, pred_label, target_label)
+        sample = Sample(
+            image_id,
+            width,
+            height,
+            truth,
+            eval_grid(width, height, self.max_side),
+            cam,
+            float(threshold),
+            first_box,
+            refined,
+            rgb,
+            label,
+            pred_label,
+            target_label,
+        )
         row: dict[str, Any] = {"image_id": image_id, "width": width, "height": height}
         for source in self.sources:
             row.update(dict.fromkeys(source.columns))
@@ -495,5 +534,7 @@ class CamEvaluator:
 
 def source_blocks(metrics: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, title, its metrics) for each source of a metrics.json, the CAM first."""
-    return [(source["name"], source["title"], metrics if source["key"] is None else metrics[source["key"]])
-            for source in metrics["settings"]["sources"]]
+    return [
+        (source["name"], source["title"], metrics if source["key"] is None else metrics[source["key"]])
+        for source in metrics["settings"]["sources"]
+    ]

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow.fs as pafs
 
 from camjobs.geometry import mask_box, read_mask, resize_mask_nearest, xywh_to_xyxy
-from camjobs.layouts import MASK_SUFFIX
 from camjobs.labels.scores import EvaluationError, GroundTruth
+from camjobs.layouts import MASK_SUFFIX
 from camjobs.storage import open_filesystem
 
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -53,7 +54,7 @@ def index_mask_folder(folder: str) -> dict[str, str]:
     scheme = folder.split("://", 1)[0] + "://" if "://" in folder else ""
     found = []
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        relative = info.path[len(root.rstrip("/")) + 1:]
+        relative = info.path[len(root.rstrip("/")) + 1 :]
         if info.type != pafs.FileType.File or not relative.lower().endswith(MASK_EXTENSIONS):
             continue
         if any(part.startswith(".") for part in relative.split("/")):
@@ -138,8 +139,10 @@ class TruthSource:
     def __init__(self, data: str | None, masks: str | None, boxes: str | None):
         given = [name for name, value in (("data", data), ("masks", masks), ("boxes", boxes)) if value]
         if len(given) != 1:
-            raise EvaluationError("give exactly one source of ground truth: data (--data, a dataset with masks), "
-                                  "masks (--masks, a folder of masks) or boxes (--boxes, a COCO json)")
+            raise EvaluationError(
+                "give exactly one source of ground truth: data (--data, a dataset with masks), "
+                "masks (--masks, a folder of masks) or boxes (--boxes, a COCO json)"
+            )
         self.masks: dict[str, str] = {}
         self.coco: dict[str, CocoImage] | None = None
         if data:

@@ -41,8 +41,9 @@ def _read(out: OutputDir, path: str, report: VerifyReport) -> pa.Table | None:
     versions = set(table["schema_version"].to_pylist()) if "schema_version" in table.column_names else {None}
     unknown = {v for v in versions if v is None or v > SCHEMA_VERSION}
     if unknown and table.num_rows:
-        report.problems.append(f"{path}: unknown schema version(s) {sorted(map(str, unknown))} "
-                               f"(this camjobs knows up to {SCHEMA_VERSION})")
+        report.problems.append(
+            f"{path}: unknown schema version(s) {sorted(map(str, unknown))} (this camjobs knows up to {SCHEMA_VERSION})"
+        )
     return table
 
 
@@ -56,8 +57,10 @@ def verify_output(output: str) -> VerifyReport:
     _check_summaries(output, out, row_counts, report)
     staged = out.staged()
     if staged:
-        report.notes.append(f"{out.staging()} holds {len(staged)} unpublished run(s): in progress, or left by a run "
-                            "that died (the next run removes them)")
+        report.notes.append(
+            f"{out.staging()} holds {len(staged)} unpublished run(s): in progress, or left by a run "
+            "that died (the next run removes them)"
+        )
     if out.kind(out.lock) == pafs.FileType.File:
         report.notes.append(f"{out.lock} exists: a run is in progress, or died holding the lock")
     return report
@@ -78,12 +81,18 @@ def _check_tables(out: OutputDir, report: VerifyReport) -> dict[str, dict[str, i
                 if name != "cams" or not table.num_rows:
                     continue
                 # a version-1 file lacks the settings added since: their absence means SETTINGS_ADDED
-                keys = zip(*(table[c].to_pylist() if c in table.column_names else [SETTINGS_ADDED[c]] * table.num_rows
-                             for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)))
+                keys = zip(
+                    *(
+                        table[c].to_pylist() if c in table.column_names else [SETTINGS_ADDED[c]] * table.num_rows
+                        for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)
+                    )
+                )
                 for key in keys:
                     if key in seen:
-                        report.problems.append(f"image {key[0]!r} (content {str(key[1])[:12]}) appears twice for the "
-                                               f"same model and settings: {seen[key]} and {path}")
+                        report.problems.append(
+                            f"image {key[0]!r} (content {str(key[1])[:12]}) appears twice for the "
+                            f"same model and settings: {seen[key]} and {path}"
+                        )
                     else:
                         seen[key] = path
     return row_counts
@@ -96,8 +105,10 @@ def _check_summaries(output: str, out: OutputDir, row_counts: dict[str, dict[str
         report.problems.append(f"{out.summary(run_id)}: unreadable run summary ({why})")
     report.runs = len(summaries)
     for run_id in sorted(set(row_counts) - set(summaries)):
-        report.problems.append(f"{out.table('cams', run_id)} or {out.table('errors', run_id)}: rows of run {run_id!r} "
-                               f"without a run summary in {out.runs}/")
+        report.problems.append(
+            f"{out.table('cams', run_id)} or {out.table('errors', run_id)}: rows of run {run_id!r} "
+            f"without a run summary in {out.runs}/"
+        )
     for run_id, summary in sorted(summaries.items()):
         path = out.summary(run_id)
         version = summary.get("schema_version")
@@ -106,5 +117,7 @@ def _check_summaries(output: str, out: OutputDir, row_counts: dict[str, dict[str
         counts = summary.get("counts", {})
         for name, key in (("cams", "processed"), ("errors", "errors")):
             if counts.get(key) != row_counts[run_id][name]:
-                report.problems.append(f"{path}: says {key} = {counts.get(key)}, but {out.table(name, run_id)}/ "
-                                       f"holds {row_counts[run_id][name]} rows")
+                report.problems.append(
+                    f"{path}: says {key} = {counts.get(key)}, but {out.table(name, run_id)}/ "
+                    f"holds {row_counts[run_id][name]} rows"
+                )

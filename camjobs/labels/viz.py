@@ -35,9 +35,9 @@ import logging
 import os
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -46,12 +46,12 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from camjobs.config import GallerySort
-from camjobs.images import ImageInputError, decode_image, read_bytes
 from camjobs.errors import UsageError
 from camjobs.geometry import box_iou, box_xyxy, mask_box, read_mask, resize_mask_nearest, rle_mask
+from camjobs.images import ImageInputError, decode_image, read_bytes
+from camjobs.labels.truth import dataset_masks
 from camjobs.output import NoResults, open_cams, read_newest_cams
 from camjobs.schema import ImageRow
-from camjobs.labels.truth import dataset_masks
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,31 @@ DEFAULT_LIMIT = 50
 TILE_SIZE = 512
 GAP = 4  # white pixels between tiles
 RANDOM_SEED = 0
-VIZ_COLUMNS = ("image_id", "source_path", "width", "height", "label", "pred_label", "pred_score",
-               "target_label", "boxes", "run_id", "method", "mask_rle", "refined_boxes", "refine")
+VIZ_COLUMNS = (
+    "image_id",
+    "source_path",
+    "width",
+    "height",
+    "label",
+    "pred_label",
+    "pred_score",
+    "target_label",
+    "boxes",
+    "run_id",
+    "method",
+    "mask_rle",
+    "refined_boxes",
+    "refine",
+)
 
 GREEN, LIGHT_GREEN, RED, BLACK, WHITE = (0, 230, 0), (150, 255, 150), (255, 40, 40), (0, 0, 0), (255, 255, 255)
 MAGENTA = (255, 0, 255)  # the refined mask: a colour JET never takes, unlike green, red and cyan
-_FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-               "/Library/Fonts/Arial Unicode.ttf", "C:/Windows/Fonts/arial.ttf")
+_FONT_FILES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial Unicode.ttf",
+    "C:/Windows/Fonts/arial.ttf",
+)
 
 
 class VizError(UsageError, ValueError):
@@ -113,8 +131,15 @@ def mask_for(item: VizItem) -> np.ndarray | None:
         return None
     mask = read_mask(item.mask_path)
     if mask.shape != (item.height, item.width):
-        log.warning("mask %s is %dx%d, image %s is %dx%d: resized", item.mask_path, mask.shape[1], mask.shape[0],
-                    item.image_id, item.width, item.height)
+        log.warning(
+            "mask %s is %dx%d, image %s is %dx%d: resized",
+            item.mask_path,
+            mask.shape[1],
+            mask.shape[0],
+            item.image_id,
+            item.width,
+            item.height,
+        )
         mask = resize_mask_nearest(mask, item.width, item.height)
     return mask
 
@@ -158,11 +183,20 @@ def order_items(items: list[VizItem], sort: str, seed: int = RANDOM_SEED) -> tup
         return sign * (item.pred_score if item.pred_score is not None else 0.0)
 
     if any(item.iou is not None for item in items):
-        ordered = sorted(items, key=lambda item: (item.iou is None, sign * item.iou if item.iou is not None else 0.0,
-                                                  score(item), item.image_id))
+        ordered = sorted(
+            items,
+            key=lambda item: (
+                item.iou is None,
+                sign * item.iou if item.iou is not None else 0.0,
+                score(item),
+                item.image_id,
+            ),
+        )
         return ordered, "iou", None
-    note = (f"no ground-truth masks (pass --data with a layout that has masks): --sort {sort} "
-            f"orders by pred_score {'ascending' if sort == 'worst' else 'descending'} instead of IoU")
+    note = (
+        f"no ground-truth masks (pass --data with a layout that has masks): --sort {sort} "
+        f"orders by pred_score {'ascending' if sort == 'worst' else 'descending'} instead of IoU"
+    )
     return sorted(items, key=lambda item: (score(item), item.image_id)), "pred_score", note
 
 
@@ -207,9 +241,15 @@ def _outline(image: np.ndarray, mask: np.ndarray, colour, line: int) -> None:
     cv2.drawContours(image, contours, -1, colour, line, cv2.LINE_AA)
 
 
-def render_panel(rgb: np.ndarray, heatmap: np.ndarray | None, boxes: Sequence[dict], caption: Sequence[str],
-                 mask: np.ndarray | None = None, tile_size: int = TILE_SIZE,
-                 refined: np.ndarray | None = None) -> np.ndarray:
+def render_panel(
+    rgb: np.ndarray,
+    heatmap: np.ndarray | None,
+    boxes: Sequence[dict],
+    caption: Sequence[str],
+    mask: np.ndarray | None = None,
+    tile_size: int = TILE_SIZE,
+    refined: np.ndarray | None = None,
+) -> np.ndarray:
     """original | JET heatmap | blend + boxes (+ refined mask and ground-truth outlines), a caption
     strip below; RGB uint8."""
     height, width = rgb.shape[:2]
@@ -220,7 +260,9 @@ def render_panel(rgb: np.ndarray, heatmap: np.ndarray | None, boxes: Sequence[di
     if heatmap is None:
         heat = np.zeros((th, tw), np.uint8)
     else:
-        heat = cv2.resize(heatmap, (tw, th), interpolation=cv2.INTER_AREA if heatmap.shape[1] > tw else cv2.INTER_LINEAR)
+        heat = cv2.resize(
+            heatmap, (tw, th), interpolation=cv2.INTER_AREA if heatmap.shape[1] > tw else cv2.INTER_LINEAR
+        )
     jet = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     blend = cv2.addWeighted(original, 0.5, jet, 0.5, 0.0)
     line = max(2, round(max(tw, th) / 170))
@@ -233,7 +275,9 @@ def render_panel(rgb: np.ndarray, heatmap: np.ndarray | None, boxes: Sequence[di
         _outline(blend, refined, MAGENTA, line)
     for rank, box in reversed(list(enumerate(boxes))):  # boxes[0] drawn last, on top
         first = rank == 0
-        _rectangle(blend, box_xyxy(box), sx, sy, GREEN if first else LIGHT_GREEN, line + 1 if first else max(1, line - 1))
+        _rectangle(
+            blend, box_xyxy(box), sx, sy, GREEN if first else LIGHT_GREEN, line + 1 if first else max(1, line - 1)
+        )
 
     panel_width = 3 * tw + 2 * GAP
     font_size = int(min(20, max(11, panel_width / 80)))
@@ -264,9 +308,11 @@ def caption_lines(item: VizItem) -> list[str]:
     second += f" | IoU {item.iou:.3f}" if item.iou is not None else " | IoU n/a (no mask)"
     if item.refined_iou is not None:
         second += f" | refined IoU {item.refined_iou:.3f}"
-    third = (f"{len(item.boxes)} box(es), green: boxes[0] thick"
-             + (", magenta: refined mask outline" if item.mask_rle else "")
-             + (", red: mask outline and box" if item.mask_path else ""))
+    third = (
+        f"{len(item.boxes)} box(es), green: boxes[0] thick"
+        + (", magenta: refined mask outline" if item.mask_rle else "")
+        + (", red: mask outline and box" if item.mask_path else "")
+    )
     return [item.image_id, second, third]
 
 
@@ -359,7 +405,9 @@ def gallery_html(items: Sequence[VizItem], *, title: str, summary: str, note: st
     failed_html = ""
     if failed:
         entries = "".join(f"<li><code>{html.escape(i)}</code>: {html.escape(why)}</li>" for i, why in failed)
-        failed_html = f"<details><summary>{len(failed)} image(s) could not be drawn</summary><ul>{entries}</ul></details>"
+        failed_html = (
+            f"<details><summary>{len(failed)} image(s) could not be drawn</summary><ul>{entries}</ul></details>"
+        )
     note_html = f'<p class="note">{html.escape(note)}</p>' if note else ""
     header = (
         '<tr><th data-type="num">#</th><th>panel: image | heatmap | blend + boxes</th>'
@@ -368,14 +416,18 @@ def gallery_html(items: Sequence[VizItem], *, title: str, summary: str, note: st
         + ('<th data-type="num">refined IoU</th>' if refined else "")
         + '<th data-type="num">boxes</th></tr>'
     )
-    legend = ("Click a column header to sort. IoU: <code>boxes[0]</code> against the box around the ground-truth mask. "
-              "Green: weak boxes (thick: <code>boxes[0]</code>); red: ground-truth mask outline and its box.")
+    legend = (
+        "Click a column header to sort. IoU: <code>boxes[0]</code> against the box around the ground-truth mask. "
+        "Green: weak boxes (thick: <code>boxes[0]</code>); red: ground-truth mask outline and its box."
+    )
     if refined:
-        legend += (" Magenta: outline of the refined lesion mask (<code>mask_rle</code>, <code>camjobs run --refine</code>);"
-                   " refined IoU: <code>refined_boxes[0]</code> against the same box (0 where the refinement found"
-                   " nothing, n/a without ground truth).")
+        legend += (
+            " Magenta: outline of the refined lesion mask (<code>mask_rle</code>, <code>camjobs run --refine</code>);"
+            " refined IoU: <code>refined_boxes[0]</code> against the same box (0 where the refinement found"
+            " nothing, n/a without ground truth)."
+        )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(summary)}</p>\n{note_html}\n{failed_html}\n"
@@ -391,10 +443,13 @@ def _heatmaps(output: str, items: Sequence[VizItem]) -> dict[tuple[str, str], by
     if not items:
         return {}
     ids = pa.array(sorted({item.image_id for item in items}), pa.string())
-    table = open_cams(output).to_table(columns=["image_id", "run_id", "heatmap_png"],
-                                       filter=pc.field("image_id").isin(ids))
-    return {(i, r): h for i, r, h in zip(table["image_id"].to_pylist(), table["run_id"].to_pylist(),
-                                         table["heatmap_png"].to_pylist())}
+    table = open_cams(output).to_table(
+        columns=["image_id", "run_id", "heatmap_png"], filter=pc.field("image_id").isin(ids)
+    )
+    return {
+        (i, r): h
+        for i, r, h in zip(table["image_id"].to_pylist(), table["run_id"].to_pylist(), table["heatmap_png"].to_pylist())
+    }
 
 
 def _decode_heatmap(png: bytes | None, item: VizItem) -> np.ndarray | None:
@@ -428,8 +483,14 @@ def draw_item(item: VizItem, heatmap_png: bytes | None, tile_size: int = TILE_SI
     """The item's panel, its image decoded from source_path (ImageInputError where it cannot be)."""
     rgb = decode_image(read_bytes(item.source_path), source=item.source_path)
     if rgb.shape[:2] != (item.height, item.width):
-        log.warning("%s decodes to %dx%d, the row says %dx%d (file changed since the run?): resized",
-                    item.image_id, rgb.shape[1], rgb.shape[0], item.width, item.height)
+        log.warning(
+            "%s decodes to %dx%d, the row says %dx%d (file changed since the run?): resized",
+            item.image_id,
+            rgb.shape[1],
+            rgb.shape[0],
+            item.width,
+            item.height,
+        )
         rgb = cv2.resize(rgb, (item.width, item.height), interpolation=cv2.INTER_AREA)
     mask = None
     if item.mask_path:
@@ -438,8 +499,9 @@ def draw_item(item: VizItem, heatmap_png: bytes | None, tile_size: int = TILE_SI
         except (OSError, ValueError):
             mask = None
     refined = rle_mask(item.mask_rle, item.width, item.height) if item.mask_rle else None
-    return render_panel(rgb, _decode_heatmap(heatmap_png, item), item.boxes, caption_lines(item), mask, tile_size,
-                        refined)
+    return render_panel(
+        rgb, _decode_heatmap(heatmap_png, item), item.boxes, caption_lines(item), mask, tile_size, refined
+    )
 
 
 def _summary(output: str, drawn: Sequence[VizItem], total: int, sort: str, key: str) -> str:
@@ -453,9 +515,18 @@ def _summary(output: str, drawn: Sequence[VizItem], total: int, sort: str, key: 
     return summary
 
 
-def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_LIMIT, sort: str = "worst",
-                   data: str | None = None, layout: str = "auto", tile_size: int = TILE_SIZE,
-                   seed: int = RANDOM_SEED, progress: Callable[[str], None] | None = None) -> VizResult:
+def render_gallery(
+    output: str,
+    to: str | os.PathLike,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    sort: str = "worst",
+    data: str | None = None,
+    layout: str = "auto",
+    tile_size: int = TILE_SIZE,
+    seed: int = RANDOM_SEED,
+    progress: Callable[[str], None] | None = None,
+) -> VizResult:
     """Write up to `limit` panels and index.html into the local folder `to`."""
     if limit < 1:
         raise VizError(f"--limit must be >= 1, got {limit}")
@@ -492,6 +563,8 @@ def render_gallery(output: str, to: str | os.PathLike, *, limit: int = DEFAULT_L
 
     index = folder / "index.html"
     summary = _summary(output, drawn, len(items), sort, key)
-    index.write_text(gallery_html(drawn, title="camjobs: class activation maps", summary=summary, note=note,
-                                  failed=failed), encoding="utf-8")
+    index.write_text(
+        gallery_html(drawn, title="camjobs: class activation maps", summary=summary, note=note, failed=failed),
+        encoding="utf-8",
+    )
     return VizResult(str(folder), str(index), drawn, sort, key, note, failed)

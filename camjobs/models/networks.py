@@ -70,8 +70,10 @@ def _check_arch(arch: str) -> None:
         if not timm.is_model(arch[len(TIMM_PREFIX) :]):
             raise _unknown_arch(arch, timm.list_models(), TIMM_PREFIX, "see timm.list_models()")
     elif arch not in (archs := classification_archs()):
-        where = (f"torchvision has {len(archs)} classification models, see torchvision.models.list_models("
-                 f"module=torchvision.models); also {EFFICIENTNET_LITE0}, and {TIMM_PREFIX}NAME for timm's models")
+        where = (
+            f"torchvision has {len(archs)} classification models, see torchvision.models.list_models("
+            f"module=torchvision.models); also {EFFICIENTNET_LITE0}, and {TIMM_PREFIX}NAME for timm's models"
+        )
         raise _unknown_arch(arch, archs, "", where)
 
 
@@ -92,7 +94,9 @@ def _efficientnet_lite():
     try:
         import efficientnet_lite_pytorch
     except ImportError:
-        raise RuntimeError(f"--model {EFFICIENTNET_LITE0} needs efficientnet-lite-pytorch: {_EFFICIENTNET_INSTALL}") from None
+        raise RuntimeError(
+            f"--model {EFFICIENTNET_LITE0} needs efficientnet-lite-pytorch: {_EFFICIENTNET_INSTALL}"
+        ) from None
     return efficientnet_lite_pytorch
 
 
@@ -183,7 +187,9 @@ def _architecture(arch: str, num_classes: int | None, pooling: str) -> nn.Module
     if arch.startswith(TIMM_PREFIX):
         name = arch[len(TIMM_PREFIX) :]
         try:  # timm builds the max pool itself
-            return _timm().create_model(name, pretrained=False, **classes, **({"global_pool": "max"} if pooling == "gmp" else {}))
+            return _timm().create_model(
+                name, pretrained=False, **classes, **({"global_pool": "max"} if pooling == "gmp" else {})
+            )
         except TypeError as error:
             raise ValueError(f"--pooling {pooling}: timm's {name} cannot be built with it ({error})") from None
     if arch == EFFICIENTNET_LITE0:
@@ -197,8 +203,11 @@ def _with_pooling(model: nn.Module, arch: str, pooling: str) -> nn.Module:
     """The model with its global average pool module swapped for a global max pool where pooling is "gmp"."""
     if pooling == "gap":
         return model
-    pools = [name for name, child in model.named_children()
-             if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1))]
+    pools = [
+        name
+        for name, child in model.named_children()
+        if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1))
+    ]
     if len(pools) != 1:
         raise ValueError(
             f"--pooling {pooling}: {arch} has no global average pooling module (AdaptiveAvgPool2d(1)) to replace; "
@@ -258,7 +267,12 @@ def fold_batchnorm(model: nn.Module) -> int:
         norm, source = model.get_submodule(node.target), node.args[0]
         if type(norm) is not nn.BatchNorm2d or norm.training or not norm.track_running_stats:
             continue
-        if not isinstance(source, Node) or source.op != "call_module" or calls[source.target] != 1 or len(source.users) != 1:
+        if (
+            not isinstance(source, Node)
+            or source.op != "call_module"
+            or calls[source.target] != 1
+            or len(source.users) != 1
+        ):
             continue
         conv = model.get_submodule(source.target)
         if not isinstance(conv, nn.Conv2d) or conv.training:
@@ -287,7 +301,9 @@ def _folds_exactly(conv: nn.Conv2d, norm: nn.BatchNorm2d, fused: nn.Conv2d) -> b
     probe = probe.to(conv.weight.device, conv.weight.dtype)
     with torch.no_grad():
         expected, actual = norm(conv(probe)), fused(probe)
-    return actual.shape == expected.shape and bool(torch.allclose(actual, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())))
+    return actual.shape == expected.shape and bool(
+        torch.allclose(actual, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

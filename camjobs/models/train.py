@@ -105,13 +105,23 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         # seeded above: a fresh head is reproducible
         model = build_model(cfg.arch, len(classes), weights=cfg.weights, pooling=cfg.pooling)
         start = {"state_dict": model.state_dict(), "optimizer": None, "epoch": 0, "history": []}
-    log.info("training %s on %d images of %d lesion groups (%d validation), classes %s, %s sampling%s",
-             cfg.arch, len(train_records), len({groups[r.image_id] for r in train_records}), len(val_records),
-             ", ".join(classes), "class-balanced" if cfg.balanced else "uniform",
-             f", {cfg.workers} Ray Train worker(s)" if cfg.workers else "")
+    log.info(
+        "training %s on %d images of %d lesion groups (%d validation), classes %s, %s sampling%s",
+        cfg.arch,
+        len(train_records),
+        len({groups[r.image_id] for r in train_records}),
+        len(val_records),
+        ", ".join(classes),
+        "class-balanced" if cfg.balanced else "uniform",
+        f", {cfg.workers} Ray Train worker(s)" if cfg.workers else "",
+    )
     job = {
-        "config": asdict(cfg), "classes": classes, "train": train_records, "val": val_records,
-        "split_sha256": split, "start": start,
+        "config": asdict(cfg),
+        "classes": classes,
+        "train": train_records,
+        "val": val_records,
+        "split_sha256": split,
+        "start": start,
         "deadline": started + cfg.max_seconds if cfg.max_seconds is not None else None,
     }
     final = _run_epochs(cfg, job, resume_file)
@@ -119,14 +129,23 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg.arch, len(classes), pooling=cfg.pooling)
     model.load_state_dict(final["state_dict"])
-    sha = save_checkpoint(cfg.out, model.eval(), arch=cfg.arch, classes=classes, input_size=cfg.input_size,
-                          pooling=cfg.pooling)
+    sha = save_checkpoint(
+        cfg.out, model.eval(), arch=cfg.arch, classes=classes, input_size=cfg.input_size, pooling=cfg.pooling
+    )
     if cfg.workers and int(final["epoch"]) > int(start["epoch"]):
         atomic_torch_save(final, resume_file)  # the callback wrote it already; this makes sure it is the last one
     history = list(final["history"])
     last = history[-1] if history else {}
     return TrainResult(
-        cfg.out, classes, int(final["epoch"]), last.get("val_accuracy", float("nan")), len(train_records),
-        len(val_records), sha, val_balanced_accuracy=last.get("val_balanced_accuracy", float("nan")),
-        resumed_from_epoch=int(start["epoch"]) if cfg.resume else 0, resume_file=resume_file, history=history,
+        cfg.out,
+        classes,
+        int(final["epoch"]),
+        last.get("val_accuracy", float("nan")),
+        len(train_records),
+        len(val_records),
+        sha,
+        val_balanced_accuracy=last.get("val_balanced_accuracy", float("nan")),
+        resumed_from_epoch=int(start["epoch"]) if cfg.resume else 0,
+        resume_file=resume_file,
+        history=history,
     )

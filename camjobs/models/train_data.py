@@ -67,8 +67,10 @@ def labelled_listing(data: str, layout: str = "auto") -> tuple[list[ImageRecord]
     vocabulary = listing.classes or sorted(present)
     classes = [c for c in vocabulary if c in present]
     if len(classes) < 2:
-        raise ValueError(f"training needs labelled images of at least 2 classes; {data} has {len(records)} "
-                         f"labelled images of {len(classes)} class(es)")
+        raise ValueError(
+            f"training needs labelled images of at least 2 classes; {data} has {len(records)} "
+            f"labelled images of {len(classes)} class(es)"
+        )
     return records, classes, listing.layout
 
 
@@ -99,8 +101,9 @@ def lesion_groups(records: list[ImageRecord], layout: str) -> dict[str, str]:
         table.columns = [str(c).strip() for c in table.columns]
         id_column, group_column = source.id_column, source.group_column
         if id_column not in table.columns or group_column not in table.columns:
-            log.warning("%s has no %r/%r columns: every image is its own group in the split",
-                        name, id_column, group_column)
+            log.warning(
+                "%s has no %r/%r columns: every image is its own group in the split", name, id_column, group_column
+            )
             return groups
         for image_id, group in zip(table[id_column].str.strip(), table[group_column].str.strip()):
             if group and image_id in groups:
@@ -110,8 +113,9 @@ def lesion_groups(records: list[ImageRecord], layout: str) -> dict[str, str]:
     return groups
 
 
-def split_records(records: list[ImageRecord], val_fraction: float, seed: int,
-                  groups: dict[str, str] | None = None) -> tuple[list, list]:
+def split_records(
+    records: list[ImageRecord], val_fraction: float, seed: int, groups: dict[str, str] | None = None
+) -> tuple[list, list]:
     """Split into (train, validation) by group: all images of a group land on the same side.
 
     groups maps image_id -> group (lesion_groups); without it every image is its own group.
@@ -176,8 +180,9 @@ class BalancedSampler(Sampler[int]):
     def __iter__(self):
         generator = torch.Generator()
         generator.manual_seed(epoch_seed(self.seed, self.epoch))
-        drawn = list(WeightedRandomSampler(self.weights, self.per_rank * self.world, replacement=True,
-                                           generator=generator))
+        drawn = list(
+            WeightedRandomSampler(self.weights, self.per_rank * self.world, replacement=True, generator=generator)
+        )
         return iter(drawn[self.rank :: self.world])
 
     def __len__(self) -> int:

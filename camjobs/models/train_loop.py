@@ -142,13 +142,16 @@ def _resume_payload(cfg: TrainConfig, classes, split_sha256, sizes, model, optim
 def read_resume(path: str | os.PathLike, cfg: TrainConfig, classes: list[str], split_sha256: str) -> dict:
     """The resume file's payload, or an error that says how it differs from this run."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume: there is no resume file {str(path)!r} (one is written after every "
-                                "epoch); run without --resume to start over")
+        raise FileNotFoundError(
+            f"--resume: there is no resume file {str(path)!r} (one is written after every "
+            "epoch); run without --resume to start over"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"--resume: {str(path)!r} is not a camjobs resume file "
-                         f"({type(error).__name__}: {error})") from None
+        raise ValueError(
+            f"--resume: {str(path)!r} is not a camjobs resume file ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT:
         raise ValueError(f"--resume: {str(path)!r} is not a camjobs resume file")
     problems = []
@@ -164,8 +167,10 @@ def read_resume(path: str | os.PathLike, cfg: TrainConfig, classes: list[str], s
     if payload["split_sha256"] != split_sha256:
         problems.append(f"other training/validation images ({payload['train_images']}/{payload['val_images']})")
     if problems:
-        raise ValueError(f"--resume: {str(path)!r} was written with {'; '.join(problems)}; "
-                         "resume with the same data and settings, or run without --resume to start over")
+        raise ValueError(
+            f"--resume: {str(path)!r} was written with {'; '.join(problems)}; "
+            "resume with the same data and settings, or run without --resume to start over"
+        )
     return payload
 
 
@@ -221,8 +226,13 @@ def _start_model(cfg: TrainConfig, classes: list[str], start: dict, world: World
     return model, optimizer
 
 
-def _loaders(cfg: TrainConfig, class_index: dict[str, int], train_records: list[ImageRecord],
-             val_records: list[ImageRecord], world: World):
+def _loaders(
+    cfg: TrainConfig,
+    class_index: dict[str, int],
+    train_records: list[ImageRecord],
+    val_records: list[ImageRecord],
+    world: World,
+):
     """(sampler, train loader, validation loader) of this rank: its share of the draws and of the validation images."""
     train_set = LabelledImages(train_records, class_index, cfg.input_size, True)
     if cfg.balanced:
@@ -270,8 +280,9 @@ def train_epochs(job: dict, world: World) -> dict:
         began = time.time()
         seed_everything(epoch_seed(cfg.seed, epoch, world.rank))
         sampler.set_epoch(epoch)
-        loss_sum = _train_one_epoch(model, optimizer, train_loader, world, f"epoch {epoch + 1}/{cfg.epochs}",
-                                    cfg.progress and world.rank == 0)
+        loss_sum = _train_one_epoch(
+            model, optimizer, train_loader, world, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and world.rank == 0
+        )
         # each rank scores its share of the validation images with the plain module (no DDP
         # collectives: the shares differ in size), then the confusion matrices are summed
         confusion = world.all_reduce(_confusion(_unwrap(model), val_loader, len(classes), world.device))
@@ -284,9 +295,11 @@ def train_epochs(job: dict, world: World) -> dict:
             "seconds": round(time.time() - began, 3),
         }
         history.append(metrics)
-        world.say(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f}, validation accuracy "
-                  f"{100 * metrics['val_accuracy']:.1f}%, "
-                  f"balanced accuracy {100 * metrics['val_balanced_accuracy']:.1f}%")
+        world.say(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f}, validation accuracy "
+            f"{100 * metrics['val_accuracy']:.1f}%, "
+            f"balanced accuracy {100 * metrics['val_balanced_accuracy']:.1f}%"
+        )
         payload = None
         if world.rank == 0:
             payload = _resume_payload(cfg, classes, job["split_sha256"], sizes, model, optimizer, epoch + 1, history)

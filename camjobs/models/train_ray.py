@@ -24,8 +24,8 @@ from ray.train import CheckpointConfig, ScalingConfig, UserCallback
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from camjobs.pipeline.job import init_ray
 from camjobs.models.train_loop import TrainConfig, train_epochs
+from camjobs.pipeline.job import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,9 @@ def _resources_per_worker(cfg: TrainConfig) -> tuple[bool, dict]:
     resources = ray.cluster_resources()
     if resources.get("GPU", 0) > 0:
         if resources["GPU"] < cfg.workers:
-            log.warning("%d workers but the cluster has %g GPUs now: Ray Train waits for more",
-                        cfg.workers, resources["GPU"])
+            log.warning(
+                "%d workers but the cluster has %g GPUs now: Ray Train waits for more", cfg.workers, resources["GPU"]
+            )
         return True, {"CPU": 1, "GPU": 1}
     return False, {"CPU": min(1.0, resources.get("CPU", 1.0) / cfg.workers)}  # one core each, less if fewer cores
 
@@ -124,14 +125,22 @@ def train_on_ray(cfg: TrainConfig, job: dict, resume_file: str) -> dict:
     out = Path(cfg.out).resolve()
     storage = cfg.storage_path or str(out.parent / f".{out.name}.ray-train")
     name = f"camjobs-train-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    log.info("Ray Train: %d worker(s) on %s, %s each; storage %s/%s",
-             cfg.workers, "GPUs" if use_gpu else "CPUs", per_worker, storage, name)
+    log.info(
+        "Ray Train: %d worker(s) on %s, %s each; storage %s/%s",
+        cfg.workers,
+        "GPUs" if use_gpu else "CPUs",
+        per_worker,
+        storage,
+        name,
+    )
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={**job, "start": ray.put(job["start"])},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=TrainRunConfig(
-            name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[ResumeFileWriter(resume_file)],
         ),
     )

@@ -85,7 +85,8 @@ def decode_batch(
                     refine_pixels[row] = to_work(rgb, refine_side, (width[row], height[row])).tobytes()
                 continue
             rgb, width[row], height[row] = decode_reduced(
-                data, max(input_size, refine_side or 0), max_pixels=max_pixels, source=source)
+                data, max(input_size, refine_side or 0), max_pixels=max_pixels, source=source
+            )
             if refine_side:
                 refine_pixels[row] = to_work(rgb, refine_side, (width[row], height[row])).tobytes()
         except ImageInputError as exc:

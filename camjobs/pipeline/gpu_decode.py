@@ -100,7 +100,9 @@ def decode_to_input(
     start = 0
     while start < len(jpeg):
         group, pixels = [], 0
-        while start < len(jpeg) and (not group or pixels + sizes[jpeg[start]][0] * sizes[jpeg[start]][1] <= MAX_PIXELS_PER_CALL):
+        while start < len(jpeg) and (
+            not group or pixels + sizes[jpeg[start]][0] * sizes[jpeg[start]][1] <= MAX_PIXELS_PER_CALL
+        ):
             group.append(jpeg[start])
             pixels += sizes[jpeg[start]][0] * sizes[jpeg[start]][1]
             start += 1
@@ -120,7 +122,9 @@ def decode_to_input(
         try:
             # The decode stage checked the header against --max-pixels; the file may decode to
             # no more pixels than its header says (not to the default limit, which may be lower).
-            rgb, width, height = decode_reduced(encoded[i], input_size, max_pixels=sizes[i][0] * sizes[i][1], source=source)
+            rgb, width, height = decode_reduced(
+                encoded[i], input_size, max_pixels=sizes[i][0] * sizes[i][1], source=source
+            )
         except ImageInputError as exc:
             errors[i] = exc
             continue

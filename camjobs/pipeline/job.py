@@ -19,26 +19,26 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Sequence
 
 import pyarrow as pa
 import ray
 
 from camjobs import __version__
 from camjobs.config import RunConfig
-from camjobs.pipeline.decode import decode_batch
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
 from camjobs.layouts import DatasetListing, list_images
-from camjobs.pipeline.localize import localize_batch
 from camjobs.models.networks import LoadedModel
 from camjobs.output import existing_keys, output_lock, publish_run
+from camjobs.pipeline.decode import decode_batch
+from camjobs.pipeline.localize import localize_batch
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec
-from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
-from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 from camjobs.pipeline.sink import CamParquetSink, SinkStats
 from camjobs.pipeline.stages import Stage, StageLike, build_pipeline
+from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
+from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,15 @@ def plan_actors(cfg: RunConfig, cluster: dict, input_size: int = 224, tuning: Tu
     cpus_per_actor = max(0.25, min(total_cpus / 2, total_cpus - 1) / actors)
     # Summed over the cluster; each actor caps it at its own machine's cores.
     threads = max(1, int(total_cpus // actors))
-    return ActorPlan(actors, cpus_per_actor, 0.0, threads, cfg.batch_size or tuning.cpu_batch, tuning.decode_rows,
-                     _stage_cpus(total_cpus - actors * cpus_per_actor, tuning))
+    return ActorPlan(
+        actors,
+        cpus_per_actor,
+        0.0,
+        threads,
+        cfg.batch_size or tuning.cpu_batch,
+        tuning.decode_rows,
+        _stage_cpus(total_cpus - actors * cpus_per_actor, tuning),
+    )
 
 
 def _stage_cpus(free_cpus: float, tuning: Tuning) -> float:
@@ -115,24 +122,49 @@ def _stage_cpus(free_cpus: float, tuning: Tuning) -> float:
     return tuning.stage_cpus if free_cpus >= tuning.stage_cpus else tuning.min_stage_cpus
 
 
-def plan_stages(cfg: RunConfig, plan: ActorPlan, spec: ModelSpec, run_id: str, settings: dict,
-                tuning: Tuning = Tuning(), *, skip_keys: frozenset[str] = frozenset()) -> tuple[Stage, ...]:
+def plan_stages(
+    cfg: RunConfig,
+    plan: ActorPlan,
+    spec: ModelSpec,
+    run_id: str,
+    settings: dict,
+    tuning: Tuning = Tuning(),
+    *,
+    skip_keys: frozenset[str] = frozenset(),
+) -> tuple[Stage, ...]:
     """The job's three stages (decode, predict, localize), sized by the plan.
 
     `settings` are the run's (model input size, refinement); `skip_keys` the items an
     incremental run has done before (output.existing_keys)."""
     decode = Stage(
-        "decode", decode_batch,
-        fn_kwargs={"input_size": settings["input_size"], "max_pixels": cfg.max_pixels, "skip_keys": skip_keys,
-                   "decode_on": cfg.decode_on, "refine_side": REFINE_SIDE if cfg.refine else None},
-        batch_size=plan.decode_rows, num_cpus=plan.stage_cpus,
+        "decode",
+        decode_batch,
+        fn_kwargs={
+            "input_size": settings["input_size"],
+            "max_pixels": cfg.max_pixels,
+            "skip_keys": skip_keys,
+            "decode_on": cfg.decode_on,
+            "refine_side": REFINE_SIDE if cfg.refine else None,
+        },
+        batch_size=plan.decode_rows,
+        num_cpus=plan.stage_cpus,
     )
     predict = Stage(
-        "predict", CamPredictor,
+        "predict",
+        CamPredictor,
         fn_constructor_args=(spec,),
-        fn_constructor_kwargs={"method": cfg.method, "threshold": cfg.threshold, "target": cfg.target,
-                               "run_id": run_id, "torch_threads": plan.torch_threads, "precision": cfg.precision},
-        batch_size=plan.batch_size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, actors=plan.actors,
+        fn_constructor_kwargs={
+            "method": cfg.method,
+            "threshold": cfg.threshold,
+            "target": cfg.target,
+            "run_id": run_id,
+            "torch_threads": plan.torch_threads,
+            "precision": cfg.precision,
+        },
+        batch_size=plan.batch_size,
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        actors=plan.actors,
     )
     # One localize + write task per model batch: a repartition between costs more than it gives
     # (one more operator takes a share of Ray Data's per-operator reservation).
@@ -140,9 +172,12 @@ def plan_stages(cfg: RunConfig, plan: ActorPlan, spec: ModelSpec, run_id: str, s
     # target size, not one of a gigabyte (256 full-size heatmaps of 6000 px photographs).
     # Same resources as the write, so that Ray Data fuses the two into one task per block.
     localize = Stage(
-        "localize", localize_batch,
+        "localize",
+        localize_batch,
         fn_kwargs={"heatmap_max_side": cfg.heatmap_max_side, "refine_method": settings["refine"]},
-        batch_size=tuning.localize_rows, batch_format="pyarrow", num_cpus=plan.stage_cpus,
+        batch_size=tuning.localize_rows,
+        batch_format="pyarrow",
+        num_cpus=plan.stage_cpus,
     )
     return decode, predict, localize
 
@@ -234,15 +269,24 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
     skip_keys = existing_keys(cfg.output, settings) if cfg.incremental else frozenset()
     listed = time.time()
     log.info(
-        "%d inputs (%s layout), model %s (%s)%s", len(listing.records), listing.layout, model.arch,
-        model.model_sha256[:12], f", {len(skip_keys)} done before" if cfg.incremental else "",
+        "%d inputs (%s layout), model %s (%s)%s",
+        len(listing.records),
+        listing.layout,
+        model.arch,
+        model.model_sha256[:12],
+        f", {len(skip_keys)} done before" if cfg.incremental else "",
     )
 
     init_ray(cfg.address)
     plan = plan_actors(cfg, ray.cluster_resources(), model.input_size, tuning)
     log.info(
         "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task, %g CPU per stage task",
-        plan.actors, plan.num_cpus, plan.num_gpus, plan.batch_size, plan.decode_rows, plan.stage_cpus,
+        plan.actors,
+        plan.num_cpus,
+        plan.num_gpus,
+        plan.batch_size,
+        plan.decode_rows,
+        plan.stage_cpus,
     )
     if cfg.decode_on == "gpu" and not plan.num_gpus:
         log.warning("--decode-on gpu without GPU actors: the model actors decode the images on their CPU")
@@ -254,8 +298,9 @@ def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: 
     plan = prepared.plan
     sink = CamParquetSink(cfg.output, prepared.run_id)
     if prepared.listing.records:
-        stages = plan_stages(cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning,
-                             skip_keys=prepared.skip_keys)
+        stages = plan_stages(
+            cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning, skip_keys=prepared.skip_keys
+        )
         dataset = ray.data.from_arrow(listing_blocks(prepared.listing.records, plan.decode_rows))
         dataset = build_pipeline(dataset, adapt(stages) if adapt else stages)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
@@ -281,8 +326,9 @@ def _summarize(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: f
     attempted = inputs - skipped
     if attempted and errors / attempted > cfg.max_error_fraction:
         exit_code = EXIT_ERROR_BUDGET
-        message += (f": error fraction {errors / attempted:.1%} is over "
-                    f"--max-error-fraction {cfg.max_error_fraction:.1%}")
+        message += (
+            f": error fraction {errors / attempted:.1%} is over --max-error-fraction {cfg.max_error_fraction:.1%}"
+        )
     return RunResult(run_id, summary, summary_path, exit_code, message)
 
 
@@ -306,8 +352,13 @@ def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: flo
         },
         "settings": prepared.settings,
         "versions": library_versions(),
-        "counts": {"inputs": inputs, "processed": stats.processed, "skipped": stats.skipped, "errors": stats.errors,
-                   **({"refine_failed": stats.refine_failed} if cfg.refine else {})},
+        "counts": {
+            "inputs": inputs,
+            "processed": stats.processed,
+            "skipped": stats.skipped,
+            "errors": stats.errors,
+            **({"refine_failed": stats.refine_failed} if cfg.refine else {}),
+        },
         "error_types": dict(stats.error_types),
         "rows_per_node": dict(stats.rows_per_node),
         "actors": dataclasses.asdict(prepared.plan),

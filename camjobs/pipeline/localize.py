@@ -78,8 +78,10 @@ def boxes_from_normalized(norm, threshold: float = DEFAULT_THRESHOLD) -> list[Bo
     # An all-zero norm means max U <= 0: no region, hence no box (even at threshold 0).
     if norm.size == 0 or not norm.max() > 0:
         return []
-    return [Box(float(x), float(y), float(x + w), float(y + h), float(score))
-            for x, y, w, h, _area, score in component_stats(norm >= threshold, norm)]
+    return [
+        Box(float(x), float(y), float(x + w), float(y + h), float(score))
+        for x, y, w, h, _area, score in component_stats(norm >= threshold, norm)
+    ]
 
 
 @dataclass
@@ -134,9 +136,13 @@ def localize_batch(table: pa.Table, heatmap_max_side: int | None = None, refine_
     offsets = cams.offsets.to_numpy()
     values = cams.values.to_numpy(zero_copy_only=False)
     valid = cams.is_valid().to_numpy(zero_copy_only=False)
-    columns = {name: table.column(name).to_pylist() for name in ("cam_height", "cam_width", "height", "width", "threshold")}
-    out: dict[str, list] = {name: [None] * table.num_rows for name in
-                            ("heatmap_png", "boxes", "mask_rle", "refined_boxes", "refine", "refine_error", "refine_pixels")}
+    columns = {
+        name: table.column(name).to_pylist() for name in ("cam_height", "cam_width", "height", "width", "threshold")
+    }
+    out: dict[str, list] = {
+        name: [None] * table.num_rows
+        for name in ("heatmap_png", "boxes", "mask_rle", "refined_boxes", "refine", "refine_error", "refine_pixels")
+    }
     work_pixels = table.column("refine_pixels").to_pylist() if refine_method else None
     for row in np.flatnonzero(valid):
         start, end = offsets[row], offsets[row + 1]

@@ -139,7 +139,9 @@ class CamPredictor:
             columns["refine_pixels"] = list(batch["refine_pixels"])
         return pa.table(columns, schema=RESULT_SCHEMA)
 
-    def _model_input(self, batch, good: list[int], error_type, error_message, width, height) -> np.ndarray | torch.Tensor:
+    def _model_input(
+        self, batch, good: list[int], error_type, error_message, width, height
+    ) -> np.ndarray | torch.Tensor:
         """The rows' pixels: uint8 (B, H, W, 3) on the host as decoded by the decode stage, or
         uint8 (B, 3, H, W) on the device, decoded here from their bytes. Rows that fail to
         decode here get an error and zero pixels; rows decoded here on the CPU get their size."""
@@ -203,8 +205,9 @@ class CamPredictor:
         return CAMResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logits", "target", "maps")))
 
     def _extract_once(self, pixels: np.ndarray | torch.Tensor, targets: torch.Tensor | None) -> CAMResult:
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None),
         ):
             return self.extractor(self._normalize(pixels), target=targets)
 

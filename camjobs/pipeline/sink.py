@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +35,7 @@ class SinkStats:
     rows_per_node: Counter = field(default_factory=Counter)
     error_types: Counter = field(default_factory=Counter)
 
-    def add(self, other: "SinkStats") -> None:
+    def add(self, other: SinkStats) -> None:
         self.processed += other.processed
         self.errors += other.errors
         self.skipped += other.skipped

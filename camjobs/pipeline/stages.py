@@ -63,7 +63,10 @@ class Stage:
                 **resources,
             )
         return dataset.map_batches(
-            self.fn, fn_kwargs=dict(self.fn_kwargs), batch_size=self.batch_size, batch_format=self.batch_format,
+            self.fn,
+            fn_kwargs=dict(self.fn_kwargs),
+            batch_size=self.batch_size,
+            batch_format=self.batch_format,
             **resources,
         )
 
