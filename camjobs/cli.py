@@ -8,7 +8,6 @@ with its own code (CamjobsGroup), so the same mistake gets the same code from ev
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from camjobs.config import (
     Target,
     redact_uri,
 )
-from camjobs.errors import EXIT_FAILED, EXIT_INTERRUPTED, CamjobsError, JobError, UsageError
+from camjobs.errors import EXIT_FAILED, CamjobsError, JobError, UsageError
 
 
 class CamjobsGroup(TyperGroup):
@@ -101,12 +100,28 @@ def load_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfi
     return RunConfig.from_mapping(values)
 
 
+# Options whose help runs over a line, declared once here (Typer's Annotated style).
+DecodeOnOption = Annotated[
+    DecodeOn | None,
+    typer.Option(
+        help="Where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU "
+        f"machines (default: {_default('decode_on')}).",
+    ),
+]
+RefineOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--refine",
+        help="Also write a lesion mask (mask_rle) and its boxes (refined_boxes): the CAM picks the region, "
+        "the image draws its outline.",
+    ),
+]
+
+
 @app.command()
 def run(
     data: str | None = typer.Option(None, "--data", help="Dataset directory or URI (s3://, gs://, local path)."),
-    output: str | None = typer.Option(
-        None, "--output", help="Output directory or URI: cams/, errors/, runs/ go here."
-    ),
+    output: str | None = typer.Option(None, "--output", help="Output directory or URI: cams/, errors/, runs/ go here."),
     config: Path | None = typer.Option(
         None, "--config", exists=True, dir_okay=False, help="YAML file with job options; flags override it."
     ),
@@ -139,11 +154,7 @@ def run(
     precision: Precision | None = typer.Option(
         None, help=f"The forward pass's precision (default: {_default('precision')} = bf16 on GPU, fp32 on CPU)."
     ),
-    decode_on: DecodeOn | None = typer.Option(
-        None,
-        help="Where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU "
-        f"machines (default: {_default('decode_on')}).",
-    ),
+    decode_on: DecodeOnOption = None,
     heatmap_max_side: int | None = typer.Option(
         None, help="Store heatmaps scaled down to this longer side, for very large images (default: the image's size)."
     ),
@@ -159,11 +170,7 @@ def run(
     incremental: bool | None = typer.Option(
         None, "--incremental", help="Skip images that already have a row for this model and these settings."
     ),
-    refine: bool | None = typer.Option(
-        None,
-        "--refine",
-        help="Also write a lesion mask (mask_rle) and its boxes (refined_boxes): the CAM picks the region, the image draws its outline.",
-    ),
+    refine: RefineOption = None,
     address: str | None = typer.Option(
         None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."
     ),
@@ -204,35 +211,67 @@ def synth(
     typer.echo(f"{summary.n} images in {summary.out_dir} ({counts})")
 
 
+ArchOption = Annotated[
+    str,
+    typer.Option(
+        help="Architecture with a GAP -> linear head: a torchvision name, efficientnet_lite0 (pip install "
+        "'camjobs[efficientnet]'), or timm/NAME (timm's NAME, where timm is installed).",
+    ),
+]
+PoolingOption = Annotated[
+    Pooling,
+    typer.Option(
+        help="Global pooling before the final linear layer: gap (average) or gmp (max, in place of the "
+        "model's average pool); recorded in the checkpoint.",
+    ),
+]
+StartWeightsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="'imagenet' (torchvision's weights, downloaded: needs internet; efficientnet_lite0's come with its "
+        "package, offline; timm's from its local caches) or a local weights file to start from.",
+    ),
+]
+WeightsFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights-file",
+        exists=True,
+        dir_okay=False,
+        help="Local weights file for --model to start from (e.g. torchvision's resnet18-f37072fd.pth); the "
+        "classifier is replaced for the dataset's classes.",
+    ),
+]
+WorkersOption = Annotated[
+    int,
+    typer.Option(
+        help="0: train in this process; N: data-parallel on N Ray Train workers (one GPU each where the "
+        "cluster has GPUs).",
+    ),
+]
+RayStorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-storage",
+        help="Ray Train storage for --workers: shared (NFS path, s3://...) on several nodes (default: a folder "
+        "next to --out, removed after success).",
+    ),
+]
+
+
 @app.command()
 def train(
     data: str = typer.Option(..., "--data", help="Dataset directory in any supported layout."),
     out: Path = typer.Option(..., "--out", help="Checkpoint file to write (and OUT.resume.pt after every epoch)."),
-    model: str = typer.Option(
-        "resnet18",
-        help="Architecture with a GAP -> linear head: a torchvision name, efficientnet_lite0 (pip install 'camjobs[efficientnet]'), or timm/NAME (timm's NAME, where timm is installed).",
-    ),
-    pooling: Pooling = typer.Option(
-        Pooling.GAP,
-        help="Global pooling before the final linear layer: gap (average) or gmp (max, in place of the "
-        "model's average pool); recorded in the checkpoint.",
-    ),
+    model: ArchOption = "resnet18",
+    pooling: PoolingOption = Pooling.GAP,
     epochs: int = typer.Option(5, help="Training epochs (in all, counting those before --resume)."),
     input_size: int = typer.Option(224, help="Square input size."),
     batch_size: int = typer.Option(32, help="Batch size (per worker with --workers)."),
     lr: float = typer.Option(1e-3, help="Learning rate (AdamW)."),
     layout: Layout = typer.Option(Layout.AUTO, help="Dataset layout."),
-    weights: str | None = typer.Option(
-        None,
-        help="'imagenet' (torchvision's weights, downloaded: needs internet; efficientnet_lite0's come with its package, offline; timm's from its local caches) or a local weights file to start from.",
-    ),
-    weights_file: Path | None = typer.Option(
-        None,
-        "--weights-file",
-        exists=True,
-        dir_okay=False,
-        help="Local weights file for --model to start from (e.g. torchvision's resnet18-f37072fd.pth); the classifier is replaced for the dataset's classes.",
-    ),
+    weights: StartWeightsOption = None,
+    weights_file: WeightsFileOption = None,
     balanced: bool = typer.Option(
         True, "--balanced/--no-balanced", help="Class-balanced sampling: draw with replacement, weights 1/class count."
     ),
@@ -244,18 +283,11 @@ def train(
         "--resume",
         help="Continue from OUT.resume.pt, written after every epoch, up to --epochs (same data and settings).",
     ),
-    workers: int = typer.Option(
-        0,
-        help="0: train in this process; N: data-parallel on N Ray Train workers (one GPU each where the cluster has GPUs).",
-    ),
+    workers: WorkersOption = 0,
     address: str | None = typer.Option(
         None, help="Ray cluster for --workers (default: RAY_ADDRESS, else a new local cluster)."
     ),
-    ray_storage: str | None = typer.Option(
-        None,
-        "--ray-storage",
-        help="Ray Train storage for --workers: shared (NFS path, s3://...) on several nodes (default: a folder next to --out, removed after success).",
-    ),
+    ray_storage: RayStorageOption = None,
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Fine-tune a GAP (or --pooling gmp) classifier and write a camjobs checkpoint."""
@@ -288,7 +320,8 @@ def train(
         )
     typer.echo(
         f"checkpoint: {result.checkpoint} after {result.epochs_run} epoch(s) (validation accuracy "
-        f"{result.val_accuracy:.1%}, balanced accuracy {result.val_balanced_accuracy:.1%}); resume file: {result.resume_file}"
+        f"{result.val_accuracy:.1%}, balanced accuracy {result.val_balanced_accuracy:.1%}); resume file: "
+        f"{result.resume_file}"
     )
 
 
@@ -322,7 +355,8 @@ def verify(
     for problem in report.problems:
         typer.echo(f"problem: {problem}", err=True)
     typer.echo(
-        f"{report.runs} runs, {report.rows['cams']} cams rows, {report.rows['errors']} error rows, {len(report.problems)} problems"
+        f"{report.runs} runs, {report.rows['cams']} cams rows, {report.rows['errors']} error rows, "
+        f"{len(report.problems)} problems"
     )
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
@@ -387,7 +421,10 @@ def export_(
     min_score: float = typer.Option(
         0.0,
         "--min-score",
-        help="Drop boxes scoring below this (CAM box scores lie in [threshold, 1]; a refined box's is the normalized map's mean over its mask).",
+        help=(
+            "Drop boxes scoring below this (CAM box scores lie in [threshold, 1]; a refined box's is the normalized "
+            "map's mean over its mask)."
+        ),
     ),
     image_root: str | None = typer.Option(
         None,
@@ -439,7 +476,8 @@ def viz(
     ),
     layout: Layout = typer.Option(Layout.AUTO, help="Layout of --data."),
 ) -> None:
-    """Draw image | heatmap | blend with boxes (and refined mask outlines) per image, and a sortable index.html gallery."""
+    """Draw image | heatmap | blend with boxes (and refined mask outlines) per image, and a sortable
+    index.html gallery."""
     _setup_logging(False)
     from camjobs.labels.viz import render_gallery
 
@@ -449,194 +487,5 @@ def viz(
     typer.echo(result.message())
 
 
-# --- Ray Jobs API: run the job on a remote cluster -------------------------------------------------
-
-AddressOption = Annotated[
-    str | None,
-    typer.Option(
-        "--address",
-        help="Ray Jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS).",
-    ),
-]
-TokenOption = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        help="Cluster auth token (default: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token). Never printed.",
-        show_default=False,
-    ),
-]
-# `run` options that `submit` declares itself: its --address is the Jobs API's URL (the job joins
-# the cluster it runs on), and its --config is a path on the cluster, not checked for here.
-NOT_PASSED_THROUGH = ("address", "config")
-
-
-def with_run_options(func):
-    """Give a command every option of `run` (but --address and --config) ahead of its own.
-
-    The command takes them as **job_options, so an option added to `run` is submitted too.
-    """
-    shared = [
-        param.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for param in inspect.signature(run, eval_str=True).parameters.values()
-        if param.name not in NOT_PASSED_THROUGH
-    ]
-    own = [
-        param.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for param in inspect.signature(func, eval_str=True).parameters.values()
-        if param.kind is not param.VAR_KEYWORD
-    ]
-    func.__signature__ = inspect.Signature(shared + own)
-    return func
-
-
-def _cluster(address: str | None, token: str | None):
-    """Connect to the Jobs API; a SubmitError (exit 2) says why not."""
-    from camjobs.cluster import submit as jobs
-
-    url, _ = jobs.resolve_address(address)
-    secret, source = jobs.resolve_token(token)
-    return jobs.connect(url, secret, source, warn=lambda message: typer.echo(f"camjobs: warning: {message}", err=True))
-
-
-def _check_job_options(config: str | None, flags: dict[str, Any]) -> None:
-    """Validate the job options here, so a mistake fails now rather than on the cluster (skipped
-    when --config names a file that exists only there)."""
-    if config is not None and not Path(config).is_file():
-        return
-    load_run_config(Path(config) if config else None, flags)
-
-
-@app.command()
-@with_run_options
-def submit(
-    config: str | None = typer.Option(
-        None, "--config", help="YAML file of job options, read on the cluster; flags override it."
-    ),
-    address: AddressOption = None,
-    token: TokenOption = None,
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs and exit with its exit code."),
-    submission_id: str | None = typer.Option(
-        None, help="Submission id to use (unique per cluster; default: Ray picks one)."
-    ),
-    python: str = typer.Option("python", help="The cluster's Python interpreter for the job's command."),
-    pip: list[str] | None = typer.Option(
-        None,
-        "--pip",
-        help="Have Ray pip-install this requirement for the job (repeatable; needs the cluster to reach a package index).",
-    ),
-    **job_options: Any,
-) -> None:
-    """Run `camjobs run` on a Ray cluster through its Jobs API; prints the submission id last.
-
-    Takes every option of `run` but --address, as `python -m camjobs run ...` on the cluster, with
-    this camjobs package shipped along. Paths (--data, --output, --checkpoint, --config) are read
-    by the job on the cluster: they must exist there, and relative ones are relative to the job's
-    working directory there.
-    """
-    from camjobs.cluster import submit as jobs
-
-    _setup_logging(bool(job_options.get("verbose")))
-    _check_job_options(config, {k: v for k, v in job_options.items() if k != "verbose"})
-    cluster = _cluster(address, token)
-    command = jobs.entrypoint({"config": config, **job_options}, python=python)
-    job_id = jobs.submit(cluster, command, jobs.runtime_env(pip), submission_id)
-    typer.echo(f"camjobs: submitted {job_id} to {cluster.address}", err=True)
-    if not wait:
-        typer.echo(job_id)
-        return
-    try:
-        info = jobs.follow(cluster, job_id, write=lambda text: typer.echo(text, nl=False))
-    except jobs.SubmitError as exc:
-        typer.echo(job_id)
-        raise jobs.SubmitError(
-            f"{exc} (job {job_id} may still be running: camjobs status {job_id})", exc.exit_code
-        ) from exc
-    except KeyboardInterrupt:
-        typer.echo(f"camjobs: stopped following; job {job_id} goes on (camjobs stop {job_id} stops it)", err=True)
-        typer.echo(job_id)
-        raise typer.Exit(EXIT_INTERRUPTED)
-    code = jobs.exit_code(info)
-    exit_note = f", exit code {info.driver_exit_code}" if getattr(info, "driver_exit_code", None) is not None else ""
-    typer.echo(f"camjobs: job {job_id} {info.status}{exit_note}", err=True)
-    typer.echo(job_id)
-    if code:
-        raise typer.Exit(code)
-
-
-@app.command()
-def status(
-    job_id: str = typer.Argument(..., help="Submission id."),
-    address: AddressOption = None,
-    token: TokenOption = None,
-    as_json: bool = typer.Option(False, "--json", help="Print Ray's whole job record as JSON."),
-) -> None:
-    """Show a submitted job's status and, once it ended, its exit code."""
-    import json
-
-    from camjobs.cluster import submit as jobs
-
-    cluster = _cluster(address, token)
-    info = jobs.job_info(cluster, job_id)
-    if as_json:
-        typer.echo(json.dumps(jobs.info_dict(info), indent=2))
-        return
-    for name, value in jobs.summary_lines(info):
-        typer.echo(f"{name}: {value}")
-
-
-@app.command()
-def logs(
-    job_id: str = typer.Argument(..., help="Submission id."),
-    address: AddressOption = None,
-    token: TokenOption = None,
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
-) -> None:
-    """Print a submitted job's logs (its driver's stdout and stderr)."""
-    from camjobs.cluster import submit as jobs
-
-    cluster = _cluster(address, token)
-    if follow:
-        jobs.follow(cluster, job_id, write=lambda text: typer.echo(text, nl=False))
-    else:
-        typer.echo(jobs.job_logs(cluster, job_id), nl=False)
-
-
-@app.command()
-def stop(
-    job_id: str = typer.Argument(..., help="Submission id."),
-    address: AddressOption = None,
-    token: TokenOption = None,
-) -> None:
-    """Stop a submitted job (SIGTERM, then SIGKILL after Ray's grace period)."""
-    from camjobs.cluster import submit as jobs
-
-    cluster = _cluster(address, token)
-    stopped = jobs.stop(cluster, job_id)
-    state = "" if stopped else jobs.job_info(cluster, job_id).status
-    typer.echo(f"stopping {job_id}" if stopped else f"{job_id} is not running ({state})")
-
-
-@app.command("list")
-def list_(
-    address: AddressOption = None,
-    token: TokenOption = None,
-    as_json: bool = typer.Option(False, "--json", help="Print Ray's job records as JSON."),
-) -> None:
-    """List the cluster's submitted jobs, oldest first."""
-    import json
-
-    from camjobs.cluster import submit as jobs
-
-    cluster = _cluster(address, token)
-    found = jobs.list_jobs(cluster)
-    if as_json:
-        typer.echo(json.dumps([jobs.info_dict(info) for info in found], indent=2))
-        return
-    typer.echo(f"{'SUBMISSION ID':<30} {'STATUS':<10} {'EXIT':>4}  {'STARTED':<20}  ENTRYPOINT")
-    for info in found:
-        fields = dict(jobs.summary_lines(info))
-        entry = fields["entrypoint"] if len(fields["entrypoint"]) <= 70 else fields["entrypoint"][:67] + "..."
-        typer.echo(
-            f"{fields['submission_id']:<30} {fields['status']:<10} {fields['exit_code']:>4}  {fields['start_time']:<20}  {entry}"
-        )
+# The cluster commands (submit, status, logs, stop, list) register themselves on `app`.
+from camjobs.cluster import commands as _cluster_commands  # noqa: E402, F401

@@ -1,4 +1,5 @@
-"""`camjobs demo`: synth -> train -> Ray job (with --refine) -> evaluate -> gallery, on a laptop with no GPU and no internet."""
+"""`camjobs demo`: synth -> train -> Ray job (with --refine) -> evaluate -> gallery, on a laptop
+with no GPU and no internet."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def run_demo(
     echo(report.table())
     echo("")
     echo(
-        f"run {result.run_id}: {counts['processed']} rows, {counts['errors']} errors, {time.time() - started:.0f} s in all"
+        f"run {result.run_id}: {counts['processed']} rows, {counts['errors']} errors, {time.time() - started:.0f} s "
+        "in all"
     )
     echo(f"Parquet: {results / 'cams'}  (pandas.read_parquet works on it)")
     echo(f"mean IoU of the first CAM box with the mask box: {metrics['mean_iou'] / 100:.3f}")

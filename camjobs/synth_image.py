@@ -20,167 +20,9 @@ import cv2
 import numpy as np
 
 from camjobs.geometry import mask_box
+from camjobs.synth_styles import COLOURS, STYLES, Style
 
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-
-
-# --------------------------------------------------------------------------- class styles
-# Colours are RGB.
-_C = {
-    "tan": (200, 158, 112),
-    "light_brown": (172, 118, 78),
-    "brown": (135, 85, 52),
-    "dark_brown": (88, 52, 32),
-    "black": (40, 28, 24),
-    "blue_grey": (98, 104, 126),
-    "red": (178, 66, 64),
-    "pink": (214, 132, 126),
-    "white": (226, 212, 204),
-    "purple": (112, 46, 78),
-    "dark_red": (120, 30, 38),
-    "yellow_tan": (208, 176, 120),
-}
-
-
-@dataclass(frozen=True)
-class _Style:
-    radius: tuple[float, float]  # fraction of min(width, height)
-    aspect: tuple[float, float]  # minor/major axis ratio
-    asym: tuple[float, float]  # amplitude of low-frequency (k=2..3) contour deformation
-    irregular: tuple[float, float]  # amplitude of high-frequency border noise
-    palette: tuple[str, ...]  # candidate colours; the first n_base are always used
-    n_base: int
-    n_colours: tuple[int, int]  # total colours in the lesion
-    sharp: float  # softmax sharpness of the colour regions (higher = crisper patches)
-    cells: tuple[int, int]  # colour-field grid resolution (more = smaller patches)
-    network: tuple[float, float]  # pigment network darkening
-    texture: float  # fine texture amplitude
-    fade: tuple[float, float]  # edge fade width in px (at 450 px image height)
-    edge_floor: tuple[float, float]  # opacity at the border relative to the inside
-    opacity: tuple[float, float]
-
-
-_STYLES: dict[str, _Style] = {
-    # common mole: small-medium, round, symmetric, uniform brown, soft edge, regular network
-    "nv": _Style(
-        radius=(0.13, 0.26),
-        aspect=(0.78, 1.0),
-        asym=(0.0, 0.04),
-        irregular=(0.0, 0.012),
-        palette=("brown", "light_brown", "dark_brown"),
-        n_base=1,
-        n_colours=(1, 2),
-        sharp=1.2,
-        cells=(2, 3),
-        network=(0.10, 0.28),
-        texture=0.04,
-        fade=(6.0, 14.0),
-        edge_floor=(0.2, 0.45),
-        opacity=(0.85, 0.97),
-    ),
-    # melanoma: larger, asymmetric, irregular border, variegated dark brown/black/blue-grey/red
-    "mel": _Style(
-        radius=(0.19, 0.36),
-        aspect=(0.55, 0.92),
-        asym=(0.07, 0.15),
-        irregular=(0.03, 0.07),
-        palette=("dark_brown", "black", "blue_grey", "brown", "red", "white", "blue_grey"),
-        n_base=2,
-        n_colours=(3, 5),
-        sharp=2.2,
-        cells=(3, 6),
-        network=(0.2, 0.45),
-        texture=0.07,
-        fade=(1.0, 4.0),
-        edge_floor=(0.55, 0.85),
-        opacity=(0.92, 1.0),
-    ),
-    # benign keratosis: medium, waxy light brown/tan, cerebriform texture, milia, sharp edge
-    "bkl": _Style(
-        radius=(0.15, 0.31),
-        aspect=(0.6, 0.95),
-        asym=(0.04, 0.1),
-        irregular=(0.02, 0.05),
-        palette=("light_brown", "tan", "yellow_tan", "brown"),
-        n_base=1,
-        n_colours=(2, 3),
-        sharp=1.5,
-        cells=(2, 4),
-        network=(0.0, 0.0),
-        texture=0.10,
-        fade=(1.0, 3.0),
-        edge_floor=(0.85, 0.95),
-        opacity=(0.85, 0.95),
-    ),
-    # actinic keratosis / Bowen: pink-red, scaly white, ill-defined
-    "akiec": _Style(
-        radius=(0.1, 0.22),
-        aspect=(0.6, 0.95),
-        asym=(0.05, 0.12),
-        irregular=(0.03, 0.07),
-        palette=("pink", "red", "light_brown", "white"),
-        n_base=1,
-        n_colours=(2, 4),
-        sharp=1.5,
-        cells=(3, 5),
-        network=(0.0, 0.0),
-        texture=0.1,
-        fade=(10.0, 20.0),
-        edge_floor=(0.1, 0.3),
-        opacity=(0.6, 0.8),
-    ),
-    # basal cell carcinoma: pink translucent, blue-grey ovoid nests, arborizing vessels
-    "bcc": _Style(
-        radius=(0.1, 0.2),
-        aspect=(0.65, 0.95),
-        asym=(0.04, 0.1),
-        irregular=(0.02, 0.06),
-        palette=("pink", "white", "blue_grey"),
-        n_base=1,
-        n_colours=(2, 3),
-        sharp=1.5,
-        cells=(2, 4),
-        network=(0.0, 0.0),
-        texture=0.05,
-        fade=(5.0, 10.0),
-        edge_floor=(0.3, 0.5),
-        opacity=(0.6, 0.8),
-    ),
-    # dermatofibroma: small, round, brown ring with white centre
-    "df": _Style(
-        radius=(0.06, 0.12),
-        aspect=(0.75, 1.0),
-        asym=(0.0, 0.05),
-        irregular=(0.0, 0.02),
-        palette=("light_brown", "brown"),
-        n_base=1,
-        n_colours=(1, 2),
-        sharp=1.0,
-        cells=(2, 3),
-        network=(0.1, 0.25),
-        texture=0.04,
-        fade=(6.0, 12.0),
-        edge_floor=(0.2, 0.4),
-        opacity=(0.75, 0.9),
-    ),
-    # vascular lesion: small-medium, round, well demarcated, red/purple lacunae
-    "vasc": _Style(
-        radius=(0.06, 0.14),
-        aspect=(0.7, 1.0),
-        asym=(0.02, 0.06),
-        irregular=(0.0, 0.03),
-        palette=("red", "purple", "dark_red"),
-        n_base=1,
-        n_colours=(2, 3),
-        sharp=2.0,
-        cells=(2, 4),
-        network=(0.0, 0.0),
-        texture=0.04,
-        fade=(1.0, 3.0),
-        edge_floor=(0.8, 0.95),
-        opacity=(0.85, 1.0),
-    ),
-}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -259,7 +101,7 @@ class _Lesion:
     opacity: float
 
 
-def _border(rng: np.random.Generator, st: _Style) -> tuple[np.ndarray, np.ndarray]:
+def _border(rng: np.random.Generator, st: Style) -> tuple[np.ndarray, np.ndarray]:
     """(theta, r): the polar contour r(theta) at 360 angles with a class-dependent spectrum."""
     K = 360
     theta = np.linspace(0.0, 2 * np.pi, K, endpoint=False, dtype=np.float32)
@@ -277,14 +119,14 @@ def _border(rng: np.random.Generator, st: _Style) -> tuple[np.ndarray, np.ndarra
     return theta, np.maximum(r, 0.35)
 
 
-def _colour_regions(st: _Style, rng: np.random.Generator, rho: np.ndarray) -> np.ndarray:
+def _colour_regions(st: Style, rng: np.random.Generator, rho: np.ndarray) -> np.ndarray:
     """(S, S, 3) colours: a softmax over smooth random fields, one per palette colour."""
     S = rho.shape[0]
     n_col = int(rng.integers(st.n_colours[0], st.n_colours[1] + 1))
     extra = list(st.palette[st.n_base :])
     rng.shuffle(extra)
     names = list(st.palette[: st.n_base]) + extra[: max(0, n_col - st.n_base)]
-    cols = np.stack([_jitter(_C[nm], rng, 0.08) for nm in names])
+    cols = np.stack([_jitter(COLOURS[nm], rng, 0.08) for nm in names])
     cells = int(rng.integers(st.cells[0], st.cells[1] + 1))
     logits = np.stack(
         [
@@ -308,7 +150,7 @@ def _colour_regions(st: _Style, rng: np.random.Generator, rho: np.ndarray) -> np
 
 
 def _pigment_network(
-    dx: str, st: _Style, rng: np.random.Generator, colour: np.ndarray, rho: np.ndarray, scale: float
+    dx: str, st: Style, rng: np.random.Generator, colour: np.ndarray, rho: np.ndarray, scale: float
 ) -> None:
     """Darken colour in place by a pigment network (ridged mid-frequency noise), fading towards the border."""
     net_s = _u(rng, st.network)
@@ -332,7 +174,7 @@ def _pigment_network(
     colour *= (1.0 - net_s * net)[..., None]
 
 
-def _fine_texture(dx: str, st: _Style, rng: np.random.Generator, colour: np.ndarray, scale: float) -> None:
+def _fine_texture(dx: str, st: Style, rng: np.random.Generator, colour: np.ndarray, scale: float) -> None:
     """Modulate colour in place by a fine texture (waxy / cerebriform for bkl)."""
     if st.texture > 0:
         S = colour.shape[0]
@@ -344,7 +186,7 @@ def _fine_texture(dx: str, st: _Style, rng: np.random.Generator, colour: np.ndar
 
 def _make_lesion(dx: str, rng: np.random.Generator, scale: float) -> _Lesion:
     """Draw one lesion (shape + colour texture) in its own square canvas."""
-    st = _STYLES[dx]
+    st = STYLES[dx]
     R = _u(rng, st.radius) * scale
     aspect = _u(rng, st.aspect)
     theta, r = _border(rng, st)
@@ -390,19 +232,19 @@ def _class_features(dx, rng, colour, rho, R, aspect, scale, c) -> None:
         # a few regular brown globules, sometimes a slightly darker centre
         for x, y in _points_inside(rng, int(rng.integers(0, 8)), R, aspect, c, 0.7):
             rad = max(1, int(round(rng.uniform(1.5, 3.0) * s)))
-            cv2.circle(colour, (int(x), int(y)), rad, tuple(float(v) for v in _C["dark_brown"]), -1, cv2.LINE_AA)
+            cv2.circle(colour, (int(x), int(y)), rad, tuple(float(v) for v in COLOURS["dark_brown"]), -1, cv2.LINE_AA)
         if rng.random() < 0.5:
             colour *= (1.0 - 0.15 * np.clip(1.0 - rho, 0, 1))[..., None]
     elif dx == "mel":
         # irregular black dots/globules, more towards the periphery
         for x, y in _points_inside(rng, int(rng.integers(6, 30)), R, aspect, c, 0.95, 0.3):
             rad = max(1, int(round(rng.uniform(1.0, 4.5) * s)))
-            cv2.circle(colour, (int(x), int(y)), rad, tuple(float(v) for v in _C["black"]), -1, cv2.LINE_AA)
+            cv2.circle(colour, (int(x), int(y)), rad, tuple(float(v) for v in COLOURS["black"]), -1, cv2.LINE_AA)
         # blue-white veil / regression area
         if rng.random() < 0.5:
             veil = np.clip(_smooth(rng, *rho.shape, 3) - 0.5, 0, None)
             veil = np.clip(veil * 1.2, 0, 0.6) * (rho < 1.0)
-            vc = _jitter(_C["blue_grey"] if rng.random() < 0.7 else _C["white"], rng, 0.06)
+            vc = _jitter(COLOURS["blue_grey"] if rng.random() < 0.7 else COLOURS["white"], rng, 0.06)
             colour += veil[..., None] * (vc - colour)
     elif dx == "bkl":
         # milia-like cysts (white dots) and comedo-like openings (dark dots)
@@ -411,12 +253,12 @@ def _class_features(dx, rng, colour, rho, R, aspect, scale, c) -> None:
             cv2.circle(colour, (int(x), int(y)), rad, (238.0, 230.0, 205.0), -1, cv2.LINE_AA)
         for x, y in _points_inside(rng, int(rng.integers(2, 12)), R, aspect, c, 0.85):
             rad = max(1, int(round(rng.uniform(1.5, 3.5) * s)))
-            cv2.circle(colour, (int(x), int(y)), rad, tuple(float(v) for v in _C["dark_brown"]), -1, cv2.LINE_AA)
+            cv2.circle(colour, (int(x), int(y)), rad, tuple(float(v) for v in COLOURS["dark_brown"]), -1, cv2.LINE_AA)
     elif dx == "akiec":
         # white scale patches on a pink-red background
         sc = np.clip(_smooth(rng, *rho.shape, 10) - 0.8, 0, None) * 1.5
         sc = np.clip(sc, 0, 0.8)
-        colour += sc[..., None] * (np.array(_C["white"], np.float32) - colour)
+        colour += sc[..., None] * (np.array(COLOURS["white"], np.float32) - colour)
     elif dx == "bcc":
         # blue-grey ovoid nests
         for x, y in _points_inside(rng, int(rng.integers(1, 6)), R, aspect, c, 0.7):
@@ -428,7 +270,7 @@ def _class_features(dx, rng, colour, rho, R, aspect, scale, c) -> None:
                 float(rng.uniform(0, 180)),
                 0,
                 360,
-                tuple(float(v) for v in _jitter(_C["blue_grey"], rng, 0.05)),
+                tuple(float(v) for v in _jitter(COLOURS["blue_grey"], rng, 0.05)),
                 -1,
                 cv2.LINE_AA,
             )
@@ -443,7 +285,7 @@ def _class_features(dx, rng, colour, rho, R, aspect, scale, c) -> None:
                     colour,
                     (int(p[0]), int(p[1])),
                     (int(q[0]), int(q[1])),
-                    tuple(float(v) for v in _C["red"]),
+                    tuple(float(v) for v in COLOURS["red"]),
                     max(1, int(round(1.5 * s))),
                     cv2.LINE_AA,
                 )
@@ -451,12 +293,12 @@ def _class_features(dx, rng, colour, rho, R, aspect, scale, c) -> None:
     elif dx == "df":
         # central white scar-like patch
         w = np.clip(1.0 - rho / rng.uniform(0.35, 0.55), 0, 1) ** 0.7
-        colour += (0.85 * w)[..., None] * (_jitter(_C["white"], rng, 0.04) - colour)
+        colour += (0.85 * w)[..., None] * (_jitter(COLOURS["white"], rng, 0.04) - colour)
     elif dx == "vasc":
         # red/purple lacunae separated by lighter septa
         for x, y in _points_inside(rng, int(rng.integers(6, 18)), R, aspect, c, 0.8):
             rad = max(2, int(round(rng.uniform(3, 9) * s)))
-            col = _jitter(_C["dark_red"] if rng.random() < 0.5 else _C["purple"], rng, 0.08)
+            col = _jitter(COLOURS["dark_red"] if rng.random() < 0.5 else COLOURS["purple"], rng, 0.08)
             cv2.circle(colour, (int(x), int(y)), rad, tuple(float(v) for v in col), -1, cv2.LINE_AA)
 
 
@@ -550,10 +392,7 @@ def _draw_ruler(rng: np.random.Generator, img: np.ndarray, edge: int, scale: flo
 def _vignette(rng: np.random.Generator, img: np.ndarray) -> None:
     """Dark circular rim of the dermoscope lens (strength varies, sometimes absent)."""
     h, w = img.shape[:2]
-    if rng.random() < 0.3:
-        strength = float(rng.uniform(0.0, 0.2))
-    else:
-        strength = float(rng.uniform(0.5, 1.0))
+    strength = float(rng.uniform(0.0, 0.2)) if rng.random() < 0.3 else float(rng.uniform(0.5, 1.0))
     half_diag = 0.5 * math.hypot(w, h)
     r0 = float(rng.uniform(0.78, 1.05)) * half_diag
     width = float(rng.uniform(0.04, 0.2)) * half_diag
@@ -656,7 +495,7 @@ def render_image(
     Returns ``(rgb, mask)``: ``rgb`` uint8 (height, width, 3) in RGB order and ``mask``
     uint8 (height, width) with values 0/255 (the filled lesion contour).
     """
-    if dx not in _STYLES:
+    if dx not in STYLES:
         raise ValueError(f"unknown dx {dx!r}; expected one of {HAM10000_CLASSES}")
     rng = np.random.default_rng([*seed_words(seed), 1])
     lrng = np.random.default_rng([*seed_words(seed if lesion_seed is None else lesion_seed), 2])

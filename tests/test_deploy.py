@@ -196,10 +196,9 @@ def _yaml_strings(node: Any, where: str) -> Iterator[tuple[str, str, list[list[s
     elif isinstance(node, list):
         for index, value in enumerate(node):
             yield from _yaml_strings(value, f"{where}[{index}]")
-    elif isinstance(node, str) and "camjobs" in node:
-        # a single word (metadata.name: camjobs, serviceAccountName, a claim name) is no command
-        if len(node.split()) >= 2:
-            yield where, node, commands_in_shell(node)
+    # a single word (metadata.name: camjobs, serviceAccountName, a claim name) is no command
+    elif isinstance(node, str) and "camjobs" in node and len(node.split()) >= 2:
+        yield where, node, commands_in_shell(node)
 
 
 def _comment_commands(path: Path) -> Iterator[tuple[str, str, list[list[str]]]]:
@@ -766,7 +765,9 @@ def test_dockerfile_has_no_entrypoint_and_installs_camjobs_with_its_configs():
 
 def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
     rules = [
-        l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
     ]
     assert rules[0] == "*", "the .dockerignore is an allow-list"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}

@@ -81,9 +81,8 @@ def test_existing_keys_filters_by_settings(ray_cluster, tmp_path):
 def test_second_concurrent_run_is_refused(ray_cluster, tmp_path):
     data, output = tmp_path / "data", tmp_path / "out"
     _write_images(data, ["a"])
-    with output_lock(str(output), "run-holding-the-lock"):
-        with pytest.raises(OutputLocked, match="run-holding-the-lock"):
-            run_job(_config(data, output))
+    with output_lock(str(output), "run-holding-the-lock"), pytest.raises(OutputLocked, match="run-holding-the-lock"):
+        run_job(_config(data, output))
     assert not (output / "cams").exists()  # the refused run wrote nothing
     assert not (output / LOCK_NAME).exists()  # released on exit
     assert run_job(_config(data, output)).summary["counts"]["processed"] == 1

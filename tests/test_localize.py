@@ -211,7 +211,7 @@ def test_component_boxes_and_scores_match_flood_fill_for_few_and_for_many_compon
         assert len(boxes) == len(oracle) >= 2 and (len(oracle) > _FEW_COMPONENTS) == many
         by_box = {(b.x_min, b.y_min, b.x_max, b.y_max): b.score for b in boxes}
         assert len(by_box) == len(oracle)
-        for area, x0, y0, x1, y1, pixels in oracle:
+        for _area, x0, y0, x1, y1, pixels in oracle:
             assert abs(by_box[(x0, y0, x1, y1)] - float(norm[pixels].astype(np.float64).mean())) < 1e-6
         area_of = {(x0, y0, x1, y1): area for area, x0, y0, x1, y1, _ in oracle}
         areas = [area_of[(b.x_min, b.y_min, b.x_max, b.y_max)] for b in boxes]
@@ -275,7 +275,7 @@ def test_localize_batch_refines_rows_keeps_cam_rows_when_a_refinement_fails(isic
     plain = localize_batch(table).to_pylist()
     refined = localize_batch(table, refine_method=REFINE_METHOD).to_pylist()
     assert all(row["refine_pixels"] is None for row in refined)  # used up, not carried to the sink
-    for index, (before, after) in enumerate(zip(plain, refined)):
+    for _index, (before, after) in enumerate(zip(plain, refined)):
         for name in ("heatmap_png", "boxes", "cam", "error_type"):
             assert after[name] == before[name], name
         assert before["mask_rle"] is None and before["refine"] is None

@@ -205,9 +205,10 @@ def test_encoded_rows_are_decoded_in_the_actor_like_the_decode_stage(tmp_path):
         "error_type": np.array([None] * 6, dtype=object),
         "error_message": np.array([None] * 6, dtype=object),
     }
-    to_numpy = lambda table: {
-        name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names
-    }
+
+    def to_numpy(table):
+        return {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+
     on_cpu = to_numpy(decode_batch(listed, input_size=SIZE))
     on_cpu["pixels"] = decode_batch(listed, input_size=SIZE)["pixels"].combine_chunks().to_numpy_ndarray()
     on_device = to_numpy(decode_batch(listed, input_size=SIZE, decode_on="gpu"))

@@ -9,6 +9,7 @@ variables, a HOME without ~/.ray/auth_token), and no output of any command may c
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -274,10 +275,8 @@ def _stop_cluster(root: str) -> None:
     # Not `ray stop`: that stops every Ray process on the machine, other clusters' too.
     for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
         for pid in _cluster_pids(root):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.time() + grace
         while time.time() < deadline and _cluster_pids(root):
             time.sleep(0.2)

@@ -111,7 +111,8 @@ def locate_head(model: nn.Module, target_layer: str | None = None, probe_size: i
     if problem is not None:
         tail = " -> ".join(leaf_calls[seen["after_target"] :][:8]) or "nothing"
         gap_error = (
-            f"CAM needs a global-average-pooling (or global-max-pooling) -> linear head, but {model_name}'s head is not: {problem} "
+            f"CAM needs a global-average-pooling (or global-max-pooling) -> linear head, but {model_name}'s head is "
+            f"not: {problem} "
             f"(after {seen['target']!r} it runs: {tail}). Use method 'gradcam' or 'gradcam++' instead; "
             f"they work on any model with a 4-D feature layer"
         )

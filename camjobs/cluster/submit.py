@@ -220,8 +220,9 @@ def translate_errors(address: str, token_source: str, job_id: str | None = None)
                 f"~/.ray/auth_token; see {TOKEN_AUTH_URL}"
             ) from None
         raise SubmitError(
-            f"authentication failed: the cluster at {address} rejected the auth token from {token_source or 'the environment'}; "
-            f"check that it is this cluster's token (ray get-auth-token on the head node); see {TOKEN_AUTH_URL}"
+            f"authentication failed: the cluster at {address} rejected the auth token from "
+            f"{token_source or 'the environment'}; check that it is this cluster's token "
+            f"(ray get-auth-token on the head node); see {TOKEN_AUTH_URL}"
         ) from None
     except (ConnectionError, requests.exceptions.RequestException) as exc:
         raise SubmitError(

@@ -292,7 +292,7 @@ def render_panel(
         draw.text((6, th + 5 + number * line_height), _fit(draw, text, font, panel_width - 12), fill=BLACK, font=font)
     # box scores, after the caption so they sit on the blend tile
     small_font = _font(max(10, font_size - 4))
-    for rank, box in enumerate(boxes[:5]):
+    for box in boxes[:5]:
         x, y = 2 * (tw + GAP) + box["x_min"] * sx + 3, box["y_min"] * sy + 2
         draw.text((x, y), f"{box['score']:.2f}", fill=WHITE, font=small_font, stroke_width=2, stroke_fill=BLACK)
     return np.asarray(canvas)

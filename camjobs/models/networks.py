@@ -372,7 +372,8 @@ def _timm_cached_weights(arch: str) -> str:
     raise RuntimeError(
         f"{arch}: --weights imagenet takes timm's pretrained weights from the local caches only, and there are "
         f"none ({'; '.join(looked) or 'timm has no pretrained weights for it'}); camjobs downloads nothing. "
-        "Give a local timm state_dict file instead (--weights-file PATH, .safetensors or .pth), or start from random weights"
+        "Give a local timm state_dict file instead (--weights-file PATH, .safetensors or .pth), or start from random "
+        "weights"
     )
 
 

@@ -8,6 +8,7 @@ resume file next to ``--out``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -154,8 +155,6 @@ def train_on_ray(cfg: TrainConfig, job: dict, resume_file: str) -> dict:
         payload = torch.load(Path(folder) / RESUME_NAME, map_location="cpu", weights_only=True)
     if cfg.storage_path is None:  # ours: the resume file and the checkpoint hold all of it now
         shutil.rmtree(Path(storage) / name, ignore_errors=True)
-        try:
+        with contextlib.suppress(OSError):
             Path(storage).rmdir()
-        except OSError:
-            pass
     return payload
