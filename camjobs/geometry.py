@@ -98,13 +98,25 @@ def centre_box(width: float, height: float, frac: float = 0.5) -> tuple[float, f
     return x0, y0, x0 + box_width, y0 + box_height
 
 
-def box_iou(a: XYXY, b: XYXY) -> float:
-    """IoU of two xyxy boxes by plain areas (max exclusive, so no +1); 0 for empty boxes."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+def box_iou_matrix(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """The (n, m) IoUs of n xyxy boxes with m others, as torchvision's ``ops.box_iou`` (in numpy):
+    plain areas (max exclusive, so no +1); 0 where the union is empty."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[:, None, :]
+    others = np.asarray(others, dtype=np.float64).reshape(-1, 4)[None, :, :]
+    width = np.maximum(0.0, np.minimum(boxes[..., 2], others[..., 2]) - np.maximum(boxes[..., 0], others[..., 0]))
+    height = np.maximum(0.0, np.minimum(boxes[..., 3], others[..., 3]) - np.maximum(boxes[..., 1], others[..., 1]))
     intersection = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
-    return intersection / union if union > 0 else 0.0
+    union = (
+        (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+        + (others[..., 2] - others[..., 0]) * (others[..., 3] - others[..., 1])
+        - intersection
+    )
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def box_iou(a: XYXY, b: XYXY) -> float:
+    """IoU of two xyxy boxes (``box_iou_matrix`` of one box each); 0 for empty boxes."""
+    return float(box_iou_matrix(a, b)[0, 0])
 
 
 def mask_jaccard(a: np.ndarray, b: np.ndarray) -> float:

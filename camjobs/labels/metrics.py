@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from camjobs.geometry import XYXY
+from camjobs.geometry import XYXY, box_iou_matrix
 
 CAM_CURVE_INTERVAL = 0.01
 CAM_THRESHOLDS = np.arange(0, 1, CAM_CURVE_INTERVAL)  # the sweep, as wsolevaluation builds it
@@ -30,18 +30,8 @@ def percent(hits: float, total: int) -> float | None:
 
 
 def best_ious(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """For each of n xyxy boxes, its best IoU (``box_iou``) with any of m ground-truth boxes."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[:, None, :]
-    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)[None, :, :]
-    width = np.maximum(0.0, np.minimum(boxes[..., 2], truth[..., 2]) - np.maximum(boxes[..., 0], truth[..., 0]))
-    height = np.maximum(0.0, np.minimum(boxes[..., 3], truth[..., 3]) - np.maximum(boxes[..., 1], truth[..., 1]))
-    intersection = width * height
-    union = (
-        (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-        + (truth[..., 2] - truth[..., 0]) * (truth[..., 3] - truth[..., 1])
-        - intersection
-    )
-    iou = np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+    """For each of n xyxy boxes, its best IoU (``box_iou_matrix``) with any of m ground-truth boxes."""
+    iou = box_iou_matrix(boxes, truth)
     return iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
 
 
