@@ -5,14 +5,25 @@ The main point: every `camjobs ...` command line written in them (RayJob entrypo
 container command/args, systemd Exec lines, crontab lines, launcher commands, commented
 examples, the README's deployment sections) is parsed by the CLI's own parser, and any
 `--config` it names is loaded with the CLI's own loader, so a manifest cannot use an option,
-a command or a config key that camjobs does not have. Nothing is run.
+a command or a config key that camjobs does not have. The KubeRay manifests are held to
+KubeRay's CRDs and its controller's documented behaviour: the fields it knows, the deletion rules
+it accepts and what they match, the labels it puts on the RayJobs of a RayCronJob. The one thing
+run is the CronJob pod's shell script, as PID 1 with a stand-in `camjobs`, to see that SIGTERM
+stops the Ray job it submitted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -63,7 +74,8 @@ CRON_FIELD = re.compile(r"^[\d*/,-]+$")
 # --------------------------------------------------------------------------------------------
 
 SHELLS = {"sh", "bash", "dash", "zsh"}
-OPERATORS = {"&&", "||", ";", ";;", "|", "|&", "&", "(", ")"}
+# a word made only of these is a control operator: `&&`, `;`, `|`, `&`, a newline, `&` + newline ...
+OPERATOR_CHARS = set("();|&\n")
 # wrapper -> options of that wrapper that take a value; the wrapper's own positional
 # arguments before the wrapped command (timeout's duration, flock's lock file) are skipped too
 WRAPPERS: dict[str, tuple[set[str], int]] = {
@@ -81,13 +93,30 @@ WRAPPERS: dict[str, tuple[set[str], int]] = {
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
+class _KeepNewlines(io.StringIO):
+    """shlex skips a comment with readline(), newline included; leave the newline, which ends a command."""
+
+    def readline(self, size: int = -1) -> str:
+        line = super().readline(size)
+        if line.endswith("\n"):
+            self.seek(self.tell() - 1)
+            line = line[:-1]
+        return line
+
+
 def shell_words(text: str) -> list[str]:
-    """Split a POSIX shell line into words and operators (`&&`, `|`, `;`, `>` ...)."""
+    """Split POSIX shell text into words and operators (`&&`, `|`, `;`, newline, `>` ...)."""
     # `2>&1`, `1>log`: digits glued to a redirection are a file descriptor, not an argument
     text = re.sub(r"(^|\s)\d+(?=[<>])", r"\1", text)
-    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    # a newline separates commands, as `;` does (a multi-line `sh -c` script)
+    lexer = shlex.shlex(_KeepNewlines(text), posix=True, punctuation_chars="();<>|&\n")
+    lexer.whitespace = " \t\r"
     lexer.whitespace_split = True
     return list(lexer)
+
+
+def _is_operator(word: str) -> bool:
+    return bool(word) and set(word) <= OPERATOR_CHARS
 
 
 def _is_redirection(word: str) -> bool:
@@ -100,7 +129,7 @@ def simple_commands(words: list[str]) -> Iterator[list[str]]:
     index = 0
     while index < len(words):
         word = words[index]
-        if word in OPERATORS:
+        if _is_operator(word):
             if current:
                 yield current
             current = []
@@ -147,6 +176,8 @@ def commands_in_argv(argv: list[str]) -> list[list[str]]:
         return []
     if program == "camjobs":
         return [["camjobs", *argv[1:]]]
+    if program == "trap" and len(argv) >= 3:  # `trap 'COMMANDS' SIGNAL...` runs COMMANDS on the signal
+        return commands_in_shell(argv[1])
     if re.fullmatch(r"python[\d.]*", program) and argv[1:3] == ["-m", "camjobs"]:
         return [["camjobs", *argv[3:]]]
     if program == "ray" and argv[1:3] == ["job", "submit"] and "--" in argv:
@@ -408,7 +439,8 @@ def test_no_camjobs_mention_escapes_the_checker():
 
 @pytest.mark.parametrize("path", NIGHTLY, ids=[p.name for p in NIGHTLY])
 def test_nightly_schedulers_run_the_nightly_config_incrementally(path):
-    commands = [f for f in FOUND if f.file == path and "comment" not in f.where]
+    # the commands that start the job (not e.g. the `camjobs stop` of a signal trap)
+    commands = [f for f in FOUND if f.file == path and "comment" not in f.where and f.argv[1] in ("run", "submit")]
     assert commands
     for found in commands:
         checked = check_command(found.argv, found.id)
@@ -493,6 +525,12 @@ def test_checker_finds_a_bogus_option_in_a_manifest(tmp_path):
         ("PYTHONUNBUFFERED=1 timeout 6h python3 -m camjobs run -v", [["camjobs", "run", "-v"]]),
         ("pip install /home/ray/camjobs && camjobs demo", [["camjobs", "demo"]]),
         ("pip install /home/ray/camjobs", []),
+        # a multi-line script: newlines end commands, a trap's commands are commands too
+        (
+            "trap 'kill $!; camjobs stop \"$ID\"; exit 143' TERM\ncamjobs submit --wait &\nwait $!\n",
+            [["camjobs", "stop", "$ID"], ["camjobs", "submit", "--wait"]],
+        ),
+        ("echo start  # a comment\ncamjobs demo", [["camjobs", "demo"]]),
     ],
 )
 def test_command_extraction(line, expected):
@@ -570,13 +608,94 @@ def check_ray_cluster_spec(spec: dict, where: str, *, gpu: bool = True) -> list[
     return all_containers
 
 
+# KubeRay's RayJob clean-up in rules mode, spec.deletionStrategy.deletionRules, as KubeRay 1.6's RayJob CRD
+# and its controller's validation define it (ray-operator/apis/ray/v1/rayjob_types.go,
+# controllers/ray/utils/validation.go). Policies in the order in which the controller requires
+# non-decreasing TTLs for one jobStatus.
+DELETION_POLICIES = ("DeleteWorkers", "DeleteCluster", "DeleteSelf", "DeleteNone")
+# condition.jobStatus's enum: a rule never matches a STOPPED job, nor one that KubeRay failed for its
+# activeDeadlineSeconds (jobStatus stays RUNNING) or before it ran
+RULE_JOB_STATUSES = ("SUCCEEDED", "FAILED")
+TIMEOUT_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def check_deletion_rules(spec: dict, where: str) -> dict[tuple[str, str], int]:
+    """{(jobStatus, policy): ttlSeconds} of a RayJob spec's deletion rules, which must be valid in KubeRay 1.6."""
+    strategy = spec["deletionStrategy"]
+    # legacy onSuccess/onFailure are deprecated and may not be mixed with deletionRules
+    assert set(strategy) == {"deletionRules"}, f"{where}.deletionStrategy: {sorted(strategy)}"
+    rules = strategy["deletionRules"]
+    assert isinstance(rules, list) and rules, f"{where}: deletionRules must be a non-empty list"
+    found: dict[tuple[str, str], int] = {}
+    for index, rule in enumerate(rules):
+        at = f"{where}.deletionStrategy.deletionRules[{index}]"
+        assert set(rule) == {"policy", "condition"}, f"{at}: {sorted(rule)}"
+        assert rule["policy"] in DELETION_POLICIES, f"{at}: policy {rule['policy']!r}"
+        condition = rule["condition"]
+        assert "jobStatus" in condition and set(condition) <= {"jobStatus", "ttlSeconds"}, (
+            f"{at}: condition {condition} (KubeRay 1.6 knows jobStatus, ttlSeconds)"
+        )
+        assert condition["jobStatus"] in RULE_JOB_STATUSES, f"{at}: jobStatus {condition['jobStatus']!r}"
+        ttl = condition.get("ttlSeconds", 0)
+        assert isinstance(ttl, int) and ttl >= 0, f"{at}: ttlSeconds {ttl!r}"
+        key = (condition["jobStatus"], rule["policy"])
+        assert key not in found, f"{at}: a second {key[1]} rule for {key[0]}"
+        found[key] = ttl
+    for status in RULE_JOB_STATUSES:
+        ttls = [found[status, policy] for policy in DELETION_POLICIES[:3] if (status, policy) in found]
+        assert ttls == sorted(ttls), (
+            f"{where}: for {status} KubeRay needs DeleteWorkers <= DeleteCluster <= DeleteSelf TTLs"
+        )
+    # the controller refuses rules next to shutdownAfterJobFinishes, and a TTL without it
+    assert not spec.get("shutdownAfterJobFinishes"), f"{where}: shutdownAfterJobFinishes with deletionRules"
+    assert not spec.get("ttlSecondsAfterFinished"), f"{where}: ttlSecondsAfterFinished without shutdownAfterJobFinishes"
+    if spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling"):
+        assert all(policy != "DeleteWorkers" for _, policy in found), f"{where}: DeleteWorkers with autoscaling"
+    return found
+
+
+def timeout_limit(command: str) -> float | None:
+    """Seconds after which coreutils `timeout` has killed the command line's first command, else None."""
+    argv = next(simple_commands(shell_words(command)), [])
+    if not argv or argv[0] != "timeout":
+        return None
+    kill_after, words = 0.0, argv[1:]
+    while words and words[0].startswith("-"):
+        option, _, value = words[0].partition("=")
+        takes_value = option in ("-k", "--kill-after", "-s", "--signal") and not value
+        value = words[1] if takes_value else value
+        if option in ("-k", "--kill-after"):
+            kill_after = _duration(value)
+        words = words[2:] if takes_value else words[1:]
+    return _duration(words[0]) + kill_after
+
+
+def _duration(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
+    assert match, f"not a timeout duration: {text!r}"
+    return float(match[1]) * TIMEOUT_UNITS[match[2]]
+
+
 def check_rayjob_spec(spec: dict, where: str) -> None:
     assert isinstance(spec.get("entrypoint"), str) and "camjobs" in spec["entrypoint"], (
         f"{where}: no camjobs entrypoint"
     )
-    assert spec.get("shutdownAfterJobFinishes") is True, f"{where}: the cluster would outlive the job"
-    assert isinstance(spec.get("ttlSecondsAfterFinished"), int) and spec["ttlSecondsAfterFinished"] >= 0
-    assert isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0
+    deadline = spec.get("activeDeadlineSeconds")
+    assert isinstance(deadline, int) and deadline > 0, f"{where}: activeDeadlineSeconds {deadline!r}"
+    if "deletionStrategy" in spec:
+        rules = check_deletion_rules(spec, where)
+        for status in RULE_JOB_STATUSES:
+            assert {(status, "DeleteCluster"), (status, "DeleteSelf")} & set(rules), (
+                f"{where}: a {status} run's cluster is never deleted"
+            )
+        # no rule sees a run KubeRay failed for the deadline: the run must end by itself before it
+        limit = timeout_limit(spec["entrypoint"])
+        assert limit is not None and limit < deadline, (
+            f"{where}: the entrypoint does not end under `timeout` before activeDeadlineSeconds ({deadline} s)"
+        )
+    else:
+        assert spec.get("shutdownAfterJobFinishes") is True, f"{where}: the cluster would outlive the job"
+        assert isinstance(spec.get("ttlSecondsAfterFinished"), int) and spec["ttlSecondsAfterFinished"] >= 0
     check_ray_cluster_spec(spec["rayClusterSpec"], f"{where}.rayClusterSpec")
 
 
@@ -595,8 +714,150 @@ def test_raycronjob():
     assert set(spec) <= {"schedule", "jobTemplate", "suspend"}, (
         f"fields KubeRay 1.6 does not know: {set(spec) - {'schedule', 'jobTemplate', 'suspend'}}"
     )
-    check_rayjob_spec(spec["jobTemplate"], "RayCronJob.spec.jobTemplate")
-    assert "alpha" in RAYCRONJOB.read_text().lower() and "feature-gates=RayCronJob=true" in RAYCRONJOB.read_text()
+    template = spec["jobTemplate"]
+    check_rayjob_spec(template, "RayCronJob.spec.jobTemplate")
+    # one RayJob a night, with its submitter Job and pod: each is deleted in the end, whatever the outcome
+    rules = check_deletion_rules(template, "RayCronJob.spec.jobTemplate")
+    for status in RULE_JOB_STATUSES:
+        assert (status, "DeleteSelf") in rules, f"a {status} night's RayJob is never deleted"
+        assert rules.get((status, "DeleteCluster"), rules[status, "DeleteSelf"]) <= 6 * 3600, (
+            f"a {status} night's GPU cluster is kept for the day"
+        )
+    # a RayCronJob has no concurrencyPolicy: the run's own time limit keeps a night from running into the next
+    assert timeout_limit(template["entrypoint"]) < template["activeDeadlineSeconds"] < 24 * 3600
+
+
+def _rules(template: dict) -> list[dict]:
+    return template["deletionStrategy"]["deletionRules"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.update(shutdownAfterJobFinishes=True), "shutdownAfterJobFinishes with deletionRules"),
+        (lambda s: s.update(ttlSecondsAfterFinished=600), "ttlSecondsAfterFinished without"),
+        (lambda s: _rules(s)[0]["condition"].update(jobStatus="STOPPED"), "jobStatus 'STOPPED'"),
+        (lambda s: _rules(s)[0]["condition"].update(jobDeploymentStatus="Failed"), "KubeRay 1.6 knows"),
+        (lambda s: _rules(s)[0].update(policy="DeleteEverything"), "policy 'DeleteEverything'"),
+        (lambda s: _rules(s).append(dict(_rules(s)[0])), "a second"),
+        (lambda s: _rules(s)[0]["condition"].update(ttlSeconds=10**7), "DeleteCluster <= DeleteSelf"),
+        (lambda s: s["deletionStrategy"].update(onSuccess={"policy": "DeleteSelf"}), "deletionStrategy"),
+        (lambda s: s.update(deletionStrategy={"deletionRules": []}), "non-empty"),
+        (lambda s: s.update(entrypoint=s["entrypoint"].split(" ", 3)[3]), "under `timeout`"),
+        (lambda s: s.update(entrypoint=s["entrypoint"].replace(" 18h ", " 20h ")), "under `timeout`"),
+        (lambda s: s.update(deletionStrategy={"deletionRules": _rules(s)[:1]}), "a FAILED run's cluster is never"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_checker_rejects_deletion_rules_kuberay_refuses_or_that_leak(change, message):
+    template = copy.deepcopy(one(RAYCRONJOB, "RayCronJob")["spec"]["jobTemplate"])
+    change(template)
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check_rayjob_spec(template, "jobTemplate")
+
+
+@pytest.mark.parametrize(
+    "command, seconds",
+    [
+        ("timeout --kill-after=5m 18h camjobs run --config c.yaml", 18 * 3600 + 300),
+        ("timeout -k 30 -s INT 2h camjobs run", 7230),
+        ("timeout 90 camjobs run", 90),
+        ("camjobs run --config c.yaml", None),
+    ],
+)
+def test_timeout_limit(command, seconds):
+    assert timeout_limit(command) == seconds
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
+
+
+@pytest.mark.parametrize("where", ["manifest", "README"])
+def test_the_feature_gates_and_how_to_check_them_are_documented(where):
+    """Without the RayCronJob gate, `kubectl apply` succeeds and nothing ever runs: the docs must say so."""
+    text = RAYCRONJOB.read_text() if where == "manifest" else readme_section("Running nightly")
+    assert "alpha" in text.lower() and "`kubectl apply` succeeds" in text
+    assert re.search(r"--feature-gates=RayCronJob=true\b", text)
+    assert re.search(r"get deploy kuberay-operator -o yaml \| grep feature-gates", text)
+    if "deletionStrategy" in one(RAYCRONJOB, "RayCronJob")["spec"]["jobTemplate"]:
+        assert "RayJobDeletionPolicy=true" in text, "deletion rules need the RayJobDeletionPolicy gate"
+
+
+# --- label selectors: a `kubectl get KIND -l SELECTOR` example must select what it shows ----------------
+
+
+def _kubectl_get_lines() -> Iterator[tuple[str, str]]:
+    """(where, line) of the `kubectl ... get` examples in deploy/ comments and the README's deployment sections."""
+    section = None
+    for number, line in enumerate(README.read_text().splitlines(), start=1):
+        section = line[3:].strip() if line.startswith("## ") else section
+        if section in README_SECTIONS and re.search(r"\bkubectl\b.*\sget\s", line):
+            yield f"README:{number}", line.strip().strip("`")
+    for path in sorted(K8S.glob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.lstrip().startswith("#") and re.search(r"\bkubectl\b.*\sget\s", line):
+                yield f"{path.name}:{number}", line.lstrip()[1:]
+
+
+def label_selectors() -> list[tuple[str, str, str]]:
+    """(where, resource, selector) of every `kubectl ... get RESOURCE ... -l SELECTOR` example."""
+    found = []
+    for where, line in _kubectl_get_lines():
+        for argv in simple_commands(shell_words(line)):
+            if argv[0] != "kubectl" or "get" not in argv:
+                continue
+            rest = argv[argv.index("get") + 1 :]
+            resource = next(word for word in rest if not word.startswith("-"))
+            for index, word in enumerate(rest):
+                if word in ("-l", "--selector"):
+                    found.append((where, resource, rest[index + 1]))
+                elif word.startswith(("-l=", "--selector=")):
+                    found.append((where, resource, word.split("=", 1)[1]))
+    return found
+
+
+def labels_of(resource: str) -> list[dict[str, str]]:
+    """The labels of the objects of a kind that the manifests make, by Kubernetes' and KubeRay's documented rules."""
+    kind = resource.split("/")[0].split(".")[0].lower().removesuffix("s")
+    documents = [d for path in sorted(K8S.glob("*.yaml")) for d in load_documents(path)]
+    own: dict[str, list[dict[str, str]]] = {}
+    for document in documents:
+        own.setdefault(document["kind"].lower(), []).append(document["metadata"].get("labels", {}))
+    cronjobs = [d["spec"]["jobTemplate"] for d in documents if d["kind"] == "CronJob"]
+    if kind == "rayjob":
+        # a RayCronJob's RayJobs carry ray.io/cronjob-name=<its name> and none of its own labels
+        made = [{"ray.io/cronjob-name": d["metadata"]["name"]} for d in documents if d["kind"] == "RayCronJob"]
+        return own.get("rayjob", []) + made
+    if kind == "job":  # a CronJob's Jobs carry its jobTemplate's labels
+        return [template.get("metadata", {}).get("labels", {}) for template in cronjobs]
+    if kind == "pod":  # and their pods the pod template's
+        return [template["spec"]["template"].get("metadata", {}).get("labels", {}) for template in cronjobs]
+    assert kind in own, f"no rule in this test for the labels of {resource}"
+    return own[kind]
+
+
+def selects(resource: str, selector: str) -> bool:
+    pairs = selector.split(",")
+    assert all(re.fullmatch(r"[\w./-]+=[\w.-]+", pair) for pair in pairs), f"not an equality selector: {selector}"
+    wanted = dict(pair.split("=", 1) for pair in pairs)
+    return any(wanted.items() <= labels.items() for labels in labels_of(resource))
+
+
+def test_kubectl_label_selectors_select_what_the_manifests_make():
+    found = label_selectors()
+    for where, resource, selector in found:
+        assert selects(resource, selector), f"{where}: `get {resource} -l {selector}` selects nothing"
+    nightly = one(RAYCRONJOB, "RayCronJob")["metadata"]["name"]
+    expected = ("rayjobs", f"ray.io/cronjob-name={nightly}")
+    for source in (RAYCRONJOB.name, "README"):
+        examples = {(resource, selector) for where, resource, selector in found if where.startswith(source)}
+        assert expected in examples, f"{source}: no `kubectl get rayjobs -l ray.io/cronjob-name={nightly}`"
+    # the RayCronJob's own labels are not on its RayJobs
+    assert not selects("rayjobs", "app.kubernetes.io/component=nightly")
 
 
 def test_long_lived_raycluster_uses_the_token_secret():
@@ -606,23 +867,134 @@ def test_long_lived_raycluster_uses_the_token_secret():
     assert cluster["spec"]["authOptions"].get("secretName")
 
 
+def cronjob_pod() -> dict:
+    return one(CRONJOB, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
 def test_cronjob_submits_to_the_long_lived_cluster_with_the_token_from_a_secret():
     cron = one(CRONJOB, "CronJob")
     assert cron["apiVersion"] == "batch/v1"
     spec = cron["spec"]
     check_cron(spec["schedule"], "CronJob.spec.schedule")
     assert spec["concurrencyPolicy"] == "Forbid"
-    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    pod = cronjob_pod()
     assert pod["restartPolicy"] in ("Never", "OnFailure")
     (container,) = pod["containers"]
     env = {e["name"]: e for e in container.get("env", [])}
     cluster = one(RAYCLUSTER, "RayCluster")
     secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert secret == {"name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
-    argv = container["command"] + container.get("args", [])
-    assert argv[:2] == ["camjobs", "submit"] and "--wait" in argv and "--token" not in argv
-    address = argv[argv.index("--address") + 1]
-    assert address == f"http://{cluster['metadata']['name']}-head-svc:8265", address
+    # one address for both commands, from the environment
+    assert env["RAY_API_SERVER_ADDRESS"]["value"] == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    commands = {
+        argv[1]: check_command(argv, "CronJob") for argv in commands_in_argv(container["command"] + container["args"])
+    }
+    assert set(commands) == {"submit", "stop"}
+    submit, stop = commands["submit"], commands["stop"]
+    assert submit.params["wait"] and not submit.params.get("token") and not submit.params.get("address")
+    assert not stop.params.get("token") and not stop.params.get("address")
+    # the trap stops what was submitted: the same id, the pod's name, new every night (Ray refuses a reused id)
+    assert submit.params["submission_id"] == stop.params["job_id"] == "$SUBMISSION_ID"
+    assert env["SUBMISSION_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert pod.get("terminationGracePeriodSeconds", 30) >= 30, "too little time for `camjobs stop`"
+
+
+# --- the CronJob's pod when Kubernetes kills it ---------------------------------------------------------
+
+POD_NAME = "camjobs-nightly-submit-29430090-x7k9q"
+
+
+def _stand_in_camjobs(bin_dir: Path, log: Path) -> None:
+    """A `camjobs` that records its arguments; `submit` then follows for ten minutes, as during a long run.
+
+    The CronJob's pod talks to a Ray cluster that cannot exist here; `camjobs submit`, `stop` and
+    their HTTP calls meet a real head in tests/test_submit.py. What is tested here is the shell.
+    """
+    bin_dir.mkdir()
+    script = bin_dir / "camjobs"
+    script.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {shlex.quote(str(log))}\n[ "$1" = submit ] && exec sleep 600\n'
+    )
+    script.chmod(0o755)
+
+
+def _as_pid_1() -> list[str]:
+    """`unshare` arguments that run a command as PID 1 of a new PID namespace, as in a container, if allowed."""
+    command = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+    try:
+        allowed = subprocess.run([*command, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        allowed = False
+    return command if allowed else []
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def run_pod_and_kill_it(script: str, tmp_path: Path, grace: float) -> tuple[int | None, list[str], bool]:
+    """Run the pod's `sh -c SCRIPT`, SIGTERM its PID 1 once it submitted, wait `grace` seconds.
+
+    Returns its exit code (None if it was still running), the stand-in's recorded calls, and
+    whether any of its processes (the follower) outlived it.
+    """
+    log = tmp_path / "calls.log"
+    _stand_in_camjobs(tmp_path / "bin", log)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "SUBMISSION_ID": POD_NAME}
+    prefix = _as_pid_1()
+    pod = subprocess.Popen([*prefix, "/bin/sh", "-c", script], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (log.exists() and "submit" in log.read_text()):
+            assert time.monotonic() < deadline and pod.poll() is None, "the pod never submitted"
+            time.sleep(0.05)
+        pid_1 = _children(pod.pid)[0] if prefix else pod.pid
+        os.kill(pid_1, signal.SIGTERM)
+        try:
+            code = pod.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, log.read_text().splitlines(), code is not None and _group_alive(pod.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pod.pid, signal.SIGKILL)
+        pod.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def pod_script() -> str:
+    (container,) = cronjob_pod()["containers"]
+    argv = container["command"] + container["args"]
+    assert os.path.basename(argv[0]) in SHELLS and argv[1] == "-c", argv
+    return argv[2]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_killing_the_cronjob_pod_stops_the_ray_job_it_submitted(tmp_path):
+    code, calls, left_behind = run_pod_and_kill_it(pod_script(), tmp_path, grace=20)
+    assert code == 128 + signal.SIGTERM, f"exit {code}"
+    assert not left_behind, "the follower outlived the pod's PID 1"
+    submitted, stopped = calls
+    assert submitted.startswith(f"submit --wait --submission-id {POD_NAME} ")
+    assert stopped == f"stop {POD_NAME}"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_kill_test_fails_for_a_follower_in_the_foreground(tmp_path):
+    # a trap waits for the foreground command to end: without `&` + `wait`, nothing is stopped
+    script = pod_script()
+    foreground = re.sub(r" &\n", "\n", script).replace("wait $!\n", "")
+    assert foreground != script
+    code, calls, _ = run_pod_and_kill_it(foreground, tmp_path, grace=3)
+    assert code is None and len(calls) == 1 and calls[0].startswith("submit ")
 
 
 def test_pods_use_only_volumes_and_accounts_that_exist():
