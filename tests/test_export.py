@@ -641,6 +641,11 @@ def test_yolo_val_fraction_zero_makes_val_train(yolo_dir, tmp_path):
     assert not (target / "images" / "val").exists() and "val = train" in result.message()
     lines = {p: p.read_text(encoding="utf-8").splitlines() for p in target.rglob("*.txt")}
     assert len(lines) == 5 and all(line.startswith("0 ") for ls in lines.values() for line in ls)
+    # one image cannot be split: whatever its hash, it is in train, and val is train
+    one = tmp_path / "one"
+    result = export(str(yolo_dir), "yolo", str(one), val_fraction=0.99, min_score=0.85)
+    assert yaml.safe_load((one / "data.yaml").read_text(encoding="utf-8"))["val"] == "images/train"
+    assert [str(p.relative_to(one)) for p in one.rglob("*.txt")] == ["labels/train/sub/dir/ISIC_1.txt"]
 
 
 def test_yolo_reexport_replaces_its_own_folder_and_nothing_else(yolo_dir, tmp_path):
