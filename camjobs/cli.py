@@ -22,12 +22,14 @@ from typer.core import TyperGroup
 from camjobs.config import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_THRESHOLD,
+    DEFAULT_VAL_FRACTION,
     BoxSource,
     CategoryMode,
     ConfigError,
     DecodeOn,
     ExportFormat,
     GallerySort,
+    ImageMode,
     Layout,
     Method,
     Pooling,
@@ -443,6 +445,18 @@ def export_(
         "(camjobs run --refine), else the CAM boxes; cam: the CAM boxes only, as before masks existed; refined: "
         "refined_boxes only, images without them listed with no box.",
     ),
+    images: ImageMode = typer.Option(
+        ImageMode.LINK,
+        "--images",
+        help="yolo: each image in images/ as a symlink to the file the run read (link), or a copy (copy: a folder "
+        "to move or upload; needed where the sources are URIs).",
+    ),
+    val_fraction: float = typer.Option(
+        DEFAULT_VAL_FRACTION,
+        "--val-fraction",
+        help="yolo: the fraction of images in the val split, chosen by a hash of the image_id (the same side in "
+        "every export); 0: every image in train, and val is train.",
+    ),
 ) -> None:
     """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels."""
     _setup_logging(False)
@@ -457,6 +471,8 @@ def export_(
             image_root=image_root,
             categories=categories.value,
             boxes=boxes.value,
+            images=images.value,
+            val_fraction=val_fraction,
         )
     typer.echo(result.message())
 

@@ -110,6 +110,17 @@ class BoxSource(Choice):
     REFINED = "refined"
 
 
+class ImageMode(Choice):
+    """How a YOLO export holds its images: symlinks to the run's source files, or copies."""
+
+    LINK = "link"
+    COPY = "copy"
+
+
+# YOLO export: the fraction of images held out for Ultralytics' val split (its autosplit's default)
+DEFAULT_VAL_FRACTION = 0.1
+
+
 class GallerySort(Choice):
     """The gallery's order (camjobs viz)."""
 

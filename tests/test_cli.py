@@ -70,6 +70,7 @@ CHOICE_OPTIONS = [
     ("export", "--format", config.ExportFormat, ["--output", "o", "--to", "t"]),
     ("export", "--categories", config.CategoryMode, ["--output", "o", "--format", "coco", "--to", "t"]),
     ("export", "--boxes", config.BoxSource, ["--output", "o", "--format", "coco", "--to", "t"]),
+    ("export", "--images", config.ImageMode, ["--output", "o", "--format", "yolo", "--to", "t"]),
     ("viz", "--sort", config.GallerySort, ["--output", "o", "--to", "t"]),
     ("viz", "--layout", config.Layout, ["--output", "o", "--to", "t"]),
 ]

@@ -11,9 +11,11 @@ without --refine and a version-1 file without those columns.
 from __future__ import annotations
 
 import contextlib
+import csv
+import filecmp
+import hashlib
 import io
 import json
-import math
 from pathlib import Path
 from urllib.parse import unquote
 from xml.etree import ElementTree
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from camjobs.geometry import mask_box
+from camjobs.labels.coco import load_coco_results
 from camjobs.labels.export import (
     ExportError,
     export,
@@ -33,7 +36,6 @@ from camjobs.labels.export import (
     label_config_path,
     plan_export,
     relative_file_name,
-    yolo_stem,
 )
 from camjobs.schema import CAMS_SCHEMA, SCHEMA_VERSION
 
@@ -260,7 +262,9 @@ def test_coco_export_loads_and_evaluates_with_pycocotools(cams_dir, tmp_path):
     assert len(dataset.getImgIds()) == 5 and len(dataset.getAnnIds()) == 7
     data = json.loads(target.read_text(encoding="utf-8"))
     images = {image["camjobs_image_id"]: image for image in data["images"]}
-    assert [image["id"] for image in data["images"]] == [1, 2, 3, 4, 5]
+    ids = [image["id"] for image in data["images"]]
+    assert len(set(ids)) == 5 and all(isinstance(i, int) and 1 <= i < 2**53 for i in ids)
+    assert [image["camjobs_image_id"] for image in data["images"]] == sorted(images)
     assert images["ISIC_0000003"]["width"] == 4288 and images["ISIC_0000003"]["height"] == 2848
     assert images[ODD_ID]["file_name"] == f"{ODD_ID}.jpg"
     assert unquote(images[ODD_ID]["coco_url"]) == f"http://files.local/derm/{ODD_ID}.jpg"
@@ -322,6 +326,73 @@ def test_coco_min_score_and_class_categories(cams_dir, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     assert _evaluate(gt, data["annotations"])[0] == pytest.approx(1.0)
+
+
+def test_coco_image_ids_are_stable_across_exports(cams_dir, tmp_path):
+    """Another output holding some of the same images, in another row order: each image keeps its
+    id, so results from one export evaluate against the ground truth of the other."""
+    pytest.importorskip("pycocotools")
+    first = tmp_path / "first.json"
+    export(str(cams_dir), "coco", str(first))
+    data = json.loads(first.read_text(encoding="utf-8"))
+    other = tmp_path / "other"
+    table = pq.read_table(cams_dir / "cams" / OLD_RUN)
+    rows = [row for row in table.to_pylist() if row["image_id"] != "ISIC_0000001"][::-1]
+    _write_run(other, OLD_RUN, rows, None)
+    second = tmp_path / "second.json"
+    export(str(other), "coco", str(second))
+    again = json.loads(second.read_text(encoding="utf-8"))
+    ids = {image["camjobs_image_id"]: image["id"] for image in data["images"]}
+    ids_again = {image["camjobs_image_id"]: image["id"] for image in again["images"]}
+    assert len(ids_again) == 4 and all(ids[name] == number for name, number in ids_again.items())
+
+    gt = _coco_gt(data)  # truth with the first export's ids, detections from the second
+    detections = [a for a in again["annotations"] if a["score"] >= 0.6]
+    with contextlib.redirect_stdout(io.StringIO()):
+        from pycocotools.cocoeval import COCOeval
+
+        evaluator = COCOeval(gt, load_coco_results(gt, detections), "bbox")
+        evaluator.params.imgIds = sorted(ids[name] for name in ids_again if name != "ISIC_0000002")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)  # the same boxes on the same images
+
+
+def test_coco_export_without_boxes_loads_and_evaluates(cams_dir, tmp_path):
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    target = tmp_path / "none.json"
+    result = export(str(cams_dir), "coco", str(target), min_score=1.1)
+    assert result.boxes == 0 and result.dropped_boxes == 7 and result.images == 5
+    with contextlib.redirect_stdout(io.StringIO()):
+        empty = COCO(str(target))  # a valid dataset: its images and categories, no annotations
+    assert len(empty.getImgIds()) == 5 and empty.getAnnIds() == [] and empty.getCatIds() == [1]
+
+    gt = _coco_gt(json.loads(target.read_text(encoding="utf-8")))
+    with contextlib.redirect_stdout(io.StringIO()):
+        for results in (str(target), json.loads(target.read_text(encoding="utf-8")), []):
+            dt = load_coco_results(gt, results)
+            assert dt.getAnnIds() == [] and dt.getImgIds() == gt.getImgIds() and dt.getCatIds() == gt.getCatIds()
+            evaluator = COCOeval(gt, dt, "bbox")
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            # every lesion missed: COCO's AP and AR are 0, not the -1 of "nothing to score"
+            assert evaluator.stats[0] == 0.0 and evaluator.stats[8] == 0.0
+        # and as ground truth: nothing to score, pycocotools' -1
+        evaluator = COCOeval(empty, load_coco_results(empty, []), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] == -1.0
+    # a non-empty list goes through loadRes as it is
+    full = tmp_path / "full.json"
+    export(str(cams_dir), "coco", str(full))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert len(load_coco_results(gt, str(full)).getAnnIds()) == 7
 
 
 # --------------------------------------------------------------------------- Label Studio
@@ -426,58 +497,210 @@ def test_labelstudio_sdk_validates_tasks(output, request, tmp_path):
 
 
 # --------------------------------------------------------------------------- YOLO
-def test_yolo_export_parses_back_to_the_boxes(cams_dir, tmp_path):
+# image_id -> (width, height, suffix, target, boxes): nested ids with one stem, a folder named
+# "images" inside an id, a box on the image's edges, an image without boxes (left out)
+YOLO_IMAGES = {
+    "sub/dir/ISIC_1": (320, 240, ".jpg", "nevus", [((20, 30, 200, 180), 0.9), ((250, 10, 310, 60), 0.3)]),
+    "other/ISIC_1": (300, 200, ".jpg", "melanoma", [((50, 40, 250, 190), 0.8)]),
+    "ISIC_0000002": (256, 256, ".png", "nevus", [((0, 0, 256, 256), 0.7)]),
+    ODD_ID: (200, 150, ".jpg", "seborrheic_keratosis", [((10, 20, 110, 120), 0.6)]),
+    "images/ISIC_5": (240, 180, ".JPG", "nevus", [((30, 30, 90, 100), 0.5)]),
+    "ISIC_0000004": (100, 100, ".jpg", "nevus", []),
+}
+
+
+def _draw_image(path: Path, width: int, height: int) -> None:
+    """A real image file of that size (JPEG or PNG by the suffix)."""
+    rng = np.random.default_rng(width * height)
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    ok, encoded = cv2.imencode(".png" if path.suffix.lower() == ".png" else ".jpg", pixels)
+    assert ok
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoded.tobytes())
+
+
+@pytest.fixture()
+def yolo_dir(tmp_path) -> Path:
+    """An output whose source images exist under tmp_path/data, and a superseded row."""
+    data, out = tmp_path / "data", tmp_path / "yolo-out"
+    rows = []
+    for image_id, (width, height, suffix, target, boxes) in YOLO_IMAGES.items():
+        _draw_image(data / f"{image_id}{suffix}", width, height)
+        boxes = [_box(xyxy, score) for xyxy, score in boxes]
+        rows.append(_row(image_id, str(data / f"{image_id}{suffix}"), width, height, boxes, NEW_RUN, target=target))
+    summary = {"config": {"data": str(data)}, "model": {"classes": CLASSES}}
+    old = _row("other/ISIC_1", str(data / "other/ISIC_1.jpg"), 300, 200, [_box((0, 0, 9, 9), 0.99)], OLD_RUN)
+    _write_run(out, OLD_RUN, [old], {"run_id": OLD_RUN, **summary})
+    _write_run(out, NEW_RUN, rows, {"run_id": NEW_RUN, **summary})
+    return out
+
+
+def _in_val(image_id: str, fraction: float) -> bool:
+    """The documented split: the first 64 bits of SHA-256(image_id) as a fraction of 2**64."""
+    return int(hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:16], 16) / 2**64 < fraction
+
+
+def _boxed(output: Path, categories: str = "lesion", min_score: float = 0.0) -> dict:
+    plan = plan_export(str(output), categories=categories, min_score=min_score)
+    return {image.image_id: image for image in plan.images if image.boxes}
+
+
+def _ultralytics(monkeypatch, tmp_path):
+    """Ultralytics' dataset check and loader, kept off the network (there is none here)."""
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")  # no online check at import
+    utils = pytest.importorskip("ultralytics.data.utils", reason="ultralytics (the dev extra) reads YOLO datasets")
+    from ultralytics.data import YOLODataset
+    from ultralytics.utils import USER_CONFIG_DIR
+
+    for font in ("Arial.ttf", "Arial.Unicode.ttf"):  # check_det_dataset downloads its plots' font where none is
+        (USER_CONFIG_DIR / font).touch()
+    return utils, YOLODataset
+
+
+VAL_FRACTION = 0.5  # both sides non-empty on YOLO_IMAGES (asserted)
+
+
+@pytest.mark.parametrize("images", ["link", "copy"])
+def test_yolo_export_loads_in_ultralytics(yolo_dir, tmp_path, monkeypatch, images):
+    utils, YOLODataset = _ultralytics(monkeypatch, tmp_path)
     target = tmp_path / "yolo"
-    result = export(str(cams_dir), "yolo", str(target), categories="classes")
-    assert (target / "classes.txt").read_text(encoding="utf-8").splitlines() == CLASSES
-    plan = {image.image_id: image for image in plan_export(str(cams_dir), categories="classes").images}
-    label_files = sorted(p.name for p in target.glob("*.txt") if p.name != "classes.txt")
-    with_boxes = [image_id for image_id, image in plan.items() if image.boxes]
-    assert label_files == sorted(f"{yolo_stem(i)}.txt" for i in with_boxes)
-    assert "ISIC_0000004.txt" not in label_files  # no box, no label file
-    assert yolo_stem(ODD_ID) == 'sub dir__Ünïcödé été <1> & "q"'
-    assert len(result.paths) == 2 + len(with_boxes)
+    result = export(str(yolo_dir), "yolo", str(target), categories="classes", images=images, val_fraction=VAL_FRACTION)
+    boxed = _boxed(yolo_dir, "classes")
+    assert sorted(boxed) == sorted(i for i, spec in YOLO_IMAGES.items() if spec[4])
+    expected = {image_id: "val" if _in_val(image_id, VAL_FRACTION) else "train" for image_id in boxed}
+    assert set(expected.values()) == {"train", "val"}
+    assert result.paths[0] == f"{target}/data.yaml" and "1 without a box left out" in result.message()
 
-    import csv
+    data = utils.check_det_dataset(str(target / "data.yaml"))
+    assert data["names"] == dict(enumerate(CLASSES)) and Path(data["path"]) == target
+    found = {}
+    for split in ("train", "val"):
+        dataset = YOLODataset(img_path=data[split], data=data, task="detect", imgsz=64, augment=False)
+        for index, label in enumerate(dataset.labels):
+            relative = Path(label["im_file"]).relative_to(target / "images" / split)
+            image_id, suffix = str(relative.with_suffix("")), relative.suffix
+            found[image_id] = split
+            image = boxed[image_id]
+            assert suffix == YOLO_IMAGES[image_id][2]  # the image keeps its own name
+            assert Path(label["im_file"]).is_symlink() == (images == "link")
+            assert filecmp.cmp(label["im_file"], image.source_path, shallow=False)
+            assert tuple(label["shape"]) == (image.height, image.width)
+            assert dataset.load_image(index)[1] == (image.height, image.width)  # Ultralytics reads the pixels
+            assert label["normalized"] and label["bbox_format"] == "xywh"
+            assert [CLASSES[int(c)] for c in label["cls"].ravel()] == [box.category for box in image.boxes]
+            for (cx, cy, w, h), box in zip(label["bboxes"], image.boxes):
+                assert (cx - w / 2) * image.width == pytest.approx(box.x_min, abs=1e-3)
+                assert (cy - h / 2) * image.height == pytest.approx(box.y_min, abs=1e-3)
+                assert (cx + w / 2) * image.width == pytest.approx(box.x_max, abs=1e-3)
+                assert (cy + h / 2) * image.height == pytest.approx(box.y_max, abs=1e-3)
+    assert found == expected  # every image with a box, once, on its side; none without
+    for image_id in ("sub/dir/ISIC_1", "other/ISIC_1"):  # one stem, two labels
+        assert (target / "labels" / expected[image_id] / f"{image_id}.txt").is_file()
 
+
+def test_yolo_label_files_are_where_ultralytics_looks(yolo_dir, tmp_path, monkeypatch):
+    utils, _ = _ultralytics(monkeypatch, tmp_path)
+    target = tmp_path / "yolo"
+    export(str(yolo_dir), "yolo", str(target), val_fraction=0)
+    images = sorted(p for p in (target / "images").rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    assert len(images) == len(_boxed(yolo_dir))
+    labels = [Path(p) for p in utils.img2label_paths([str(p) for p in images])]
+    assert all(p.is_file() for p in labels)
+    written = sorted(p for p in target.rglob("*.txt"))
+    assert written == sorted(labels)
+    # an id with a folder named "images": Ultralytics replaces the last /images/ of the path
+    assert target / "images/train/labels/ISIC_5.txt" in labels
+
+
+def test_yolo_split_is_a_stable_hash_of_the_image_id(yolo_dir, tmp_path):
+    target = tmp_path / "yolo"
+    export(str(yolo_dir), "yolo", str(target), val_fraction=VAL_FRACTION, images="copy")
     with open(target / "manifest.csv", encoding="utf-8", newline="") as handle:
-        manifest = {row["stem"]: row for row in csv.DictReader(handle)}
-    assert manifest[yolo_stem(ODD_ID)]["image_id"] == ODD_ID
-    assert manifest[yolo_stem(ODD_ID)]["file_name"] == f"{ODD_ID}.jpg"
-
-    for image_id in with_boxes:
-        image = plan[image_id]
-        lines = (target / f"{yolo_stem(image_id)}.txt").read_text(encoding="utf-8").splitlines()
-        assert len(lines) == len(image.boxes) == int(manifest[yolo_stem(image_id)]["boxes"])
-        for line, box in zip(lines, image.boxes):
-            fields = line.split()
-            assert len(fields) == 5
-            cls, (cx, cy, w, h) = int(fields[0]), map(float, fields[1:])
-            assert CLASSES[cls] == box.category
-            assert all(0.0 <= v <= 1.0 for v in (cx, cy, w, h))
-            x0, x1 = (cx - w / 2) * image.width, (cx + w / 2) * image.width
-            y0, y1 = (cy - h / 2) * image.height, (cy + h / 2) * image.height
-            for got, want in zip((x0, y0, x1, y1), (box.x_min, box.y_min, box.x_max, box.y_max)):
-                assert math.isclose(got, want, abs_tol=1e-3), (image_id, got, want)
+        manifest = {row["image_id"]: row for row in csv.DictReader(handle)}
+    assert {i: row["split"] for i, row in manifest.items()} == {
+        i: "val" if _in_val(i, VAL_FRACTION) else "train" for i in _boxed(yolo_dir)
+    }
+    assert manifest[ODD_ID]["file_name"] == f"{ODD_ID}.jpg" and manifest[ODD_ID]["boxes"] == "1"
+    # fewer images (a higher --min-score): every image keeps its side
+    subset = tmp_path / "subset"
+    export(str(yolo_dir), "yolo", str(subset), val_fraction=VAL_FRACTION, min_score=0.55)
+    with open(subset / "manifest.csv", encoding="utf-8", newline="") as handle:
+        again = {row["image_id"]: row["split"] for row in csv.DictReader(handle)}
+    assert set(again) == set(_boxed(yolo_dir, min_score=0.55)) and len(again) < len(manifest)
+    assert all(manifest[i]["split"] == split for i, split in again.items())
 
 
-def test_yolo_lesion_category_and_min_score(cams_dir, tmp_path):
+def test_yolo_val_fraction_zero_makes_val_train(yolo_dir, tmp_path):
+    import yaml
+
     target = tmp_path / "yolo"
-    export(str(cams_dir), "yolo", str(target), min_score=0.65)
-    assert (target / "classes.txt").read_text(encoding="utf-8") == "lesion\n"
-    files = sorted(p.name for p in target.glob("*.txt") if p.name != "classes.txt")
-    assert files == sorted(f"{yolo_stem(i)}.txt" for i in ("ISIC_0000001", ODD_ID, "ISIC_0000003"))
-    for name in files:
-        lines = (target / name).read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 1 and lines[0].startswith("0 ")
+    result = export(str(yolo_dir), "yolo", str(target), val_fraction=0)
+    data = yaml.safe_load((target / "data.yaml").read_text(encoding="utf-8"))
+    assert data == {"path": str(target), "train": "images/train", "val": "images/train", "names": {0: "lesion"}}
+    assert not (target / "images" / "val").exists() and "val = train" in result.message()
+    lines = {p: p.read_text(encoding="utf-8").splitlines() for p in target.rglob("*.txt")}
+    assert len(lines) == 5 and all(line.startswith("0 ") for ls in lines.values() for line in ls)
+    # one image cannot be split: whatever its hash, it is in train, and val is train
+    one = tmp_path / "one"
+    result = export(str(yolo_dir), "yolo", str(one), val_fraction=0.99, min_score=0.85)
+    assert yaml.safe_load((one / "data.yaml").read_text(encoding="utf-8"))["val"] == "images/train"
+    assert [str(p.relative_to(one)) for p in one.rglob("*.txt")] == ["labels/train/sub/dir/ISIC_1.txt"]
 
 
-def test_yolo_refuses_colliding_stems(tmp_path):
+def test_yolo_reexport_replaces_its_own_folder_and_nothing_else(yolo_dir, tmp_path):
+    target = tmp_path / "yolo"
+    export(str(yolo_dir), "yolo", str(target), val_fraction=0)
+    (target / "runs").mkdir()  # what a user keeps beside the dataset stays
+    export(str(yolo_dir), "yolo", str(target), val_fraction=0, min_score=0.75)
+    left = {str(p.relative_to(target / "labels" / "train")) for p in (target / "labels").rglob("*.txt")}
+    assert left == {"sub/dir/ISIC_1.txt", "other/ISIC_1.txt"} and (target / "runs").is_dir()
+    assert len([p for p in (target / "images").rglob("*") if p.is_symlink()]) == 2
+    for image_id, (_, _, suffix, _, _) in YOLO_IMAGES.items():  # the links went, never their sources
+        assert (tmp_path / "data" / f"{image_id}{suffix}").is_file()
+
+    foreign = tmp_path / "foreign"
+    (foreign / "labels").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="--to .* not empty"):
+        export(str(yolo_dir), "yolo", str(foreign))
+    assert (foreign / "notes.txt").read_text() == "mine" and not (foreign / "data.yaml").exists()
+    with pytest.raises(ExportError, match="is a file"):
+        export(str(yolo_dir), "yolo", str(foreign / "notes.txt"))
+
+
+def test_yolo_links_need_their_sources(yolo_dir, tmp_path):
+    (tmp_path / "data" / "ISIC_0000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match="ISIC_0000002.png.*--images link"):
+        export(str(yolo_dir), "yolo", str(tmp_path / "yolo"))
+    assert not (tmp_path / "yolo").exists()  # refused before writing
+    with pytest.raises(ExportError, match="--images"):
+        export(str(yolo_dir), "yolo", str(tmp_path / "y"), images="hardlink")
+    with pytest.raises(ExportError, match="--val-fraction"):
+        export(str(yolo_dir), "yolo", str(tmp_path / "y"), val_fraction=1.0)
+
+
+def test_yolo_refuses_ids_that_name_one_file(tmp_path):
     out = tmp_path / "out"
-    rows = [_row(i, f"/d/{i}.jpg", 100, 100, [_box((1, 1, 50, 50), 0.9)], OLD_RUN) for i in ("a/b", "a__b")]
+    rows = [_row(i, f"/d/{i}.jpg", 100, 100, [_box((1, 1, 50, 50), 0.9)], OLD_RUN) for i in ("a/b", "a\\b")]
     _write_run(out, OLD_RUN, rows, None)
-    with pytest.raises(ExportError, match="same YOLO label file"):
-        export(str(out), "yolo", str(tmp_path / "y"))
+    with pytest.raises(ExportError, match="same file images/train/a/b.jpg"):
+        export(str(out), "yolo", str(tmp_path / "y"), images="copy", val_fraction=0)
+
+
+def test_cli_yolo_options(yolo_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from camjobs.cli import app
+
+    target = tmp_path / "yolo"
+    args = ["export", "--output", str(yolo_dir), "--format", "yolo", "--to", str(target), "--images", "copy"]
+    result = CliRunner().invoke(app, [*args, "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert "yolo: 6 images, 6 boxes" in result.output and "data.yaml" in result.output
+    assert not [p for p in (target / "images").rglob("*") if p.is_symlink()]
+    result = CliRunner().invoke(app, [*args, "--val-fraction", "1"])
+    assert result.exit_code == 2 and "--val-fraction" in result.output
 
 
 # --------------------------------------------------------------------------- refined masks (--boxes)
@@ -522,15 +745,23 @@ CAM_BOXES = {
 }
 
 
-def _blob_rows(run_id: str) -> list[dict]:
-    """Two refined rows, one of a run without --refine, one whose refinement found nothing."""
+def _blob_rows(run_id: str, root: Path) -> list[dict]:
+    """Two refined rows, one of a run without --refine, one whose refinement found nothing; their
+    images drawn under root."""
     rows = []
     for image_id, (width, height, blobs, scores) in BLOBS.items():
         rows.append(
-            _refined(_row(image_id, f"/d/{image_id}.jpg", width, height, CAM_BOXES[image_id], run_id), blobs, scores)
+            _refined(
+                _row(image_id, f"{root}/{image_id}.jpg", width, height, CAM_BOXES[image_id], run_id), blobs, scores
+            )
         )
-    rows.append(_row("U_plain", "/d/U_plain.jpg", 200, 100, CAM_BOXES["U_plain"], run_id))
-    rows.append({**_row("N_nothing", "/d/N_nothing.jpg", 120, 90, CAM_BOXES["N_nothing"], run_id), "refine": REFINE})
+    rows.append(_row("U_plain", f"{root}/U_plain.jpg", 200, 100, CAM_BOXES["U_plain"], run_id))
+    rows.append(
+        {**_row("N_nothing", f"{root}/N_nothing.jpg", 120, 90, CAM_BOXES["N_nothing"], run_id), "refine": REFINE}
+    )
+    for row in rows:
+        if not Path(row["source_path"]).exists():
+            _draw_image(Path(row["source_path"]), row["width"], row["height"])
     return rows
 
 
@@ -551,7 +782,8 @@ def _write_v1(output: Path, rows: list[dict]) -> None:
 @pytest.fixture()
 def refined_dir(tmp_path) -> Path:
     out = tmp_path / "refined"
-    _write_run(out, BLOB_RUN, _blob_rows(BLOB_RUN), {"run_id": BLOB_RUN, "config": {"data": "/d"}})
+    data = tmp_path / "d"
+    _write_run(out, BLOB_RUN, _blob_rows(BLOB_RUN, data), {"run_id": BLOB_RUN, "config": {"data": str(data)}})
     return out
 
 
@@ -648,9 +880,10 @@ def test_boxes_refined_lists_unrefined_images_without_boxes(refined_dir, tmp_pat
 def test_boxes_cam_reproduces_the_output_without_refinement(refined_dir, tmp_path):
     """--boxes cam on refined rows writes what the same rows without refinement (version 1) give."""
     v1 = tmp_path / "v1"
-    _write_v1(v1, _blob_rows(BLOB_RUN))
+    _write_v1(v1, _blob_rows(BLOB_RUN, tmp_path / "d"))
     (v1 / "runs").mkdir()
-    (v1 / "runs" / f"{BLOB_RUN}.json").write_text(json.dumps({"run_id": BLOB_RUN, "config": {"data": "/d"}}))
+    summary = {"run_id": BLOB_RUN, "config": {"data": str(tmp_path / "d")}}
+    (v1 / "runs" / f"{BLOB_RUN}.json").write_text(json.dumps(summary))
     assert pq.read_schema(next((v1 / "cams").rglob("*.parquet"))).names == V1_SCHEMA.names
     for fmt, name in (("coco", "x.json"), ("labelstudio", "x.json"), ("yolo", "x")):
         for categories in ("lesion", "classes"):
@@ -667,10 +900,15 @@ def test_boxes_cam_reproduces_the_output_without_refinement(refined_dir, tmp_pat
 
 
 def _files(folder: Path) -> dict[str, str]:
-    """Every file under folder, COCO's creation date left out."""
+    """Every file under folder (an image: its hash), COCO's creation date and data.yaml's path left out."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix.lower() in (".jpg", ".png"):
+            files[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            continue
         text = path.read_text(encoding="utf-8")
+        if path.name == "data.yaml":
+            text = "\n".join(line for line in text.splitlines() if not line.startswith("path:"))
         if path.name.endswith(".json") and '"date_created"' in text:
             data = json.loads(text)
             data["info"].pop("date_created")
@@ -724,8 +962,8 @@ def test_labelstudio_config_without_masks_has_no_polygons(refined_dir, tmp_path)
 
 def test_yolo_lines_are_the_refined_boxes(refined_dir, tmp_path):
     target = tmp_path / "yolo"
-    result = export(str(refined_dir), "yolo", str(target), boxes="refined")
-    assert sorted(p.stem for p in target.glob("*.txt") if p.name != "classes.txt") == sorted(BLOBS)
+    result = export(str(refined_dir), "yolo", str(target), boxes="refined", val_fraction=0)
+    assert sorted(p.stem for p in (target / "labels" / "train").glob("*.txt")) == sorted(BLOBS)
     assert result.boxes == 3
     for image_id, (width, height, blobs, _) in BLOBS.items():
         expected = []
@@ -735,7 +973,7 @@ def test_yolo_lines_are_the_refined_boxes(refined_dir, tmp_path):
                 f"0 {(x0 + x1) / 2 / width:.8f} {(y0 + y1) / 2 / height:.8f} "
                 f"{(x1 - x0) / width:.8f} {(y1 - y0) / height:.8f}"
             )
-        assert (target / f"{image_id}.txt").read_text(encoding="utf-8").splitlines() == expected
+        assert (target / "labels" / "train" / f"{image_id}.txt").read_text(encoding="utf-8").splitlines() == expected
 
 
 def test_split_mask_matches_each_refined_box_to_its_component():

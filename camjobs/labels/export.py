@@ -1,13 +1,15 @@
 """Export the weak boxes of DIR/cams to the formats labeling and detection tools import.
 
 ``camjobs export --output DIR --format coco|labelstudio|yolo --to PATH [--boxes auto|cam|refined]``
+(yolo: ``[--images link|copy] [--val-fraction F]``)
 
 Which rows
     Every row of DIR/cams, one per image_id: where an image_id has rows from several runs
     (a re-run, an incremental run over a changed file, a new model), the row of the newest
     run wins (run ids start with their UTC start time, so the largest run_id is the newest).
     Boxes with ``score < --min-score`` are dropped; an image whose boxes are all dropped is
-    still listed (COCO, Label Studio) with no box, and gets no label file (YOLO).
+    still listed (COCO, Label Studio) with no box, and is left out of a YOLO dataset (where an
+    image without labels would teach "no lesion here").
 
 Which boxes (--boxes)
     ``cam``: the CAM's own boxes (``boxes``), exactly what exports wrote before masks existed.
@@ -31,12 +33,16 @@ Categories
     each box gets the ``target_label`` of its image, the class its map explains.
 
 Formats
-    coco        one JSON file: ``images`` (id 1..N in image_id order, file_name, width, height,
-                ``camjobs_image_id``, ``coco_url`` with --image-root), ``annotations`` (bbox
-                ``[x, y, w, h]`` absolute pixels, ``w = x_max - x_min``, area, score, iscrowd 0),
-                ``categories`` (ids from 1). ``annotations`` alone is a valid result list for
-                ``pycocotools.coco.COCO.loadRes``. A refined box's annotation also has
-                ``segmentation``, its mask as compressed RLE (``{"size": [h, w], "counts": str}``,
+    coco        one JSON file (camjobs.labels.coco): ``images`` (in image_id order; id: a number
+                from the image_id's SHA-256, ``coco_image_id``, so an image has the same id in every
+                export of it, whatever the other rows; file_name, width, height,
+                ``camjobs_image_id``, ``coco_url`` with --image-root), ``annotations`` (ids 1..N;
+                bbox ``[x, y, w, h]`` absolute pixels, ``w = x_max - x_min``, area, score, iscrowd
+                0), ``categories`` (ids from 1). An export whose boxes were all dropped is a valid
+                dataset with ``annotations: []``. ``annotations`` alone is a result list for
+                ``pycocotools.coco.COCO.loadRes``, except an empty one, on which loadRes raises
+                (cocoapi issue 450): ``load_coco_results`` takes either. A refined box's annotation
+                also has ``segmentation``, its mask as compressed RLE (``{"size": [h, w], "counts": str}``,
                 what ``COCO.annToMask`` decodes), and ``area`` is the mask's pixel count. iscrowd
                 stays 0: each annotation is one lesion (one component), and iscrowd 1 would make it
                 an ignore region wherever the file serves as ground truth (COCOeval); loadRes
@@ -50,32 +56,26 @@ Formats
                 also gets its mask's outline as a ``polygonlabels`` region (control "polygon",
                 points ``[x%, y%]`` at the outline's pixel centres, closed, rounded to 1e-4 %),
                 and then the config has a PolygonLabels control beside the RectangleLabels.
-    yolo        a directory: ``<stem>.txt`` per image with at least one box, lines
-                ``class cx cy w h`` normalized to [0, 1]; ``classes.txt`` (one name per line, line
-                n is class n); ``manifest.csv`` (stem, image_id, file_name, width, height, boxes).
-                The stem is the image_id with "/" and "\\" replaced by "__" (for the ISIC and
-                HAM10000 layouts that is the image file's own stem).
+    yolo        a directory in Ultralytics' dataset layout (data.yaml, images/, labels/,
+                manifest.csv): see camjobs.labels.yolo.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import hashlib
 import json
 import logging
 import os
 import posixpath
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from camjobs.config import BoxSource, CategoryMode, ExportFormat
+from camjobs.config import DEFAULT_VAL_FRACTION, BoxSource, CategoryMode, ExportFormat, ImageMode
 from camjobs.errors import UsageError
 from camjobs.geometry import (
     Box,
@@ -86,8 +86,6 @@ from camjobs.geometry import (
     rle_decode,
     rle_encode,
     rle_mask,
-    xyxy_to_cxcywh,
-    xyxy_to_xywh,
 )
 from camjobs.output import NoResults, read_newest_cams, read_run_summaries
 from camjobs.schema import ImageRow
@@ -98,6 +96,7 @@ log = logging.getLogger(__name__)
 FORMATS = ExportFormat.values()
 CATEGORY_MODES = CategoryMode.values()
 BOX_SOURCES = BoxSource.values()
+IMAGE_MODES = ImageMode.values()
 LESION = "lesion"
 LABEL_CONFIG_SUFFIX = ".label_config.xml"
 POLYGON_DECIMALS = 4  # percent: 1e-4 % of a 100,000 px side is 0.1 px
@@ -175,8 +174,9 @@ def image_url(image_root: str, file_name: str) -> str:
     return f"{image_root}/{quoted}"
 
 
-def yolo_stem(image_id: str) -> str:
-    return re.sub(r"[/\\]", "__", image_id)
+def stable_hash(image_id: str) -> int:
+    """64 bits of the image_id's SHA-256: the same number for the same image in every export."""
+    return int.from_bytes(hashlib.sha256(image_id.encode("utf-8")).digest()[:8], "big")
 
 
 # --------------------------------------------------------------------------- the export model
@@ -286,49 +286,6 @@ def plan_export(output: str, *, min_score: float = 0.0, categories: str = LESION
         names = [c for c in model_classes] + sorted(c for c in seen_targets if c not in model_classes)
         names = names or [LESION]
     return ExportPlan(images, names, dropped, boxes)
-
-
-# --------------------------------------------------------------------------- COCO
-def to_coco(plan: ExportPlan, *, image_root: str | None = None) -> dict:
-    """A COCO detection dataset dict; its "annotations" list also works as a loadRes result list."""
-    category_id = {name: i + 1 for i, name in enumerate(plan.categories)}
-    images, annotations = [], []
-    for number, image in enumerate(plan.images, start=1):
-        entry = {
-            "id": number,
-            "file_name": image.file_name,
-            "width": image.width,
-            "height": image.height,
-            "camjobs_image_id": image.image_id,
-        }
-        if image_root:
-            entry["coco_url"] = image_url(image_root, image.file_name)
-        images.append(entry)
-        for box in image.boxes:
-            annotation = {
-                "id": len(annotations) + 1,
-                "image_id": number,
-                "category_id": category_id[box.category],
-                "bbox": list(xyxy_to_xywh(box.xyxy)),
-                "area": box.area,
-                "score": box.score,
-                "iscrowd": 0,
-            }
-            if box.segmentation is not None:
-                annotation["segmentation"] = box.segmentation
-            annotations.append(annotation)
-    return {
-        "info": {
-            "description": "camjobs weak lesion boxes (class activation maps)",
-            "version": "1.0",
-            "contributor": "camjobs",
-            "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": category_id[name], "name": name, "supercategory": LESION} for name in plan.categories],
-    }
 
 
 # --------------------------------------------------------------------------- Label Studio
@@ -446,28 +403,18 @@ def label_config_path(tasks_path: str) -> str:
     return stem + LABEL_CONFIG_SUFFIX
 
 
-# --------------------------------------------------------------------------- YOLO
-def yolo_lines(image: ExportImage, categories: Sequence[str]) -> list[str]:
-    index = {name: i for i, name in enumerate(categories)}
-    lines = []
-    for box in image.boxes:
-        cx, cy, w, h = xyxy_to_cxcywh(box.xyxy)
-        cx, cy, w, h = cx / image.width, cy / image.height, w / image.width, h / image.height
-        lines.append(f"{index[box.category]} {cx:.8f} {cy:.8f} {w:.8f} {h:.8f}")
-    return lines
-
-
 # --------------------------------------------------------------------------- writing
 @dataclass
 class ExportResult:
     format: str
-    paths: list[str]  # the files written (for yolo: classes.txt, manifest.csv, then the label files)
+    paths: list[str]  # the files written (for yolo: data.yaml, manifest.csv, then the label files)
     images: int
     boxes: int
     dropped_boxes: int
     categories: list[str]
     box_source: str = "cam"
     refined_images: int = 0  # images whose boxes come from refined_boxes
+    detail: str = ""  # what the format adds to the summary line (yolo: the split)
 
     def refined_note(self) -> str:
         """Which boxes went out, where refinement played a part: empty when none did."""
@@ -485,7 +432,7 @@ class ExportResult:
         return (
             f"{self.format}: {self.images} images, {self.boxes} boxes"
             f"{f' ({self.dropped_boxes} below --min-score dropped)' if self.dropped_boxes else ''}"
-            f"{f' ({note})' if note else ''}, "
+            f"{f' ({note})' if note else ''}{f' ({self.detail})' if self.detail else ''}, "
             f"categories {', '.join(self.categories)} -> {self.paths[0] if self.paths else '(nothing)'}"
         )
 
@@ -507,10 +454,16 @@ def export(
     image_root: str | None = None,
     categories: str = LESION,
     boxes: str = "auto",
+    images: str = ImageMode.LINK.value,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> ExportResult:
     """Export the newest row per image of OUTPUT/cams to `to` (a file; a directory for yolo)."""
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if images not in IMAGE_MODES:
+        raise ExportError(f"--images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ExportError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
     plan = plan_export(output, min_score=min_score, categories=categories, boxes=boxes)
     if not plan.images:
         log.warning("%s/cams holds no rows: the export is empty", output.rstrip("/"))
@@ -521,10 +474,13 @@ def export(
             len(plan.images) - plan.refined_images,
             len(plan.images),
         )
-    fs, path = open_filesystem(to.rstrip("/") if format == "yolo" else to)
+    fs, path = open_filesystem(to)
     box_count = sum(len(image.boxes) for image in plan.images)
     paths: list[str] = []
+    detail = ""
     if format == "coco":
+        from camjobs.labels.coco import to_coco  # here: coco builds on this module's plan
+
         _write_text(fs, path, json.dumps(to_coco(plan, image_root=image_root), ensure_ascii=False, indent=1))
         paths = [to]
     elif format == "labelstudio":
@@ -539,28 +495,9 @@ def export(
         _write_text(fs, config, label_config(plan.categories, polygons=polygons))
         paths = [to, label_config_path(to)]
     else:
-        fs.create_dir(path, recursive=True)
-        stems: dict[str, str] = {}
-        manifest = io.StringIO()
-        writer = csv.writer(manifest, lineterminator="\n")
-        writer.writerow(["stem", "image_id", "file_name", "width", "height", "boxes"])
-        label_files = []
-        for image in plan.images:
-            if not image.boxes:
-                continue
-            stem = yolo_stem(image.image_id)
-            if stem in stems or stem in ("classes", "manifest"):
-                raise ExportError(
-                    f"image ids {stems.get(stem, stem)!r} and {image.image_id!r} map to the same "
-                    f"YOLO label file {stem}.txt"
-                )
-            stems[stem] = image.image_id
-            _write_text(fs, f"{path}/{stem}.txt", "\n".join(yolo_lines(image, plan.categories)) + "\n")
-            writer.writerow([stem, image.image_id, image.file_name, image.width, image.height, len(image.boxes)])
-            label_files.append(f"{to.rstrip('/')}/{stem}.txt")
-        _write_text(fs, f"{path}/classes.txt", "\n".join(plan.categories) + "\n")
-        _write_text(fs, f"{path}/manifest.csv", manifest.getvalue())
-        paths = [f"{to.rstrip('/')}/classes.txt", f"{to.rstrip('/')}/manifest.csv", *label_files]
+        from camjobs.labels.yolo import write_yolo  # here: yolo builds on this module's plan
+
+        paths, detail = write_yolo(plan, to, images=images, val_fraction=val_fraction)
     return ExportResult(
         format,
         paths,
@@ -570,4 +507,5 @@ def export(
         list(plan.categories),
         plan.box_source,
         plan.refined_images,
+        detail,
     )
