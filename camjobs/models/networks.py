@@ -557,9 +557,11 @@ def save_checkpoint(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     pooling: str = "gap",
+    training: dict | None = None,
 ) -> str:
     """Write a checkpoint that load_model reads (weights_only-safe); return the file's sha256.
-    pooling is recorded so that load_model rebuilds the same head (GAP or GMP)."""
+    pooling is recorded so that load_model rebuilds the same head (GAP or GMP); training (numbers and
+    strings: which epoch, its validation metrics) tells a reader which weights these are."""
     _check_class_count(list(classes), _num_outputs(model), f"save_checkpoint({str(path)!r})")
     check_pooling(pooling)
     payload = {
@@ -571,6 +573,8 @@ def save_checkpoint(
         "std": [float(v) for v in std],
         "pooling": pooling,
     }
+    if training is not None:
+        payload["training"] = dict(training)
     atomic_torch_save(payload, path)
     return file_sha256(path)
 
