@@ -162,8 +162,7 @@ def build_model(arch: str, num_classes: int | None, weights: str | None = None, 
     the local caches), or the path of a local state_dict file for the architecture (.safetensors
     too). With pretrained weights the final Linear is replaced by a fresh one when num_classes
     differs from the weights' class count (num_classes=None keeps the weights' head).
-    pooling: "gap" (the architecture's global average pooling) or "gmp" (a global max pooling in
-    its place).
+    pooling: "gap" (the architecture's global average pooling) or "gmp" (a global max pooling in its place).
     """
     _check_arch(arch)
     check_pooling(pooling)
@@ -559,9 +558,8 @@ def save_checkpoint(
     pooling: str = "gap",
     training: dict | None = None,
 ) -> str:
-    """Write a checkpoint that load_model reads (weights_only-safe); return the file's sha256.
-    pooling is recorded so that load_model rebuilds the same head (GAP or GMP); training (numbers and
-    strings: which epoch, its validation metrics) tells a reader which weights these are."""
+    """Write a checkpoint that load_model reads (weights_only-safe); return the file's sha256. pooling is
+    recorded so that load_model rebuilds the same head; training (numbers, strings) says which epoch it holds."""
     _check_class_count(list(classes), _num_outputs(model), f"save_checkpoint({str(path)!r})")
     check_pooling(pooling)
     payload = {
@@ -572,9 +570,8 @@ def save_checkpoint(
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "pooling": pooling,
+        **({"training": dict(training)} if training is not None else {}),
     }
-    if training is not None:
-        payload["training"] = dict(training)
     atomic_torch_save(payload, path)
     return file_sha256(path)
 
