@@ -298,12 +298,16 @@ def test_pooling_is_checked_and_part_of_the_resume_settings(small_ham, tmp_path)
     train_model(_config(small_ham, out, arch="mobilenet_v3_small"))
     with pytest.raises(ValueError, match=r"pooling 'gap' \(now 'gmp'\)"):
         train_model(_config(small_ham, out, arch="mobilenet_v3_small", epochs=2, resume=True, pooling="gmp"))
-    # a resume file written before --pooling existed holds a GAP model: it resumes as one
+    # a resume file written before --pooling existed holds a GAP model: it resumes as one; written before the
+    # best epoch was kept, its last epoch is the best so far
     payload = torch.load(resume_path(out), weights_only=True)
-    del payload["config"]["pooling"]
+    del payload["config"]["pooling"], payload["best"]
     torch.save(payload, resume_path(out))
     resumed = train_model(_config(small_ham, out, arch="mobilenet_v3_small", epochs=2, resume=True))
     assert resumed.epochs_run == 2 and torch.load(out, weights_only=True)["pooling"] == "gap"
+    best = _oracle_best(resumed.history)
+    assert resumed.best_epoch == best
+    assert _same(_state(out), {1: payload["state_dict"], 2: _state(resume_path(out))}[best])
 
 
 @pytest.mark.slow
