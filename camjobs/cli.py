@@ -320,11 +320,20 @@ def train(
                 pooling=pooling.value,
             )
         )
-    typer.echo(
-        f"checkpoint: {result.checkpoint} after {result.epochs_run} epoch(s) (validation accuracy "
-        f"{result.val_accuracy:.1%}, balanced accuracy {result.val_balanced_accuracy:.1%}); resume file: "
-        f"{result.resume_file}"
-    )
+    typer.echo(_trained_line(result))
+
+
+def _trained_line(result) -> str:
+    """Which epoch the checkpoint holds and why, and that --resume continues from the last one."""
+    if result.kept_by == "last":
+        kept = f"epoch {result.best_epoch} of {result.epochs_run}, the last (no validation images to choose by)"
+    else:
+        kept = (
+            f"epoch {result.best_epoch} of {result.epochs_run}, the best by validation balanced accuracy "
+            f"({result.val_balanced_accuracy:.1%}; accuracy {result.val_accuracy:.1%})"
+        )
+    resume = f"resume file (epoch {result.epochs_run}): {result.resume_file}"
+    return f"checkpoint: {result.checkpoint} holds {kept}; {resume}"
 
 
 @app.command()

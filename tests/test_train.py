@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 from camjobs.cli import app
 from camjobs.models.networks import file_sha256, load_model
 from camjobs.models.train import TrainConfig, resume_path, train_model
-from camjobs.models.train_data import BalancedSampler, epoch_seed, lesion_groups, split_records, usable_records
+from camjobs.models.train_data import (
+    BalancedSampler,
+    LabelledImages,
+    epoch_seed,
+    lesion_groups,
+    split_records,
+    usable_records,
+)
 from camjobs.models.train_loop import accuracy, balanced_accuracy, confusion_matrix
 from camjobs.synth import synth_dataset
 
@@ -291,12 +298,16 @@ def test_pooling_is_checked_and_part_of_the_resume_settings(small_ham, tmp_path)
     train_model(_config(small_ham, out, arch="mobilenet_v3_small"))
     with pytest.raises(ValueError, match=r"pooling 'gap' \(now 'gmp'\)"):
         train_model(_config(small_ham, out, arch="mobilenet_v3_small", epochs=2, resume=True, pooling="gmp"))
-    # a resume file written before --pooling existed holds a GAP model: it resumes as one
+    # a resume file written before --pooling existed holds a GAP model: it resumes as one; written before the
+    # best epoch was kept, its last epoch is the best so far
     payload = torch.load(resume_path(out), weights_only=True)
-    del payload["config"]["pooling"]
+    del payload["config"]["pooling"], payload["best"]
     torch.save(payload, resume_path(out))
     resumed = train_model(_config(small_ham, out, arch="mobilenet_v3_small", epochs=2, resume=True))
     assert resumed.epochs_run == 2 and torch.load(out, weights_only=True)["pooling"] == "gap"
+    best = _oracle_best(resumed.history)
+    assert resumed.best_epoch == best
+    assert _same(_state(out), {1: payload["state_dict"], 2: _state(resume_path(out))}[best])
 
 
 @pytest.mark.slow
@@ -315,6 +326,7 @@ def test_ray_train_two_workers_checkpoint_runs(ray_cluster, tmp_path):
     assert not any(key.startswith("module.") for key in stored["state_dict"])  # unwrapped from DDP
     resume = torch.load(resume_path(checkpoint), weights_only=True)
     assert resume["epoch"] == 1 and resume["config"]["workers"] == 2
+    assert _same(stored["state_dict"], resume["state_dict"])  # one epoch: the best is the last
 
     run = run_job(RunConfig(data=str(data), output=str(tmp_path / "out"), checkpoint=str(checkpoint)))
     assert run.exit_code == 0 and run.summary["counts"]["processed"] == 24
@@ -328,4 +340,110 @@ def test_ray_train_two_workers_checkpoint_runs(ray_cluster, tmp_path):
     )
     assert (resumed.epochs_run, resumed.resumed_from_epoch) == (2, 1)
     assert [entry["epoch"] for entry in resumed.history] == [1, 2]
-    assert torch.load(resume_path(checkpoint), weights_only=True)["epoch"] == 2
+    last = torch.load(resume_path(checkpoint), weights_only=True)
+    assert last["epoch"] == 2
+    # the workers choose the best as a local run does: the checkpoint holds the oracle's epoch, the best survived
+    # the resume, and the resume file holds the last epoch
+    best = _oracle_best(resumed.history)
+    assert resumed.best_epoch == last["best"]["epoch"] == best
+    assert _same(_state(checkpoint), {1: resume["state_dict"], 2: last["state_dict"]}[best])
+
+
+def _oracle_best(history: list[dict]) -> int:
+    """The documented rule: the highest validation balanced accuracy, the earlier epoch on a tie."""
+    return max(history, key=lambda entry: (entry["val_balanced_accuracy"], -entry["epoch"]))["epoch"]
+
+
+def test_the_kept_epoch_follows_the_rule():
+    """keeps() folded over a history picks the oracle's epoch; without validation images, the last."""
+    from camjobs.models.train_loop import best_record, keeps
+
+    for scores in ([0.6, 0.23, 0.4], [0.3, 0.5, 0.5, 0.2], [0.5, 0.5], [0.1, 0.2, 0.3], [0.4, 0.4, 0.7, 0.7]):
+        history = [{"epoch": e, "val_accuracy": 0.5, "val_balanced_accuracy": s} for e, s in enumerate(scores, 1)]
+        best = None
+        for metrics in history:
+            best = best_record(metrics, {}) if keeps(metrics, best) else best
+        assert best["epoch"] == _oracle_best(history), scores
+    nan = float("nan")
+    best = None
+    for epoch in (1, 2, 3):
+        metrics = {"epoch": epoch, "val_accuracy": nan, "val_balanced_accuracy": nan}
+        best = best_record(metrics, {}) if keeps(metrics, best) else best
+    assert best["epoch"] == 3
+
+
+def _state(path) -> dict:
+    stored = torch.load(path, weights_only=True)
+    return stored["state_dict"]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_checkpoint_holds_the_best_epoch_and_resume_continues_from_the_last(tmp_path, caplog):
+    """Epoch by epoch (1 run, then 3 resumes; resume is exact) gives each epoch's state; the checkpoint of a
+    run holds the state of the oracle's best epoch, its resume file the last epoch's; a 4-epoch run from the
+    CLI ends where the resumed chain does, keeps the same best and says which it kept."""
+    data = tmp_path / "ham"
+    synth_dataset(data, n=30, seed=3, width=96, height=72)
+    records, classes = usable_records(str(data))
+    train, val = split_records(records, 0.2, seed=0, groups=lesion_groups(records, "ham10000"))
+    settings = dict(arch="shufflenet_v2_x0_5", input_size=48, batch_size=4, lr=0.03)
+    chain = tmp_path / "chain.pt"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with caplog.at_level("WARNING", logger="camjobs"):
+            results = [train_model(_config(data, chain, epochs=1, **settings))]
+            warned = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
+            states, checkpoints = [_state(resume_path(chain))], [_state(chain)]
+            for epochs in (2, 3, 4):
+                results.append(train_model(_config(data, chain, epochs=epochs, resume=True, **settings)))
+                states.append(_state(resume_path(chain)))
+                checkpoints.append(_state(chain))
+        args = ["--model", settings["arch"], "--input-size", "48", "--batch-size", "4", "--lr", "0.03"]
+        straight = tmp_path / "straight.pt"
+        cli = runner.invoke(app, ["train", "--data", str(data), "--out", str(straight), "--epochs", "4", *args])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert cli.exit_code == 0, cli.output
+
+    # one warning (the resumes start from trained weights): random weights on the few training images, naming
+    # the flags that start from pretrained weights
+    assert len(warned) == 1 and f"from random weights on {len(train)} images" in warned[0]
+    assert "--weights imagenet" in warned[0] and "efficientnet_lite0" in warned[0] and "--weights-file" in warned[0]
+
+    history = results[-1].history
+    best = _oracle_best(history)
+    assert best < 4, f"the trajectory {history} must have a best epoch before the last to tell them apart"
+    assert len({id(s) for s in states}) == 4 and not _same(states[best - 1], states[3])
+    for k, result in enumerate(results, 1):  # after every step: the best so far, not the last
+        assert result.history == history[:k] and result.epochs_run == k
+        assert result.best_epoch == _oracle_best(history[:k])
+        assert _same(checkpoints[k - 1], states[result.best_epoch - 1])
+    final = results[-1]
+    assert final.val_balanced_accuracy == history[best - 1]["val_balanced_accuracy"]
+    assert final.val_accuracy == history[best - 1]["val_accuracy"]
+
+    # the straight run: the same best survives the resumes, and the resume file is the last epoch's
+    assert _same(_state(straight), states[best - 1]) and _same(_state(resume_path(straight)), states[3])
+    stored = torch.load(straight, weights_only=True)
+    assert stored["training"]["epoch"] == best and stored["training"]["epochs_run"] == 4
+    assert stored["training"]["kept_by"] == "val_balanced_accuracy"
+    last_line = cli.output.strip().splitlines()[-1]
+    assert f"holds epoch {best} of 4, the best by validation balanced accuracy" in last_line
+    assert f"({history[best - 1]['val_balanced_accuracy']:.1%};" in last_line
+    assert f"resume file (epoch 4): {resume_path(straight)}" in last_line
+
+    # the checkpoint scores what the best epoch scored: torchvision's model with its weights, on the
+    # validation images the split gives, balanced accuracy by hand
+    model = torchvision.models.get_model(settings["arch"], num_classes=len(classes))
+    model.load_state_dict(stored["state_dict"])
+    images, labels = zip(*LabelledImages(val, {c: i for i, c in enumerate(classes)}, 48, False), strict=True)
+    with torch.inference_mode():
+        predicted = model.eval()(torch.stack(images)).argmax(1).tolist()
+    recalls = [
+        sum(p == c for p, t in zip(predicted, labels, strict=True) if t == c) / labels.count(c) for c in set(labels)
+    ]
+    assert sum(recalls) / len(recalls) == pytest.approx(history[best - 1]["val_balanced_accuracy"])

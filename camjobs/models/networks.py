@@ -162,8 +162,7 @@ def build_model(arch: str, num_classes: int | None, weights: str | None = None, 
     the local caches), or the path of a local state_dict file for the architecture (.safetensors
     too). With pretrained weights the final Linear is replaced by a fresh one when num_classes
     differs from the weights' class count (num_classes=None keeps the weights' head).
-    pooling: "gap" (the architecture's global average pooling) or "gmp" (a global max pooling in
-    its place).
+    pooling: "gap" (the architecture's global average pooling) or "gmp" (a global max pooling in its place).
     """
     _check_arch(arch)
     check_pooling(pooling)
@@ -557,9 +556,10 @@ def save_checkpoint(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     pooling: str = "gap",
+    training: dict | None = None,
 ) -> str:
-    """Write a checkpoint that load_model reads (weights_only-safe); return the file's sha256.
-    pooling is recorded so that load_model rebuilds the same head (GAP or GMP)."""
+    """Write a checkpoint that load_model reads (weights_only-safe); return the file's sha256. pooling is
+    recorded so that load_model rebuilds the same head; training (numbers, strings) says which epoch it holds."""
     _check_class_count(list(classes), _num_outputs(model), f"save_checkpoint({str(path)!r})")
     check_pooling(pooling)
     payload = {
@@ -570,6 +570,7 @@ def save_checkpoint(
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "pooling": pooling,
+        **({"training": dict(training)} if training is not None else {}),
     }
     atomic_torch_save(payload, path)
     return file_sha256(path)

@@ -17,9 +17,12 @@ mean, std, pooling) and loads with torch.load(weights_only=True).
   metadata CSV, so no lesion has images on both sides; stratified by class at group level.
 - Sampling: class-balanced by default (draws with replacement, weights 1 / class count).
 - Metrics: validation accuracy and balanced accuracy (mean per-class recall) every epoch.
-- Resume: after every epoch ``<out>.resume.pt`` is replaced atomically (model, optimizer, epoch,
-  seed, classes, config; weights_only-safe). Every epoch reseeds Python, NumPy and torch from
-  (seed, epoch, rank), so a resumed run continues exactly as an uninterrupted one would.
+- Kept epoch: the checkpoint holds the epoch with the highest validation balanced accuracy (the
+  earlier on a tie; the last without validation images), and records which (``training``).
+- Resume: after every epoch ``<out>.resume.pt`` is replaced atomically (the last epoch's model and
+  optimizer, the best epoch so far, epoch, seed, classes, config; weights_only-safe). Every epoch
+  reseeds Python, NumPy and torch from (seed, epoch, rank), so a resumed run continues exactly as an
+  uninterrupted one would.
 - Scale: ``workers=0`` trains in this process; ``workers=N`` runs N data-parallel Ray Train
   workers (DistributedDataParallel; one GPU each where the cluster has GPUs).
 """
@@ -27,6 +30,7 @@ mean, std, pooling) and loads with torch.load(weights_only=True).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,11 +38,23 @@ import torch
 
 from camjobs.models.networks import atomic_torch_save, build_model, check_pooling, save_checkpoint
 from camjobs.models.train_data import labelled_listing, lesion_groups, split_records, split_sha256
-from camjobs.models.train_loop import LocalWorld, TrainConfig, read_resume, resume_path, seed_everything, train_epochs
+from camjobs.models.train_loop import (
+    BEST_METRIC,
+    LocalWorld,
+    TrainConfig,
+    read_resume,
+    resume_path,
+    seed_everything,
+    train_epochs,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "resume_path", "train_model"]
 
 log = logging.getLogger(__name__)
+
+# Below about a thousand images a network from random weights learns the training images rather than
+# the lesions; ImageNet features transfer to dermoscopy, so a start from them is worth a warning.
+RANDOM_START_MIN_IMAGES = 1000
 
 
 @dataclass
@@ -49,12 +65,14 @@ class TrainResult:
     val_accuracy: float
     train_images: int
     val_images: int
-    checkpoint_sha256: str
+    checkpoint_sha256: str  # val_accuracy and val_balanced_accuracy are the checkpoint's: the kept epoch's
     val_balanced_accuracy: float = float("nan")
     resumed_from_epoch: int = 0
     resume_file: str = ""
     # per epoch: epoch, train_loss, val_accuracy, val_balanced_accuracy, seconds
     history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0  # the epoch the checkpoint holds
+    kept_by: str = BEST_METRIC  # BEST_METRIC, or "last" where there were no validation images
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -104,7 +122,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     else:
         # seeded above: a fresh head is reproducible
         model = build_model(cfg.arch, len(classes), weights=cfg.weights, pooling=cfg.pooling)
-        start = {"state_dict": model.state_dict(), "optimizer": None, "epoch": 0, "history": []}
+        start = {"state_dict": model.state_dict(), "optimizer": None, "epoch": 0, "history": [], "best": None}
     log.info(
         "training %s on %d images of %d lesion groups (%d validation), classes %s, %s sampling%s",
         cfg.arch,
@@ -115,6 +133,8 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         "class-balanced" if cfg.balanced else "uniform",
         f", {cfg.workers} Ray Train worker(s)" if cfg.workers else "",
     )
+    if not cfg.resume:
+        _warn_random_start(cfg, len(train_records))
     job = {
         "config": asdict(cfg),
         "classes": classes,
@@ -125,27 +145,62 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         "deadline": started + cfg.max_seconds if cfg.max_seconds is not None else None,
     }
     final = _run_epochs(cfg, job, resume_file)
-
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg.arch, len(classes), pooling=cfg.pooling)
-    model.load_state_dict(final["state_dict"])
-    sha = save_checkpoint(
-        cfg.out, model.eval(), arch=cfg.arch, classes=classes, input_size=cfg.input_size, pooling=cfg.pooling
-    )
+    best, sha = _write_checkpoint(cfg, classes, final)
     if cfg.workers and int(final["epoch"]) > int(start["epoch"]):
         atomic_torch_save(final, resume_file)  # the callback wrote it already; this makes sure it is the last one
-    history = list(final["history"])
-    last = history[-1] if history else {}
     return TrainResult(
         cfg.out,
         classes,
         int(final["epoch"]),
-        last.get("val_accuracy", float("nan")),
+        best["val_accuracy"],
         len(train_records),
         len(val_records),
         sha,
-        val_balanced_accuracy=last.get("val_balanced_accuracy", float("nan")),
+        val_balanced_accuracy=best["val_balanced_accuracy"],
         resumed_from_epoch=int(start["epoch"]) if cfg.resume else 0,
         resume_file=resume_file,
-        history=history,
+        history=list(final["history"]),
+        best_epoch=best["epoch"],
+        kept_by=_kept_by(best),
     )
+
+
+def _warn_random_start(cfg: TrainConfig, train_images: int) -> None:
+    if cfg.weights is None and train_images < RANDOM_START_MIN_IMAGES:
+        log.warning(
+            "training %s from random weights on %d images: under %d images that rarely learns more than the "
+            "training images themselves; start from pretrained weights with --weights imagenet (torchvision's, "
+            "downloaded; --model efficientnet_lite0 --weights imagenet works offline) or --weights-file PATH",
+            cfg.arch,
+            train_images,
+            RANDOM_START_MIN_IMAGES,
+        )
+
+
+def _kept_by(best: dict) -> str:
+    return "last" if math.isnan(best[BEST_METRIC]) else BEST_METRIC
+
+
+def _write_checkpoint(cfg: TrainConfig, classes: list[str], final: dict) -> tuple[dict, str]:
+    """(best epoch, sha256): the checkpoint holds the best epoch's weights and says which epoch that is."""
+    best = final["best"]
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg.arch, len(classes), pooling=cfg.pooling)
+    model.load_state_dict(best["state_dict"])
+    training = {
+        "epoch": best["epoch"],
+        "epochs_run": int(final["epoch"]),
+        "kept_by": _kept_by(best),
+        "val_accuracy": best["val_accuracy"],
+        "val_balanced_accuracy": best["val_balanced_accuracy"],
+    }
+    sha = save_checkpoint(
+        cfg.out,
+        model.eval(),
+        arch=cfg.arch,
+        classes=classes,
+        input_size=cfg.input_size,
+        pooling=cfg.pooling,
+        training=training,
+    )
+    return best, sha

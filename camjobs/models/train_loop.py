@@ -2,9 +2,12 @@
 
 ``train_epochs(job, world)`` runs in this process (``LocalWorld``) and in every Ray Train worker
 (``camjobs.models.train_ray``); the world says which rank it is and how ranks talk to each other. After
-every epoch the resume payload (model, optimizer, epoch, seed, classes, config;
-weights_only-safe) is written, and every epoch reseeds Python, NumPy and torch from
+every epoch the resume payload (the last epoch's model and optimizer, the best epoch so far, epoch, seed,
+classes, config; weights_only-safe) is written, and every epoch reseeds Python, NumPy and torch from
 (seed, epoch, rank), so a resumed run continues exactly as an uninterrupted one would.
+
+The best epoch is the one with the highest validation balanced accuracy (``keeps``); its weights are what
+``camjobs train`` writes as the checkpoint, while the resume file continues from the last epoch.
 
 This module does not import Ray.
 """
@@ -12,6 +15,7 @@ This module does not import Ray.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 
 RESUME_SUFFIX = ".resume.pt"
 RESUME_FORMAT = "camjobs-train-resume"
-RESUME_VERSION = 1
+RESUME_VERSION = 2  # 2: the best epoch so far ("best")
 # Settings that shape the training trajectory: a resume file written with other values is refused.
 RESUME_KEYS = ("input_size", "batch_size", "lr", "weights", "seed", "val_fraction", "balanced", "workers", "pooling")
 
@@ -119,8 +123,41 @@ def _to_cpu(obj):
     return obj
 
 
-def _resume_payload(cfg: TrainConfig, classes, split_sha256, sizes, model, optimizer, epoch, history) -> dict:
-    """Everything to continue training; tensors, dicts, lists, numbers and strings only (weights_only-safe)."""
+# --------------------------------------------------------------------------- the kept epoch
+BEST_METRIC = "val_balanced_accuracy"
+
+
+def keeps(metrics: dict, best: dict | None) -> bool:
+    """Whether an epoch's metrics replace the best epoch so far: a higher validation balanced accuracy.
+
+    A tie keeps the earlier epoch (it got there with fewer updates). Without validation images the
+    metric is NaN for every epoch: nothing to choose by, so the last epoch is kept.
+    """
+    if best is None or math.isnan(best[BEST_METRIC]):
+        return True
+    return metrics[BEST_METRIC] > best[BEST_METRIC]  # False for NaN
+
+
+def best_record(metrics: dict, state_dict: dict) -> dict:
+    """The best epoch as the resume file keeps it: its number, validation metrics and weights."""
+    return {
+        "epoch": int(metrics["epoch"]),
+        "val_accuracy": float(metrics["val_accuracy"]),
+        "val_balanced_accuracy": float(metrics["val_balanced_accuracy"]),
+        "state_dict": state_dict,
+    }
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    """A CPU copy of the weights: training goes on changing the model's own tensors in place."""
+    return {key: value.detach().to("cpu", copy=True) for key, value in _unwrap(model).state_dict().items()}
+
+
+def _resume_payload(cfg: TrainConfig, classes, split_sha256, sizes, state, optimizer, epoch, history, best) -> dict:
+    """Everything to continue training; tensors, dicts, lists, numbers and strings only (weights_only-safe).
+
+    state is the last epoch's weights; best["state_dict"] is the same dict when the last epoch is the best,
+    and torch.save writes shared tensors once."""
     return {
         "format": RESUME_FORMAT,
         "version": RESUME_VERSION,
@@ -134,8 +171,9 @@ def _resume_payload(cfg: TrainConfig, classes, split_sha256, sizes, model, optim
         "val_images": sizes[1],
         "epoch": int(epoch),  # epochs completed
         "history": [dict(entry) for entry in history],
-        "state_dict": _to_cpu(_unwrap(model).state_dict()),
+        "state_dict": state,
         "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
+        "best": best,
     }
 
 
@@ -171,6 +209,9 @@ def read_resume(path: str | os.PathLike, cfg: TrainConfig, classes: list[str], s
             f"--resume: {str(path)!r} was written with {'; '.join(problems)}; "
             "resume with the same data and settings, or run without --resume to start over"
         )
+    if "best" not in payload:  # written before the best epoch was kept: the last one is the best known
+        log.info("%s does not record a best epoch: epoch %d counts as the best so far", path, payload["epoch"])
+        payload["best"] = best_record(payload["history"][-1], payload["state_dict"])
     return payload
 
 
@@ -262,11 +303,12 @@ def _train_one_epoch(model, optimizer, loader, world: World, desc: str, show: bo
 
 
 def train_epochs(job: dict, world: World) -> dict:
-    """Train from job["start"] up to cfg.epochs; return the last epoch's resume payload.
+    """Train from job["start"] up to cfg.epochs; return the last epoch's resume payload (rank 0's; the
+    best epoch in it).
 
     job: config (TrainConfig fields), classes, train and val records, split_sha256, deadline,
-    start (a resume payload: state_dict, optimizer or None, epoch, history). The same function
-    runs in this process and in every Ray Train worker.
+    start (a resume payload: state_dict, optimizer or None, epoch, history, best or None). The same
+    function runs in this process and in every Ray Train worker, so the best is chosen the same way.
     """
     cfg = TrainConfig(**job["config"])
     classes, train_records, val_records, start = job["classes"], job["train"], job["val"], job["start"]
@@ -275,7 +317,7 @@ def train_epochs(job: dict, world: World) -> dict:
     model, optimizer = _start_model(cfg, classes, start, world)
     sampler, train_loader, val_loader = _loaders(cfg, class_index, train_records, val_records, world)
 
-    history, payload = list(start["history"]), start
+    history, payload, best = list(start["history"]), start, start["best"]
     for epoch in range(int(start["epoch"]), cfg.epochs):
         began = time.time()
         seed_everything(epoch_seed(cfg.seed, epoch, world.rank))
@@ -301,8 +343,12 @@ def train_epochs(job: dict, world: World) -> dict:
             f"balanced accuracy {100 * metrics['val_balanced_accuracy']:.1f}%"
         )
         payload = None
-        if world.rank == 0:
-            payload = _resume_payload(cfg, classes, job["split_sha256"], sizes, model, optimizer, epoch + 1, history)
+        if world.rank == 0:  # every rank has the same metrics (summed above); rank 0 alone keeps weights
+            state = _snapshot(model)
+            best = best_record(metrics, state) if keeps(metrics, best) else best
+            payload = _resume_payload(
+                cfg, classes, job["split_sha256"], sizes, state, optimizer, epoch + 1, history, best
+            )
         world.end_epoch(payload, metrics)
         out_of_time = job["deadline"] is not None and time.time() > job["deadline"]
         if float(world.all_reduce(torch.tensor([float(out_of_time)]))[0]) > 0:  # every rank stops together

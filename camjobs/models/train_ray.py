@@ -2,8 +2,8 @@
 the cluster has GPUs).
 
 Each worker runs ``camjobs.models.train_loop.train_epochs`` with a ``RayWorld``: rank 0 reports the resume
-payload as the epoch's Ray Train checkpoint, and a callback in the Train controller copies it to the
-resume file next to ``--out``.
+payload (the last epoch and the best so far, chosen by train_epochs as in a local run) as the epoch's Ray
+Train checkpoint, and a callback in the Train controller copies it to the resume file next to ``--out``.
 """
 
 from __future__ import annotations
