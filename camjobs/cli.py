@@ -2,7 +2,8 @@
 
 Exit codes, for schedulers (camjobs.errors): 0 ok; 1 the job failed; 2 bad usage or configuration;
 3 the job finished and wrote everything, but more inputs failed than --max-error-fraction;
-130 `camjobs submit` stopped following its job (Ctrl-C). A CamjobsError from any command exits
+130 `camjobs run` interrupted by SIGINT (Ctrl-C; `camjobs submit`: stopped following its job);
+143 `camjobs run` stopped by SIGTERM. A CamjobsError from any command exits
 with its own code (CamjobsGroup), so the same mistake gets the same code from every command.
 """
 
@@ -38,6 +39,7 @@ from camjobs.config import (
     redact_uri,
 )
 from camjobs.errors import EXIT_FAILED, CamjobsError, JobError, UsageError
+from camjobs.interrupt import stop_on_signals
 
 
 class CamjobsGroup(TyperGroup):
@@ -108,6 +110,15 @@ DecodeOnOption = Annotated[
         f"machines (default: {_default('decode_on')}).",
     ),
 ]
+LockLeaseOption = Annotated[
+    float | None,
+    typer.Option(
+        "--lock-lease",
+        metavar="SECONDS",
+        help="The output lock's lease: the run renews it every third of this; a lock not renewed for longer "
+        f"is taken over by the next run, from any host (default: {_default('lock_lease'):g}).",
+    ),
+]
 RefineOption = Annotated[
     bool | None,
     typer.Option(
@@ -174,19 +185,23 @@ def run(
     address: str | None = typer.Option(
         None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."
     ),
+    lock_lease: LockLeaseOption = None,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Compute CAM heatmaps and boxes for every image of a dataset, as a Ray job."""
+    """Compute CAM heatmaps and boxes for every image of a dataset, as a Ray job.
+
+    SIGINT (Ctrl-C) or SIGTERM stops it cleanly: nothing is published, and it exits 130 or 143."""
     _setup_logging(verbose)
     flags = dict(locals())
     for name in ("config", "verbose"):
         flags.pop(name)
     cfg = load_run_config(config, flags)
 
-    from camjobs.pipeline.job import run_job
+    with stop_on_signals():
+        from camjobs.pipeline.job import run_job
 
-    with _reported(FileNotFoundError, ValueError, RuntimeError, OSError):
-        result = run_job(cfg)
+        with _reported(FileNotFoundError, ValueError, RuntimeError, OSError):
+            result = run_job(cfg)
     typer.echo(f"run {result.run_id}: {result.message}")
     shown = redact_uri(cfg.output.rstrip("/"))  # an s3:// URI may carry credentials
     typer.echo(f"results: {shown}/cams  errors: {shown}/errors  summary: {redact_uri(result.summary_path)}")

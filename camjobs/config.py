@@ -20,6 +20,8 @@ from camjobs.errors import UsageError
 
 DEFAULT_THRESHOLD = 0.2  # box threshold, a fraction of the map's maximum (Zhou et al. 2015: 0.2)
 DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard, checked on the header before decoding
+# Seconds a run's output lock stays valid unrenewed; the run renews it every third of that (camjobs.output).
+DEFAULT_LOCK_LEASE = 600.0
 
 
 class Choice(str, Enum):
@@ -154,6 +156,7 @@ class RunConfig:
     incremental: bool = False
     refine: bool = False
     address: str | None = None
+    lock_lease: float = DEFAULT_LOCK_LEASE
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -176,6 +179,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {value}")
+        if not self.lock_lease > 0:
+            raise ConfigError(f"lock_lease: must be > 0 seconds, got {self.lock_lease}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError(f"gpus_per_actor: must be >= 0, got {self.gpus_per_actor}")
 

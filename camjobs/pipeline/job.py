@@ -19,7 +19,8 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -29,6 +30,7 @@ import ray
 from camjobs import __version__
 from camjobs.config import RunConfig
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
+from camjobs.interrupt import Stopped, deferred, sigterm_kept
 from camjobs.layouts import DatasetListing, list_images
 from camjobs.models.networks import LoadedModel
 from camjobs.output import existing_keys, output_lock, publish_run
@@ -206,7 +208,8 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # A cluster of our own needs no dashboard: it costs ~1 GiB of memory and a few % of CPU.
     dashboard = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
+    with sigterm_kept():  # camjobs run's SIGTERM handler cleans up; Ray's own would exit past that
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
 
 
 @dataclass
@@ -226,12 +229,35 @@ def run_job(cfg: RunConfig, *, tuning: Tuning = Tuning(), adapt: Adapt | None = 
     """Run the whole job under the output's lock; publish it; say how it went.
 
     `tuning` sizes the pipeline; `adapt`, given the planned stages, returns the stages to run
-    (a benchmark timing each stage, a test recording one), so that nothing changes this module."""
+    (a benchmark timing each stage, a test recording one), so that nothing changes this module.
+    A run that fails or is interrupted (camjobs.interrupt) stops its Ray work first, then drops its
+    staging and releases the lock (output_lock)."""
     run_id = new_run_id()
-    with output_lock(cfg.output, run_id):
-        prepared = _prepare(cfg, run_id, tuning)
-        stats = _build_and_write(cfg, prepared, tuning, adapt)
-        return _summarize(cfg, prepared, stats, time.time())
+    try:
+        with output_lock(cfg.output, run_id, cfg.lock_lease) as lease, _ray_stopped_on_failure():
+            prepared = _prepare(cfg, run_id, tuning)
+            stats = _build_and_write(cfg, prepared, tuning, adapt)
+            lease.check()
+            with deferred(run_id):  # a signal now waits until the run is published
+                return _summarize(cfg, prepared, stats, time.time())
+    except Stopped as stop:
+        stop.run_id = run_id
+        raise
+
+
+@contextmanager
+def _ray_stopped_on_failure() -> Iterator[None]:
+    """A run that fails or is interrupted shuts down the Ray it started: a local cluster with its
+    raylet, agents and workers, or its connection to a cluster it joined (Ray then ends the job's
+    tasks and actors), before its staging is removed. A run that completes leaves Ray to its caller
+    (another run_job may follow; at exit Ray shuts itself down)."""
+    started_here = not ray.is_initialized()
+    try:
+        yield
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
 
 
 @dataclass(frozen=True)
