@@ -86,9 +86,12 @@ def _default(name: str) -> Any:
     return RunConfig.__dataclass_fields__[name].default
 
 
+WRITE_MODES = ("incremental", "overwrite", "append")
+
+
 def load_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
-    """YAML file first, then every flag given on the command line on top of it; ConfigError for
-    anything wrong with either (a YAML syntax error too)."""
+    """YAML file first, then every flag given on the command line on top of it (a write-mode flag
+    replaces the file's write mode); ConfigError for anything wrong with either (a YAML syntax error too)."""
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -98,6 +101,8 @@ def load_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfi
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: expected a mapping of option: value")
         values.update(loaded)
+    if any(flags.get(mode) for mode in WRITE_MODES):
+        values.update(dict.fromkeys(WRITE_MODES, False))
     values.update({k: v for k, v in flags.items() if v is not None})
     return RunConfig.from_mapping(values)
 
@@ -108,6 +113,20 @@ DecodeOnOption = Annotated[
     typer.Option(
         help="Where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU "
         f"machines (default: {_default('decode_on')}).",
+    ),
+]
+OverwriteOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--overwrite",
+        help="Replace the rows the output holds for this model and these settings (readers see the old rows "
+        "or the new, never neither). Without a write mode, a run into such an output is refused.",
+    ),
+]
+AppendOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--append", help="Keep the rows the output holds for this model and these settings, and add a second set."
     ),
 ]
 LockLeaseOption = Annotated[
@@ -181,6 +200,8 @@ def run(
     incremental: bool | None = typer.Option(
         None, "--incremental", help="Skip images that already have a row for this model and these settings."
     ),
+    overwrite: OverwriteOption = None,
+    append: AppendOption = None,
     refine: RefineOption = None,
     address: str | None = typer.Option(
         None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."

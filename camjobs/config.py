@@ -78,6 +78,16 @@ class DecodeOn(Choice):
     GPU = "gpu"
 
 
+class WriteMode(Choice):
+    """What `camjobs run` does with rows an output already holds for its model and settings (the
+    RunConfig flags incremental, overwrite, append; none of them: error)."""
+
+    ERROR = "error"  # refuse: a re-run would silently hold every image twice
+    INCREMENTAL = "incremental"  # only images without a row yet (same image_id, same bytes)
+    OVERWRITE = "overwrite"  # replace them: readers see the old rows or the new, never neither
+    APPEND = "append"  # keep both; camjobs verify accepts the repeat
+
+
 class Pooling(Choice):
     """The global pooling before a classifier's final Linear layer (camjobs.models.networks)."""
 
@@ -154,6 +164,8 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
     incremental: bool = False
+    overwrite: bool = False
+    append: bool = False
     refine: bool = False
     address: str | None = None
     lock_lease: float = DEFAULT_LOCK_LEASE
@@ -179,6 +191,9 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {value}")
+        modes = [f"--{name}" for name in ("incremental", "overwrite", "append") if getattr(self, name)]
+        if len(modes) > 1:
+            raise ConfigError(f"{' and '.join(modes)}: give one write mode of --incremental, --overwrite, --append")
         if not self.lock_lease > 0:
             raise ConfigError(f"lock_lease: must be > 0 seconds, got {self.lock_lease}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
@@ -199,6 +214,12 @@ class RunConfig:
         if missing:
             raise ConfigError(f"{missing[0]}: required option is missing")
         return cls(**checked)
+
+    @property
+    def write_mode(self) -> WriteMode:
+        return next(
+            (WriteMode(name) for name in ("incremental", "overwrite", "append") if getattr(self, name)), WriteMode.ERROR
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,7 +21,8 @@ from layout_fixtures import noise_jpegs
 
 from camjobs.config import RunConfig
 from camjobs.labels.verify import verify_output
-from camjobs.output import LOCK_NAME, OutputLocked, output_lock
+from camjobs.lock import OutputLocked, output_lock
+from camjobs.output import LOCK_NAME
 from camjobs.pipeline.job import run_job
 
 pytestmark = pytest.mark.slow
@@ -161,8 +162,8 @@ def test_full_disk_fails_clearly_and_keeps_earlier_runs(ray_cluster, small_disk,
     first = run_job(_config(noise_jpegs(tmp_path / "small", 3, size=(24, 32)), output, input_size=64))
     assert first.summary["counts"]["processed"] == 3
     big = noise_jpegs(tmp_path / "big", 48, size=(450, 600), seed=1)  # 48 full-size heatmaps do not fit in 96 KiB
-    with pytest.raises(Exception) as caught:
-        run_job(_config(big, output, input_size=64))
+    with pytest.raises(Exception) as caught:  # an overwrite that fails keeps the rows it was to replace
+        run_job(_config(big, output, input_size=64, overwrite=True))
     assert "No space left" in str(caught.value) or "space" in str(caught.value).lower()
     report = verify_output(str(output))
     assert report.ok, report.problems
@@ -295,7 +296,7 @@ def test_a_signal_stops_a_run_cleanly(tmp_path, signals):
 # --------------------------------------------------------------------------- the lock's lease across hosts
 HOLDER = """
 import sys, time
-from camjobs.output import output_lock
+from camjobs.lock import output_lock
 with output_lock(sys.argv[1], "holder-run", lease_s=float(sys.argv[2])):
     print("holding", flush=True)
     time.sleep(600)

@@ -7,11 +7,6 @@ writes through a real Ray Data pipeline on the session's local cluster.
 from __future__ import annotations
 
 import json
-import logging
-import os
-import socket
-import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,16 +17,18 @@ from camjobs.output import (
     LOCK_NAME,
     NoResults,
     OutputDir,
-    OutputLocked,
+    OutputExists,
     drop_staging,
     existing_keys,
     item_key,
     newest_per_image,
     open_cams,
-    output_lock,
     publish_run,
     read_newest_cams,
     read_run_summaries,
+    remove_unfinished,
+    run_index,
+    runs_to_replace,
     settings_filter,
     staging_dir,
 )
@@ -148,20 +145,6 @@ def test_run_summaries_say_which_runs_have_none(tmp_path):
     assert list(summaries) == ["good"] and list(missing) == ["gone"]
 
 
-def test_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
-    with output_lock(str(tmp_path), "first"):
-        with pytest.raises(OutputLocked, match="first"), output_lock(str(tmp_path), "second"):
-            pass
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "first"
-    assert not (tmp_path / LOCK_NAME).exists()
-    dead_pid = 2**22 + 12345  # above Linux's largest pid: no process has it
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(), "pid": dead_pid}))
-    (tmp_path / "_staging" / "dead" / "cams").mkdir(parents=True)
-    with output_lock(str(tmp_path), "next"):
-        assert not (tmp_path / "_staging" / "dead").exists()  # the dead run's staging is dropped
-    assert OutputDir.open(str(tmp_path)).staged() == []
-
-
 def test_drop_staging_is_idempotent(tmp_path):
     (tmp_path / "_staging" / "r1" / "cams").mkdir(parents=True)
     (tmp_path / "_staging" / "r2").mkdir()
@@ -214,71 +197,62 @@ def test_a_failed_write_leaves_no_staging(ray_cluster, tmp_path):
     assert {p.parent.name for p in (tmp_path / "_staging" / "r2").rglob("*.parquet")} == {"cams", "errors"}
 
 
-# --------------------------------------------------------------------------- the lock as a lease
-def _lock_record(output: Path) -> dict:
-    return json.loads((output / LOCK_NAME).read_text())
+# --------------------------------------------------------------------------- which runs are live
+def _summary(root: Path, run_id: str, rows: int, **extra) -> None:
+    (root / "runs").mkdir(exist_ok=True)
+    summary = {"run_id": run_id, "schema_version": 2, "status": "completed", "settings": SETTINGS}
+    summary.update(counts={"processed": rows, "errors": 0}, **extra)
+    (root / "runs" / f"{run_id}.json").write_text(json.dumps(summary))
 
 
-def _ago(seconds: float) -> str:
-    return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat()
+def _live_runs(root: Path) -> set[str]:
+    return set(open_cams(str(root)).to_table(columns=["run_id"])["run_id"].to_pylist())
 
 
-def test_the_lock_records_its_holder_and_lease_and_is_renewed_while_held(tmp_path):
-    with output_lock(str(tmp_path), "r1", lease_s=0.3) as lease:
-        first = _lock_record(tmp_path)
-        assert (first["run_id"], first["host"], first["pid"]) == ("r1", socket.gethostname(), os.getpid())
-        assert first["lease_s"] == 0.3
-        time.sleep(0.5)  # past a third of the lease, at least once
-        renewed = _lock_record(tmp_path)
-        assert datetime.fromisoformat(renewed["renewed_at"]) > datetime.fromisoformat(first["renewed_at"])
-        assert renewed["started_at"] == first["started_at"]
-        lease.check()  # still ours
-    assert not (tmp_path / LOCK_NAME).exists()
+def test_an_overwrite_shows_its_rows_and_hides_the_old_ones_at_its_commit(tmp_path):
+    _write(tmp_path, [_row("a", OLD), _row("b", OLD)])
+    _summary(tmp_path, OLD, 2)
+    # the overwrite run in the middle of publishing: rows in place, summary not yet committed
+    _write(tmp_path, [_row("a", NEW, "1" * 64), _row("b", NEW, "1" * 64)])
+    _summary(tmp_path, NEW, 2, status="publishing", write_mode="overwrite", supersedes=[OLD])
+    assert _live_runs(tmp_path) == {OLD} and run_index(str(tmp_path)).hidden == {NEW}
+    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "0" * 64), item_key("b", "0" * 64)}
+    # the commit: one rewrite of the summary
+    _summary(tmp_path, NEW, 2, write_mode="overwrite", supersedes=[OLD])
+    assert _live_runs(tmp_path) == {NEW} and run_index(str(tmp_path)).superseded == {OLD}
+    assert read_newest_cams(str(tmp_path), [])["run_id"].to_pylist() == [NEW, NEW]
+    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "1" * 64), item_key("b", "1" * 64)}
 
 
-def test_an_expired_lease_is_taken_over_from_any_host_with_a_warning(tmp_path, caplog):
-    stale = {"run_id": "gone", "host": "another-host", "pid": 4242, "lease_s": 5.0, "renewed_at": _ago(60)}
-    (tmp_path / LOCK_NAME).write_text(json.dumps(stale))
-    started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="camjobs.output"), output_lock(str(tmp_path), "next"):
-        assert _lock_record(tmp_path)["run_id"] == "next"
-    assert time.monotonic() - started < 5  # expired by its renewal time: no waiting
-    (warning,) = [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()]
-    assert all(part in warning for part in ("gone", "another-host", "4242", "60 s ago", "lease of 5 s"))
+def test_publish_deletes_what_it_supersedes_and_the_lock_removes_what_dead_runs_left(tmp_path):
+    _write(tmp_path, [_row("a", OLD)])
+    _summary(tmp_path, OLD, 1)
+    staged = Path(staging_dir(str(tmp_path), NEW)) / "cams"
+    staged.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([_row("a", NEW)], schema=CAMS_SCHEMA), staged / "part-0.parquet")
+    path = publish_run(str(tmp_path), NEW, {"run_id": NEW, "status": "completed", "supersedes": [OLD]})
+    assert json.loads(Path(path).read_text())["status"] == "completed"
+    assert not (tmp_path / "cams" / OLD).exists() and (tmp_path / "runs" / f"{OLD}.json").exists()
+    assert _live_runs(tmp_path) == {NEW}
+
+    # what runs that died leave: one that died publishing, and superseded rows not yet deleted
+    dead = "20240303T000000Z-cccccc"
+    _write(tmp_path, [_row("b", dead), _row("a", OLD)])
+    _summary(tmp_path, dead, 1, status="publishing")
+    assert _live_runs(tmp_path) == {NEW}
+    remove_unfinished(OutputDir.open(str(tmp_path)))
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [NEW]
+    assert not (tmp_path / "runs" / f"{dead}.json").exists()
 
 
-def test_a_lock_of_an_older_camjobs_counts_from_its_start_with_the_default_lease(tmp_path, caplog):
-    old = {"run_id": "old", "host": "another-host", "pid": 1, "started_at": _ago(2 * 3600)}
-    (tmp_path / LOCK_NAME).write_text(json.dumps(old))
-    with caplog.at_level(logging.WARNING, logger="camjobs.output"), output_lock(str(tmp_path), "next"):
-        pass
-    assert any("old" in r.getMessage() and "lease of 600 s" in r.getMessage() for r in caplog.records)
-
-
-def test_a_fresh_lock_of_another_host_is_watched_until_its_lease_runs_out(tmp_path, caplog):
-    unrenewed = {"run_id": "quiet", "host": "another-host", "pid": 7, "lease_s": 1.5, "renewed_at": _ago(0.5)}
-    (tmp_path / LOCK_NAME).write_text(json.dumps(unrenewed))
-    started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="camjobs.output"), output_lock(str(tmp_path), "next"):
-        waited = time.monotonic() - started
-    assert 0.8 < waited < 5  # the rest of its lease (1.5 - 0.5 s), not at once and not forever
-    assert any("quiet" in r.getMessage() and "whole lease" in r.getMessage() for r in caplog.records)
-
-
-def test_a_holder_that_lost_its_lock_does_not_publish_and_leaves_the_new_lock(tmp_path):
-    with output_lock(str(tmp_path), "slow", lease_s=0.3) as lease:
-        thief = {"run_id": "thief", "host": "another-host", "pid": 9, "lease_s": 600.0, "renewed_at": _ago(0)}
-        (tmp_path / LOCK_NAME).write_text(json.dumps(thief))
-        time.sleep(0.4)  # the holder's next renewal finds the lock taken
-        with pytest.raises(OutputLocked, match="lost the lock .* to run thief"):
-            lease.check()
-    assert _lock_record(tmp_path)["run_id"] == "thief"
-
-
-def test_a_run_that_fails_under_the_lock_leaves_no_staging_and_no_lock(tmp_path):
-    with pytest.raises(RuntimeError, match="boom"), output_lock(str(tmp_path), "r1"):
-        staged = Path(staging_dir(str(tmp_path), "r1")) / "cams"
-        staged.mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist([_row("a", "r1")], schema=CAMS_SCHEMA), staged / "part-0.parquet")
-        raise RuntimeError("boom")
-    assert OutputDir.open(str(tmp_path)).staged() == [] and not (tmp_path / LOCK_NAME).exists()
+def test_runs_to_replace_by_write_mode(tmp_path):
+    assert runs_to_replace(str(tmp_path / "new"), SETTINGS, "error") == ()
+    _write(tmp_path, [_row("a", OLD), _row("b", NEW, threshold=0.5)])
+    failed = "20240303T000000Z-cccccc"  # every input failed: no cams rows, but its summary has the settings
+    _summary(tmp_path, failed, 0)
+    with pytest.raises(OutputExists, match=f"{OLD}, {failed}.*--incremental.*--overwrite.*--append"):
+        runs_to_replace(str(tmp_path), SETTINGS, "error")
+    assert runs_to_replace(str(tmp_path), SETTINGS, "overwrite") == (OLD, failed)
+    assert runs_to_replace(str(tmp_path), SETTINGS, "append") == runs_to_replace(str(tmp_path), SETTINGS, "incremental")
+    assert runs_to_replace(str(tmp_path), SETTINGS, "append") == ()
+    assert runs_to_replace(str(tmp_path), {**SETTINGS, "method": "gradcam"}, "error") == ()

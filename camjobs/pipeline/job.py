@@ -32,8 +32,9 @@ from camjobs.config import RunConfig
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
 from camjobs.interrupt import Stopped, deferred, sigterm_kept
 from camjobs.layouts import DatasetListing, list_images
+from camjobs.lock import output_lock
 from camjobs.models.networks import LoadedModel
-from camjobs.output import existing_keys, output_lock, publish_run
+from camjobs.output import existing_keys, publish_run, runs_to_replace
 from camjobs.pipeline.decode import decode_batch
 from camjobs.pipeline.localize import localize_batch
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec
@@ -270,6 +271,7 @@ class Prepared:
     model: LoadedModel
     settings: dict
     skip_keys: frozenset[str]
+    supersedes: tuple[str, ...]  # the runs whose rows an --overwrite run replaces
     plan: ActorPlan
     started: float
     listed: float
@@ -277,7 +279,8 @@ class Prepared:
 
 
 def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
-    """The listing, the model (checked here), its settings, the keys done before, Ray, and the plan."""
+    """The listing, the model (checked here), its settings, what the write mode says of the rows written
+    before (refused without a mode: before any Ray work), the keys done before, Ray, and the plan."""
     started = time.time()
     listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks)
     classes = tuple(cfg.classes) if cfg.classes else None
@@ -292,6 +295,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
         "input_size": model.input_size,
         "refine": REFINE_METHOD if cfg.refine else None,
     }
+    supersedes = runs_to_replace(cfg.output, settings, cfg.write_mode)
     skip_keys = existing_keys(cfg.output, settings) if cfg.incremental else frozenset()
     listed = time.time()
     log.info(
@@ -316,7 +320,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
     )
     if cfg.decode_on == "gpu" and not plan.num_gpus:
         log.warning("--decode-on gpu without GPU actors: the model actors decode the images on their CPU")
-    return Prepared(run_id, listing, spec, model, settings, skip_keys, plan, started, listed, time.time())
+    return Prepared(run_id, listing, spec, model, settings, skip_keys, supersedes, plan, started, listed, time.time())
 
 
 def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: Adapt | None) -> SinkStats:
@@ -377,6 +381,8 @@ def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: flo
             "model_sha256": model.model_sha256,
         },
         "settings": prepared.settings,
+        "write_mode": str(cfg.write_mode),
+        "supersedes": list(prepared.supersedes),
         "versions": library_versions(),
         "counts": {
             "inputs": inputs,
