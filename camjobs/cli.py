@@ -2,7 +2,8 @@
 
 Exit codes, for schedulers (camjobs.errors): 0 ok; 1 the job failed; 2 bad usage or configuration;
 3 the job finished and wrote everything, but more inputs failed than --max-error-fraction;
-130 `camjobs submit` stopped following its job (Ctrl-C). A CamjobsError from any command exits
+130 `camjobs run` interrupted by SIGINT (Ctrl-C; `camjobs submit`: stopped following its job);
+143 `camjobs run` stopped by SIGTERM. A CamjobsError from any command exits
 with its own code (CamjobsGroup), so the same mistake gets the same code from every command.
 """
 
@@ -40,6 +41,7 @@ from camjobs.config import (
     redact_uri,
 )
 from camjobs.errors import EXIT_FAILED, CamjobsError, JobError, UsageError
+from camjobs.interrupt import stop_on_signals
 
 
 class CamjobsGroup(TyperGroup):
@@ -86,9 +88,12 @@ def _default(name: str) -> Any:
     return RunConfig.__dataclass_fields__[name].default
 
 
+WRITE_MODES = ("incremental", "overwrite", "append")
+
+
 def load_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
-    """YAML file first, then every flag given on the command line on top of it; ConfigError for
-    anything wrong with either (a YAML syntax error too)."""
+    """YAML file first, then every flag given on the command line on top of it (a write-mode flag
+    replaces the file's write mode); ConfigError for anything wrong with either (a YAML syntax error too)."""
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -98,6 +103,8 @@ def load_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfi
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: expected a mapping of option: value")
         values.update(loaded)
+    if any(flags.get(mode) for mode in WRITE_MODES):
+        values.update(dict.fromkeys(WRITE_MODES, False))
     values.update({k: v for k, v in flags.items() if v is not None})
     return RunConfig.from_mapping(values)
 
@@ -108,6 +115,29 @@ DecodeOnOption = Annotated[
     typer.Option(
         help="Where JPEGs are decoded; gpu = by the model actors with nvJPEG, for JPEG datasets on GPU "
         f"machines (default: {_default('decode_on')}).",
+    ),
+]
+OverwriteOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--overwrite",
+        help="Replace the rows the output holds for this model and these settings (readers see the old rows "
+        "or the new, never neither). Without a write mode, a run into such an output is refused.",
+    ),
+]
+AppendOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--append", help="Keep the rows the output holds for this model and these settings, and add a second set."
+    ),
+]
+LockLeaseOption = Annotated[
+    float | None,
+    typer.Option(
+        "--lock-lease",
+        metavar="SECONDS",
+        help="The output lock's lease: the run renews it every third of this; a lock not renewed for longer "
+        f"is taken over by the next run, from any host (default: {_default('lock_lease'):g}).",
     ),
 ]
 RefineOption = Annotated[
@@ -172,23 +202,29 @@ def run(
     incremental: bool | None = typer.Option(
         None, "--incremental", help="Skip images that already have a row for this model and these settings."
     ),
+    overwrite: OverwriteOption = None,
+    append: AppendOption = None,
     refine: RefineOption = None,
     address: str | None = typer.Option(
         None, help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)."
     ),
+    lock_lease: LockLeaseOption = None,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Compute CAM heatmaps and boxes for every image of a dataset, as a Ray job."""
+    """Compute CAM heatmaps and boxes for every image of a dataset, as a Ray job.
+
+    SIGINT (Ctrl-C) or SIGTERM stops it cleanly: nothing is published, and it exits 130 or 143."""
     _setup_logging(verbose)
     flags = dict(locals())
     for name in ("config", "verbose"):
         flags.pop(name)
     cfg = load_run_config(config, flags)
 
-    from camjobs.pipeline.job import run_job
+    with stop_on_signals():
+        from camjobs.pipeline.job import run_job
 
-    with _reported(FileNotFoundError, ValueError, RuntimeError, OSError):
-        result = run_job(cfg)
+        with _reported(FileNotFoundError, ValueError, RuntimeError, OSError):
+            result = run_job(cfg)
     typer.echo(f"run {result.run_id}: {result.message}")
     shown = redact_uri(cfg.output.rstrip("/"))  # an s3:// URI may carry credentials
     typer.echo(f"results: {shown}/cams  errors: {shown}/errors  summary: {redact_uri(result.summary_path)}")

@@ -20,6 +20,8 @@ from camjobs.errors import UsageError
 
 DEFAULT_THRESHOLD = 0.2  # box threshold, a fraction of the map's maximum (Zhou et al. 2015: 0.2)
 DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard, checked on the header before decoding
+# Seconds a run's output lock stays valid unrenewed; the run renews it every third of that (camjobs.output).
+DEFAULT_LOCK_LEASE = 600.0
 
 
 class Choice(str, Enum):
@@ -74,6 +76,16 @@ class DecodeOn(Choice):
 
     CPU = "cpu"
     GPU = "gpu"
+
+
+class WriteMode(Choice):
+    """What `camjobs run` does with rows an output already holds for its model and settings (the
+    RunConfig flags incremental, overwrite, append; none of them: error)."""
+
+    ERROR = "error"  # refuse: a re-run would silently hold every image twice
+    INCREMENTAL = "incremental"  # only images without a row yet (same image_id, same bytes)
+    OVERWRITE = "overwrite"  # replace them: readers see the old rows or the new, never neither
+    APPEND = "append"  # keep both; camjobs verify accepts the repeat
 
 
 class Pooling(Choice):
@@ -163,8 +175,11 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
     incremental: bool = False
+    overwrite: bool = False
+    append: bool = False
     refine: bool = False
     address: str | None = None
+    lock_lease: float = DEFAULT_LOCK_LEASE
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -187,6 +202,11 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {value}")
+        modes = [f"--{name}" for name in ("incremental", "overwrite", "append") if getattr(self, name)]
+        if len(modes) > 1:
+            raise ConfigError(f"{' and '.join(modes)}: give one write mode of --incremental, --overwrite, --append")
+        if not self.lock_lease > 0:
+            raise ConfigError(f"lock_lease: must be > 0 seconds, got {self.lock_lease}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError(f"gpus_per_actor: must be >= 0, got {self.gpus_per_actor}")
 
@@ -205,6 +225,12 @@ class RunConfig:
         if missing:
             raise ConfigError(f"{missing[0]}: required option is missing")
         return cls(**checked)
+
+    @property
+    def write_mode(self) -> WriteMode:
+        return next(
+            (WriteMode(name) for name in ("incremental", "overwrite", "append") if getattr(self, name)), WriteMode.ERROR
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

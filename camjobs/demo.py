@@ -61,7 +61,10 @@ def run_demo(
     echo(f"    validation accuracy {trained.val_accuracy:.1%}, {time.time() - started:.0f} s so far")
 
     echo("3/5 running the Ray job (local cluster)")
-    result = run_job(RunConfig(data=str(data), output=str(results), checkpoint=str(checkpoint), refine=True))
+    # --overwrite: a demo run again in the same folder replaces the last one's rows
+    result = run_job(
+        RunConfig(data=str(data), output=str(results), checkpoint=str(checkpoint), refine=True, overwrite=True)
+    )
 
     echo("4/5 evaluating the maps and boxes against the synthetic lesion masks")
     report = evaluate_output(str(results), data=str(data), run_id=result.run_id)

@@ -7,11 +7,15 @@ no third-party imports: every module may import it.
 
 from __future__ import annotations
 
+import signal
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job (or the command's work) failed
 EXIT_USAGE = 2  # bad usage or configuration: fix the command line, the config or the dataset
 EXIT_ERROR_BUDGET = 3  # the job wrote everything, but more inputs failed than --max-error-fraction
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT (128 + 2)
+# Stopped by a signal, as a shell reports it (128 + the signal's number): the run published nothing.
+EXIT_INTERRUPTED = 130  # SIGINT: Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM: kill, `ray job stop`, a Kubernetes pod deleted or past its deadline
 
 
 class CamjobsError(Exception):
@@ -38,3 +42,20 @@ class JobError(CamjobsError):
     """The job, or the command's work, failed."""
 
     exit_code = EXIT_FAILED
+
+
+class Interrupted(CamjobsError):
+    """A run stopped by SIGINT or SIGTERM (exit 128 + the signal's number); `run_id` names it once known.
+
+    `published`: the signal came while the run published, which was finished first (camjobs.interrupt)."""
+
+    def __init__(self, signum: int, run_id: str | None = None, published: bool = False):
+        super().__init__(exit_code=128 + signum)
+        self.signum, self.run_id, self.published = signum, run_id, published
+
+    def __str__(self) -> str:
+        run = f"run {self.run_id}" if self.run_id else "the run"
+        name = signal.Signals(self.signum).name
+        if self.published:
+            return f"{run} was published, then stopped by {name}"
+        return f"{run} interrupted by {name}: nothing was published"

@@ -1,23 +1,35 @@
-"""The output folder as a thing to read and write: its paths, its lock, its commit protocol, its readers.
+"""The output folder as a thing to read and write: its paths, its commit protocol, its readers.
 
     OUTPUT/cams/<run_id>/part-*.parquet      rows of CAMS_SCHEMA, one folder per published run
     OUTPUT/errors/<run_id>/part-*.parquet    rows of ERRORS_SCHEMA, likewise
-    OUTPUT/runs/<run_id>.json                a run's summary, written last
+    OUTPUT/runs/<run_id>.json                a run's summary: its commit record
     OUTPUT/_staging/<run_id>/{cams,errors}/  a run's rows while it writes them
-    OUTPUT/_lock.json                        the run that is writing now
+    OUTPUT/_lock.json                        the run that is writing now: a lease it renews (camjobs.lock)
 
 The commit protocol, which keeps half-finished runs invisible:
 1. Write tasks (camjobs.pipeline.sink's Datasink) write each task's rows into _staging/<run_id>/. Readers
    never look there: pyarrow.dataset skips paths that start with "_" or ".".
-2. When every row is written, the driver moves the staged folders into place, cams/<run_id>/ and
-   errors/<run_id>/ (one rename each on a local disk). A write that fails drops its staging.
-3. Last, runs/<run_id>.json is written (temporary name, then a rename). A run without its
-   summary did not finish.
+2. When every row is written, the driver writes the run's summary with status "publishing", which hides
+   the run's rows from the readers here, and moves the staged folders into place, cams/<run_id>/ and
+   errors/<run_id>/ (one rename each on a local disk, file by file on object stores). A write that
+   fails drops its staging.
+3. Last, the summary is rewritten with status "completed" (temporary name, then a rename; one PUT on
+   object stores): the commit, one atomic step. A run without a completed summary did not finish.
 Each run's folder always holds at least one file, empty if need be, so that cams/ and errors/
 read as datasets with the full schema even when a run had no rows of a kind.
 
-Needs pyarrow only (no torch, no Ray): the label tools (evaluate, export, viz, verify) read
-through it.
+Write modes (camjobs.config.WriteMode): a run into an output that already holds rows for its model
+and settings needs one (runs_to_replace). --overwrite replaces them: its summary lists the runs it
+supersedes, so that the commit (step 3) shows the new rows and hides the old ones at once, and
+readers see the old rows or the new, never neither and never both; their folders are deleted after
+the commit (or by the next run, if this one dies in between), so that readers of the bare Parquet
+files (pandas.read_parquet) see no duplicate either. A reader that listed the old files just before
+the commit and opens them after the deletion gets FileNotFoundError (an error, never a wrong row);
+reading again gives the new rows. --append keeps both, and says so in its summary.
+
+Which rows are live is decided here, once (run_index, open_cams): every run folder in cams/ but those
+of runs still publishing (or that died publishing) and those a completed run superseded. Every reader,
+camjobs verify, export, evaluate and viz, reads through it. Needs pyarrow only (no torch, no Ray).
 """
 
 from __future__ import annotations
@@ -27,12 +39,9 @@ import json
 import logging
 import operator
 import os
-import socket
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -41,7 +50,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from camjobs.errors import JobError, UsageError
+from camjobs.config import WriteMode
+from camjobs.errors import UsageError
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA, SETTINGS_ADDED, SETTINGS_COLUMNS
 from camjobs.storage import open_filesystem
 
@@ -49,16 +59,17 @@ TABLES = {"cams": CAMS_SCHEMA, "errors": ERRORS_SCHEMA}
 RUNS = "runs"
 STAGING = "_staging"
 LOCK_NAME = "_lock.json"
+PUBLISHING, COMPLETED = "publishing", "completed"  # a summary's status: before and after the commit
 
 log = logging.getLogger(__name__)
 
 
-class OutputLocked(JobError, RuntimeError):
-    """Another run is writing to the same output."""
-
-
 class NoResults(UsageError, ValueError):
     """The output has no cams/ folder: not a camjobs output, or no run has finished there yet."""
+
+
+class OutputExists(UsageError, ValueError):
+    """The output holds rows for this model and these settings, and the run was given no write mode."""
 
 
 # --------------------------------------------------------------------------- paths
@@ -133,9 +144,12 @@ def drop_staging(output: str, run_id: str) -> None:
 
 
 def publish_run(output: str, run_id: str, summary: dict) -> str:
-    """Move a run's staged files into place, then write its summary. Returns the summary path."""
+    """Move a run's staged files into place and commit its summary (the module's protocol); then delete
+    the rows of the runs it supersedes (summary["supersedes"]). Returns the summary path."""
     out = OutputDir.open(output)
     staged = out.staging(run_id)
+    out.fs.create_dir(out.runs, recursive=True)
+    _write_summary(out, run_id, {**summary, "status": PUBLISHING})  # hides the rows while they move in
     for name, schema in TABLES.items():
         source, destination = f"{staged}/{name}", out.table(name, run_id)
         if out.kind(source) == pafs.FileType.NotFound:
@@ -145,14 +159,33 @@ def publish_run(output: str, run_id: str, summary: dict) -> str:
             pq.write_table(schema.empty_table(), f"{source}/part-empty.parquet", filesystem=out.fs)
         out.fs.create_dir(out.table(name), recursive=True)
         _move_dir(out.fs, source, destination)
-    out.fs.create_dir(out.runs, recursive=True)
-    summary_path = out.summary(run_id)
+    summary_path = _write_summary(out, run_id, {**summary, "status": summary.get("status", COMPLETED)})
+    out.fs.delete_dir(staged)
+    _delete_rows(out, summary.get("supersedes", ()), "superseded by run " + run_id)
+    return summary_path if "://" in output else os.path.abspath(summary_path)
+
+
+def _write_summary(out: OutputDir, run_id: str, summary: dict) -> str:
+    """Write runs/<run_id>.json in one step: readers see the old file or the new one."""
     temporary = f"{out.runs}/_{run_id}.json.tmp"
     with out.fs.open_output_stream(temporary) as stream:
         stream.write(json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
-    out.fs.move(temporary, summary_path)
-    out.fs.delete_dir(staged)
-    return summary_path if "://" in output else os.path.abspath(summary_path)
+    out.fs.move(temporary, out.summary(run_id))
+    return out.summary(run_id)
+
+
+def _delete_rows(out: OutputDir, run_ids: Iterable[str], why: str) -> None:
+    """Delete runs' folders in cams/ and errors/ that readers already skip; best effort, since they stay
+    hidden, and the next run tries again (remove_unfinished)."""
+    for run_id in run_ids:
+        for name in TABLES:
+            folder = out.table(name, run_id)
+            try:
+                if out.is_dir(folder):
+                    log.info("removing %s (%s)", folder, why)
+                    out.fs.delete_dir(folder)
+            except OSError as exc:
+                log.warning("could not remove %s (%s): %s", folder, why, exc)
 
 
 def _move_dir(fs: pafs.FileSystem, source: str, destination: str) -> None:
@@ -166,108 +199,82 @@ def _move_dir(fs: pafs.FileSystem, source: str, destination: str) -> None:
             fs.move(info.path, destination + info.path[len(source) :])
 
 
-def _remove_stale_staging(out: OutputDir) -> None:
-    """Staged files of runs that died before publishing: never published, so safe to drop."""
+def remove_unfinished(out: OutputDir) -> None:
+    """What runs that died left behind, which readers already skip: staged files, the rows and summary
+    of a run that died while publishing, the rows of superseded runs. Only under the lock."""
     for path in out.staged():
         log.warning("removing %s, left by a run that did not finish", path)
         out.fs.delete_dir(path) if out.is_dir(path) else out.fs.delete_file(path)
+    index = _run_index(out)
+    for run_id in sorted(index.publishing):
+        log.warning("removing run %s, which died while it published", run_id)
+        _delete_rows(out, [run_id], "died while it published")
+        out.fs.delete_file(out.summary(run_id))
+    _delete_rows(out, sorted(index.superseded & _run_folders(out)), "superseded")
 
 
-# --------------------------------------------------------------------------- the lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _run_folders(out: OutputDir) -> set[str]:
+    return {run_id for name in TABLES for run_id in out.run_parts(name)}
 
 
-@contextmanager
-def output_lock(output: str, run_id: str) -> Iterator[None]:
-    """Hold OUTPUT/_lock.json for the duration of a run; refuse if another run holds it.
+# --------------------------------------------------------------------------- which runs are live
+@dataclass(frozen=True)
+class RunIndex:
+    """The output's runs as their summaries say: which are live, and how each was written."""
 
-    On a local disk the lock is created atomically (O_EXCL), and a lock left by a dead
-    process on this host is taken over. Object stores have no exclusive create: there the
-    check is best effort, and a scheduler should not start two runs at once (the
-    Kubernetes CronJob in deploy/ uses concurrencyPolicy: Forbid).
-    """
-    out = OutputDir.open(output)
-    out.fs.create_dir(out.root, recursive=True)
-    path = out.lock
-    mine = {
-        "run_id": run_id,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started_at": datetime.now(timezone.utc).isoformat(),
-    }
-    payload = json.dumps(mine).encode()
-    for attempt in range(2):
-        holder = read_lock(out)
-        if holder is None:
-            if _create_exclusive(out.fs, path, payload):
-                break
-            continue
-        stale = holder.get("host") == mine["host"] and not _pid_alive(int(holder.get("pid", -1)))
-        if stale and attempt == 0 and isinstance(out.fs, pafs.LocalFileSystem):
-            log.warning(
-                "taking over the lock of run %s, whose process %s is gone", holder.get("run_id"), holder.get("pid")
-            )
-            out.fs.delete_file(path)
-            continue
-        raise OutputLocked(
-            f"{output} is being written by run {holder.get('run_id')} (host {holder.get('host')}, "
-            f"pid {holder.get('pid')}, since {holder.get('started_at')}); wait for it to finish, "
-            f"or delete {path} if that run is dead"
-        )
-    else:
-        raise OutputLocked(f"could not take the lock {path}")
-    try:
-        _remove_stale_staging(out)
-        yield
-    finally:
-        if (read_lock(out) or {}).get("run_id") == run_id:
-            out.fs.delete_file(path)
+    summaries: dict[str, dict]  # run_id -> its summary, every readable one
+    unreadable: dict[str, str]  # run_id -> why its summary cannot be read
+    publishing: frozenset[str]  # runs publishing now, or that died doing it: not yet committed
+    superseded: frozenset[str]  # runs whose rows a committed --overwrite run replaced
+
+    @property
+    def hidden(self) -> frozenset[str]:
+        """Runs whose rows no reader sees."""
+        return self.publishing | self.superseded
+
+    def write_mode(self, run_id: str) -> str:
+        """How the run was written (error: no mode, as every run before write modes existed)."""
+        return str(self.summaries.get(run_id, {}).get("write_mode", WriteMode.ERROR))
 
 
-def read_lock(out: OutputDir) -> dict | None:
-    """The holder of the output's lock (run_id, host, pid, started_at); None when no run holds it."""
-    try:
-        with out.fs.open_input_stream(out.lock) as stream:
-            return json.loads(stream.read() or b"{}")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"run_id": "unknown (unreadable lock file)"}
+def run_index(output: str) -> RunIndex:
+    """Every run summary of OUTPUT/runs, and which runs' rows are live."""
+    return _run_index(OutputDir.open(output))
 
 
-def _create_exclusive(fs: pafs.FileSystem, path: str, payload: bytes) -> bool:
-    if isinstance(fs, pafs.LocalFileSystem):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-        return True
-    with fs.open_output_stream(path) as stream:
-        stream.write(payload)
-    return True
+def _run_index(out: OutputDir) -> RunIndex:
+    summaries, unreadable = _read_summaries(out, None)
+    publishing = frozenset(run for run, summary in summaries.items() if summary.get("status") == PUBLISHING)
+    superseded = frozenset(
+        old for run, summary in summaries.items() if run not in publishing for old in summary.get("supersedes", ())
+    )
+    return RunIndex(summaries, unreadable, publishing, superseded)
+
+
+def _run_of(out: OutputDir, name: str, path: str) -> str:
+    """The run of a file in cams/ or errors/: its folder there ("" for a file right in the table folder)."""
+    relative = path[len(out.table(name)) + 1 :]
+    return relative.split("/", 1)[0] if "/" in relative else ""
 
 
 # --------------------------------------------------------------------------- reading cams/
-def _cams_dataset(out: OutputDir) -> pads.Dataset | None:
+def _cams_dataset(out: OutputDir, index: RunIndex | None = None) -> pads.Dataset | None:
+    """The live rows of cams/ (run_index); None without cams/."""
     if not out.is_dir(out.table("cams")):
         return None
     # Read through CAMS_SCHEMA: version-1 files come back with nulls in the columns added since.
-    return pads.dataset(
+    dataset = pads.dataset(
         out.table("cams"), schema=CAMS_SCHEMA, filesystem=out.fs, format="parquet", exclude_invalid_files=False
     )
+    hidden = (index or _run_index(out)).hidden
+    if not hidden:
+        return dataset
+    live = [path for path in dataset.files if _run_of(out, "cams", path) not in hidden]
+    return pads.dataset(live, schema=CAMS_SCHEMA, filesystem=out.fs, format="parquet", exclude_invalid_files=False)
 
 
 def open_cams(output: str) -> pads.Dataset:
-    """OUTPUT/cams as one dataset of CAMS_SCHEMA, every published run in it; NoResults without cams/."""
+    """OUTPUT/cams as one dataset of CAMS_SCHEMA, every live run in it (run_index); NoResults without cams/."""
     dataset = _cams_dataset(OutputDir.open(output))
     if dataset is None:
         raise NoResults(
@@ -333,11 +340,46 @@ def existing_keys(output: str, settings: dict[str, Any]) -> frozenset[str]:
     return frozenset(map(item_key, table["image_id"].to_pylist(), table["content_sha256"].to_pylist()))
 
 
+# --------------------------------------------------------------------------- write modes
+def runs_with_settings(out: OutputDir, settings: Mapping[str, Any], index: RunIndex) -> list[str]:
+    """The live runs written with exactly these settings: their cams rows say so, or their summary
+    does (a run whose every input failed has no cams rows)."""
+    dataset, found = _cams_dataset(out, index), set()
+    if dataset is not None:
+        found.update(dataset.to_table(columns=["run_id"], filter=settings_filter(settings))["run_id"].to_pylist())
+    wanted = {**SETTINGS_ADDED, **settings}
+    for run_id, summary in index.summaries.items():
+        theirs = summary.get("settings")
+        if isinstance(theirs, dict) and all({**SETTINGS_ADDED, **theirs}.get(k) == wanted[k] for k in wanted):
+            found.add(run_id)
+    return sorted(run for run in found - index.hidden if run is not None)
+
+
+def runs_to_replace(output: str, settings: Mapping[str, Any], mode: str) -> tuple[str, ...]:
+    """The runs a run in this write mode supersedes: with --overwrite those of its model and settings,
+    otherwise none. Without a mode, OutputExists where there are any: a second set of rows for the
+    same images must be asked for."""
+    out = OutputDir.open(output)
+    if mode in (WriteMode.INCREMENTAL, WriteMode.APPEND) or not out.is_dir(out.root):
+        return ()
+    runs = runs_with_settings(out, settings, _run_index(out))
+    if mode == WriteMode.OVERWRITE or not runs:
+        return tuple(runs)
+    raise OutputExists(
+        f"{output} already holds rows for this model ({str(settings.get('model_sha256'))[:12]}) and these "
+        f"settings, from run(s) {', '.join(runs)}: give --incremental to process only the images without a "
+        "row, --overwrite to replace those rows, or --append to add a second set beside them"
+    )
+
+
 # --------------------------------------------------------------------------- run summaries
 def read_run_summaries(output: str, run_ids: Iterable[str] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
     """The summaries (runs/<run_id>.json) of `run_ids`, or of every run that has one, as
     (run_id -> summary, run_id -> why it has none): a run without its summary did not finish."""
-    out = OutputDir.open(output)
+    return _read_summaries(OutputDir.open(output), run_ids)
+
+
+def _read_summaries(out: OutputDir, run_ids: Iterable[str] | None) -> tuple[dict[str, dict], dict[str, str]]:
     if run_ids is None:
         listed = out.fs.get_file_info(pafs.FileSelector(out.runs)) if out.is_dir(out.runs) else []
         run_ids = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -116,6 +117,7 @@ def test_cpu_smoke_config_runs_the_whole_job(ray_cluster, tmp_path):
     from typer.testing import CliRunner
 
     from camjobs.cli import app
+    from camjobs.labels.verify import verify_output
     from camjobs.models.networks import build_model, save_checkpoint
     from camjobs.synth import synth_dataset
 
@@ -141,3 +143,10 @@ def test_cpu_smoke_config_runs_the_whole_job(ray_cluster, tmp_path):
     assert result.exit_code == 0, result.output
     assert "8 processed, 0 errors" in result.output
     assert len(list((output / "runs").glob("*.json"))) == 1
+
+    # run again, as a smoke test is: its rows replace the last run's (overwrite: true), no duplicates
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "8 processed, 0 errors" in again.output, again.output
+    cams = pd.read_parquet(output / "cams")
+    assert len(cams) == 8 and cams.image_id.is_unique and len(list((output / "runs").glob("*.json"))) == 2
+    assert verify_output(str(output)).ok

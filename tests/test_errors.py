@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ runner = CliRunner()
 
 def test_exit_codes():
     assert (errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_USAGE, errors.EXIT_ERROR_BUDGET) == (0, 1, 2, 3)
-    assert errors.EXIT_INTERRUPTED == 130
+    assert (errors.EXIT_INTERRUPTED, errors.EXIT_TERMINATED) == (130, 143)  # 128 + SIGINT, 128 + SIGTERM
+    assert [errors.Interrupted(s).exit_code for s in (signal.SIGINT, signal.SIGTERM)] == [130, 143]
     assert errors.UsageError.exit_code == errors.EXIT_USAGE and errors.JobError.exit_code == errors.EXIT_FAILED
 
 
@@ -40,7 +42,8 @@ def test_exit_codes():
         ("camjobs.labels.viz", "VizError", 2, ValueError),
         ("camjobs.labels.scores", "EvaluationError", 2, ValueError),
         ("camjobs.output", "NoResults", 2, ValueError),
-        ("camjobs.output", "OutputLocked", 1, RuntimeError),
+        ("camjobs.output", "OutputExists", 2, ValueError),
+        ("camjobs.lock", "OutputLocked", 1, RuntimeError),
         ("camjobs.cluster.submit", "SubmitError", 2, Exception),
     ],
 )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +21,7 @@ from layout_fixtures import noise_jpegs
 
 from camjobs.config import RunConfig
 from camjobs.labels.verify import verify_output
+from camjobs.lock import OutputLocked, output_lock
 from camjobs.output import LOCK_NAME
 from camjobs.pipeline.job import run_job
 
@@ -158,8 +162,8 @@ def test_full_disk_fails_clearly_and_keeps_earlier_runs(ray_cluster, small_disk,
     first = run_job(_config(noise_jpegs(tmp_path / "small", 3, size=(24, 32)), output, input_size=64))
     assert first.summary["counts"]["processed"] == 3
     big = noise_jpegs(tmp_path / "big", 48, size=(450, 600), seed=1)  # 48 full-size heatmaps do not fit in 96 KiB
-    with pytest.raises(Exception) as caught:
-        run_job(_config(big, output, input_size=64))
+    with pytest.raises(Exception) as caught:  # an overwrite that fails keeps the rows it was to replace
+        run_job(_config(big, output, input_size=64, overwrite=True))
     assert "No space left" in str(caught.value) or "space" in str(caught.value).lower()
     report = verify_output(str(output))
     assert report.ok, report.problems
@@ -211,3 +215,148 @@ def test_actor_failing_in_init_fails_the_job_fast(ray_cluster, tmp_path):
         )
     assert time.time() - started < 120
     assert not (tmp_path / "out" / "cams").exists() and not (tmp_path / "out" / LOCK_NAME).exists()
+
+
+# --------------------------------------------------------------------------- signals: a run stopped cleanly
+def _run_command(data: Path, output: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "camjobs",
+        "run",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--layout",
+        "folder",
+        "--model",
+        "resnet18",
+        "--classes",
+        "a,b",
+        "--input-size",
+        "96",
+        "--batch-size",
+        "2",
+    ]
+
+
+def _session_members(session_id: int) -> list[str]:
+    """What still runs in a session: "pid name" of each process."""
+    members = []
+    for pid in _processes(""):
+        if _session_of(pid) == session_id:
+            with contextlib.suppress(OSError):
+                members.append(f"{pid} {Path(f'/proc/{pid}/comm').read_text().strip()}")
+    return members
+
+
+@pytest.mark.parametrize("signals", [("SIGINT",), ("SIGTERM",), ("SIGINT", "SIGINT"), ("SIGTERM", "SIGTERM")])
+def test_a_signal_stops_a_run_cleanly(tmp_path, signals):
+    """SIGINT as a terminal sends Ctrl-C (to the whole foreground process group, the local Ray cluster's
+    raylet and GCS included), SIGTERM as kill, `ray job stop` and Kubernetes do (to the driver); once, or
+    twice, the second while the run cleans up."""
+    data, output = noise_jpegs(tmp_path / "data", 240), tmp_path / "out"
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a cluster of its own
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        driver = subprocess.Popen(
+            _run_command(data, output), stdout=stderr, stderr=stderr, start_new_session=True, env=env
+        )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None and not _parquet_files(output / "_staging"):
+            time.sleep(0.1)
+        assert driver.poll() is None, "the run finished before it could be stopped"
+        (run_id,) = [p.name for p in (output / "_staging").iterdir()]
+        for name in signals:
+            signum = getattr(signal, name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signum) if signum == signal.SIGINT else os.kill(driver.pid, signum)
+            time.sleep(0.3)
+        driver.wait(timeout=120)
+        leftovers = _session_members(driver.pid)
+        for _ in range(100):  # Ray's workers notice their raylet is gone within a few seconds
+            if not leftovers:
+                break
+            time.sleep(0.2)
+            leftovers = _session_members(driver.pid)
+    finally:
+        _kill_session(driver.pid)
+    err = stderr_path.read_text()
+    assert driver.returncode == 128 + getattr(signal, signals[0]), err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("camjobs:") and "interrupted" in line]
+    assert said == [f"camjobs: error: run {run_id} interrupted by {signals[0]}: nothing was published"], err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert leftovers == [], f"processes of the stopped run still running: {leftovers}"
+    assert not (output / LOCK_NAME).exists() and not (output / "_staging" / run_id).exists()
+    assert not _parquet_files(output / "cams") and not (output / "runs").exists()
+
+
+# --------------------------------------------------------------------------- the lock's lease across hosts
+HOLDER = """
+import sys, time
+from camjobs.lock import output_lock
+with output_lock(sys.argv[1], "holder-run", lease_s=float(sys.argv[2])):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _on_another_host(argv: list[str]) -> list[str]:
+    """argv in a UTS namespace of its own, whose host name is other-host (root: unshare --uts; else
+    an unprivileged user namespace, unshare -r --uts); skips the test where neither is allowed."""
+    prefix = ["unshare", "--uts"] if os.geteuid() == 0 else ["unshare", "-r", "--uts"]
+    probe = subprocess.run([*prefix, "hostname", "other-host"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"cannot make a UTS namespace here ({' '.join(prefix)}: {probe.stderr.strip()})")
+    return [*prefix, "sh", "-c", 'hostname other-host && exec "$@"', "sh", *argv]
+
+
+@contextlib.contextmanager
+def _holder_on_another_host(output: Path, lease_s: float):
+    """A real process on "other-host" that holds the output's lock, renewing it, until the block ends."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen(
+        _on_another_host([sys.executable, "-c", HOLDER, str(output), str(lease_s)]),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_live_holder_on_another_host_keeps_its_lock(tmp_path):
+    output = tmp_path / "out"
+    with _holder_on_another_host(output, lease_s=2.0):
+        lock = json.loads((output / LOCK_NAME).read_text())
+        assert (lock["host"], lock["run_id"], lock["lease_s"]) == ("other-host", "holder-run", 2.0)
+        started = time.monotonic()
+        with pytest.raises(OutputLocked, match="holder-run.*other-host"), output_lock(str(output), "here"):
+            pass
+        # refused when the holder renewed (every lease/3), before its lease could run out
+        assert time.monotonic() - started < 2.0
+        assert json.loads((output / LOCK_NAME).read_text())["run_id"] == "holder-run"
+
+
+def test_a_killed_holder_on_another_host_is_taken_over_once_its_lease_runs_out(ray_cluster, tmp_path, caplog):
+    data, output = noise_jpegs(tmp_path / "data", 3, size=(24, 32)), tmp_path / "out"
+    with _holder_on_another_host(output, lease_s=2.0) as holder:
+        holder.send_signal(signal.SIGKILL)  # no cleanup: the lock stays, as after an OOM kill or a lost node
+        holder.wait()
+        last = json.loads((output / LOCK_NAME).read_text())
+    with caplog.at_level(logging.WARNING, logger="camjobs.output"):
+        result = run_job(_config(data, output, input_size=64))
+    assert result.summary["counts"]["processed"] == 3 and not (output / LOCK_NAME).exists()
+    (warning,) = [r for r in caplog.records if "taking over" in r.getMessage()]
+    message = warning.getMessage()
+    assert all(part in message for part in ("holder-run", "other-host", f"pid {last['pid']}", "s ago"))
+    # not before the lease had run out since the holder's last renewal
+    renewed = datetime.fromisoformat(last["renewed_at"]).timestamp()
+    assert warning.created >= renewed + last["lease_s"]
+    assert verify_output(str(output)).ok

@@ -1,19 +1,28 @@
-"""Incremental runs and the output lock, on a real local Ray cluster."""
+"""Write modes (incremental, overwrite, append, none) and the output lock, on a real local Ray cluster."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from camjobs.config import RunConfig
-from camjobs.output import LOCK_NAME, OutputLocked, existing_keys, output_lock
+from camjobs.config import ConfigError, RunConfig, WriteMode
+from camjobs.labels.verify import verify_output
+from camjobs.lock import OutputLocked, output_lock
+from camjobs.output import LOCK_NAME, existing_keys, open_cams, settings_filter
 from camjobs.pipeline.job import run_job
 
 pytestmark = pytest.mark.slow
@@ -102,3 +111,117 @@ def test_stale_lock_and_staging_of_a_dead_run_are_cleaned(ray_cluster, tmp_path)
     assert result.summary["counts"]["processed"] == 2
     assert not (output / "_staging" / "dead").exists()
     assert len(pd.read_parquet(output / "cams")) == 2
+
+
+# --------------------------------------------------------------------------- write modes
+def test_a_rerun_without_a_write_mode_is_refused_before_any_ray_work(ray_cluster, tmp_path):
+    data, output = tmp_path / "data", tmp_path / "out"
+    _write_images(data, ["a", "b", "c"])
+    first = run_job(_config(data, output, incremental=False))
+    before = sorted(str(p.relative_to(output)) for p in output.rglob("*"))
+    command = [sys.executable, "-m", "camjobs", "run", "--data", str(data), "--output", str(output)]
+    command += ["--layout", "folder", "--model", "resnet18", "--classes", "a,b", "--input-size", "64"]
+    # No Ray listens there: a run that got as far as Ray would fail on it, with another exit code.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    message = refused.stderr.strip().splitlines()[-1]
+    assert message.startswith("camjobs: error:") and first.run_id in message
+    assert all(flag in message for flag in ("--incremental", "--overwrite", "--append"))
+    assert sorted(str(p.relative_to(output)) for p in output.rglob("*")) == before  # nothing written, no lock left
+
+
+def test_write_modes_are_exclusive_and_a_flag_replaces_the_config_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from camjobs.cli import app, load_run_config
+
+    args = ["run", "--data", "d", "--output", "o", "--model", "resnet18", "--classes", "a,b"]
+    both = CliRunner().invoke(app, [*args, "--overwrite", "--append"])
+    assert both.exit_code == 2 and "--overwrite and --append" in both.output
+    config = tmp_path / "job.yaml"
+    config.write_text("data: d\noutput: o\nmodel: resnet18\nclasses: [a, b]\nincremental: true\n")
+    assert load_run_config(config, {}).write_mode == WriteMode.INCREMENTAL
+    assert load_run_config(config, {"overwrite": True}).write_mode == WriteMode.OVERWRITE
+    with pytest.raises(ConfigError, match="--incremental and --append"):
+        load_run_config(config, {"incremental": True, "append": True})
+
+
+def test_overwrite_replaces_this_model_and_settings_rows_in_one_step(ray_cluster, tmp_path):
+    data, output = tmp_path / "data", tmp_path / "out"
+    _write_images(data, [f"img{i}" for i in range(6)])
+    first = run_job(_config(data, output, incremental=False))
+    other = run_job(_config(data, output, incremental=False, threshold=0.5))  # other settings: kept
+    seen: list[Counter] = []  # the live rows of first's settings by run, as a reader saw them meanwhile
+    stop = threading.Event()
+
+    def read() -> None:
+        condition = settings_filter(first.summary["settings"])
+        while not stop.is_set():
+            try:
+                table = open_cams(str(output)).to_table(columns=["run_id"], filter=condition)
+            except FileNotFoundError:
+                continue  # listed before the commit, read after the old files went: read again
+            seen.append(Counter(table["run_id"].to_pylist()))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        new = run_job(_config(data, output, incremental=False, overwrite=True))
+    finally:
+        stop.set()
+        reader.join()
+    assert new.summary["write_mode"] == "overwrite" and new.summary["supersedes"] == [first.run_id]
+    assert len(seen) > 10 and seen[0] == Counter({first.run_id: 6})
+    assert all(view in (Counter({first.run_id: 6}), Counter({new.run_id: 6})) for view in seen)  # never neither
+    cams = pd.read_parquet(output / "cams")
+    assert sorted(Counter(cams.run_id).items()) == sorted({new.run_id: 6, other.run_id: 6}.items())
+    assert not (output / "cams" / first.run_id).exists() and (output / "runs" / f"{first.run_id}.json").exists()
+    report = verify_output(str(output))
+    assert report.ok and report.runs == 2, report.problems
+
+
+def _as_dying_run(output: Path, source: str, dying: str) -> None:
+    """A copy of run `source` as run `dying`, which died while it published (summary status publishing)."""
+    folder = output / "cams" / dying
+    folder.mkdir()
+    table = pq.read_table(output / "cams" / source)
+    table = table.set_column(table.schema.get_field_index("run_id"), "run_id", pa.array([dying] * table.num_rows))
+    pq.write_table(table, folder / "part-0.parquet")
+    summary = json.loads((output / "runs" / f"{source}.json").read_text())
+    (output / "runs" / f"{dying}.json").write_text(json.dumps({**summary, "run_id": dying, "status": "publishing"}))
+
+
+def test_verify_export_evaluate_and_viz_read_the_same_live_rows(ray_cluster, isic2017_mini, tmp_path):
+    """Beside rows that no reader must see (of a run an --overwrite superseded, left by one that died
+    between its commit and deleting them; of a newer run that died publishing), every tool reads the
+    same live rows; an --append run of other settings is live too."""
+    from camjobs.labels.evaluate import evaluate_output
+    from camjobs.labels.export import export
+    from camjobs.labels.viz import read_items
+
+    output = tmp_path / "out"
+    classes = ["melanoma", "nevus", "seborrheic_keratosis"]
+    base = dict(data=isic2017_mini, output=output, layout="auto", classes=classes, incremental=False)
+    first = run_job(_config(**base))
+    shutil.copytree(output / "cams" / first.run_id, tmp_path / "kept")
+    new = run_job(_config(**base, overwrite=True))
+    shutil.copytree(tmp_path / "kept", output / "cams" / first.run_id)
+    appended = run_job(_config(**base, append=True, threshold=0.5))
+    assert appended.summary["write_mode"] == "append" and appended.summary["supersedes"] == []
+    _as_dying_run(output, appended.run_id, "29991231T235959Z-dying")
+
+    report = verify_output(str(output))
+    assert report.ok and report.rows["cams"] == 12 and report.runs == 2, report.problems
+    tasks = tmp_path / "tasks.json"
+    export(str(output), "labelstudio", str(tasks))
+    exported = {(t["data"]["image_id"], t["data"]["run_id"]) for t in json.loads(tasks.read_text())}
+    viewed = {(item.image_id, item.run_id) for item in read_items(str(output))}
+    assert exported == viewed and {run for _, run in exported} == {appended.run_id} and len(exported) == 6
+    evaluated = evaluate_output(str(output), data=str(isic2017_mini), write=False)
+    assert evaluated["settings"]["runs"] == [appended.run_id]  # the newest live run's settings
+    assert (
+        evaluate_output(str(output), data=str(isic2017_mini), run_id=new.run_id, write=False)["counts"]["images"] == 6
+    )
+    with pytest.raises(Exception, match="no rows of run"):
+        evaluate_output(str(output), data=str(isic2017_mini), run_id=first.run_id, write=False)

@@ -20,6 +20,7 @@ from camjobs.config import RunConfig
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
 from camjobs.images import load_image
 from camjobs.models.networks import IMAGENET_MEAN, IMAGENET_STD, load_model
+from camjobs.output import OutputExists
 from camjobs.pipeline.job import Tuning, plan_actors, run_job
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA
 
@@ -223,16 +224,20 @@ def test_target_label_and_gradcam(ray_cluster, isic2017_mini, tmp_path):
     assert all(min(c) >= 0 for c in cams.cam)  # Grad-CAM maps are ReLU'd
 
 
-def test_runs_append_to_one_dataset(ray_cluster, isic2017_mini, tmp_path):
+def test_runs_append_to_one_dataset_when_asked(ray_cluster, isic2017_mini, tmp_path):
     cfg = RunConfig(
         data=str(isic2017_mini), output=str(tmp_path), model="resnet18", classes=ISIC2017_CLASSES, input_size=64
     )
-    first, second = run_job(cfg), run_job(cfg)
+    first = run_job(cfg)
+    with pytest.raises(OutputExists, match="--append"):  # the same again, without a write mode
+        run_job(cfg)
+    second = run_job(dataclasses.replace(cfg, append=True))
     cams = pd.read_parquet(tmp_path / "cams")
     assert len(cams) == 12 and set(cams.run_id) == {first.run_id, second.run_id}
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
         [f"{first.run_id}.json", f"{second.run_id}.json"]
     )
+    assert (first.summary["write_mode"], second.summary["write_mode"]) == ("error", "append")
     assert not any((tmp_path / "_staging").iterdir())
 
 

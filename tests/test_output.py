@@ -7,7 +7,6 @@ writes through a real Ray Data pipeline on the session's local cluster.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,16 +17,18 @@ from camjobs.output import (
     LOCK_NAME,
     NoResults,
     OutputDir,
-    OutputLocked,
+    OutputExists,
     drop_staging,
     existing_keys,
     item_key,
     newest_per_image,
     open_cams,
-    output_lock,
     publish_run,
     read_newest_cams,
     read_run_summaries,
+    remove_unfinished,
+    run_index,
+    runs_to_replace,
     settings_filter,
     staging_dir,
 )
@@ -144,20 +145,6 @@ def test_run_summaries_say_which_runs_have_none(tmp_path):
     assert list(summaries) == ["good"] and list(missing) == ["gone"]
 
 
-def test_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
-    with output_lock(str(tmp_path), "first"):
-        with pytest.raises(OutputLocked, match="first"), output_lock(str(tmp_path), "second"):
-            pass
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "first"
-    assert not (tmp_path / LOCK_NAME).exists()
-    dead_pid = 2**22 + 12345  # above Linux's largest pid: no process has it
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(), "pid": dead_pid}))
-    (tmp_path / "_staging" / "dead" / "cams").mkdir(parents=True)
-    with output_lock(str(tmp_path), "next"):
-        assert not (tmp_path / "_staging" / "dead").exists()  # the dead run's staging is dropped
-    assert OutputDir.open(str(tmp_path)).staged() == []
-
-
 def test_drop_staging_is_idempotent(tmp_path):
     (tmp_path / "_staging" / "r1" / "cams").mkdir(parents=True)
     (tmp_path / "_staging" / "r2").mkdir()
@@ -208,3 +195,64 @@ def test_a_failed_write_leaves_no_staging(ray_cluster, tmp_path):
     ray_cluster.data.from_arrow(_result_rows()).write_datasink(good)
     assert (good.stats.processed, good.stats.errors) == (1, 1)
     assert {p.parent.name for p in (tmp_path / "_staging" / "r2").rglob("*.parquet")} == {"cams", "errors"}
+
+
+# --------------------------------------------------------------------------- which runs are live
+def _summary(root: Path, run_id: str, rows: int, **extra) -> None:
+    (root / "runs").mkdir(exist_ok=True)
+    summary = {"run_id": run_id, "schema_version": 2, "status": "completed", "settings": SETTINGS}
+    summary.update(counts={"processed": rows, "errors": 0}, **extra)
+    (root / "runs" / f"{run_id}.json").write_text(json.dumps(summary))
+
+
+def _live_runs(root: Path) -> set[str]:
+    return set(open_cams(str(root)).to_table(columns=["run_id"])["run_id"].to_pylist())
+
+
+def test_an_overwrite_shows_its_rows_and_hides_the_old_ones_at_its_commit(tmp_path):
+    _write(tmp_path, [_row("a", OLD), _row("b", OLD)])
+    _summary(tmp_path, OLD, 2)
+    # the overwrite run in the middle of publishing: rows in place, summary not yet committed
+    _write(tmp_path, [_row("a", NEW, "1" * 64), _row("b", NEW, "1" * 64)])
+    _summary(tmp_path, NEW, 2, status="publishing", write_mode="overwrite", supersedes=[OLD])
+    assert _live_runs(tmp_path) == {OLD} and run_index(str(tmp_path)).hidden == {NEW}
+    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "0" * 64), item_key("b", "0" * 64)}
+    # the commit: one rewrite of the summary
+    _summary(tmp_path, NEW, 2, write_mode="overwrite", supersedes=[OLD])
+    assert _live_runs(tmp_path) == {NEW} and run_index(str(tmp_path)).superseded == {OLD}
+    assert read_newest_cams(str(tmp_path), [])["run_id"].to_pylist() == [NEW, NEW]
+    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "1" * 64), item_key("b", "1" * 64)}
+
+
+def test_publish_deletes_what_it_supersedes_and_the_lock_removes_what_dead_runs_left(tmp_path):
+    _write(tmp_path, [_row("a", OLD)])
+    _summary(tmp_path, OLD, 1)
+    staged = Path(staging_dir(str(tmp_path), NEW)) / "cams"
+    staged.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([_row("a", NEW)], schema=CAMS_SCHEMA), staged / "part-0.parquet")
+    path = publish_run(str(tmp_path), NEW, {"run_id": NEW, "status": "completed", "supersedes": [OLD]})
+    assert json.loads(Path(path).read_text())["status"] == "completed"
+    assert not (tmp_path / "cams" / OLD).exists() and (tmp_path / "runs" / f"{OLD}.json").exists()
+    assert _live_runs(tmp_path) == {NEW}
+
+    # what runs that died leave: one that died publishing, and superseded rows not yet deleted
+    dead = "20240303T000000Z-cccccc"
+    _write(tmp_path, [_row("b", dead), _row("a", OLD)])
+    _summary(tmp_path, dead, 1, status="publishing")
+    assert _live_runs(tmp_path) == {NEW}
+    remove_unfinished(OutputDir.open(str(tmp_path)))
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [NEW]
+    assert not (tmp_path / "runs" / f"{dead}.json").exists()
+
+
+def test_runs_to_replace_by_write_mode(tmp_path):
+    assert runs_to_replace(str(tmp_path / "new"), SETTINGS, "error") == ()
+    _write(tmp_path, [_row("a", OLD), _row("b", NEW, threshold=0.5)])
+    failed = "20240303T000000Z-cccccc"  # every input failed: no cams rows, but its summary has the settings
+    _summary(tmp_path, failed, 0)
+    with pytest.raises(OutputExists, match=f"{OLD}, {failed}.*--incremental.*--overwrite.*--append"):
+        runs_to_replace(str(tmp_path), SETTINGS, "error")
+    assert runs_to_replace(str(tmp_path), SETTINGS, "overwrite") == (OLD, failed)
+    assert runs_to_replace(str(tmp_path), SETTINGS, "append") == runs_to_replace(str(tmp_path), SETTINGS, "incremental")
+    assert runs_to_replace(str(tmp_path), SETTINGS, "append") == ()
+    assert runs_to_replace(str(tmp_path), {**SETTINGS, "method": "gradcam"}, "error") == ()

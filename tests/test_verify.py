@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -98,8 +99,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.mark.parametrize("version", [1, 2])
 def test_outputs_of_known_schema_versions_still_read(version, tmp_path):
     """Outputs written by earlier schema versions stay readable by this camjobs."""
-    import json
-
     import pandas as pd
 
     from camjobs.output import existing_keys
@@ -113,3 +112,45 @@ def test_outputs_of_known_schema_versions_still_read(version, tmp_path):
     summary = json.loads(next((output / "runs").glob("*.json")).read_text())
     assert summary["schema_version"] == version
     assert len(existing_keys(str(output), summary["settings"])) == 3
+
+
+def _repeat_run(output: Path, write_mode: str) -> str:
+    """A second run holding the same rows as the first, written in `write_mode` (its summary says so)."""
+    (first,) = [p.stem for p in (output / "runs").glob("*.json")]
+    second = "29991231T235959Z-repeat"  # later than any real run id
+    for name in ("cams", "errors"):
+        shutil.copytree(output / name / first, output / name / second)
+    summary = json.loads((output / "runs" / f"{first}.json").read_text())
+    summary.update(run_id=second, write_mode=write_mode)
+    (output / "runs" / f"{second}.json").write_text(json.dumps(summary))
+    return second
+
+
+def test_an_append_run_may_repeat_images_and_no_other_may(clean_output, tmp_path):
+    appended = _copy(clean_output, tmp_path / "appended")
+    _repeat_run(appended, "append")
+    report = verify_output(str(appended))
+    assert report.ok, report.problems
+    assert report.rows == {"cams": 10, "errors": 2} and any("5 rows repeat" in note for note in report.notes)
+    plain = _copy(clean_output, tmp_path / "plain")
+    _repeat_run(plain, "error")
+    assert sum("appears twice" in p for p in verify_output(str(plain)).problems) == 5
+
+
+def test_superseded_and_unfinished_runs_are_not_read(clean_output, tmp_path):
+    output = _copy(clean_output, tmp_path)
+    (old,) = [p.stem for p in (output / "runs").glob("*.json")]
+    new = _repeat_run(output, "overwrite")
+    summary = json.loads((output / "runs" / f"{new}.json").read_text())
+    # committed, but died before it deleted the rows it supersedes
+    (output / "runs" / f"{new}.json").write_text(json.dumps({**summary, "supersedes": [old]}))
+    report = verify_output(str(output))
+    assert report.ok, report.problems
+    assert report.rows == {"cams": 5, "errors": 1} and report.runs == 1
+    assert any("superseded" in note and old in note for note in report.notes)
+    # and a run that died publishing: its rows do not count either
+    dying = "30000101T000000Z-dying"
+    shutil.copytree(output / "cams" / new, output / "cams" / dying)
+    (output / "runs" / f"{dying}.json").write_text(json.dumps({**summary, "run_id": dying, "status": "publishing"}))
+    report = verify_output(str(output))
+    assert report.ok and report.rows["cams"] == 5 and any(dying in note for note in report.notes)

@@ -1,10 +1,13 @@
 """`camjobs verify`: check that an output folder keeps the output contract.
 
-Checks, each problem naming the files involved:
+Checks, each problem naming the files involved, over the live runs (camjobs.output.run_index, as
+every reader sees them: not those superseded by an --overwrite run, nor one still publishing):
 - every Parquet file under cams/ and errors/ is readable, in full, with a known schema version;
-- no image (image_id and content_sha256) twice in cams/ for the same model and settings;
+- no image (image_id and content_sha256) twice in cams/ for the same model and settings, unless
+  the later of the two runs was written with --append (its summary's write_mode);
 - every published run folder has its summary, and each summary's counts match its rows;
-- nothing left half-done: staging folders or a lock are reported (a run may be in progress).
+- nothing left half-done: staging folders, a run that is publishing or died doing so, superseded
+  rows not yet removed, or a lock are reported as notes (a run may be in progress).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from camjobs.output import TABLES, OutputDir, read_run_summaries
+from camjobs.config import WriteMode
+from camjobs.output import TABLES, OutputDir, RunIndex, run_index
 from camjobs.schema import SCHEMA_VERSION, SETTINGS_ADDED, SETTINGS_COLUMNS
 
 
@@ -53,8 +57,10 @@ def verify_output(output: str) -> VerifyReport:
     if not out.is_dir(out.root):
         report.problems.append(f"{output}: no such output folder")
         return report
-    row_counts = _check_tables(out, report)
-    _check_summaries(output, out, row_counts, report)
+    index = run_index(output)
+    row_counts = _check_tables(out, index, report)
+    _check_summaries(out, index, row_counts, report)
+    _note_unfinished(out, index, report)
     staged = out.staged()
     if staged:
         report.notes.append(
@@ -66,50 +72,69 @@ def verify_output(output: str) -> VerifyReport:
     return report
 
 
-def _check_tables(out: OutputDir, report: VerifyReport) -> dict[str, dict[str, int]]:
-    """Read every Parquet file of cams/ and errors/; run_id -> its rows per table."""
-    seen: dict[tuple, str] = {}
+def _check_tables(out: OutputDir, index: RunIndex, report: VerifyReport) -> dict[str, dict[str, int]]:
+    """Read every Parquet file of the live runs in cams/ and errors/; run_id -> its rows per table."""
+    seen: dict[tuple, tuple[str, str]] = {}  # key -> (run_id, path) of its first row
+    appended = 0
     row_counts: dict[str, dict[str, int]] = defaultdict(lambda: {"cams": 0, "errors": 0})
     for name in TABLES:
+        # run ids start with their UTC start time: in this order, a repeat is in the later run
         for run_id, paths in sorted(out.run_parts(name).items()):
+            if run_id in index.hidden:
+                continue
             for path in sorted(paths):
                 table = _read(out, path, report)
                 if table is None:
                     continue
                 row_counts[run_id][name] += table.num_rows
                 report.rows[name] += table.num_rows
-                if name != "cams" or not table.num_rows:
-                    continue
-                # a version-1 file lacks the settings added since: their absence means SETTINGS_ADDED
-                keys = zip(
-                    *(
-                        table[c].to_pylist() if c in table.column_names else [SETTINGS_ADDED[c]] * table.num_rows
-                        for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)
-                    )
-                )
-                for key in keys:
-                    if key in seen:
-                        report.problems.append(
-                            f"image {key[0]!r} (content {str(key[1])[:12]}) appears twice for the "
-                            f"same model and settings: {seen[key]} and {path}"
-                        )
-                    else:
-                        seen[key] = path
+                if name == "cams" and table.num_rows:
+                    appended += _check_repeats(table, run_id, path, index, seen, report)
+    if appended:
+        report.notes.append(f"{appended} rows repeat images of earlier runs in --append runs (kept on purpose)")
     return row_counts
 
 
-def _check_summaries(output: str, out: OutputDir, row_counts: dict[str, dict[str, int]], report: VerifyReport) -> None:
-    """Every run with rows has a readable summary, whose counts match its rows."""
-    summaries, unreadable = read_run_summaries(output)
-    for run_id, why in sorted(unreadable.items()):
+def _check_repeats(
+    table: pa.Table, run_id: str, path: str, index: RunIndex, seen: dict[tuple, tuple[str, str]], report: VerifyReport
+) -> int:
+    """Record the table's image keys (image, content, settings); a repeat is a problem unless an --append
+    run wrote it over an earlier run's row. Returns the accepted repeats."""
+    # a version-1 file lacks the settings added since: their absence means SETTINGS_ADDED
+    keys = zip(
+        *(
+            table[c].to_pylist() if c in table.column_names else [SETTINGS_ADDED[c]] * table.num_rows
+            for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)
+        )
+    )
+    accepted = 0
+    for key in keys:
+        if key not in seen:
+            seen[key] = (run_id, path)
+        elif seen[key][0] != run_id and index.write_mode(run_id) == WriteMode.APPEND:
+            accepted += 1
+        else:
+            report.problems.append(
+                f"image {key[0]!r} (content {str(key[1])[:12]}) appears twice for the "
+                f"same model and settings: {seen[key][1]} and {path}"
+            )
+    return accepted
+
+
+def _check_summaries(
+    out: OutputDir, index: RunIndex, row_counts: dict[str, dict[str, int]], report: VerifyReport
+) -> None:
+    """Every live run with rows has a readable summary, whose counts match its rows."""
+    for run_id, why in sorted(index.unreadable.items()):
         report.problems.append(f"{out.summary(run_id)}: unreadable run summary ({why})")
-    report.runs = len(summaries)
-    for run_id in sorted(set(row_counts) - set(summaries)):
+    live = {run_id: summary for run_id, summary in index.summaries.items() if run_id not in index.hidden}
+    report.runs = len(live)
+    for run_id in sorted(set(row_counts) - set(index.summaries)):
         report.problems.append(
             f"{out.table('cams', run_id)} or {out.table('errors', run_id)}: rows of run {run_id!r} "
             f"without a run summary in {out.runs}/"
         )
-    for run_id, summary in sorted(summaries.items()):
+    for run_id, summary in sorted(live.items()):
         path = out.summary(run_id)
         version = summary.get("schema_version")
         if not isinstance(version, int) or version > SCHEMA_VERSION:
@@ -121,3 +146,18 @@ def _check_summaries(output: str, out: OutputDir, row_counts: dict[str, dict[str
                     f"{path}: says {key} = {counts.get(key)}, but {out.table(name, run_id)}/ "
                     f"holds {row_counts[run_id][name]} rows"
                 )
+
+
+def _note_unfinished(out: OutputDir, index: RunIndex, report: VerifyReport) -> None:
+    """Runs that readers skip and whose files are still there: in progress, or left by a run that died."""
+    for run_id in sorted(index.publishing):
+        report.notes.append(
+            f"run {run_id} is publishing (its summary says so): in progress, or it died doing it (the next run "
+            "removes it); its rows are not read"
+        )
+    leftover = sorted(r for r in index.superseded if any(out.is_dir(out.table(n, r)) for n in TABLES))
+    if leftover:
+        report.notes.append(
+            f"rows of {len(leftover)} run(s) superseded by an --overwrite run are still there, not read "
+            f"({', '.join(leftover)}): the next run removes them"
+        )

@@ -19,7 +19,8 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -29,9 +30,11 @@ import ray
 from camjobs import __version__
 from camjobs.config import RunConfig
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
+from camjobs.interrupt import Stopped, deferred, sigterm_kept
 from camjobs.layouts import DatasetListing, list_images
+from camjobs.lock import output_lock
 from camjobs.models.networks import LoadedModel
-from camjobs.output import existing_keys, output_lock, publish_run
+from camjobs.output import existing_keys, publish_run, runs_to_replace
 from camjobs.pipeline.decode import decode_batch
 from camjobs.pipeline.localize import localize_batch
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec
@@ -206,7 +209,8 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # A cluster of our own needs no dashboard: it costs ~1 GiB of memory and a few % of CPU.
     dashboard = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
+    with sigterm_kept():  # camjobs run's SIGTERM handler cleans up; Ray's own would exit past that
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
 
 
 @dataclass
@@ -226,12 +230,35 @@ def run_job(cfg: RunConfig, *, tuning: Tuning = Tuning(), adapt: Adapt | None = 
     """Run the whole job under the output's lock; publish it; say how it went.
 
     `tuning` sizes the pipeline; `adapt`, given the planned stages, returns the stages to run
-    (a benchmark timing each stage, a test recording one), so that nothing changes this module."""
+    (a benchmark timing each stage, a test recording one), so that nothing changes this module.
+    A run that fails or is interrupted (camjobs.interrupt) stops its Ray work first, then drops its
+    staging and releases the lock (output_lock)."""
     run_id = new_run_id()
-    with output_lock(cfg.output, run_id):
-        prepared = _prepare(cfg, run_id, tuning)
-        stats = _build_and_write(cfg, prepared, tuning, adapt)
-        return _summarize(cfg, prepared, stats, time.time())
+    try:
+        with output_lock(cfg.output, run_id, cfg.lock_lease) as lease, _ray_stopped_on_failure():
+            prepared = _prepare(cfg, run_id, tuning)
+            stats = _build_and_write(cfg, prepared, tuning, adapt)
+            lease.check()
+            with deferred(run_id):  # a signal now waits until the run is published
+                return _summarize(cfg, prepared, stats, time.time())
+    except Stopped as stop:
+        stop.run_id = run_id
+        raise
+
+
+@contextmanager
+def _ray_stopped_on_failure() -> Iterator[None]:
+    """A run that fails or is interrupted shuts down the Ray it started: a local cluster with its
+    raylet, agents and workers, or its connection to a cluster it joined (Ray then ends the job's
+    tasks and actors), before its staging is removed. A run that completes leaves Ray to its caller
+    (another run_job may follow; at exit Ray shuts itself down)."""
+    started_here = not ray.is_initialized()
+    try:
+        yield
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
 
 
 @dataclass(frozen=True)
@@ -244,6 +271,7 @@ class Prepared:
     model: LoadedModel
     settings: dict
     skip_keys: frozenset[str]
+    supersedes: tuple[str, ...]  # the runs whose rows an --overwrite run replaces
     plan: ActorPlan
     started: float
     listed: float
@@ -251,7 +279,8 @@ class Prepared:
 
 
 def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
-    """The listing, the model (checked here), its settings, the keys done before, Ray, and the plan."""
+    """The listing, the model (checked here), its settings, what the write mode says of the rows written
+    before (refused without a mode: before any Ray work), the keys done before, Ray, and the plan."""
     started = time.time()
     listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks)
     classes = tuple(cfg.classes) if cfg.classes else None
@@ -266,6 +295,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
         "input_size": model.input_size,
         "refine": REFINE_METHOD if cfg.refine else None,
     }
+    supersedes = runs_to_replace(cfg.output, settings, cfg.write_mode)
     skip_keys = existing_keys(cfg.output, settings) if cfg.incremental else frozenset()
     listed = time.time()
     log.info(
@@ -290,7 +320,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
     )
     if cfg.decode_on == "gpu" and not plan.num_gpus:
         log.warning("--decode-on gpu without GPU actors: the model actors decode the images on their CPU")
-    return Prepared(run_id, listing, spec, model, settings, skip_keys, plan, started, listed, time.time())
+    return Prepared(run_id, listing, spec, model, settings, skip_keys, supersedes, plan, started, listed, time.time())
 
 
 def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: Adapt | None) -> SinkStats:
@@ -351,6 +381,8 @@ def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: flo
             "model_sha256": model.model_sha256,
         },
         "settings": prepared.settings,
+        "write_mode": str(cfg.write_mode),
+        "supersedes": list(prepared.supersedes),
         "versions": library_versions(),
         "counts": {
             "inputs": inputs,
