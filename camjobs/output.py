@@ -22,6 +22,7 @@ through it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -130,6 +131,7 @@ def drop_staging(output: str, run_id: str) -> None:
     out = OutputDir.open(output)
     if out.kind(out.staging(run_id)) != pafs.FileType.NotFound:
         out.fs.delete_dir(out.staging(run_id))
+    _remove_empty_staging(out)
 
 
 def publish_run(output: str, run_id: str, summary: dict) -> str:
@@ -152,7 +154,17 @@ def publish_run(output: str, run_id: str, summary: dict) -> str:
         stream.write(json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
     out.fs.move(temporary, summary_path)
     out.fs.delete_dir(staged)
+    _remove_empty_staging(out)
     return summary_path if "://" in output else os.path.abspath(summary_path)
+
+
+def _remove_empty_staging(out: OutputDir) -> None:
+    """_staging/ itself once no run stages there: a finished output holds cams/, errors/ and runs/ only."""
+    if isinstance(out.fs, pafs.LocalFileSystem):
+        with contextlib.suppress(OSError):  # not empty (a run staging now) or already gone
+            os.rmdir(out.staging())
+    elif out.is_dir(out.staging()) and not out.staged():
+        out.fs.delete_dir(out.staging())
 
 
 def _move_dir(fs: pafs.FileSystem, source: str, destination: str) -> None:

@@ -17,9 +17,12 @@ import dataclasses
 import logging
 import os
 import platform
+import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -37,6 +40,7 @@ from camjobs.pipeline.localize import localize_batch
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec
 from camjobs.pipeline.sink import CamParquetSink, SinkStats
 from camjobs.pipeline.stages import Stage, StageLike, build_pipeline
+from camjobs.preflight import check_run
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 
@@ -195,18 +199,65 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, *, quiet: bool = False) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS); else start a new local one.
 
     "local" is explicit: a bare ray.init() would join whatever `ray start` cluster happens
     to run on this machine, and a laptop smoke test must not land on someone else's.
+    quiet: Ray's own log lines go to its session's log files only (quiet_ray).
     """
+    if quiet:
+        quiet_ray()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # A cluster of our own needs no dashboard: it costs ~1 GiB of memory and a few % of CPU.
     dashboard = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
+    if not quiet:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
+        return
+    with _stderr_held_back():
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **dashboard)
+
+
+def quiet_ray() -> None:
+    """Every knob of Ray's console output, set for a quiet run: one progress bar, no log lines.
+
+    Ray's log files keep everything (`ray.init`'s session folder, logs/); `--verbose` leaves
+    these knobs alone. Workers' prints stay in their files (ray.init's log_to_driver=False,
+    set by init_ray): their errors reach the driver as exceptions anyway."""
+    # Read by each Ray process as it starts: its C++ errors (core_worker's warning that Ray Data's
+    # actors have constructor arguments in the object store) would otherwise reach the terminal.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # Ray Data: the dataset's own progress bar on a terminal, none per operator; its log lines
+    # (plans, "will hang unless more CPUs are freed", the progress blocks it logs when stdout is
+    # not a terminal) to its file handler only.
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def _stderr_held_back() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) into a temporary file while Ray starts, and written out
+    only if the start fails: Ray's C++ core writes its start-up lines there, past Python's logging."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 @dataclass
@@ -227,6 +278,7 @@ def run_job(cfg: RunConfig, *, tuning: Tuning = Tuning(), adapt: Adapt | None = 
 
     `tuning` sizes the pipeline; `adapt`, given the planned stages, returns the stages to run
     (a benchmark timing each stage, a test recording one), so that nothing changes this module."""
+    check_run(cfg)  # a configuration mistake exits 2 before the lock creates the output folder
     run_id = new_run_id()
     with output_lock(cfg.output, run_id):
         prepared = _prepare(cfg, run_id, tuning)
@@ -277,7 +329,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
         f", {len(skip_keys)} done before" if cfg.incremental else "",
     )
 
-    init_ray(cfg.address)
+    init_ray(cfg.address, quiet=not log.isEnabledFor(logging.DEBUG))  # Ray's own lines with --verbose
     plan = plan_actors(cfg, ray.cluster_resources(), model.input_size, tuning)
     log.info(
         "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task, %g CPU per stage task",
@@ -340,7 +392,7 @@ def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: flo
         "run_id": prepared.run_id,
         "schema_version": SCHEMA_VERSION,
         "status": "completed",
-        "config": cfg.redacted(),
+        "config": cfg.resolved().redacted(),  # absolute local paths, no credentials
         "layout": prepared.listing.layout,
         "model": {
             "arch": model.arch,
