@@ -77,8 +77,7 @@ def check_output(output: str, flag: str = "--output") -> None:
     if not os.path.isdir(existing):
         what = "is a file" if existing == path else f"lies below {existing}, which is a file"
         raise PreflightError(f"{flag} {output} {what}; give a folder (it is created if it does not exist)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PreflightError(f"{flag} {output}: no permission to write in {existing}")
+    # An output that cannot be written (read-only storage, a full disk) is a storage error of the run: exit 1.
 
 
 def check_model_file(path: str, flag: str) -> None:
