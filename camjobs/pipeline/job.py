@@ -223,11 +223,12 @@ def init_ray(address: str | None, *, quiet: bool = False) -> None:
 def quiet_ray() -> None:
     """Every knob of Ray's console output, set for a quiet run: one progress bar, no log lines.
 
-    Ray's log files keep everything (`ray.init`'s session folder, logs/); `--verbose` leaves
-    these knobs alone. Workers' prints stay in their files (ray.init's log_to_driver=False,
-    set by init_ray): their errors reach the driver as exceptions anyway."""
-    # Read by each Ray process as it starts: its C++ errors (core_worker's warning that Ray Data's
-    # actors have constructor arguments in the object store) would otherwise reach the terminal.
+    Python's and Ray Data's log lines still go to Ray's session logs (logs/ in its session folder);
+    `--verbose` leaves all of this alone. Workers' prints stay in their own files (init_ray's
+    log_to_driver=False): their errors reach the driver as exceptions anyway."""
+    # Ray's C++ core writes its errors to the driver's stderr besides its log file, whatever the Python
+    # side says (core_worker's warning that Ray Data's actors have constructor arguments in the object
+    # store, on every run); its level is the only knob, read by each Ray process as it starts.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     # Ray Data: the dataset's own progress bar on a terminal, none per operator; its log lines
     # (plans, "will hang unless more CPUs are freed", the progress blocks it logs when stdout is
@@ -240,8 +241,9 @@ def quiet_ray() -> None:
 
 @contextmanager
 def _stderr_held_back() -> Iterator[None]:
-    """The process's stderr (file descriptor 2) into a temporary file while Ray starts, and written out
-    only if the start fails: Ray's C++ core writes its start-up lines there, past Python's logging."""
+    """The process's stderr (file descriptor 2) into a temporary file while Ray starts, written out only if
+    the start fails: Ray's C++ core writes there past Python's logging (at start-up, that its level was
+    set from RAY_BACKEND_LOG_LEVEL)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
