@@ -41,6 +41,8 @@ def test_exit_codes():
         ("camjobs.labels.scores", "EvaluationError", 2, ValueError),
         ("camjobs.output", "NoResults", 2, ValueError),
         ("camjobs.output", "OutputLocked", 1, RuntimeError),
+        ("camjobs.preflight", "PreflightError", 2, ValueError),
+        ("camjobs.models.train_data", "TrainingDataError", 2, ValueError),
         ("camjobs.cluster.submit", "SubmitError", 2, Exception),
     ],
 )
