@@ -332,6 +332,10 @@ def train(
     _setup_logging(False)
     if weights is not None and weights_file is not None:
         raise UsageError("give --weights or --weights-file, not both")
+    start = str(weights_file) if weights_file is not None else weights
+    from camjobs.preflight import check_train
+
+    check_train(data, str(out), layout, start, "--weights-file" if weights_file is not None else "--weights")
     from camjobs.models.train import TrainConfig, train_model
 
     with _reported(ValueError, FileNotFoundError, RuntimeError, OSError):
@@ -345,7 +349,7 @@ def train(
                 batch_size=batch_size,
                 lr=lr,
                 layout=layout.value,
-                weights=str(weights_file) if weights_file is not None else weights,
+                weights=start,
                 seed=seed,
                 val_fraction=val_fraction,
                 balanced=balanced,

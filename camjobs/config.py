@@ -8,6 +8,7 @@ so that `camjobs status` and `--help` start fast.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 import urllib.parse
@@ -235,6 +236,18 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolved(self) -> RunConfig:
+        """A copy whose local paths (data, output, checkpoint, a weights file) are absolute, as a run summary
+        records them: where the run read and wrote, whatever the directory it started in. Spelled as the
+        listing spells the images' source_path (symlinks kept), so that the exports find each image's path
+        below the dataset root. URIs stay as they are."""
+        paths = {name: getattr(self, name) for name in ("data", "output", "checkpoint", "weights")}
+        if paths["weights"] is not None and paths["weights"].lower() == "imagenet":
+            del paths["weights"]
+        return dataclasses.replace(
+            self, **{name: _resolve_local(value) for name, value in paths.items() if value is not None}
+        )
+
     def redacted(self) -> dict[str, Any]:
         """to_dict() safe to log or write into a run summary: no credentials in URIs."""
         return {name: redact_uri(value) if isinstance(value, str) else value for name, value in self.to_dict().items()}
@@ -250,6 +263,11 @@ _SECRET_QUERY_KEYS = {
     "sig",
     "signature",
 }
+
+
+def _resolve_local(path: str) -> str:
+    """A local path made absolute (camjobs.layouts does the same to a dataset root); a URI unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def redact_uri(value: str) -> str:

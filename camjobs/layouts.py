@@ -524,6 +524,11 @@ def detect_layout(uri: str) -> str:
     return _resolve(_open_root(uri, follow_symlinks=False), "auto")[0]
 
 
+def layouts_named_at(uri: str) -> list[str]:
+    """The layouts whose names are at uri's top level: only names are looked at, nothing below is walked."""
+    return _matching_layouts(_top_names(_open_root(uri, follow_symlinks=False)))
+
+
 def group_source(layout: str) -> GroupSource | None:
     """Where the layout keeps its lesion (or patient) ids; None for a layout without them (isic2017, folder)."""
     spec = _SPECS.get(layout)

@@ -34,6 +34,7 @@ camjobs verify, export, evaluate and viz, reads through it. Needs pyarrow only (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -141,6 +142,7 @@ def drop_staging(output: str, run_id: str) -> None:
     out = OutputDir.open(output)
     if out.kind(out.staging(run_id)) != pafs.FileType.NotFound:
         out.fs.delete_dir(out.staging(run_id))
+    _remove_empty_staging(out)
 
 
 def publish_run(output: str, run_id: str, summary: dict) -> str:
@@ -161,6 +163,7 @@ def publish_run(output: str, run_id: str, summary: dict) -> str:
         _move_dir(out.fs, source, destination)
     summary_path = _write_summary(out, run_id, {**summary, "status": summary.get("status", COMPLETED)})
     out.fs.delete_dir(staged)
+    _remove_empty_staging(out)
     _delete_rows(out, summary.get("supersedes", ()), "superseded by run " + run_id)
     return summary_path if "://" in output else os.path.abspath(summary_path)
 
@@ -186,6 +189,15 @@ def _delete_rows(out: OutputDir, run_ids: Iterable[str], why: str) -> None:
                     out.fs.delete_dir(folder)
             except OSError as exc:
                 log.warning("could not remove %s (%s): %s", folder, why, exc)
+
+
+def _remove_empty_staging(out: OutputDir) -> None:
+    """_staging/ itself once no run stages there: a finished output holds cams/, errors/ and runs/ only."""
+    if isinstance(out.fs, pafs.LocalFileSystem):
+        with contextlib.suppress(OSError):  # not empty (a run staging now) or already gone
+            os.rmdir(out.staging())
+    elif out.is_dir(out.staging()) and not out.staged():
+        out.fs.delete_dir(out.staging())
 
 
 def _move_dir(fs: pafs.FileSystem, source: str, destination: str) -> None:

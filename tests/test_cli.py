@@ -164,13 +164,14 @@ def test_run_command_writes_parquet_and_exit_3_over_error_budget(ray_cluster, is
     )
 
 
-def test_bad_checkpoint_fails_with_exit_1(tmp_path, isic2017_mini):
+def test_bad_checkpoint_is_a_usage_error_exit_2(tmp_path, isic2017_mini):
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a checkpoint")
     result = runner.invoke(
         app, ["run", "--data", str(isic2017_mini), "--output", str(tmp_path / "o"), "--checkpoint", str(bogus)]
     )
-    assert result.exit_code == 1 and str(bogus) in result.output
+    assert result.exit_code == 2 and f"--checkpoint {bogus}" in result.output
+    assert not (tmp_path / "o").exists()  # refused before the output folder is made
 
 
 def test_python_dash_m_entry_point():

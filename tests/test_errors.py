@@ -44,6 +44,8 @@ def test_exit_codes():
         ("camjobs.output", "NoResults", 2, ValueError),
         ("camjobs.output", "OutputExists", 2, ValueError),
         ("camjobs.lock", "OutputLocked", 1, RuntimeError),
+        ("camjobs.preflight", "PreflightError", 2, ValueError),
+        ("camjobs.models.train_data", "TrainingDataError", 2, ValueError),
         ("camjobs.cluster.submit", "SubmitError", 2, Exception),
     ],
 )

@@ -125,7 +125,7 @@ def test_publish_moves_staging_into_place_and_writes_the_summary_last(tmp_path):
     pq.write_table(pa.Table.from_pylist([_row("a", "r1")], schema=CAMS_SCHEMA), staged / "part-0.parquet")
     path = publish_run(str(tmp_path), "r1", {"run_id": "r1", "counts": {"processed": 1}})
     assert path == str(tmp_path / "runs" / "r1.json") and json.loads(Path(path).read_text())["run_id"] == "r1"
-    assert not (tmp_path / "_staging" / "r1").exists()
+    assert not (tmp_path / "_staging").exists()  # no empty _staging/ left behind
     assert pq.read_table(tmp_path / "cams" / "r1").num_rows == 1
     # a kind of row the run had none of: one empty file, so the table reads with its schema
     errors = pq.read_table(tmp_path / "errors" / "r1")
@@ -150,6 +150,15 @@ def test_drop_staging_is_idempotent(tmp_path):
     (tmp_path / "_staging" / "r2").mkdir()
     drop_staging(str(tmp_path), "r1")
     drop_staging(str(tmp_path), "r1")
+    assert [Path(p).name for p in OutputDir.open(str(tmp_path)).staged()] == ["r2"]  # another run's stays
+    drop_staging(str(tmp_path), "r2")
+    assert not (tmp_path / "_staging").exists()  # the last one takes the empty _staging/ with it
+
+
+def test_publishing_keeps_staging_where_another_run_stages(tmp_path):
+    for run_id in ("r1", "r2"):
+        (tmp_path / "_staging" / run_id / "cams").mkdir(parents=True)
+    publish_run(str(tmp_path), "r1", {"run_id": "r1"})
     assert [Path(p).name for p in OutputDir.open(str(tmp_path)).staged()] == ["r2"]
 
 

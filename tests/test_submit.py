@@ -484,7 +484,7 @@ def test_stop_a_running_job(head, home):
 
 @pytest.mark.slow
 def test_failed_jobs_exit_with_their_own_code(head, home, tmp_path):
-    # A checkpoint that does not exist: the job's `camjobs run` exits 1.
+    # A checkpoint that does not exist: the job's `camjobs run` exits 2 (a configuration mistake).
     missing = camjobs(
         head,
         home,
@@ -500,11 +500,12 @@ def test_failed_jobs_exit_with_their_own_code(head, home, tmp_path):
         "--token",
         head.token,
     )
-    assert missing.returncode == 1, missing.stderr
-    assert "does not exist" in missing.stdout and "FAILED, exit code 1" in missing.stderr
+    assert missing.returncode == 2, missing.stderr
+    assert "--checkpoint" in missing.stdout and "no such file" in missing.stdout
+    assert "FAILED, exit code 2" in missing.stderr
     job_id = missing.stdout.splitlines()[-1]
     status = cli(head, home, "status", job_id, "--address", head.address, "--token", head.token)
-    assert "status: FAILED" in status.stdout and "exit_code: 1" in status.stdout
+    assert "status: FAILED" in status.stdout and "exit_code: 2" in status.stdout
 
     # Over the error budget (one image of two is empty): the run writes everything and exits 3.
     data = tmp_path / "data"

@@ -26,6 +26,7 @@ _BLUE, _ORANGE, _GREEN, _RED, _GREY, _BLACK = (
     (0, 0, 0),
 )
 _PURPLE, _BROWN = (160, 50, 150), (30, 80, 140)
+_IOU_COLOURS = (("0.3", _GREEN), ("0.5", _BLUE), ("0.7", _RED))  # the CAM's BoxAcc curves, by IoU
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -60,7 +61,7 @@ class _Axes:
         label = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)
         top = max(0, (self.y0 + self.y1) // 2 - label.shape[0] // 2)
         self.image[top : top + label.shape[0], 18 : 18 + label.shape[1]] = label
-        self.legend: list[tuple[str, tuple, str]] = []
+        self.legend: list[tuple[str, tuple, tuple[int, int]]] = []
 
     def point(self, x: float, y: float) -> tuple[int, int]:
         px = self.x0 + (self.x1 - self.x0) * min(max(x / self.xmax, 0.0), 1.0)
@@ -72,25 +73,14 @@ class _Axes:
         x = origin[0] - (tw if align == "right" else tw // 2 if align == "centre" else 0)
         cv2.putText(self.image, text, (int(x), int(origin[1])), _FONT, scale, colour, thickness, cv2.LINE_AA)
 
-    def line(self, xs, ys, colour, label: str | None = None, style: str = "solid", thickness: int = 2):
+    def line(self, xs, ys, colour, label: str | None = None, layer: tuple[int, int] = (0, 1), thickness: int = 2):
+        """A curve drawn on its layer's share of the plot's dash cycle (_layer_dashes): draw layers 0, 1, ...
+        in order, and where curves lie on top of each other each one still shows in its own slot."""
         points = [self.point(x, y) for x, y in zip(xs, ys)]
-        if style == "solid":
-            if len(points) > 1:
-                cv2.polylines(self.image, [np.array(points, np.int32)], False, colour, thickness, cv2.LINE_AA)
-        else:
-            dash = 10 if style == "dashed" else 3
-            for a, b in zip(points, points[1:]):
-                length = math.hypot(b[0] - a[0], b[1] - a[1])
-                steps = max(1, int(length // dash))
-                for k in range(0, steps, 2):
-                    p = (a[0] + (b[0] - a[0]) * k / steps, a[1] + (b[1] - a[1]) * k / steps)
-                    q = (
-                        a[0] + (b[0] - a[0]) * min(k + 1, steps) / steps,
-                        a[1] + (b[1] - a[1]) * min(k + 1, steps) / steps,
-                    )
-                    cv2.line(self.image, tuple(map(int, p)), tuple(map(int, q)), colour, thickness, cv2.LINE_AA)
+        for a, b in _layer_dashes(points, *layer):
+            cv2.line(self.image, a, b, colour, thickness, cv2.LINE_8)
         if label:
-            self.legend.append((label, colour, style))
+            self.legend.append((label, colour, layer))
 
     def marker(self, x: float, y: float, colour):
         cv2.circle(self.image, self.point(x, y), 6, colour, 2, cv2.LINE_AA)
@@ -99,20 +89,16 @@ class _Axes:
         """The legend, in the right margin, level with the top of the plot."""
         if not self.legend:
             return
-        width = max(cv2.getTextSize(label, _FONT, 0.5, 1)[0][0] for label, _, _ in self.legend) + 70
+        width = max(cv2.getTextSize(label, _FONT, 0.5, 1)[0][0] for label, _, _ in self.legend) + _LEGEND_SAMPLE + 30
         height = 26 * len(self.legend) + 12
         x, y = self.x1 + 20, self.y1
         cv2.rectangle(self.image, (x, y), (x + width, y + height), (255, 255, 255), -1)
         cv2.rectangle(self.image, (x, y), (x + width, y + height), _GREY, 1)
-        for k, (label, colour, style) in enumerate(self.legend):
+        for k, (label, colour, layer) in enumerate(self.legend):
             cy = y + 20 + 26 * k
-            if style == "solid":
-                cv2.line(self.image, (x + 10, cy - 4), (x + 50, cy - 4), colour, 2, cv2.LINE_AA)
-            else:
-                gap = 8 if style == "dashed" else 3
-                for sx in range(x + 10, x + 50, 2 * gap):
-                    cv2.line(self.image, (sx, cy - 4), (min(sx + gap, x + 50), cy - 4), colour, 2, cv2.LINE_AA)
-            cv2.putText(self.image, label, (x + 60, cy), _FONT, 0.5, _BLACK, 1, cv2.LINE_AA)
+            for a, b in _layer_dashes([(x + 10, cy - 4), (x + 10 + _LEGEND_SAMPLE, cy - 4)], *layer):
+                cv2.line(self.image, a, b, colour, 2, cv2.LINE_8)
+            cv2.putText(self.image, label, (x + 20 + _LEGEND_SAMPLE, cy), _FONT, 0.5, _BLACK, 1, cv2.LINE_AA)
         self.legend_bottom = y + height
 
     def notes(self, lines: list[str]):
@@ -122,13 +108,34 @@ class _Axes:
             cv2.putText(self.image, line, (self.x1 + 22, y + 22 * k), _FONT, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
 
 
-_STYLES = {
-    "cam": (_BLUE, "solid"),
-    "refined": (_PURPLE, "solid"),
-    "otsu": (_BROWN, "solid"),
-    "centre": (_ORANGE, "solid"),
-    "constant": (_GREY, "dashed"),
-}
+_COLOURS = {"cam": _BLUE, "refined": _PURPLE, "otsu": _BROWN, "centre": _ORANGE, "constant": _GREY}  # by source
+_SLOT = 6  # pixels of arc length per slot of the dash cycle
+_LEGEND_SAMPLE = 60
+
+
+def _layer_dashes(points: list[tuple[int, int]], layer: int, layers: int) -> list[tuple[tuple, tuple]]:
+    """The pieces of a polyline that layer `layer` of `layers` draws: along the line's arc length, cycles of
+    `layers` slots, of which it covers slots layer .. layers-1. Layer 0 is solid, each later one shorter
+    dashes that start a slot later; drawn in order, slot k of every cycle shows layer k's colour where
+    the curves coincide (every curve visible), and a curve on its own reads as its own dash style."""
+    pieces, travelled, cycle = [], 0.0, _SLOT * layers
+    for a, b in zip(points, points[1:]):
+        length = math.hypot(b[0] - a[0], b[1] - a[1])
+        start = 0.0
+        while start < length:
+            phase = (travelled + start) % cycle
+            gap = phase < layer * _SLOT  # in the slots of the layers below
+            step = min(length - start, (layer * _SLOT - phase) if gap else (cycle - phase))
+            if not gap:
+                p, q = start / length, (start + step) / length
+                pieces.append((_lerp(a, b, p), _lerp(a, b, q)))
+            start += max(step, 1e-6)
+        travelled += length
+    return pieces
+
+
+def _lerp(a: tuple[int, int], b: tuple[int, int], t: float) -> tuple[int, int]:
+    return int(round(a[0] + (b[0] - a[0]) * t)), int(round(a[1] + (b[1] - a[1]) * t))
 
 
 def fmt(value: float | None) -> str:
@@ -144,12 +151,10 @@ def draw_pr_plot(metrics: dict[str, Any]) -> np.ndarray:
     if not curves:
         axes.text("no masks: PxAP needs lesion masks", ((axes.x0 + axes.x1) // 2, _H // 2), scale=0.7, align="centre")
         return axes.image
-    for name, title, block in reversed(source_blocks(metrics)):  # the CAM drawn last, on top
-        curve = curves.get(name)
-        if curve:
-            colour, style = _STYLES.get(name, (_BLACK, "dotted"))
-            xs, ys = _steps(np.array(curve["recall"]), np.array(curve["precision"]))
-            axes.line(xs, ys, colour, f"{title}: PxAP {fmt(block['pxap'])}", style)
+    drawn = [(name, title, block) for name, title, block in source_blocks(metrics) if curves.get(name)]
+    for k, (name, title, block) in enumerate(drawn):  # the CAM first, solid; each other source a layer above
+        xs, ys = _steps(np.array(curves[name]["recall"]), np.array(curves[name]["precision"]))
+        axes.line(xs, ys, _COLOURS.get(name, _BLACK), f"{title}: PxAP {fmt(block['pxap'])}", (k, len(drawn)))
     axes.draw_legend()
     counts = metrics["counts"]
     axes.notes(
@@ -188,21 +193,17 @@ def draw_box_acc_plot(metrics: dict[str, Any]) -> np.ndarray:
         [0, 0.2, 0.4, 0.6, 0.8, 1.0],
         [0, 20, 40, 60, 80, 100],
     )
-    colours = {"0.3": _GREEN, "0.5": _BLUE, "0.7": _RED}
-    for iou, colour in colours.items():
-        values = curves["all_contours"][iou]
+    levels = [(name, title, block["max_box_acc"]) for name, title, block in source_blocks(metrics)[1:]]
+    levels = [(name, title, level) for name, title, level in levels if level is not None]
+    lines = [(f"all contours, IoU {iou}", colour, curves["all_contours"][iou]) for iou, colour in _IOU_COLOURS]
+    lines.append(("largest contour, IoU 0.5 (MaxBoxAcc)", _BLACK, curves["largest_contour"]["0.5"]))
+    layers = len(lines) + len(levels)
+    for k, (title, colour, values) in enumerate(lines):  # the CAM's BoxAcc at each threshold
         best = int(np.argmax(values))
-        axes.line(thresholds, values, colour, f"all contours, IoU {iou}: max {values[best]:.1f}")
+        axes.line(thresholds, values, colour, f"{title}: max {values[best]:.1f}", (k, layers))
         axes.marker(thresholds[best], values[best], colour)
-    values = curves["largest_contour"]["0.5"]
-    best = int(np.argmax(values))
-    axes.line(thresholds, values, _BLACK, f"largest contour, IoU 0.5 (MaxBoxAcc): {values[best]:.1f}", "dashed")
-    axes.marker(thresholds[best], values[best], _BLACK)
-    for name, title, block in source_blocks(metrics)[1:]:  # nothing to sweep: one level each
-        level = block["max_box_acc"]
-        if level is not None:
-            colour = _STYLES.get(name, (_BLACK, "dotted"))[0]
-            axes.line([0, 1], [level, level], colour, f"{title}, IoU 0.5: {level:.1f}", "dotted")
+    for k, (name, title, level) in enumerate(levels, len(lines)):  # nothing to sweep: one level each
+        axes.line([0, 1], [level, level], _COLOURS.get(name, _BLACK), f"{title}, IoU 0.5: {level:.1f}", (k, layers))
     axes.draw_legend()
     axes.notes(
         [

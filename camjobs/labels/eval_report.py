@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from camjobs.labels.eval_plots import draw_box_acc_plot, draw_pr_plot, encode_png, fmt
+from camjobs.labels.metrics import ISIC_JACCARD_CUTOFF
 from camjobs.labels.scores import METRIC_KEYS, source_blocks
 from camjobs.storage import open_filesystem
 
@@ -25,7 +26,7 @@ METRIC_NAMES = {
     "mean_iou": "mean IoU of boxes[0] (x100, run threshold)",
     "iou50_share": "share with IoU >= 0.5 of boxes[0] (run threshold)",
     "jaccard_mean": "mean Jaccard (run threshold)",
-    "jaccard_isic2018": "ISIC 2018 thresholded Jaccard (run threshold)",
+    "jaccard_isic2018": f"ISIC 2018 thresholded Jaccard: Jaccard < {ISIC_JACCARD_CUTOFF:g} counts 0 (run threshold)",
 }
 
 
@@ -86,6 +87,10 @@ def markdown_report(metrics: dict[str, Any]) -> str:
         "- centre box: the middle half of each side.",
         "- constant map: the whole image as the box at every threshold; every pixel positive for PxAP.",
         "- top-1 Loc counts labelled images; GT-known Loc the images whose map explains the ground-truth class.",
+        f"- ISIC 2018 thresholded Jaccard: the mean over images of each image's Jaccard with its mask, where a "
+        f"Jaccard below {ISIC_JACCARD_CUTOFF:g} counts as 0. ISIC 2018 Task 1 scored lesion segmentation so: a "
+        "mask that far from the expert's is a failure someone must redraw, not a near miss; the cut allows for "
+        "how much experts' own masks of a lesion differ (Codella et al. 2019).",
         "",
         "Counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
         "",

@@ -344,7 +344,8 @@ def _imagenet_model(arch: str, pooling: str) -> nn.Module:
     except OSError as error:  # URLError, socket and SSL errors are all OSErrors
         raise RuntimeError(
             f"the ImageNet weights for {arch} ({weights.url}) could not be downloaded (no internet?): {error}. "
-            "Give a local weights file instead (weights=<path to a torchvision state_dict>), "
+            "Give a local weights file instead (camjobs train --weights-file PATH, camjobs run --weights PATH: a "
+            "torchvision state_dict), "
             f"or place the file in {torch.hub.get_dir()}/checkpoints/"
         ) from error
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import posixpath
 import random
 
@@ -24,8 +25,9 @@ import pyarrow.fs as pafs
 import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
+from camjobs.errors import UsageError
 from camjobs.images import ImageInputError, load_image
-from camjobs.layouts import ImageRecord, group_source, list_images
+from camjobs.layouts import ImageRecord, group_source, layouts_named_at, list_images
 from camjobs.models.networks import IMAGENET_MEAN, IMAGENET_STD
 from camjobs.storage import open_filesystem
 
@@ -67,11 +69,46 @@ def labelled_listing(data: str, layout: str = "auto") -> tuple[list[ImageRecord]
     vocabulary = listing.classes or sorted(present)
     classes = [c for c in vocabulary if c in present]
     if len(classes) < 2:
-        raise ValueError(
-            f"training needs labelled images of at least 2 classes; {data} has {len(records)} "
-            f"labelled images of {len(classes)} class(es)"
-        )
+        raise _too_few_classes(data, listing.layout, len(records), len(classes))
     return records, classes, listing.layout
+
+
+class TrainingDataError(UsageError, ValueError):
+    """A dataset training cannot learn from: no labels, or fewer than two classes."""
+
+
+def _too_few_classes(data: str, layout: str, labelled: int, classes: int) -> TrainingDataError:
+    """What is wrong with --data for training, and which folder to give instead."""
+    if layout != "folder":
+        return TrainingDataError(
+            f"--data {data} reads as the {layout} layout, with {labelled} labelled image(s) of {classes} class(es): "
+            "training needs labelled images of at least 2 classes"
+        )
+    above = _labelled_root_above(data)
+    hint = (
+        f"give the dataset's root instead: {above[0]} (the {above[1]} layout, with labels)"
+        if above
+        else "give the dataset's root folder as downloaded, with its labels: e.g. HAM10000's folder that holds "
+        "HAM10000_metadata.csv, or ISIC 2017's that holds ISIC-2017_Training_Part3_GroundTruth.csv (README: "
+        "Real datasets)"
+    )
+    return TrainingDataError(
+        f"--data {data} reads as the folder layout (images without labels), and training needs labels; {hint}"
+    )
+
+
+def _labelled_root_above(data: str, levels: int = 2) -> tuple[str, str] | None:
+    """(folder, layout) of the nearest local folder above `data` whose names are those of a layout with labels
+    (an images folder's dataset root), or None."""
+    if "://" in data:
+        return None
+    folder = os.path.abspath(data)
+    for _ in range(levels):
+        folder = os.path.dirname(folder)
+        found = layouts_named_at(folder)
+        if len(found) == 1:
+            return folder, found[0]
+    return None
 
 
 def usable_records(data: str, layout: str = "auto") -> tuple[list[ImageRecord], list[str]]:

@@ -17,6 +17,8 @@ import dataclasses
 import logging
 import os
 import platform
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +42,7 @@ from camjobs.pipeline.localize import localize_batch
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec
 from camjobs.pipeline.sink import CamParquetSink, SinkStats
 from camjobs.pipeline.stages import Stage, StageLike, build_pipeline
+from camjobs.preflight import check_run
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 
@@ -198,19 +201,68 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, *, quiet: bool = False) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS); else start a new local one.
 
     "local" is explicit: a bare ray.init() would join whatever `ray start` cluster happens
     to run on this machine, and a laptop smoke test must not land on someone else's.
+    quiet: Ray's own log lines go to its session's log files only (quiet_ray).
     """
+    if quiet:
+        quiet_ray()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # A cluster of our own needs no dashboard: it costs ~1 GiB of memory and a few % of CPU.
     dashboard = {"include_dashboard": False} if address == "local" else {}
     with sigterm_kept():  # camjobs run's SIGTERM handler cleans up; Ray's own would exit past that
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
+        if not quiet:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **dashboard)
+            return
+        with _stderr_held_back():
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **dashboard)
+
+
+def quiet_ray() -> None:
+    """Every knob of Ray's console output, set for a quiet run: one progress bar, no log lines.
+
+    Python's and Ray Data's log lines still go to Ray's session logs (logs/ in its session folder);
+    `--verbose` leaves all of this alone. Workers' prints stay in their own files (init_ray's
+    log_to_driver=False): their errors reach the driver as exceptions anyway."""
+    # Ray's C++ core writes its errors to the driver's stderr besides its log file, whatever the Python
+    # side says (core_worker's warning that Ray Data's actors have constructor arguments in the object
+    # store, on every run); its level is the only knob, read by each Ray process as it starts.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # Ray Data: the dataset's own progress bar on a terminal, none per operator; its log lines
+    # (plans, "will hang unless more CPUs are freed", the progress blocks it logs when stdout is
+    # not a terminal) to its file handler only.
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def _stderr_held_back() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) into a temporary file while Ray starts, written out only if
+    the start fails: Ray's C++ core writes there past Python's logging (at start-up, that its level was
+    set from RAY_BACKEND_LOG_LEVEL)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 @dataclass
@@ -233,6 +285,7 @@ def run_job(cfg: RunConfig, *, tuning: Tuning = Tuning(), adapt: Adapt | None = 
     (a benchmark timing each stage, a test recording one), so that nothing changes this module.
     A run that fails or is interrupted (camjobs.interrupt) stops its Ray work first, then drops its
     staging and releases the lock (output_lock)."""
+    check_run(cfg)  # a configuration mistake exits 2 before the lock creates the output folder
     run_id = new_run_id()
     try:
         with output_lock(cfg.output, run_id, cfg.lock_lease) as lease, _ray_stopped_on_failure():
@@ -307,7 +360,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
         f", {len(skip_keys)} done before" if cfg.incremental else "",
     )
 
-    init_ray(cfg.address)
+    init_ray(cfg.address, quiet=not log.isEnabledFor(logging.DEBUG))  # Ray's own lines with --verbose
     plan = plan_actors(cfg, ray.cluster_resources(), model.input_size, tuning)
     log.info(
         "%d model actor(s), %g CPU / %g GPU each, batch %d, %d images per decode task, %g CPU per stage task",
@@ -370,7 +423,7 @@ def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: flo
         "run_id": prepared.run_id,
         "schema_version": SCHEMA_VERSION,
         "status": "completed",
-        "config": cfg.redacted(),
+        "config": cfg.resolved().redacted(),  # absolute local paths, no credentials
         "layout": prepared.listing.layout,
         "model": {
             "arch": model.arch,
