@@ -790,3 +790,98 @@ def test_unknown_job_unreachable_and_missing_address(head, home):
 
     result = cli(head, home, "list", "--token", head.token)
     assert result.returncode == 2 and "no cluster address" in result.stderr
+
+
+@pytest.mark.slow
+def test_delete_a_finished_job_refuse_a_running_or_unknown_one(head, home):
+    auth = ["--address", head.address, "--token", head.token]
+    cluster = jobs.connect(head.address, head.token, "--token")
+    finished = jobs.submit(cluster, "python -c 'print(\"to be deleted\")'", {})
+    running = jobs.submit(cluster, "python -c 'import time; time.sleep(600)'", {})
+    wait_for(head, home, finished, {"SUCCEEDED"}, timeout=120)
+    wait_for(head, home, running, {"RUNNING"}, timeout=60)
+    try:
+        refused = cli(head, home, "delete", running, *auth)
+        assert refused.returncode == 2
+        assert f"job {running} is RUNNING: only a finished job can be deleted (camjobs stop {running} first)" in (
+            refused.stderr
+        )
+        with pytest.raises(RuntimeError, match="non-terminal state"):  # what Ray itself does
+            cluster.client.delete_job(running)
+        assert jobs.job_info(cluster, running).status == "RUNNING"
+
+        log_file = Path(head.root) / "session_latest" / "logs" / f"job-driver-{finished}.log"
+        assert "to be deleted" in log_file.read_text()
+        deleted = cli(head, home, "delete", finished, *auth)
+        assert deleted.returncode == 0 and deleted.stdout.strip() == f"deleted {finished}"
+        for command in ("status", "logs", "delete"):
+            gone = cli(head, home, command, finished, *auth)
+            assert gone.returncode == 2 and f"no job {finished!r}" in gone.stderr, (command, gone.stderr)
+        assert finished not in cli(head, home, "list", "--all", *auth).stdout
+        assert log_file.exists()  # Ray's delete leaves the driver's log file on the head's disk
+
+        unknown = cli(head, home, "delete", "raysubmit_doesnotexist", *auth)
+        assert unknown.returncode == 2 and "no job 'raysubmit_doesnotexist'" in unknown.stderr
+    finally:
+        jobs.stop(cluster, running)
+
+
+@pytest.mark.slow
+def test_list_shows_camjobs_jobs_unless_all(head, home):
+    auth = ["--address", head.address, "--token", head.token]
+    cluster = jobs.connect(head.address, head.token, "--token")
+    marked = jobs.submit(cluster, "python -c 'print(1)'", {})  # submit's metadata mark, any entrypoint
+    # Submitted by Ray's client without the mark: a camjobs run entrypoint (as before the mark), and another job.
+    unmarked = cluster.client.submit_job(entrypoint="python -m camjobs run --help")
+    foreign = cluster.client.submit_job(entrypoint="python -c 'print(2)'")
+    for job_id in (marked, unmarked, foreign):
+        wait_for(head, home, job_id, {"SUCCEEDED", "FAILED"}, timeout=120)
+    ours = {marked, unmarked}
+
+    listed = cli(head, home, "list", *auth)
+    assert listed.returncode == 0
+    assert all(job_id in listed.stdout for job_id in ours) and foreign not in listed.stdout
+    assert "other jobs not shown (--all lists them)" in listed.stderr
+    everything = cli(head, home, "list", "--all", *auth)
+    assert all(job_id in everything.stdout for job_id in (marked, unmarked, foreign))
+    assert "not shown" not in everything.stderr
+
+    as_json = json.loads(cli(head, home, "list", "--json", *auth).stdout)
+    all_json = json.loads(cli(head, home, "list", "--all", "--json", *auth).stdout)
+    assert ours <= {job["submission_id"] for job in as_json} and foreign not in {j["submission_id"] for j in as_json}
+    assert {job["submission_id"] for job in all_json} == {job.submission_id for job in cluster.client.list_jobs()}
+
+
+@pytest.mark.slow
+def test_address_flag_wins_over_the_environment_where_rays_cli_does_not(head, home):
+    closed = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        ours = cli(head, home, "list", "--all", "--address", head.address, "--token", head.token, env={name: closed})
+        assert ours.returncode == 0, ours.stderr
+
+    def ray_job_list(env):
+        env = {**_clean_env(home, env), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token}
+        command = [str(BIN / "ray"), "job", "list", "--address", head.address]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    assert ray_job_list({}).returncode == 0
+    theirs = ray_job_list({"RAY_API_SERVER_ADDRESS": closed})
+    assert theirs.returncode != 0 and closed in theirs.stdout + theirs.stderr
+
+
+@pytest.mark.slow
+def test_verify_through_an_https_proxy_to_the_cluster(head, home, tmp_path):
+    pem = _pem_files(tmp_path / "tls")
+    proxy = HttpsServer(pem, upstream=head.address)
+    try:
+        auth = ["--token", head.token, "--all", "--json"]
+        direct = cli(head, home, "list", "--address", head.address, *auth)
+        proxied = cli(head, home, "list", "--address", proxy.address, "--verify", str(pem.ca), *auth)
+        assert proxied.returncode == 0, proxied.stderr
+        assert [j["submission_id"] for j in json.loads(proxied.stdout)] == [
+            j["submission_id"] for j in json.loads(direct.stdout)
+        ]
+        refused = cli(head, home, "list", "--address", proxy.address, *auth)
+        assert refused.returncode == 2 and "could not be verified" in refused.stderr
+    finally:
+        proxy.close()
