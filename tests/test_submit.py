@@ -176,15 +176,16 @@ def test_address_precedence_is_rays_for_ray_and_the_flags_for_camjobs(monkeypatc
 
 
 def test_camjobs_jobs_are_told_by_their_mark_else_their_entrypoint():
-    def job(entrypoint, metadata=None):
-        return SimpleNamespace(entrypoint=entrypoint, metadata=metadata)
+    def job(entrypoint, metadata=None, submission_id="raysubmit_1"):
+        return SimpleNamespace(entrypoint=entrypoint, metadata=metadata, submission_id=submission_id)
 
     assert jobs.is_camjobs_job(job("echo hi", {"submitted_by": "camjobs"}))
     assert jobs.is_camjobs_job(job(jobs.entrypoint({"data": "/d e", "output": "/o"}, python="/opt/py 3/python")))
     assert not jobs.is_camjobs_job(job("python -m camjobs.other run", {}))
     assert not jobs.is_camjobs_job(job("python train.py -m camjobs run", {"submitted_by": "someone"}))
     assert not jobs.is_camjobs_job(job("python -c 'unclosed", None))
-    assert not jobs.is_camjobs_job(job(None, None))  # a driver job: no entrypoint
+    # A driver job (a `camjobs run --address` on the cluster) was not submitted: no submission id.
+    assert not jobs.is_camjobs_job(job("python -m camjobs run --data /d", {}, submission_id=None))
 
 
 @pytest.mark.parametrize(

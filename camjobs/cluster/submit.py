@@ -368,7 +368,10 @@ def list_jobs(cluster: Cluster) -> list:
 
 def is_camjobs_job(info) -> bool:
     """Whether `camjobs submit` submitted this job: the mark in its metadata, else (for jobs
-    submitted without the mark) an entrypoint that is `<python> -m camjobs run ...`."""
+    submitted without the mark) an entrypoint that is `<python> -m camjobs run ...`. Driver jobs
+    (a script's ray.init, `camjobs run --address`) were not submitted: they have no submission id."""
+    if not info.submission_id:
+        return False
     if (info.metadata or {}).get(SUBMITTED_BY[0]) == SUBMITTED_BY[1]:
         return True
     try:
