@@ -1,16 +1,20 @@
-"""`camjobs submit/status/logs/stop/list` against a real `ray start --head` with token auth on.
+"""`camjobs submit/status/logs/stop/delete/list` against a real `ray start --head` with token auth on.
 
 The head is a separate cluster from the in-process one of conftest's `ray_cluster`: it listens on
 free ports of 127.0.0.1 only, keeps its files in its own temp dir, and at the end only the
 processes that use that temp dir are stopped. `submit` runs as a subprocess of this venv's
 `camjobs`, the quick commands in-process through CliRunner; both with a clean environment (no RAY_*
 variables, a HOME without ~/.ray/auth_token), and no output of any command may contain the token.
+`--verify` meets a real HTTPS server with a certificate from a CA made here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import http.client
 import http.server
+import ipaddress
 import json
 import os
 import secrets
@@ -18,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -144,7 +149,43 @@ def test_submit_takes_every_run_option_but_address():
     run_options = {p.name for p in commands["run"].params}
     submit_options = {p.name for p in commands["submit"].params}
     assert run_options <= submit_options  # --address and --config are submit's own
-    assert {"token", "wait", "submission_id", "python", "pip"} <= submit_options
+    assert {"token", "verify", "wait", "submission_id", "python", "pip"} <= submit_options
+    for name in ("status", "logs", "stop", "delete", "list"):
+        assert {"address", "token", "verify"} <= {p.name for p in commands[name].params}
+
+
+def test_address_precedence_is_rays_for_ray_and_the_flags_for_camjobs(monkeypatch):
+    """The README's table, against Ray's own functions: its Jobs client lets the environment win
+    over the address it is given, ray.init() and `ray status` let the given address win."""
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray.dashboard.utils import get_address_for_submission_client
+
+    env = {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:2", "RAY_ADDRESS": "http://127.0.0.1:3"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert get_address_for_submission_client("http://127.0.0.1:1") == "http://127.0.0.1:2"
+    assert jobs.resolve_address("http://127.0.0.1:1") == ("http://127.0.0.1:1", "--address")
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    assert get_address_for_submission_client("http://127.0.0.1:1") == "http://127.0.0.1:3"
+    assert jobs.resolve_address(None) == ("http://127.0.0.1:3", "RAY_ADDRESS")
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert canonicalize_bootstrap_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    assert canonicalize_bootstrap_address(None) == "10.0.0.2:6379"
+    assert canonicalize_bootstrap_address("auto") == "10.0.0.2:6379"
+
+
+def test_camjobs_jobs_are_told_by_their_mark_else_their_entrypoint():
+    def job(entrypoint, metadata=None, submission_id="raysubmit_1"):
+        return SimpleNamespace(entrypoint=entrypoint, metadata=metadata, submission_id=submission_id)
+
+    assert jobs.is_camjobs_job(job("echo hi", {"submitted_by": "camjobs"}))
+    assert jobs.is_camjobs_job(job(jobs.entrypoint({"data": "/d e", "output": "/o"}, python="/opt/py 3/python")))
+    assert not jobs.is_camjobs_job(job("python -m camjobs.other run", {}))
+    assert not jobs.is_camjobs_job(job("python train.py -m camjobs run", {"submitted_by": "someone"}))
+    assert not jobs.is_camjobs_job(job("python -c 'unclosed", None))
+    # A driver job (a `camjobs run --address` on the cluster) was not submitted: no submission id.
+    assert not jobs.is_camjobs_job(job("python -m camjobs run --data /d", {}, submission_id=None))
 
 
 @pytest.mark.parametrize(
@@ -228,6 +269,178 @@ def test_submit_checks_job_options_before_contacting_anything():
         server.close()
     assert result.exit_code == 2 and "method" in result.stderr
     assert server.requests == []
+
+
+# --- TLS: a real HTTPS server with a CA made here --------------------------------------------------
+
+
+def _certificate(subject: str, key, issuer=None, issuer_key=None, ca: bool = False):
+    """An X.509 certificate for `key`: a CA's own (self-signed) or, with an issuer, a server's for 127.0.0.1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if ca:
+        usage = dict.fromkeys(("content_commitment", "key_encipherment", "data_encipherment", "key_agreement"), False)
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+                **usage,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+        )
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def _pem_files(folder: Path) -> SimpleNamespace:
+    """A private CA (ca.pem) and a server certificate it signed (server.pem, server.key); another CA (other-ca.pem)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, other_key, server_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _certificate("camjobs test CA", ca_key, ca=True)
+    files = SimpleNamespace(
+        ca=folder / "ca.pem", other_ca=folder / "other-ca.pem", cert=folder / "server.pem", key=folder / "server.key"
+    )
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    other = _certificate("another CA", other_key, ca=True)
+    files.other_ca.write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    server = _certificate("127.0.0.1", server_key, issuer=ca, issuer_key=ca_key)
+    files.cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return files
+
+
+class HttpsServer:
+    """A real HTTPS server on 127.0.0.1, as an HTTPS proxy in front of the Jobs API would be.
+
+    With `upstream` it forwards every request there (a reverse proxy); without, it answers the
+    Jobs API's version endpoint and an empty job list itself. It records the paths it was asked for.
+    """
+
+    def __init__(self, pem: SimpleNamespace, upstream: str | None = None):
+        import ray
+
+        paths = self.paths = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                paths.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if upstream:
+                    status, data = _forward(upstream, self.command, self.path, dict(self.headers), body)
+                elif self.path == "/api/version":
+                    status, data = 200, json.dumps({"version": "4", "ray_version": ray.__version__}).encode()
+                elif self.path.startswith("/api/jobs"):
+                    status, data = 200, b"[]"
+                else:
+                    status, data = 404, b"not found"
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_POST = do_DELETE = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pem.cert, pem.key)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.address = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _forward(upstream: str, method: str, path: str, headers: dict, body: bytes | None) -> tuple[int, bytes]:
+    host, port = upstream.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    sent = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+    connection.request(method, path, body, sent)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_verify_names_the_flag_for_a_missing_or_bad_file_before_contacting_anything(tmp_path):
+    server = RecordingServer("127.0.0.1")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    try:
+        for bad, reason in ((tmp_path / "missing.pem", "no such file"), (garbage, "not a PEM CA certificate")):
+            result = CliRunner().invoke(app, ["list", "--address", server.address, "--verify", str(bad)])
+            assert result.exit_code == 2, result.output
+            assert f"--verify {bad}: {reason}" in result.stderr
+        assert server.requests == []
+
+        # https:// to a plain http server: TLS fails, and the message says so in a few words.
+        https = server.address.replace("http://", "https://")
+        result = CliRunner().invoke(app, ["list", "--address", https])
+        assert result.exit_code == 2
+        assert f"TLS with {https} failed (wrong version number): is it an https:// endpoint?" in result.stderr
+    finally:
+        server.close()
+
+
+def test_verify_trusts_a_private_ca_and_without_it_the_certificate_is_refused(tmp_path):
+    pem = _pem_files(tmp_path / "tls")
+    server = HttpsServer(pem)
+    try:
+        trusted = CliRunner().invoke(app, ["list", "--address", server.address, "--verify", str(pem.ca), "--all"])
+        assert trusted.exit_code == 0, trusted.output
+        assert trusted.stdout.startswith("SUBMISSION ID")  # the server's (empty) job list, past TLS
+        assert "/api/jobs/" in server.paths
+        reached = len(server.paths)
+
+        refused = CliRunner().invoke(app, ["list", "--address", server.address])
+        assert refused.exit_code == 2
+        assert f"the TLS certificate of {server.address} could not be verified" in refused.stderr
+        assert "certificate" in refused.stderr.split("(", 1)[1] and "--verify CA_FILE" in refused.stderr
+
+        other = CliRunner().invoke(
+            app, ["status", "raysubmit_x", "--address", server.address, "--verify", str(pem.other_ca)]
+        )
+        assert other.exit_code == 2
+        assert f"is not signed by the CA in --verify {pem.other_ca}" in other.stderr
+        assert len(server.paths) == reached  # neither request got past the handshake
+    finally:
+        server.close()
 
 
 # --- a real head node -----------------------------------------------------------------------------
@@ -579,3 +792,98 @@ def test_unknown_job_unreachable_and_missing_address(head, home):
 
     result = cli(head, home, "list", "--token", head.token)
     assert result.returncode == 2 and "no cluster address" in result.stderr
+
+
+@pytest.mark.slow
+def test_delete_a_finished_job_refuse_a_running_or_unknown_one(head, home):
+    auth = ["--address", head.address, "--token", head.token]
+    cluster = jobs.connect(head.address, head.token, "--token")
+    finished = jobs.submit(cluster, "python -c 'print(\"to be deleted\")'", {})
+    running = jobs.submit(cluster, "python -c 'import time; time.sleep(600)'", {})
+    wait_for(head, home, finished, {"SUCCEEDED"}, timeout=120)
+    wait_for(head, home, running, {"RUNNING"}, timeout=60)
+    try:
+        refused = cli(head, home, "delete", running, *auth)
+        assert refused.returncode == 2
+        assert f"job {running} is RUNNING: only a finished job can be deleted (camjobs stop {running} first)" in (
+            refused.stderr
+        )
+        with pytest.raises(RuntimeError, match="non-terminal state"):  # what Ray itself does
+            cluster.client.delete_job(running)
+        assert jobs.job_info(cluster, running).status == "RUNNING"
+
+        log_file = Path(head.root) / "session_latest" / "logs" / f"job-driver-{finished}.log"
+        assert "to be deleted" in log_file.read_text()
+        deleted = cli(head, home, "delete", finished, *auth)
+        assert deleted.returncode == 0 and deleted.stdout.strip() == f"deleted {finished}"
+        for command in ("status", "logs", "delete"):
+            gone = cli(head, home, command, finished, *auth)
+            assert gone.returncode == 2 and f"no job {finished!r}" in gone.stderr, (command, gone.stderr)
+        assert finished not in cli(head, home, "list", "--all", *auth).stdout
+        assert log_file.exists()  # Ray's delete leaves the driver's log file on the head's disk
+
+        unknown = cli(head, home, "delete", "raysubmit_doesnotexist", *auth)
+        assert unknown.returncode == 2 and "no job 'raysubmit_doesnotexist'" in unknown.stderr
+    finally:
+        jobs.stop(cluster, running)
+
+
+@pytest.mark.slow
+def test_list_shows_camjobs_jobs_unless_all(head, home):
+    auth = ["--address", head.address, "--token", head.token]
+    cluster = jobs.connect(head.address, head.token, "--token")
+    marked = jobs.submit(cluster, "python -c 'print(1)'", {})  # submit's metadata mark, any entrypoint
+    # Submitted by Ray's client without the mark: a camjobs run entrypoint (as before the mark), and another job.
+    unmarked = cluster.client.submit_job(entrypoint="python -m camjobs run --help")
+    foreign = cluster.client.submit_job(entrypoint="python -c 'print(2)'")
+    for job_id in (marked, unmarked, foreign):
+        wait_for(head, home, job_id, {"SUCCEEDED", "FAILED"}, timeout=120)
+    ours = {marked, unmarked}
+
+    listed = cli(head, home, "list", *auth)
+    assert listed.returncode == 0
+    assert all(job_id in listed.stdout for job_id in ours) and foreign not in listed.stdout
+    assert "other jobs not shown (--all lists them)" in listed.stderr
+    everything = cli(head, home, "list", "--all", *auth)
+    assert all(job_id in everything.stdout for job_id in (marked, unmarked, foreign))
+    assert "not shown" not in everything.stderr
+
+    as_json = json.loads(cli(head, home, "list", "--json", *auth).stdout)
+    all_json = json.loads(cli(head, home, "list", "--all", "--json", *auth).stdout)
+    assert ours <= {job["submission_id"] for job in as_json} and foreign not in {j["submission_id"] for j in as_json}
+    assert {job["submission_id"] for job in all_json} == {job.submission_id for job in cluster.client.list_jobs()}
+
+
+@pytest.mark.slow
+def test_address_flag_wins_over_the_environment_where_rays_cli_does_not(head, home):
+    closed = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        ours = cli(head, home, "list", "--all", "--address", head.address, "--token", head.token, env={name: closed})
+        assert ours.returncode == 0, ours.stderr
+
+    def ray_job_list(env):
+        env = {**_clean_env(home, env), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token}
+        command = [str(BIN / "ray"), "job", "list", "--address", head.address]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    assert ray_job_list({}).returncode == 0
+    theirs = ray_job_list({"RAY_API_SERVER_ADDRESS": closed})
+    assert theirs.returncode != 0 and closed in theirs.stdout + theirs.stderr
+
+
+@pytest.mark.slow
+def test_verify_through_an_https_proxy_to_the_cluster(head, home, tmp_path):
+    pem = _pem_files(tmp_path / "tls")
+    proxy = HttpsServer(pem, upstream=head.address)
+    try:
+        auth = ["--token", head.token, "--all", "--json"]
+        direct = cli(head, home, "list", "--address", head.address, *auth)
+        proxied = cli(head, home, "list", "--address", proxy.address, "--verify", str(pem.ca), *auth)
+        assert proxied.returncode == 0, proxied.stderr
+        assert [j["submission_id"] for j in json.loads(proxied.stdout)] == [
+            j["submission_id"] for j in json.loads(direct.stdout)
+        ]
+        refused = cli(head, home, "list", "--address", proxy.address, *auth)
+        assert refused.returncode == 2 and "could not be verified" in refused.stderr
+    finally:
+        proxy.close()

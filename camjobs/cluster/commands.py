@@ -1,4 +1,5 @@
-"""The cluster commands of the CLI: submit a run to a Ray cluster's Jobs API, then status, logs, stop, list.
+"""The cluster commands of the CLI: submit a run to a Ray cluster's Jobs API, then status, logs, stop,
+delete, list.
 
 They register on `camjobs.cli.app` when camjobs.cli is imported; the client itself is
 camjobs.cluster.submit, imported when a command runs (so `camjobs --help` loads no Ray).
@@ -35,6 +36,18 @@ TokenOption = Annotated[
         show_default=False,
     ),
 ]
+VerifyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--verify",
+        metavar="CA_FILE",
+        help=(
+            "PEM file of the CA that signed an https:// address's certificate (an HTTPS proxy with a "
+            "private CA); default: the system's CAs."
+        ),
+        show_default=False,
+    ),
+]
 # `run` options that `submit` declares itself: its --address is the Jobs API's URL (the job joins
 # the cluster it runs on), and its --config is a path on the cluster, not checked for here.
 NOT_PASSED_THROUGH = ("address", "config")
@@ -59,13 +72,16 @@ def with_run_options(func):
     return func
 
 
-def _cluster(address: str | None, token: str | None):
+def _cluster(address: str | None, token: str | None, verify: str | None):
     """Connect to the Jobs API; a SubmitError (exit 2) says why not."""
     from camjobs.cluster import submit as jobs
 
     url, _ = jobs.resolve_address(address)
     secret, source = jobs.resolve_token(token)
-    return jobs.connect(url, secret, source, warn=lambda message: typer.echo(f"camjobs: warning: {message}", err=True))
+    ca = jobs.resolve_verify(verify)
+    return jobs.connect(
+        url, secret, source, warn=lambda message: typer.echo(f"camjobs: warning: {message}", err=True), verify=ca
+    )
 
 
 def _check_job_options(config: str | None, flags: dict[str, Any]) -> None:
@@ -84,6 +100,7 @@ def submit(
     ),
     address: AddressOption = None,
     token: TokenOption = None,
+    verify: VerifyOption = None,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs and exit with its exit code."),
     submission_id: str | None = typer.Option(
         None, help="Submission id to use (unique per cluster; default: Ray picks one)."
@@ -110,7 +127,7 @@ def submit(
 
     _setup_logging(bool(job_options.get("verbose")))
     _check_job_options(config, {k: v for k, v in job_options.items() if k != "verbose"})
-    cluster = _cluster(address, token)
+    cluster = _cluster(address, token, verify)
     command = jobs.entrypoint({"config": config, **job_options}, python=python)
     job_id = jobs.submit(cluster, command, jobs.runtime_env(pip), submission_id)
     typer.echo(f"camjobs: submitted {job_id} to {cluster.address}", err=True)
@@ -141,6 +158,7 @@ def status(
     job_id: str = typer.Argument(..., help="Submission id."),
     address: AddressOption = None,
     token: TokenOption = None,
+    verify: VerifyOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print Ray's whole job record as JSON."),
 ) -> None:
     """Show a submitted job's status and, once it ended, its exit code."""
@@ -148,7 +166,7 @@ def status(
 
     from camjobs.cluster import submit as jobs
 
-    cluster = _cluster(address, token)
+    cluster = _cluster(address, token, verify)
     info = jobs.job_info(cluster, job_id)
     if as_json:
         typer.echo(json.dumps(jobs.info_dict(info), indent=2))
@@ -162,12 +180,13 @@ def logs(
     job_id: str = typer.Argument(..., help="Submission id."),
     address: AddressOption = None,
     token: TokenOption = None,
+    verify: VerifyOption = None,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
 ) -> None:
     """Print a submitted job's logs (its driver's stdout and stderr)."""
     from camjobs.cluster import submit as jobs
 
-    cluster = _cluster(address, token)
+    cluster = _cluster(address, token, verify)
     if follow:
         jobs.follow(cluster, job_id, write=lambda text: typer.echo(text, nl=False))
     else:
@@ -179,29 +198,54 @@ def stop(
     job_id: str = typer.Argument(..., help="Submission id."),
     address: AddressOption = None,
     token: TokenOption = None,
+    verify: VerifyOption = None,
 ) -> None:
     """Stop a submitted job (SIGTERM, then SIGKILL after Ray's grace period)."""
     from camjobs.cluster import submit as jobs
 
-    cluster = _cluster(address, token)
+    cluster = _cluster(address, token, verify)
     stopped = jobs.stop(cluster, job_id)
     state = "" if stopped else jobs.job_info(cluster, job_id).status
     typer.echo(f"stopping {job_id}" if stopped else f"{job_id} is not running ({state})")
+
+
+@app.command()
+def delete(
+    job_id: str = typer.Argument(..., help="Submission id."),
+    address: AddressOption = None,
+    token: TokenOption = None,
+    verify: VerifyOption = None,
+) -> None:
+    """Delete a finished job's record (status, metadata, logs through the API) from the cluster.
+
+    A job that has not finished is refused (exit 2): stop it first. As with `ray job delete`, the
+    driver's log file stays on the head node's disk.
+    """
+    from camjobs.cluster import submit as jobs
+
+    cluster = _cluster(address, token, verify)
+    jobs.delete(cluster, job_id)
+    typer.echo(f"deleted {job_id}")
 
 
 @app.command("list")
 def list_(
     address: AddressOption = None,
     token: TokenOption = None,
+    verify: VerifyOption = None,
+    every: bool = typer.Option(False, "--all", help="List every job on the cluster, not only camjobs' own."),
     as_json: bool = typer.Option(False, "--json", help="Print Ray's job records as JSON."),
 ) -> None:
-    """List the cluster's submitted jobs, oldest first."""
+    """List the cluster's jobs that camjobs submitted (--all: every job), oldest first."""
     import json
 
     from camjobs.cluster import submit as jobs
 
-    cluster = _cluster(address, token)
-    found = jobs.list_jobs(cluster)
+    cluster = _cluster(address, token, verify)
+    everything = jobs.list_jobs(cluster)
+    found = everything if every else [info for info in everything if jobs.is_camjobs_job(info)]
+    if len(found) < len(everything):
+        typer.echo(f"camjobs: {len(everything) - len(found)} other jobs not shown (--all lists them)", err=True)
     if as_json:
         typer.echo(json.dumps([jobs.info_dict(info) for info in found], indent=2))
         return

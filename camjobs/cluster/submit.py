@@ -3,7 +3,13 @@
 `camjobs submit` turns its job options back into a `python -m camjobs run ...` command line and
 submits it with `ray.job_submission.JobSubmissionClient`, shipping this camjobs package along
 (`runtime_env.py_modules`) so the cluster needs only Ray, torch and the other dependencies.
-`status`, `logs`, `stop` and `list` talk to the same API.
+`status`, `logs`, `stop`, `delete` and `list` talk to the same API; `list` tells camjobs' jobs
+from others by the mark `submit` puts in the job's metadata.
+
+The address is camjobs' own choice, not Ray's: --address wins over the environment, where Ray's
+Jobs client lets RAY_API_SERVER_ADDRESS and RAY_ADDRESS win over the address it is given.
+An https:// address is checked against the system's CAs, or the CA file of --verify (an HTTPS
+proxy with a private CA).
 
 Authentication: Ray >= 2.59 clusters use token auth. The token is sent as an
 `Authorization: Bearer` header and is never printed, logged or put in the job. It is looked up the
@@ -22,6 +28,7 @@ import logging
 import os
 import re
 import shlex
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 SECURITY_URL = "https://docs.ray.io/en/latest/ray-security/index.html"
 TOKEN_AUTH_URL = "https://docs.ray.io/en/latest/ray-security/token-auth.html"
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+# The mark `submit` puts in each job's metadata (Ray keeps it with the job; values are strings).
+SUBMITTED_BY = ("submitted_by", "camjobs")
 
 
 class SubmitError(UsageError):
@@ -128,6 +137,48 @@ def _read_token_file(path: Path) -> str | None:
         return None
 
 
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def resolve_verify(ca_file: str | None) -> str | bool:
+    """requests' `verify` for --verify: True (the system's CAs) without it, else the CA file's path.
+
+    A missing file, or one without a PEM certificate, fails here naming --verify, rather than
+    later as a TLS error from inside Ray's client.
+    """
+    if ca_file is None:
+        return True
+    path = Path(ca_file).expanduser()
+    if not path.is_file():
+        raise SubmitError(
+            f"--verify {ca_file}: no such file (give the PEM file of the CA that signed the server's certificate)"
+        )
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise SubmitError(f"--verify {ca_file}: not a PEM CA certificate file ({exc.reason or exc})") from None
+    return str(path.resolve())
+
+
+def tls_failure(exc: BaseException) -> tuple[bool, str] | None:
+    """(a certificate was rejected, why) where TLS failed somewhere in `exc`'s chain, else None.
+
+    Ray's client re-raises requests' SSLError as a bare ConnectionError, so the chain is searched.
+    """
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.SSLError | ssl.SSLError):
+            rejected = re.search(r"certificate verify failed: ([^(')\"]+)", str(seen))
+            if rejected:
+                return True, rejected.group(1).strip()
+            other = re.search(r"\[SSL: \w+\] ([^(')\"]+)", str(seen))
+            return False, other.group(1).strip() if other else type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 # --- the job's command line ---------------------------------------------------------------------
 
 
@@ -167,6 +218,7 @@ class Cluster:
     client: Any
     address: str
     token_source: str
+    verify: str | bool = True
 
 
 @contextmanager
@@ -185,27 +237,34 @@ def _address_env(address: str) -> Iterator[None]:
 
 
 def connect(
-    address: str, token: str | None, token_source: str = "", warn: Callable[[str], None] = log.warning
+    address: str,
+    token: str | None,
+    token_source: str = "",
+    warn: Callable[[str], None] = log.warning,
+    verify: str | bool = True,
 ) -> Cluster:
-    """Connect to the Jobs API at `address` (checking that it answers and that the token is accepted)."""
+    """Connect to the Jobs API at `address` (checking that it answers, its TLS certificate where it
+    is https, and that the token is accepted)."""
     warning = insecure_address_warning(address)
     if warning:
         warn(warning)
     from ray.job_submission import JobSubmissionClient
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with _address_env(address), translate_errors(address, token_source):
-        client = JobSubmissionClient(address, headers=headers)
+    with _address_env(address), translate_errors(address, token_source, verify=verify):
+        client = JobSubmissionClient(address, headers=headers, verify=verify)
     if token is None and not is_loopback_host(urlsplit(address).hostname or ""):
         warn(
             f"the cluster at {address} answered without an auth token: its token authentication is off, "
             f"so anyone who can reach it can run code on it; see {TOKEN_AUTH_URL}"
         )
-    return Cluster(client, address, token_source)
+    return Cluster(client, address, token_source, verify)
 
 
 @contextmanager
-def translate_errors(address: str, token_source: str, job_id: str | None = None) -> Iterator[None]:
+def translate_errors(
+    address: str, token_source: str, job_id: str | None = None, verify: str | bool = True
+) -> Iterator[None]:
     """Turn the Jobs API's exceptions into SubmitErrors with messages a person can act on."""
     import requests
     from ray.exceptions import AuthenticationError
@@ -225,6 +284,7 @@ def translate_errors(address: str, token_source: str, job_id: str | None = None)
             f"(ray get-auth-token on the head node); see {TOKEN_AUTH_URL}"
         ) from None
     except (ConnectionError, requests.exceptions.RequestException) as exc:
+        _raise_tls_failure(exc, address, verify)
         raise SubmitError(
             f"cannot reach the Ray Jobs API at {address}: is the cluster up, and is this its dashboard "
             f"address (port 8265 by default)? ({type(exc).__name__})"
@@ -232,40 +292,93 @@ def translate_errors(address: str, token_source: str, job_id: str | None = None)
     except RuntimeError as exc:
         message = str(exc)
         if job_id is not None and re.search(r"status code 404\b", message):
-            raise SubmitError(f"no job {job_id!r} on the cluster at {address} (camjobs list shows its jobs)") from None
+            raise SubmitError(
+                f"no job {job_id!r} on the cluster at {address} (camjobs list --all shows its jobs)"
+            ) from None
         raise SubmitError(f"the Ray Jobs API at {address} refused the request: {message}") from None
+
+
+def _raise_tls_failure(exc: BaseException, address: str, verify: str | bool) -> None:
+    """A SubmitError saying what to do where `exc` is a TLS failure; nothing otherwise."""
+    failure = tls_failure(exc)
+    if failure is None:
+        return
+    rejected, why = failure
+    if not rejected:
+        raise SubmitError(f"TLS with {address} failed ({why}): is it an https:// endpoint?") from None
+    if isinstance(verify, str):
+        raise SubmitError(
+            f"the TLS certificate of {address} is not signed by the CA in --verify {verify} ({why})"
+        ) from None
+    raise SubmitError(
+        f"the TLS certificate of {address} could not be verified against the system's CAs ({why}): "
+        "if a private CA signed it (an HTTPS proxy's own), pass that CA's PEM file as --verify CA_FILE"
+    ) from None
+
+
+def _errors(cluster: Cluster, job_id: str | None = None):
+    return translate_errors(cluster.address, cluster.token_source, job_id, cluster.verify)
 
 
 def submit(cluster: Cluster, command: str, env: dict[str, Any], submission_id: str | None = None) -> str:
     from camjobs import __version__
 
-    with translate_errors(cluster.address, cluster.token_source):
+    with _errors(cluster):
         return cluster.client.submit_job(
             entrypoint=command,
             runtime_env=env,
             submission_id=submission_id,
-            metadata={"submitted_by": "camjobs", "camjobs_version": __version__},
+            metadata={SUBMITTED_BY[0]: SUBMITTED_BY[1], "camjobs_version": __version__},
         )
 
 
 def job_info(cluster: Cluster, job_id: str):
-    with translate_errors(cluster.address, cluster.token_source, job_id):
+    with _errors(cluster, job_id):
         return cluster.client.get_job_info(job_id)
 
 
 def job_logs(cluster: Cluster, job_id: str) -> str:
-    with translate_errors(cluster.address, cluster.token_source, job_id):
+    with _errors(cluster, job_id):
         return cluster.client.get_job_logs(job_id)
 
 
 def stop(cluster: Cluster, job_id: str) -> bool:
-    with translate_errors(cluster.address, cluster.token_source, job_id):
+    with _errors(cluster, job_id):
         return cluster.client.stop_job(job_id)
 
 
+def delete(cluster: Cluster, job_id: str) -> None:
+    """Delete a finished job's record from the cluster (Ray's delete_job): its status, metadata and
+    the API's access to its logs. A job still going is refused first, with what to do about it."""
+    info = job_info(cluster, job_id)
+    if not info.status.is_terminal():
+        raise SubmitError(
+            f"job {job_id} is {info.status}: only a finished job can be deleted (camjobs stop {job_id} first)"
+        )
+    with _errors(cluster, job_id):
+        deleted = cluster.client.delete_job(job_id)
+    if not deleted:
+        raise SubmitError(f"the cluster at {cluster.address} did not delete job {job_id}")
+
+
 def list_jobs(cluster: Cluster) -> list:
-    with translate_errors(cluster.address, cluster.token_source):
+    with _errors(cluster):
         return sorted(cluster.client.list_jobs(), key=lambda job: job.start_time or 0)
+
+
+def is_camjobs_job(info) -> bool:
+    """Whether `camjobs submit` submitted this job: the mark in its metadata, else (for jobs
+    submitted without the mark) an entrypoint that is `<python> -m camjobs run ...`. Driver jobs
+    (a script's ray.init, `camjobs run --address`) were not submitted: they have no submission id."""
+    if not info.submission_id:
+        return False
+    if (info.metadata or {}).get(SUBMITTED_BY[0]) == SUBMITTED_BY[1]:
+        return True
+    try:
+        words = shlex.split(info.entrypoint or "")
+    except ValueError:  # not a shell command line we could have built
+        return False
+    return words[1:4] == ["-m", "camjobs", "run"]
 
 
 def follow(cluster: Cluster, job_id: str, write: Callable[[str], None], poll_s: float = 1.0):
