@@ -94,7 +94,7 @@ def read_probabilities(output: str) -> tuple[list[str], pa.Table]:
     without = [image_id for image_id, values in zip(image_ids, probs) if not values]
     if without:
         raise ExportError(
-            f"{len(without)} of {table.num_rows} images have no probs column (rows written before schema "
+            f"{len(without)} of {table.num_rows} images have no probs (rows written before schema "
             f"version 3): {_shown(without)}; run `camjobs run` on them again (an --incremental run counts "
             "them as done) and export again"
         )
@@ -120,4 +120,4 @@ def export_isic_csv(output: str, to: str) -> IsicCsvResult:
     classes, table = read_probabilities(output)
     fs, path = open_filesystem(to)
     _write_text(fs, path, isic_csv_text(classes, table))
-    return IsicCsvResult(FORMAT, [to], table.num_rows, 0, 0, classes)
+    return IsicCsvResult(format=FORMAT, paths=[to], images=table.num_rows, boxes=0, dropped_boxes=0, categories=classes)
