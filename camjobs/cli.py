@@ -467,7 +467,9 @@ def export_(
     ),
     fmt: ExportFormat = typer.Option(..., "--format", help="Export format."),
     to: str = typer.Option(
-        ..., "--to", help="File to write (coco; labelstudio, with its labeling config next to it) or folder (yolo)."
+        ...,
+        "--to",
+        help="File to write (coco; isic-csv; labelstudio, with its labeling config next to it) or folder (yolo).",
     ),
     min_score: float = typer.Option(
         0.0,
@@ -507,7 +509,8 @@ def export_(
         "every export); 0: every image in train, and val is train.",
     ),
 ) -> None:
-    """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels."""
+    """Export the newest boxes per image as COCO JSON, Label Studio tasks with predictions, or YOLO labels;
+    or every class's probability as an ISIC challenge CSV (isic-csv, which ignores the box options)."""
     _setup_logging(False)
     from camjobs.labels.export import export
 

@@ -106,6 +106,7 @@ class ExportFormat(Choice):
     COCO = "coco"
     LABELSTUDIO = "labelstudio"
     YOLO = "yolo"
+    ISIC_CSV = "isic-csv"  # every class's probability, not boxes (camjobs.labels.isic_csv)
 
 
 class CategoryMode(Choice):

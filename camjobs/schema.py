@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-# Version 2 added mask_rle, refined_boxes and refine (camjobs run --refine). Readers accept
-# version-1 files too: read through CAMS_SCHEMA, their missing columns come back as nulls.
+SCHEMA_VERSION = 3
+# Version 2 added mask_rle, refined_boxes and refine (camjobs run --refine); version 3 added probs.
+# Readers accept files of earlier versions too: read through CAMS_SCHEMA, their missing columns
+# come back as nulls.
 
 # Short codes written to errors.error_type. Listing-time codes come from camjobs.layouts,
 # read/decode codes from camjobs.images, the last one from the model actor. Every code the
@@ -53,6 +54,9 @@ CAMS_SCHEMA = pa.schema(
         ("pred_index", pa.int32()),
         ("pred_label", pa.string()),
         ("pred_score", pa.float32()),
+        # every class's softmax probability, in the model's class order (the run summary's
+        # model.classes); pred_score is its maximum, pred_index its argmax
+        ("probs", pa.list_(pa.float32())),
         ("target_index", pa.int32()),
         ("target_label", pa.string()),
         ("method", pa.string()),

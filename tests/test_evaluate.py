@@ -961,8 +961,8 @@ def test_refined_labels_with_coco_boxes_have_no_pixel_metrics(tmp_path):
 
 # --------------------------------------------------------------------------- schema versions
 def write_v1(path: Path, rows: list[dict]) -> None:
-    """A Parquet file as schema version 1 wrote it: without mask_rle, refined_boxes and refine."""
-    fields = [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")]
+    """A Parquet file as schema version 1 wrote it: without mask_rle, refined_boxes, refine and probs."""
+    fields = [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine", "probs")]
     schema = pa.schema(fields, metadata={"camjobs.schema_version": "1"})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist([{**r, "schema_version": 1} for r in rows], schema=schema), path)

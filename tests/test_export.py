@@ -766,13 +766,13 @@ def _blob_rows(run_id: str, root: Path) -> list[dict]:
 
 
 V1_SCHEMA = pa.schema(
-    [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
+    [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine", "probs")],
     metadata={"camjobs.schema_version": "1"},
 )
 
 
 def _write_v1(output: Path, rows: list[dict]) -> None:
-    """The rows as version 1 wrote them: no mask_rle, refined_boxes, refine; schema_version 1."""
+    """The rows as version 1 wrote them: no mask_rle, refined_boxes, refine, probs; schema_version 1."""
     folder = output / "cams" / BLOB_RUN
     folder.mkdir(parents=True)
     rows = [{**{k: v for k, v in row.items() if k in V1_SCHEMA.names}, "schema_version": 1} for row in rows]

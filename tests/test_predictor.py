@@ -64,6 +64,7 @@ def test_rows_in_maps_out_and_bad_rows_pass_through():
     rows = table.to_pylist()
     assert rows[3]["error_type"] == "decode_error" and rows[3]["cam"] is None and rows[3]["width"] is None
     assert rows[7]["skipped"] and rows[7]["cam"] is None
+    assert rows[3]["probs"] is None and rows[7]["probs"] is None  # no model output for them
     # heatmap and boxes are the localize stage's job
     assert all(r["heatmap_png"] is None and r["boxes"] is None for r in rows)
 
@@ -82,6 +83,10 @@ def test_rows_in_maps_out_and_bad_rows_pass_through():
             "threshold"
         ] == pytest.approx(0.2)
         assert row["pred_label"] == CLASSES[row["pred_index"]] and 1 / 3 <= row["pred_score"] <= 1
+        # probs: the softmax of the unprepared model's logits, in CLASSES' order
+        probs = np.asarray(row["probs"], np.float32)
+        np.testing.assert_allclose(probs, torch.softmax(oracle.logits[i], dim=0).numpy(), rtol=1e-4, atol=1e-6)
+        assert row["pred_score"] == probs.max() and row["pred_index"] == int(probs.argmax())
 
 
 def test_read_only_pixels_as_ray_hands_them_over_run_quietly_in_channels_last():
@@ -119,7 +124,7 @@ def test_batch_that_does_not_fit_is_split_in_halves_and_gives_the_same_rows():
     # 20 fails, 10 fails, then pieces of 5; the next batch starts at 5 straight away.
     assert predictor.extractor.sizes == [20, 10, 5, 5, 5, 5]
     assert predictor.max_chunk == 5
-    for name in ("cam", "pred_index", "target_index", "pred_score"):
+    for name in ("cam", "pred_index", "target_index", "pred_score", "probs"):
         np.testing.assert_allclose(
             np.array(split.column(name).to_pylist(), dtype=float),
             np.array(whole.column(name).to_pylist(), dtype=float),
@@ -172,6 +177,10 @@ def test_gpu_rows_match_the_cpu_rows(method, monkeypatch):
     # between two classes may flip.
     same = np.equal(gpu_fp32.column("pred_index").to_pylist(), cpu.column("pred_index").to_pylist())
     assert same.mean() >= 0.9
+    for other in (gpu_fp32, gpu_bf16):
+        probs = np.array(other.column("probs").to_pylist(), np.float32)
+        np.testing.assert_array_equal(probs.max(axis=1), np.array(other.column("pred_score"), np.float32))
+        np.testing.assert_allclose(probs, np.array(cpu.column("probs").to_pylist()), atol=0.05)
     for other, tolerance in ((gpu_fp32, 0.02), (gpu_bf16, 0.1)):
         compared = 0
         for a, b in zip(cpu.to_pylist(), other.to_pylist()):

@@ -96,7 +96,7 @@ def test_verify_command_exit_codes(clean_output, tmp_path):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_outputs_of_known_schema_versions_still_read(version, tmp_path):
     """Outputs written by earlier schema versions stay readable by this camjobs."""
     import pandas as pd

@@ -387,7 +387,7 @@ def test_version_1_output_renders_as_before(mini_cams, isic2017_mini, tmp_path):
     without refinement, which draw what the gallery drew before masks existed: no refined column."""
     _, rows = mini_cams
     v1_schema = pa.schema(
-        [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine")],
+        [f for f in CAMS_SCHEMA if f.name not in ("mask_rle", "refined_boxes", "refine", "probs")],
         metadata={"camjobs.schema_version": "1"},
     )
     v1 = _write_rows(tmp_path / "v1", [{**row, "schema_version": 1} for row in rows], v1_schema)

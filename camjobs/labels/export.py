@@ -1,7 +1,8 @@
 """Export the weak boxes of DIR/cams to the formats labeling and detection tools import.
 
 ``camjobs export --output DIR --format coco|labelstudio|yolo --to PATH [--boxes auto|cam|refined]``
-(yolo: ``[--images link|copy] [--val-fraction F]``)
+(yolo: ``[--images link|copy] [--val-fraction F]``; ``--format isic-csv``, every class's probability rather
+than boxes: camjobs.labels.isic_csv)
 
 Which rows
     Every row of DIR/cams, one per image_id: where an image_id has rows from several runs
@@ -460,6 +461,10 @@ def export(
     """Export the newest row per image of OUTPUT/cams to `to` (a file; a directory for yolo)."""
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == ExportFormat.ISIC_CSV:  # probabilities, not boxes: the box options do not apply
+        from camjobs.labels.isic_csv import export_isic_csv  # which imports this module
+
+        return export_isic_csv(output, to)
     if images not in IMAGE_MODES:
         raise ExportError(f"--images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     if not 0.0 <= val_fraction < 1.0:

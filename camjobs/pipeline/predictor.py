@@ -219,6 +219,7 @@ class CamPredictor:
         maps = result.maps.float()
         finite = torch.isfinite(maps).flatten(1).all(dim=1).tolist()
         pred_index, pred_score = pred_index.tolist(), pred_score.tolist()
+        probs_cpu = probabilities.cpu().numpy()  # float32, so that pred_score is exactly max(probs)
         targets = result.target.tolist()
         maps_cpu = maps.cpu().numpy()
         cam_height, cam_width = maps.shape[1:]
@@ -230,6 +231,7 @@ class CamPredictor:
                 "pred_index": pred_index[i],
                 "pred_label": self.classes[pred_index[i]],
                 "pred_score": pred_score[i],
+                "probs": probs_cpu[i],
                 "target_index": targets[i],
                 "target_label": self.classes[targets[i]],
                 "method": self.method,
