@@ -31,7 +31,8 @@ Each layout's spec also says where its lesion (or patient) ids live (``group_sou
 training splits by them, so that no lesion has images on both sides of the split (isic-archive:
 ``lesion_id``, else ``patient_id``, else the image itself).
 
-Auto-detection looks at the root's top-level names; if nothing matches and the root holds a single
+Auto-detection looks at the root's top-level names (and, for isic-archive, metadata.csv's header
+line); if nothing matches and the root holds a single
 visible folder, that folder is tried as the dataset root (a zip's wrapping folder).
 
 Every image named by a ground-truth CSV and every image file in the layout's image folders
@@ -48,7 +49,8 @@ becomes exactly one ``ImageRecord``; records that must not be processed carry ``
   unique across records.
 
 A CSV row whose label cannot be read (e.g. a one-hot row without a single 1) gives label None,
-not an error; a CSV missing a required column raises ``LayoutError``.
+not an error; a CSV missing a required column raises ``LayoutError``, and so does a
+``label_column`` the CSV lacks (the isic-archive default missing only warns: no image has a label).
 """
 
 from __future__ import annotations
