@@ -32,8 +32,8 @@ training splits by them, so that no lesion has images on both sides of the split
 ``lesion_id``, else ``patient_id``, else the image itself).
 
 Auto-detection looks at the root's top-level names (and, for isic-archive, metadata.csv's header
-line); if nothing matches and the root holds a single
-visible folder, that folder is tried as the dataset root (a zip's wrapping folder).
+line); if nothing matches and the root holds a single visible folder, that folder is tried as the
+dataset root (a zip's wrapping folder).
 
 Every image named by a ground-truth CSV and every image file in the layout's image folders
 becomes exactly one ``ImageRecord``; records that must not be processed carry ``error_type``:
