@@ -140,6 +140,14 @@ LockLeaseOption = Annotated[
         f"is taken over by the next run, from any host (default: {_default('lock_lease'):g}).",
     ),
 ]
+LabelColumnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--label-column",
+        help="isic-archive layout: the metadata.csv column that holds the labels, e.g. diagnosis_1, "
+        "benign_malignant (default: diagnosis_3, the diagnosis; an empty cell is no label).",
+    ),
+]
 RefineOption = Annotated[
     bool | None,
     typer.Option(
@@ -158,6 +166,7 @@ def run(
         None, "--config", exists=True, dir_okay=False, help="YAML file with job options; flags override it."
     ),
     layout: Layout | None = typer.Option(None, help=f"Dataset layout (default: {_default('layout')})."),
+    label_column: LabelColumnOption = None,
     checkpoint: str | None = typer.Option(
         None, help="Checkpoint file (camjobs train's format, or a bare state_dict with --model/--classes)."
     ),
@@ -308,6 +317,7 @@ def train(
     batch_size: int = typer.Option(32, help="Batch size (per worker with --workers)."),
     lr: float = typer.Option(1e-3, help="Learning rate (AdamW)."),
     layout: Layout = typer.Option(Layout.AUTO, help="Dataset layout."),
+    label_column: LabelColumnOption = None,
     weights: StartWeightsOption = None,
     weights_file: WeightsFileOption = None,
     balanced: bool = typer.Option(
@@ -349,6 +359,7 @@ def train(
                 batch_size=batch_size,
                 lr=lr,
                 layout=layout.value,
+                label_column=label_column,
                 weights=start,
                 seed=seed,
                 val_fraction=val_fraction,

@@ -46,6 +46,7 @@ class Layout(Choice):
     ISIC2018 = "isic2018"
     ISIC2019 = "isic2019"
     ISIC2020 = "isic2020"
+    ISIC_ARCHIVE = "isic-archive"
     FOLDER = "folder"
 
 
@@ -159,6 +160,7 @@ class RunConfig:
     data: str
     output: str
     layout: str = "auto"
+    label_column: str | None = None  # isic-archive: the metadata.csv column that holds the labels
     checkpoint: str | None = None
     model: str | None = None
     classes: list[str] | None = None

@@ -19,15 +19,21 @@ Layouts (``LAYOUTS``) and the names that identify them at the dataset root:
   not listed (training reads its lesion ids).
 - ``isic2020``  train/ + ISIC_2020_Training_GroundTruth.csv or ..._v2.csv (the v2 file wins when
   both exist; label = ``benign_malignant``), test/ (no labels).
+- ``isic-archive``  what ``isic image download`` (the ISIC Archive's isic-cli) writes: flat
+  ISIC_<id>.jpg, metadata.csv (``isic_id``; label = the column ``label_column`` names, default
+  ``diagnosis_3``, an empty cell is no label), attribution.txt, licenses/. Found by a metadata.csv
+  with an ``isic_id`` column beside ISIC_*.jpg files; the classes are the column's values.
 - ``folder``    every .jpg/.jpeg/.png below the root; image_id = relative path without
   extension. Any path component starting with "." or "_" is skipped (hidden files, __MACOSX,
   camjobs' own _staging output).
 
 Each layout's spec also says where its lesion (or patient) ids live (``group_source``):
-training splits by them, so that no lesion has images on both sides of the split.
+training splits by them, so that no lesion has images on both sides of the split (isic-archive:
+``lesion_id``, else ``patient_id``, else the image itself).
 
-Auto-detection looks at the root's top-level names; if nothing matches and the root holds a single
-visible folder, that folder is tried as the dataset root (a zip's wrapping folder).
+Auto-detection looks at the root's top-level names (and, for isic-archive, metadata.csv's header
+line); if nothing matches and the root holds a single visible folder, that folder is tried as the
+dataset root (a zip's wrapping folder).
 
 Every image named by a ground-truth CSV and every image file in the layout's image folders
 becomes exactly one ``ImageRecord``; records that must not be processed carry ``error_type``:
@@ -43,21 +49,27 @@ becomes exactly one ``ImageRecord``; records that must not be processed carry ``
   unique across records.
 
 A CSV row whose label cannot be read (e.g. a one-hot row without a single 1) gives label None,
-not an error; a CSV missing a required column raises ``LayoutError``.
+not an error; a CSV missing a required column raises ``LayoutError``, and so does a
+``label_column`` the CSV lacks (the isic-archive default missing only warns: no image has a label).
 """
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pyarrow.fs as pafs
 
 from camjobs.config import LAYOUTS
+from camjobs.dataset_root import DatasetRoot, visible, walk_files
 from camjobs.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_segmentation"
@@ -107,6 +119,11 @@ def _one_hot_label(row: dict, classes: tuple) -> str | None:
     return hot[0] if len(hot) == 1 else None
 
 
+def _cell_label(column: str) -> LabelRule:
+    # Any value is a class (the classes are the column's values); an empty cell or no such column is no label.
+    return lambda row, classes: row.get(column) or None
+
+
 def _isic2017_label(row: dict, classes: tuple) -> str | None:
     flags = (_number(row["melanoma"]), _number(row["seborrheic_keratosis"]))
     return {(1.0, 0.0): "melanoma", (0.0, 1.0): "seborrheic_keratosis", (0.0, 0.0): "nevus"}.get(flags)
@@ -126,6 +143,8 @@ class GroupSource:
     csvs: tuple[str, ...]  # metadata CSV candidates relative to the dataset root; the first that exists is read
     id_column: str  # the image id
     group_column: str  # the lesion (or patient) id; also the prefix of the group names
+    fallback_columns: tuple[str, ...] = ()  # read in this order where group_column's cell is empty
+    image_depth: int = 1  # folders between the dataset root (where the CSVs lie) and the images
 
 
 @dataclass(frozen=True)
@@ -140,12 +159,22 @@ class _Spec:
     mask_dirs: tuple[str, ...] = ()  # folders of <image_id>_segmentation.png
     skip_stem_suffixes: tuple[str, ...] = ()  # files in image folders that are not inputs
     groups: GroupSource | None = None  # None: no lesion ids, every image is a group of its own
+    label_column: str | None = None  # labels are this CSV column's values, which --label-column may change
+    confirm: Callable[[DatasetRoot, dict], bool] | None = None  # a further check of the root once the marker matched
 
 
 _ISIC2017_SPLITS = ("Training", "Validation", "Test_v2")
 _ISIC2018_SPLITS = ("Training", "Validation", "Test")
 _ISIC2018_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 _ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+
+_ARCHIVE_IMAGE = re.compile(r"ISIC_\d+\.(jpe?g|png)", re.IGNORECASE)
+
+
+def _isic_archive_download(root: DatasetRoot, top: dict) -> bool:
+    """isic-cli's metadata.csv names images by isic_id and lies beside them: a bare metadata.csv is no sign."""
+    return any(map(_ARCHIVE_IMAGE.fullmatch, top)) and "isic_id" in _csv_header(root, root.join("metadata.csv"))
+
 
 _SPECS: dict[str, _Spec] = {
     "ham10000": _Spec(
@@ -225,44 +254,25 @@ _SPECS: dict[str, _Spec] = {
             ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv"), "image_name", "patient_id"
         ),
     ),
+    "isic-archive": _Spec(
+        classes=(),  # the label column's values
+        marker=r"metadata\.csv",
+        looks_for="metadata.csv with an isic_id column beside ISIC_*.jpg (isic image download)",
+        splits=(_Split(("",), ("metadata.csv",)),),  # "": the images lie in the root itself
+        id_column="isic_id",
+        label_columns=(),  # the label column may be missing: then no image has a label
+        label_rule=_cell_label("diagnosis_3"),
+        groups=GroupSource(("metadata.csv",), "isic_id", "lesion_id", ("patient_id",), image_depth=0),
+        # The diagnosis as HAM10000's dx and ISIC 2018/2019 name it (Nevus, Melanoma Invasive, ...); the
+        # legacy benign_malignant is binary, diagnosis_1 (Benign/Malignant/Indeterminate) coarser still.
+        label_column="diagnosis_3",
+        confirm=_isic_archive_download,
+    ),
 }
 
 
 # --------------------------------------------------------------------------- file-system helpers
-@dataclass(frozen=True)
-class _Root:
-    """An opened dataset root: the file system, the root path in it, and how to name files."""
-
-    fs: pafs.FileSystem
-    path: str  # the dataset root inside fs (where the layout's names live)
-    scheme: str | None  # None for the local file system
-    real_root: str | None  # local only: realpath of the root as given, for the symlink check
-    follow_symlinks: bool
-
-    def at(self, path: str) -> _Root:
-        return replace(self, path=path)
-
-    def join(self, *names: str) -> str:
-        return posixpath.join(self.path, *names)
-
-    def uri(self, path: str) -> str:
-        return path if self.scheme is None else f"{self.scheme}://{path}"
-
-    def escapes(self, path: str) -> bool:
-        """True if a local file resolves (through symlinks) to outside the dataset root."""
-        if self.real_root is None or self.follow_symlinks:
-            return False
-        return os.path.commonpath([os.path.realpath(path), self.real_root]) != self.real_root
-
-    def listdir(self, path: str) -> list[pafs.FileInfo]:
-        infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return sorted(infos, key=lambda info: info.path)
-
-    def exists(self, path: str, kind: pafs.FileType) -> bool:
-        return self.fs.get_file_info(path).type == kind
-
-
-def _open_root(uri: str, follow_symlinks: bool) -> _Root:
+def _open_root(uri: str, follow_symlinks: bool) -> DatasetRoot:
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
     fs, path = pafs.FileSystem.from_uri(uri)
@@ -275,7 +285,7 @@ def _open_root(uri: str, follow_symlinks: bool) -> _Root:
             else f"dataset root {uri!r} does not exist"
         )
     local = isinstance(fs, pafs.LocalFileSystem)
-    return _Root(
+    return DatasetRoot(
         fs=fs,
         path=path,
         scheme=None if local else uri.split("://", 1)[0],
@@ -292,57 +302,36 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _visible(name: str) -> bool:
-    # Hidden files, macOS "._x.jpg"/__MACOSX debris and camjobs' own "_staging" are never inputs.
-    return not name.startswith((".", "_"))
-
-
-def _walk_files(root: _Root) -> Iterator[str]:
-    """Paths of all visible files below root.path, each real file once."""
-    if root.real_root is None:  # remote: one recursive listing is far cheaper than one per folder
-        prefix = len(root.path.rstrip("/")) + 1
-        for info in sorted(root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True)), key=lambda i: i.path):
-            if info.type == pafs.FileType.File and all(map(_visible, info.path[prefix:].split("/"))):
-                yield info.path
-        return
-    # Local: walk folder by folder, so a symlinked folder (an alias or a loop back up the tree,
-    # which pyarrow would follow ~40 levels deep) is entered at most once per real folder.
-    # Symlinked folders are visited last, so files are named by their real path when possible.
-    pending, linked, seen = [root.path], [], set()
-    while pending or linked:
-        folder = pending.pop() if pending else linked.pop(0)
-        real = os.path.realpath(folder)
-        if real in seen:
-            continue
-        seen.add(real)
-        subfolders = []
-        for info in root.listdir(folder):
-            if not _visible(info.base_name):
-                continue
-            if info.type == pafs.FileType.File:
-                yield info.path
-            elif info.type == pafs.FileType.Directory:
-                (linked if os.path.islink(info.path) else subfolders).append(info.path)
-        pending.extend(reversed(subfolders))
-
-
 # --------------------------------------------------------------------------- detection
-def _top_names(root: _Root) -> dict[str, pafs.FileType]:
-    return {info.base_name: info.type for info in root.listdir(root.path) if _visible(info.base_name)}
+def _top_names(root: DatasetRoot) -> dict[str, pafs.FileType]:
+    return {info.base_name: info.type for info in root.listdir(root.path) if visible(info.base_name)}
 
 
-def _matching_layouts(names) -> list[str]:
-    return [name for name, spec in _SPECS.items() if any(re.fullmatch(spec.marker, n) for n in names)]
+def _matching_layouts(root: DatasetRoot, top: dict[str, pafs.FileType]) -> list[str]:
+    return [
+        name
+        for name, spec in _SPECS.items()
+        if any(re.fullmatch(spec.marker, n) for n in top) and (spec.confirm is None or spec.confirm(root, top))
+    ]
 
 
-def _resolve(root: _Root, layout: str) -> tuple[str, _Root]:
+def _csv_header(root: DatasetRoot, path: str) -> list[str]:
+    """A CSV file's column names, from its first line only; [] where there is no such file."""
+    if not root.exists(path, pafs.FileType.File):
+        return []
+    with root.fs.open_input_stream(path) as stream:
+        first = stream.read(1 << 16).decode("utf-8-sig", errors="replace").splitlines()[:1]
+    return [name.strip() for name in next(csv.reader(first), [])]
+
+
+def _resolve(root: DatasetRoot, layout: str) -> tuple[str, DatasetRoot]:
     """Return the layout name and the root holding its files (the given root or its only folder)."""
     top = _top_names(root)
-    found = _matching_layouts(top)
+    found = _matching_layouts(root, top)
     folders = [name for name, kind in top.items() if kind == pafs.FileType.Directory]
     if not found and len(top) == 1 and folders:  # a zip's wrapping folder: dataset.zip -> dataset/HAM10000_...
         inner = root.at(root.join(folders[0]))
-        inner_found = _matching_layouts(_top_names(inner))
+        inner_found = _matching_layouts(inner, _top_names(inner))
         if inner_found and layout in ("auto", *inner_found):
             root, found = inner, inner_found
     if layout != "auto":
@@ -353,7 +342,7 @@ def _resolve(root: _Root, layout: str) -> tuple[str, _Root]:
         )
     if found:
         return found[0], root
-    if any(_is_image(path) for path in _walk_files(root)):
+    if any(_is_image(path) for path in walk_files(root)):
         return "folder", root
     looked_for = "; ".join(f"{spec.looks_for} ({name})" for name, spec in _SPECS.items())
     raise LayoutError(
@@ -363,7 +352,7 @@ def _resolve(root: _Root, layout: str) -> tuple[str, _Root]:
 
 
 # --------------------------------------------------------------------------- listing
-def _read_csv(root: _Root, path: str, spec: _Spec) -> list[dict]:
+def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> list[dict]:
     import pandas as pd  # here: importing this module (for MASK_SUFFIX, LayoutError) stays light
 
     try:
@@ -389,7 +378,7 @@ def _bad_id(image_id: str) -> bool:
     )
 
 
-def _file_record(root: _Root, image_id: str, path: str, label=None, mask=None) -> ImageRecord:
+def _file_record(root: DatasetRoot, image_id: str, path: str, label=None, mask=None) -> ImageRecord:
     if root.escapes(path):
         return ImageRecord(
             image_id,
@@ -402,7 +391,7 @@ def _file_record(root: _Root, image_id: str, path: str, label=None, mask=None) -
     return ImageRecord(image_id, root.uri(path), label, mask)
 
 
-def _masks(root: _Root, spec: _Spec) -> dict[str, str]:
+def _masks(root: DatasetRoot, spec: _Spec) -> dict[str, str]:
     masks = {}
     for folder in spec.mask_dirs:
         for info in root.listdir(root.join(folder)):
@@ -417,7 +406,7 @@ def _masks(root: _Root, spec: _Spec) -> dict[str, str]:
     return masks
 
 
-def _split_images(root: _Root, spec: _Spec, folders: list[str]) -> dict[str, list[str]]:
+def _split_images(root: DatasetRoot, spec: _Spec, folders: list[str]) -> dict[str, list[str]]:
     """image_id -> paths of the image files in a split's folders (folder order, then name order)."""
     files: dict[str, list[str]] = {}
     for folder in folders:
@@ -433,14 +422,14 @@ def _split_images(root: _Root, spec: _Spec, folders: list[str]) -> dict[str, lis
     return files
 
 
-def _list_spec(root: _Root, spec: _Spec) -> list[ImageRecord]:
+def _list_spec(root: DatasetRoot, spec: _Spec) -> list[ImageRecord]:
     masks = _masks(root, spec)
     records: list[ImageRecord] = []
     found_any = False
     for split in spec.splits:
         folders = [d for d in split.image_dirs if root.exists(root.join(d), pafs.FileType.Directory)]
         csv_path = next((p for p in map(root.join, split.csvs) if root.exists(p, pafs.FileType.File)), None)
-        found_any |= bool(folders or csv_path)
+        found_any |= bool(csv_path or any(folders))  # the root itself ("") always exists: no sign of the layout
         files = _split_images(root, spec, folders)
         named: set[str] = set()
         for line, row in enumerate(_read_csv(root, csv_path, spec) if csv_path else [], start=2):
@@ -478,14 +467,16 @@ def _list_spec(root: _Root, spec: _Spec) -> list[ImageRecord]:
             if image_id not in named:
                 records.extend(_file_record(root, image_id, path, None, masks.get(image_id)) for path in paths)
     if not found_any:
-        wanted = sorted({d for s in spec.splits for d in s.image_dirs} | {c for s in spec.splits for c in s.csvs})
+        wanted = sorted(
+            ({d for s in spec.splits for d in s.image_dirs} | {c for s in spec.splits for c in s.csvs}) - {""}
+        )
         raise LayoutError(f"{root.uri(root.path)} has none of the expected files/folders: {', '.join(wanted)}")
     return records
 
 
-def _list_folder(root: _Root) -> list[ImageRecord]:
+def _list_folder(root: DatasetRoot) -> list[ImageRecord]:
     prefix = len(root.path.rstrip("/")) + 1
-    records = [_file_record(root, _stem(path[prefix:]), path) for path in _walk_files(root) if _is_image(path)]
+    records = [_file_record(root, _stem(path[prefix:]), path) for path in walk_files(root) if _is_image(path)]
     if not records:
         raise LayoutError(f"no {'/'.join(IMAGE_EXTENSIONS)} images below {root.uri(root.path)}")
     return records
@@ -535,11 +526,42 @@ def group_source(layout: str) -> GroupSource | None:
     return spec.groups if spec else None
 
 
-def list_images(uri: str, layout: str = "auto", *, follow_symlinks: bool = False) -> DatasetListing:
-    """All images of the dataset at uri as records sorted by image_id (see the module docstring)."""
+def _labelled_by(root: DatasetRoot, layout: str, spec: _Spec | None, column: str | None) -> _Spec | None:
+    """The spec with its labels from `column` (--label-column; None: the spec's default), checked against
+    its CSVs' columns: a chosen column they lack is a usage error, a default one leaves the images unlabelled."""
+    if spec is None or spec.label_column is None:
+        if column is None:
+            return spec
+        choosing = ", ".join(name for name, s in _SPECS.items() if s.label_column)
+        raise LayoutError(f"--label-column is for the {choosing} layout; {layout} has labels of its own")
+    for path in (root.join(name) for split in spec.splits for name in split.csvs):
+        header = _csv_header(root, path)
+        if not header or (column or spec.label_column) in header:
+            continue
+        columns = ", ".join(c for c in header if c != spec.id_column)
+        if column is not None:
+            raise LayoutError(f"--label-column {column!r}: {root.uri(path)} has no such column; its columns: {columns}")
+        log.warning(
+            "%s has no %r column, so no image has a label; choose one with --label-column: %s",
+            root.uri(path),
+            spec.label_column,
+            columns,
+        )
+    column = column or spec.label_column
+    return replace(spec, label_column=column, label_rule=_cell_label(column))
+
+
+def list_images(
+    uri: str, layout: str = "auto", *, follow_symlinks: bool = False, label_column: str | None = None
+) -> DatasetListing:
+    """All images of the dataset at uri as records sorted by image_id (see the module docstring).
+
+    label_column: the CSV column that holds the labels, for a layout that lets one choose (isic-archive)."""
     if layout != "auto" and layout not in LAYOUTS:
         raise LayoutError(f"unknown layout {layout!r}; expected 'auto' or one of {', '.join(LAYOUTS)}")
     layout, root = _resolve(_open_root(uri, follow_symlinks), layout)
-    spec = _SPECS.get(layout)
+    spec = _labelled_by(root, layout, _SPECS.get(layout), label_column)
     records = _list_folder(root) if spec is None else _list_spec(root, spec)
-    return DatasetListing(layout, uri, list(spec.classes) if spec else [], _unique_ids(records))
+    # A layout without a fixed vocabulary has the classes its labels name.
+    classes = list(spec.classes) if spec and spec.classes else sorted({r.label for r in records if r.label})
+    return DatasetListing(layout, uri, classes, _unique_ids(records))

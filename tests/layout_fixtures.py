@@ -259,6 +259,113 @@ def make_isic2020(root: Path, n: int = 4, *, v2: bool = False, size=(64, 48)) ->
     return info
 
 
+# isic-cli's metadata.csv: isic_id, attribution, copyright_license, then the images' metadata fields sorted.
+ISIC_ARCHIVE_HEADER = ["isic_id", "attribution", "copyright_license"] + sorted(
+    [
+        "age_approx",
+        "anatom_site_general",
+        "benign_malignant",
+        "concomitant_biopsy",
+        *(f"diagnosis_{level}" for level in range(1, 6)),
+        "diagnosis_confirm_type",
+        "image_type",
+        "lesion_id",
+        "melanocytic",
+        "patient_id",
+        "sex",
+    ]
+)
+# ISIC 2017's three classes in the Archive's hierarchical diagnosis (levels 1-3) and its legacy benign_malignant.
+ISIC_ARCHIVE_DIAGNOSES = {
+    "melanoma": ("Malignant", "Malignant melanocytic proliferations (Melanoma)", "Melanoma Invasive", "malignant"),
+    "seborrheic_keratosis": ("Benign", "Benign epidermal proliferations", "Seborrheic keratosis", "benign"),
+    "nevus": ("Benign", "Benign melanocytic proliferations", "Nevus", "benign"),
+}
+
+
+def make_isic_archive(root: Path, photos: Path, *, copies: int = 1) -> FixtureInfo:
+    """What `isic image download DIR` writes, from the real photographs of an ISIC 2017 folder (isic2017-mini).
+
+    Flat ISIC_<id>.jpg files, metadata.csv with isic-cli's columns, attribution.txt, licenses/<license>.txt,
+    plus a hidden partial download (.isic-partial.<pid>.<name>) as a decoy. Each photograph i of
+    the 2017 ground truth appears `copies` times under ids ISIC_10<i><copy>, like one lesion imaged
+    on several visits: photographs 0-3 carry lesion_id IL_700000<i>; 4 and 5 none; patient_id
+    IP_800000<i // 2>, but none for 5. One more image (ISIC_1099999, photograph 0's bytes) has no
+    diagnosis and no ids. Labels (info.labels) are diagnosis_3's.
+    """
+    root = Path(root)
+    info = FixtureInfo(root, "isic-archive", sorted(d[2] for d in ISIC_ARCHIVE_DIAGNOSES.values()), {}, {})
+    truth = list(csv.DictReader((photos / "ISIC-2017_Training_Part3_GroundTruth.csv").open()))
+    rows, licenses = [], {}
+    for i, row in enumerate(truth):
+        label = (
+            "melanoma"
+            if float(row["melanoma"])
+            else "seborrheic_keratosis"
+            if float(row["seborrheic_keratosis"])
+            else "nevus"
+        )
+        diagnosis = ISIC_ARCHIVE_DIAGNOSES[label]
+        for copy in range(copies):
+            image_id = f"ISIC_10{i:02d}{copy:03d}"
+            rows.append(
+                _archive_row(
+                    image_id,
+                    i,
+                    diagnosis,
+                    lesion=f"IL_{7000000 + i}" if i < 4 else "",
+                    patient=f"IP_{8000000 + i // 2}" if i != 5 else "",
+                )
+            )
+            info.labels[image_id] = diagnosis[2]
+            info.paths[image_id] = root / f"{image_id}.jpg"
+            info.paths[image_id].parent.mkdir(parents=True, exist_ok=True)
+            info.paths[image_id].write_bytes(
+                (photos / "ISIC-2017_Training_Data" / f"{row['image_id']}.jpg").read_bytes()
+            )
+    rows.append(_archive_row("ISIC_1099999", 0, ("",) * 4, lesion="", patient=""))
+    info.labels["ISIC_1099999"] = None
+    info.paths["ISIC_1099999"] = root / "ISIC_1099999.jpg"
+    info.paths["ISIC_1099999"].write_bytes(info.paths[rows[0]["isic_id"]].read_bytes())
+    with open(root / "metadata.csv", "w", newline="", encoding="utf8") as f:
+        writer = csv.DictWriter(f, ISIC_ARCHIVE_HEADER)
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "attribution.txt").write_text("\n\n".join(sorted({r["attribution"] for r in rows})), encoding="utf8")
+    for row in rows:
+        licenses[row["copyright_license"]] = root / "licenses" / f"{row['copyright_license']}.txt"
+    for name, path in licenses.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"{name} licence text\n")
+    partial = root / ".isic-partial.4242.ISIC_1099998.jpg"
+    partial.write_bytes(b"\xff\xd8\xff")
+    info.decoys += [root / "metadata.csv", root / "attribution.txt", partial, *licenses.values()]
+    return info
+
+
+def _archive_row(image_id: str, photo: int, diagnosis: tuple[str, ...], *, lesion: str, patient: str) -> dict:
+    """One metadata.csv row as isic-cli writes it: every column, "" where the Archive has no value."""
+    row = dict.fromkeys(ISIC_ARCHIVE_HEADER, "")
+    row.update(
+        isic_id=image_id,
+        attribution="ViDIR Group, Department of Dermatology, Medical University of Vienna"
+        if photo % 2
+        else "Anonymous",
+        copyright_license="CC-BY-NC" if photo % 2 else "CC-0",
+        age_approx=str(40 + 5 * photo),
+        anatom_site_general="posterior torso",
+        benign_malignant=diagnosis[3],
+        diagnosis_1=diagnosis[0],
+        diagnosis_2=diagnosis[1],
+        diagnosis_3=diagnosis[2],
+        image_type="dermoscopic",
+        lesion_id=lesion,
+        patient_id=patient,
+        sex="female" if photo % 2 else "male",
+    )
+    return row
+
+
 def make_folder(root: Path, size=(64, 48)) -> FixtureInfo:
     """A plain folder tree: nested dirs, spaces, non-ASCII, upper-case extensions, plus decoys
     (hidden files, __MACOSX, a text file) that must not be listed."""

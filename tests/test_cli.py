@@ -164,6 +164,39 @@ def test_run_command_writes_parquet_and_exit_3_over_error_budget(ray_cluster, is
     )
 
 
+@pytest.mark.slow
+def test_run_on_an_isic_archive_download_with_a_label_column(ray_cluster, isic2017_mini, tmp_path):
+    """The YAML config's label_column reaches the listing: rows carry that column's labels, and
+    --target label explains each labelled image's own class."""
+    import csv
+    import json
+
+    import pyarrow.dataset as pads
+    from layout_fixtures import make_isic_archive
+
+    make_isic_archive(tmp_path / "archive", isic2017_mini)
+    with open(tmp_path / "archive" / "metadata.csv", newline="", encoding="utf8") as f:
+        expected = {row["isic_id"]: row["benign_malignant"] or None for row in csv.DictReader(f)}
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"data: {tmp_path / 'archive'}\noutput: {tmp_path / 'out'}\nlabel_column: benign_malignant\n"
+        "model: resnet18\nclasses: [benign, malignant]\ninput_size: 64\ntarget: label\n"
+    )
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    columns = ["image_id", "label", "target_label"]
+    rows = pads.dataset(tmp_path / "out" / "cams", format="parquet").to_table(columns=columns).to_pylist()
+    assert {row["image_id"]: row["label"] for row in rows} == expected
+    labelled = [row for row in rows if row["label"] is not None]
+    assert all(row["target_label"] == row["label"] for row in labelled) and len(labelled) == len(rows) - 1
+    summary = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
+    assert summary["layout"] == "isic-archive" and summary["config"]["label_column"] == "benign_malignant"
+
+    flags = ["run", "--data", str(tmp_path / "archive"), "--output", str(tmp_path / "out2"), "--model", "resnet18"]
+    unknown = runner.invoke(app, [*flags, "--classes", "a,b", "--label-column", "diagnosis"])
+    assert unknown.exit_code == 2 and "--label-column 'diagnosis'" in unknown.output and "diagnosis_3" in unknown.output
+
+
 def test_bad_checkpoint_is_a_usage_error_exit_2(tmp_path, isic2017_mini):
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a checkpoint")

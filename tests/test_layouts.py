@@ -13,12 +13,14 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 from layout_fixtures import (
+    ISIC_ARCHIVE_HEADER,
     make_folder,
     make_ham10000,
     make_isic2017,
     make_isic2018,
     make_isic2019,
     make_isic2020,
+    make_isic_archive,
     write_csv,
     write_image,
 )
@@ -55,7 +57,7 @@ def assert_matches_fixture(listing: DatasetListing, info) -> None:
 
 # --------------------------------------------------------------------------- one test per layout
 def test_layout_names():
-    assert LAYOUTS == ("ham10000", "isic2017", "isic2018", "isic2019", "isic2020", "folder")
+    assert LAYOUTS == ("ham10000", "isic2017", "isic2018", "isic2019", "isic2020", "isic-archive", "folder")
     assert issubclass(LayoutError, ValueError)
 
 
@@ -69,6 +71,9 @@ def test_group_sources_live_in_the_layout_specs():
     assert sources["isic2019"] == layouts.GroupSource(("ISIC_2019_Training_Metadata.csv",), "image", "lesion_id")
     assert sources["isic2020"] == layouts.GroupSource(
         ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv"), "image_name", "patient_id"
+    )
+    assert sources["isic-archive"] == layouts.GroupSource(
+        ("metadata.csv",), "isic_id", "lesion_id", fallback_columns=("patient_id",), image_depth=0
     )
 
 
@@ -224,6 +229,90 @@ def test_remote_filesystem_paths_keep_the_scheme(fake_s3):
 def test_does_not_import_ray_or_torch():
     code = "import sys, camjobs.layouts; assert not {'ray', 'torch'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- an ISIC Archive download
+def metadata_rows(root: Path) -> list[dict]:
+    """metadata.csv as the csv module reads it: the oracle for labels and classes."""
+    with open(root / "metadata.csv", newline="", encoding="utf8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_isic_archive_download(isic2017_mini, tmp_path):
+    """isic-cli's layout is found as such (also inside a wrapping folder); its labels are diagnosis_3's,
+    an empty cell is no label; metadata.csv, attribution.txt, licenses/ and partial downloads are no images."""
+    info = make_isic_archive(tmp_path / "download", isic2017_mini, copies=2)
+    for root in (info.root, tmp_path):
+        assert detect_layout(str(root)) == "isic-archive"
+        listing = list_images(str(root))
+        assert_matches_fixture(listing, info)
+    assert listing.classes == ["Melanoma Invasive", "Nevus", "Seborrheic keratosis"]
+    assert by_id(listing)["ISIC_1099999"].label is None and len(listing.records) == 13
+    assert_matches_fixture(list_images(str(info.root), "isic-archive", label_column="diagnosis_3"), info)
+
+
+@pytest.mark.parametrize("column", ["diagnosis_1", "diagnosis_2", "diagnosis_3", "benign_malignant", "sex"])
+def test_isic_archive_labels_from_the_chosen_column(isic2017_mini, tmp_path, column):
+    make_isic_archive(tmp_path, isic2017_mini)
+    expected = {row["isic_id"]: row[column] or None for row in metadata_rows(tmp_path)}
+    listing = list_images(str(tmp_path), label_column=column)
+    assert {r.image_id: r.label for r in listing.records} == expected
+    assert listing.classes == sorted({label for label in expected.values() if label})
+    assert errors(listing) == {}
+
+
+def test_isic_archive_label_column_mistakes_are_usage_errors(isic2017_mini, tmp_path):
+    make_isic_archive(tmp_path / "archive", isic2017_mini)
+    with pytest.raises(LayoutError, match="--label-column 'diagnosis'") as excinfo:
+        list_images(str(tmp_path / "archive"), label_column="diagnosis")
+    assert excinfo.value.exit_code == 2
+    assert str(excinfo.value).endswith(f"its columns: {', '.join(ISIC_ARCHIVE_HEADER[1:])}")
+    make_isic2020(tmp_path / "2020", n=2)
+    with pytest.raises(LayoutError, match="--label-column is for the isic-archive layout; isic2020"):
+        list_images(str(tmp_path / "2020"), label_column="benign_malignant")
+    with pytest.raises(LayoutError, match="--label-column is for the isic-archive layout; folder"):
+        list_images(str(isic2017_mini / "ISIC-2017_Training_Data"), label_column="diagnosis_3")
+
+
+def test_isic_archive_without_the_default_column_warns_and_lists_unlabelled(isic2017_mini, tmp_path, caplog):
+    make_isic_archive(tmp_path, isic2017_mini)
+    rows = metadata_rows(tmp_path)
+    header = [c for c in rows[0] if c != "diagnosis_3"]
+    write_csv(tmp_path / "metadata.csv", header, [[row[c] for c in header] for row in rows])
+    with caplog.at_level("WARNING", logger="camjobs.layouts"):
+        listing = list_images(str(tmp_path))
+    assert listing.layout == "isic-archive" and len(listing.records) == len(rows)
+    assert all(r.label is None for r in listing.records) and listing.classes == []
+    assert "'diagnosis_3'" in caplog.text and "--label-column" in caplog.text and "diagnosis_1" in caplog.text
+
+
+def test_isic_archive_detection_steals_nothing(isic2017_mini, tmp_path):
+    """Only a metadata.csv with an isic_id column beside ISIC_*.jpg files is an Archive download."""
+    plain = make_folder(tmp_path / "plain")
+    write_csv(plain.root / "metadata.csv", ["isic_id", "diagnosis_3"], [["ISIC_0024306", "Nevus"]])
+    assert detect_layout(str(plain.root)) == "folder"  # ISIC_0024306.png is not beside it, but in z/
+    beside = tmp_path / "beside"
+    write_image(beside / "ISIC_0000001.jpg")
+    write_csv(beside / "metadata.csv", ["image", "diagnosis"], [["ISIC_0000001", "nevus"]])
+    assert detect_layout(str(beside)) == "folder"  # no isic_id column
+    ham = make_ham10000(tmp_path / "ham", n=2)
+    write_csv(ham.root / "metadata.csv", ["isic_id"], [["ISIC_0024306"]])
+    write_image(ham.root / "ISIC_0024306.jpg")
+    with pytest.raises(LayoutError, match="several layouts"):  # both: never silently one of them
+        detect_layout(str(ham.root))
+    with pytest.raises(LayoutError, match="none of the expected files/folders: metadata.csv$"):
+        list_images(str(tmp_path / "plain" / "sub dir"), "isic-archive")
+
+
+def test_isic_archive_missing_image_and_remote_paths(isic2017_mini, fake_s3):
+    info = make_isic_archive(fake_s3 / "bucket" / "isic", isic2017_mini)
+    info.paths["ISIC_1001000"].unlink()
+    listing = list_images("s3://bucket/isic")
+    assert listing.layout == "isic-archive"
+    assert errors(listing) == {"ISIC_1001000": "missing_file"}
+    assert by_id(listing)["ISIC_1001000"].source_path == "s3://bucket/isic/ISIC_1001000.jpg"
+    assert by_id(listing)["ISIC_1001000"].label == "Melanoma Invasive"
+    assert by_id(listing)["ISIC_1000000"].source_path == "s3://bucket/isic/ISIC_1000000.jpg"
 
 
 # --------------------------------------------------------------------------- the real ISIC 2017 sample
@@ -402,6 +491,7 @@ def test_empty_dir_raises_listing_what_was_looked_for(tmp_path):
         "ISIC2018_Task3_",
         "ISIC_2019_Training_",
         "ISIC_2020_Training_GroundTruth.csv",
+        "metadata.csv with an isic_id column",
         ".jpg",
     ):
         assert marker in str(excinfo.value)

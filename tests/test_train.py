@@ -118,6 +118,50 @@ def test_lesion_groups_follow_the_layout_spec(tmp_path):
     assert lesion_groups(records, "isic2017") == {r.image_id: f"image:{r.image_id}" for r in records}
 
 
+def test_isic_archive_groups_lesion_else_patient_and_the_split_keeps_them(isic2017_mini, tmp_path):
+    """An ISIC Archive download: lesion_id, else patient_id, else the image; no group on both sides of the split."""
+    import csv
+
+    from layout_fixtures import make_isic_archive
+
+    make_isic_archive(tmp_path, isic2017_mini, copies=3)
+    with open(tmp_path / "metadata.csv", newline="", encoding="utf8") as f:
+        rows = list(csv.DictReader(f))
+    expected = {
+        row["isic_id"]: f"lesion_id:{row['lesion_id']}"
+        if row["lesion_id"]
+        else f"patient_id:{row['patient_id']}"
+        if row["patient_id"]
+        else f"image:{row['isic_id']}"
+        for row in rows
+        if row["diagnosis_3"]
+    }
+    records, classes = usable_records(str(tmp_path))
+    assert classes == ["Melanoma Invasive", "Nevus", "Seborrheic keratosis"] and len(records) == 18
+    groups = lesion_groups(records, "isic-archive")
+    assert groups == expected
+    assert len(set(groups.values())) == 4 + 1 + 3  # four lesions, one patient, three lone images
+    for seed in range(5):
+        train, val = split_records(records, 0.3, seed=seed, groups=groups)
+        assert sorted(r.image_id for r in train + val) == sorted(expected)
+        assert val and not {groups[r.image_id] for r in train} & {groups[r.image_id] for r in val}
+
+
+def test_train_command_reads_the_label_column(isic2017_mini, tmp_path):
+    from layout_fixtures import make_isic_archive
+
+    make_isic_archive(tmp_path / "archive", isic2017_mini, copies=2)
+    out = tmp_path / "model.pt"
+    args = ["train", "--data", str(tmp_path / "archive"), "--out", str(out), "--epochs", "1", "--input-size", "32"]
+    result = runner.invoke(app, [*args, "--batch-size", "4", "--label-column", "benign_malignant"])
+    assert result.exit_code == 0, result.output
+    assert torch.load(out, weights_only=True)["classes"] == ["benign", "malignant"]
+    written = file_sha256(out)
+    unknown = runner.invoke(app, [*args, "--label-column", "diagnosis"])
+    assert unknown.exit_code == 2 and "--label-column 'diagnosis'" in unknown.output and "diagnosis_1" in unknown.output
+    assert file_sha256(out) == written  # refused before training: the checkpoint is untouched
+
+
 def test_train_modules_leave_ray_alone():
     """Training in this process never loads Ray: only train_ray, imported for workers >= 1, does."""
     code = (

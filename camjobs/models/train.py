@@ -111,7 +111,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     _check(cfg)
     started = time.time()
     seed_everything(cfg.seed)
-    records, classes, layout = labelled_listing(cfg.data, cfg.layout)
+    records, classes, layout = labelled_listing(cfg.data, cfg.layout, cfg.label_column)
     groups = lesion_groups(records, layout)
     train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed, groups)
     split = split_sha256(train_records, val_records)

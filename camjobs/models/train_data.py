@@ -2,8 +2,9 @@
 
 - Records: the images of the listing that have a label and no error; the classes are the
   layout's vocabulary, in its order, restricted to those present.
-- Groups: the lesion (patient for ISIC 2020) of each image, read from the CSV that the layout's
-  spec names (``camjobs.layouts.group_source``); the split keeps every group on one side.
+- Groups: the lesion (patient for ISIC 2020; lesion, else patient for the ISIC Archive) of each
+  image, read from the CSV that the layout's spec names (``camjobs.layouts.group_source``); the
+  split keeps every group on one side.
 - Sampling: class-balanced draws with replacement (weights 1 / class count), anew each epoch
   from (seed, epoch), sharded over data-parallel ranks.
 
@@ -61,9 +62,12 @@ class LabelledImages(Dataset):
         return image, self.class_index[record.label]
 
 
-def labelled_listing(data: str, layout: str = "auto") -> tuple[list[ImageRecord], list[str], str]:
-    """(records, classes, layout): the usable records of the dataset at `data`, and the layout found."""
-    listing = list_images(data, layout)
+def labelled_listing(
+    data: str, layout: str = "auto", label_column: str | None = None
+) -> tuple[list[ImageRecord], list[str], str]:
+    """(records, classes, layout): the usable records of the dataset at `data`, and the layout found;
+    label_column: where the layout lets one choose (--label-column), the column that holds the labels."""
+    listing = list_images(data, layout, label_column=label_column)
     records = [r for r in listing.records if r.error_type is None and r.label is not None]
     present = {r.label for r in records}
     vocabulary = listing.classes or sorted(present)
@@ -111,24 +115,29 @@ def _labelled_root_above(data: str, levels: int = 2) -> tuple[str, str] | None:
     return None
 
 
-def usable_records(data: str, layout: str = "auto") -> tuple[list[ImageRecord], list[str]]:
+def usable_records(
+    data: str, layout: str = "auto", label_column: str | None = None
+) -> tuple[list[ImageRecord], list[str]]:
     """(records, classes) of labelled_listing."""
-    records, classes, _ = labelled_listing(data, layout)
+    records, classes, _ = labelled_listing(data, layout, label_column)
     return records, classes
 
 
 def lesion_groups(records: list[ImageRecord], layout: str) -> dict[str, str]:
     """image_id -> group: the lesion (patient for ISIC 2020) from the layout's metadata CSV.
 
-    Images the CSV does not name, or names with an empty id, and every image of a layout without
-    such a CSV, are groups of their own. The dataset root is the parent of an image's folder
-    (every layout with groups keeps its images one folder below the root).
+    An image's group is the first non-empty cell of the source's group column and its fallback
+    columns (the ISIC Archive: lesion_id, else patient_id). Images the CSV does not name, or names
+    with no such cell, and every image of a layout without such a CSV, are groups of their own.
+    The dataset root lies the source's image_depth folders above an image's folder.
     """
     groups = {r.image_id: f"image:{r.image_id}" for r in records}
     source = group_source(layout)
     if source is None or not records:
         return groups
-    root = posixpath.dirname(posixpath.dirname(records[0].source_path))
+    root = posixpath.dirname(records[0].source_path)
+    for _ in range(source.image_depth):
+        root = posixpath.dirname(root)
     for name in source.csvs:
         fs, path = open_filesystem(posixpath.join(root, name))
         if fs.get_file_info(path).type != pafs.FileType.File:
@@ -136,15 +145,16 @@ def lesion_groups(records: list[ImageRecord], layout: str) -> dict[str, str]:
         with fs.open_input_stream(path) as stream:
             table = pd.read_csv(stream, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         table.columns = [str(c).strip() for c in table.columns]
-        id_column, group_column = source.id_column, source.group_column
-        if id_column not in table.columns or group_column not in table.columns:
-            log.warning(
-                "%s has no %r/%r columns: every image is its own group in the split", name, id_column, group_column
-            )
+        id_column = source.id_column
+        columns = [c for c in (source.group_column, *source.fallback_columns) if c in table.columns]
+        if id_column not in table.columns or not columns:
+            wanted = "/".join(repr(c) for c in (id_column, source.group_column, *source.fallback_columns))
+            log.warning("%s has no %s columns: every image is its own group in the split", name, wanted)
             return groups
-        for image_id, group in zip(table[id_column].str.strip(), table[group_column].str.strip()):
-            if group and image_id in groups:
-                groups[image_id] = f"{group_column}:{group}"
+        for image_id, *cells in zip(table[id_column].str.strip(), *(table[c].str.strip() for c in columns)):
+            found = next((f"{column}:{cell}" for column, cell in zip(columns, cells) if cell), None)
+            if found and image_id in groups:
+                groups[image_id] = found
         return groups
     log.info("no %s next to the images: every image is its own group in the split", " or ".join(source.csvs))
     return groups

@@ -53,6 +53,8 @@ class TrainConfig:
     batch_size: int = 32  # per worker
     lr: float = 1e-3
     layout: str = "auto"
+    # isic-archive: the metadata.csv column of the labels (None: its default); a resume checks its classes and split
+    label_column: str | None = None
     weights: str | None = None  # None (random), "imagenet", or a local weights file for arch
     seed: int = 0
     val_fraction: float = 0.2

@@ -335,7 +335,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
     """The listing, the model (checked here), its settings, what the write mode says of the rows written
     before (refused without a mode: before any Ray work), the keys done before, Ray, and the plan."""
     started = time.time()
-    listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks)
+    listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks, label_column=cfg.label_column)
     classes = tuple(cfg.classes) if cfg.classes else None
     spec = ModelSpec(cfg.checkpoint, cfg.model, classes, cfg.weights, cfg.input_size)
     # Load once here too: a bad checkpoint fails now, with its message, not inside actors.
