@@ -88,7 +88,8 @@ def bf16_forward(device, batch: int):
     import numpy as np
     import torch
 
-    from camjobs.models.networks import load_model, prepare_for_inference
+    from camjobs.models.inference import prepare_for_inference
+    from camjobs.models.networks import load_model
 
     loaded = load_model(arch=ARCH, classes=CLASSES, input_size=SIZE)
     model = prepare_for_inference(loaded.model, device)
@@ -164,7 +165,8 @@ def step_forward(ctx, res: dict) -> None:
     import torch
 
     from camjobs.cam import build_extractor
-    from camjobs.models.networks import load_model, prepare_for_inference
+    from camjobs.models.inference import prepare_for_inference
+    from camjobs.models.networks import load_model
 
     device, batch = ctx.device, ctx.batch
     warmup, seconds = (5, 3.0) if device.type == "cuda" else (1, 2.0)

@@ -5,7 +5,7 @@ Methods: bare (the forward alone), bare-unfolded (the model as loaded, BatchNorm
 cj-cam / cj-gradcam (camjobs' extractors), torchcam (torchcam.methods.CAM), gradcam-lib
 (pytorch_grad_cam.GradCAM, target layer model.layer4[-1], targets = the predicted class). Every
 loop but bare-unfolded gets the model prepared as the job runs it
-(camjobs.models.networks.prepare_for_inference), so that the ratios compare methods, not preparations.
+(camjobs.models.inference.prepare_for_inference), so that the ratios compare methods, not preparations.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def run_paired(args) -> dict:
     pytorch-grad-cam needs them on). Decode is done once per batch and timed once."""
     import copy
 
-    from camjobs.models.networks import prepare_for_inference
+    from camjobs.models.inference import prepare_for_inference
 
     setup = Setup(args, limit=args.paired_images)
     methods = {v: build_method(v, prepare_for_inference(copy.deepcopy(setup.loaded.model)), setup.size) for v in PAIRED}
@@ -175,7 +175,7 @@ def run_paired(args) -> dict:
 
 def run_loop(variant: str, args) -> dict:
     """(a), (c), (d), cj-cam, cj-gradcam: read/decode/resize, then the model, then boxes, batch by batch."""
-    from camjobs.models.networks import prepare_for_inference
+    from camjobs.models.inference import prepare_for_inference
 
     setup_started = time.time()
     setup = Setup(args)

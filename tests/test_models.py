@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from camjobs.cam import locate_head
+from camjobs.models.inference import fold_batchnorm, prepare_for_inference
 from camjobs.models.networks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LoadedModel,
     build_model,
     file_sha256,
-    fold_batchnorm,
     load_model,
-    prepare_for_inference,
     save_checkpoint,
 )
 

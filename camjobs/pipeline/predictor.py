@@ -6,7 +6,7 @@ still empty: the localize stage fills them on CPUs). Rows that failed earlier pa
 as error rows, so every input reaches the sink.
 
 The model runs with its BatchNorms folded into the convolutions before them
-(models.prepare_for_inference: one kernel less per pair). It and its input are channels_last
+(camjobs.models.inference: one kernel less per pair). It and its input are channels_last
 on every device: oneDNN's convolutions are faster in that layout on CPUs (a host batch,
 permuted from NHWC, already is; a batch decoded on the device is made so), and tensor cores
 want it on GPUs.
@@ -29,7 +29,8 @@ import torch
 
 from camjobs.cam import CAMResult, build_extractor
 from camjobs.config import PRECISIONS
-from camjobs.models.networks import LoadedModel, load_model, prepare_for_inference
+from camjobs.models.inference import prepare_for_inference
+from camjobs.models.networks import LoadedModel, load_model
 from camjobs.schema import RESULT_SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
