@@ -515,6 +515,13 @@ def detect_layout(uri: str) -> str:
     return _resolve(_open_root(uri, follow_symlinks=False), "auto")[0]
 
 
+def check_label_column(uri: str, layout: str, label_column: str) -> None:
+    """LayoutError unless the dataset at uri is in a layout that takes --label-column and its CSVs have that
+    column: the CSV headers only, so that a run can refuse before it creates anything."""
+    found, root = _resolve(_open_root(uri, follow_symlinks=False), layout)
+    _labelled_by(root, found, _SPECS.get(found), label_column)
+
+
 def layouts_named_at(uri: str) -> list[str]:
     """The layouts whose names are at uri's top level: only names are looked at, nothing below is walked."""
     return _matching_layouts(_top_names(_open_root(uri, follow_symlinks=False)))

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from camjobs.config import Layout, RunConfig
 from camjobs.errors import UsageError
-from camjobs.layouts import detect_layout
+from camjobs.layouts import check_label_column, detect_layout
 from camjobs.storage import open_filesystem
 
 PICKLE_PROTOCOL_2_PLUS = b"\x80"  # what a pickle (torch.save's format before torch 1.6) starts with
@@ -34,6 +34,8 @@ class PreflightError(UsageError, ValueError):
 def check_run(cfg: RunConfig) -> None:
     """Everything `camjobs run` can check before it creates the output folder or starts Ray."""
     check_data(cfg.data, auto_layout=cfg.layout == Layout.AUTO)
+    if cfg.label_column is not None:
+        check_label_column(cfg.data, str(cfg.layout), cfg.label_column)
     if cfg.checkpoint:
         check_model_file(cfg.checkpoint, "--checkpoint")
     if cfg.weights and cfg.weights.lower() != "imagenet":

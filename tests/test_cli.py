@@ -195,6 +195,7 @@ def test_run_on_an_isic_archive_download_with_a_label_column(ray_cluster, isic20
     flags = ["run", "--data", str(tmp_path / "archive"), "--output", str(tmp_path / "out2"), "--model", "resnet18"]
     unknown = runner.invoke(app, [*flags, "--classes", "a,b", "--label-column", "diagnosis"])
     assert unknown.exit_code == 2 and "--label-column 'diagnosis'" in unknown.output and "diagnosis_3" in unknown.output
+    assert not (tmp_path / "out2").exists()  # refused before the output folder is created
 
 
 def test_bad_checkpoint_is_a_usage_error_exit_2(tmp_path, isic2017_mini):
