@@ -524,7 +524,8 @@ def check_label_column(uri: str, layout: str, label_column: str) -> None:
 
 def layouts_named_at(uri: str) -> list[str]:
     """The layouts whose names are at uri's top level: only names are looked at, nothing below is walked."""
-    return _matching_layouts(_top_names(_open_root(uri, follow_symlinks=False)))
+    root = _open_root(uri, follow_symlinks=False)
+    return _matching_layouts(root, _top_names(root))
 
 
 def group_source(layout: str) -> GroupSource | None:
