@@ -68,6 +68,7 @@ import pyarrow.fs as pafs
 from camjobs.config import LAYOUTS
 from camjobs.dataset_root import DatasetRoot, visible, walk_files
 from camjobs.errors import UsageError
+from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ _SPECS: dict[str, _Spec] = {
 def _open_root(uri: str, follow_symlinks: bool) -> DatasetRoot:
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = open_filesystem(uri)
     path = path.rstrip("/") or "/"
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:

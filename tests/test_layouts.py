@@ -6,7 +6,6 @@ import csv
 import os
 import subprocess
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -192,8 +191,7 @@ def fake_s3(tmp_path, monkeypatch):
         assert uri.startswith("s3://"), uri
         return pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), uri[len("s3://") :]
 
-    fake_pafs = types.SimpleNamespace(**{**vars(pafs), "FileSystem": types.SimpleNamespace(from_uri=from_uri)})
-    monkeypatch.setattr(layouts, "pafs", fake_pafs)
+    monkeypatch.setattr(layouts, "open_filesystem", from_uri)
     return tmp_path
 
 
