@@ -29,6 +29,9 @@ from camjobs.output import OutputDir, drop_staging, remove_unfinished
 
 log = logging.getLogger(__name__)
 
+UNREADABLE = "unknown (unreadable lock file)"  # the holder's run_id when the lock cannot be read
+LOCK_SETTLE_S = 1.0  # object stores: how long a run that wrote the lock waits before reading back who won
+
 
 class OutputLocked(JobError, RuntimeError):
     """Another run is writing to the same output."""
@@ -95,7 +98,11 @@ class Lease:
                 log.warning("could not renew the lock %s: %s", self.out.lock, exc)
 
     def check(self) -> None:
-        """Fail (OutputLocked) if another run took the lock over: publishing now could duplicate its rows."""
+        """Fail (OutputLocked) if another run took the lock over: publishing now could duplicate its rows.
+        Read again here, not only at renewals: a short run may never renew."""
+        holder = read_lock(self.out) or {"run_id": "nobody (the lock file is gone)"}
+        if self.lost_to is None and holder.get("run_id") not in (self.record["run_id"], UNREADABLE):
+            self.lost_to = holder
         if self.lost_to is not None:
             raise OutputLocked(
                 f"run {self.record['run_id']} lost the lock {self.out.lock} to run {self.lost_to.get('run_id')} "
@@ -112,9 +119,10 @@ def output_lock(output: str, run_id: str, lease_s: float = DEFAULT_LOCK_LEASE) -
     (same host) or when it has not been renewed for longer than its lease (any host: hosts' clocks are
     taken to agree to well within a lease, as NTP keeps them). A fresh lock of another host is watched
     until its lease runs out: renewed meanwhile, it is live and this run is refused. On a local disk
-    the lock is created atomically (a hard link); object stores have no exclusive create, so there two
-    runs that start at the same moment can both win, and a scheduler should not start two at once (the
-    Kubernetes CronJob in deploy/ uses concurrencyPolicy: Forbid). A run that ends without publishing
+    the lock is created atomically (a hard link); object stores have no exclusive create, so there the
+    last of the runs that start at the same moment wins (_create_last_writer_wins): best effort, and a
+    scheduler should still not start two at once (the Kubernetes CronJob in deploy/ uses
+    concurrencyPolicy: Forbid). A run that ends without publishing
     (failed, interrupted) has its staging removed here.
     """
     out = OutputDir.open(output)
@@ -229,7 +237,7 @@ def read_lock(out: OutputDir) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"run_id": "unknown (unreadable lock file)"}
+        return {"run_id": UNREADABLE}
 
 
 def _write_lock(out: OutputDir, record: dict) -> None:
@@ -247,10 +255,9 @@ def _write_lock(out: OutputDir, record: dict) -> None:
 
 def _create_exclusive(out: OutputDir, record: dict) -> bool:
     """Create the lock unless it exists (local disk: a hard link of a complete file, atomic and
-    exclusive); False when another run's lock is there."""
+    exclusive; object stores: _create_last_writer_wins); False when another run's lock is there."""
     if not isinstance(out.fs, pafs.LocalFileSystem):
-        _write_lock(out, record)
-        return True
+        return _create_last_writer_wins(out, record)
     temporary = f"{out.lock}.{record['run_id']}.new"
     with open(temporary, "wb") as handle:
         handle.write(json.dumps(record).encode())
@@ -261,3 +268,15 @@ def _create_exclusive(out: OutputDir, record: dict) -> bool:
     finally:
         os.unlink(temporary)
     return True
+
+
+def _create_last_writer_wins(out: OutputDir, record: dict) -> bool:
+    """Object stores have no exclusive create that pyarrow can ask for: write the lock, give every run
+    that found it free at the same moment LOCK_SETTLE_S to write its own, then read back who holds it.
+    The last write wins and every one of them reads the same (S3 reads its writes, strongly consistent),
+    so exactly one goes on. Best effort: a run paused between its look and its write for longer than
+    that can still overwrite the winner's lock; the winner then finds another run there when it renews
+    or before it publishes (Lease.check), and publishes nothing."""
+    _write_lock(out, record)
+    time.sleep(LOCK_SETTLE_S)
+    return (read_lock(out) or {}).get("run_id") == record["run_id"]

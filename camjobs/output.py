@@ -147,7 +147,7 @@ def drop_staging(output: str, run_id: str) -> None:
 
 def publish_run(output: str, run_id: str, summary: dict) -> str:
     """Move a run's staged files into place and commit its summary (the module's protocol); then delete
-    the rows of the runs it supersedes (summary["supersedes"]). Returns the summary path."""
+    the rows of the runs it supersedes (summary["supersedes"]). Returns the summary's path, or its URI."""
     out = OutputDir.open(output)
     staged = out.staging(run_id)
     out.fs.create_dir(out.runs, recursive=True)
@@ -165,7 +165,8 @@ def publish_run(output: str, run_id: str, summary: dict) -> str:
     out.fs.delete_dir(staged)
     _remove_empty_staging(out)
     _delete_rows(out, summary.get("supersedes", ()), "superseded by run " + run_id)
-    return summary_path if "://" in output else os.path.abspath(summary_path)
+    # A URI keeps its scheme (s3://...), as the output was given; a local path is made absolute.
+    return f"{output.rstrip('/')}/{RUNS}/{run_id}.json" if "://" in output else os.path.abspath(summary_path)
 
 
 def _write_summary(out: OutputDir, run_id: str, summary: dict) -> str:

@@ -1,0 +1,321 @@
+"""The whole cycle on an object store: list, read, write, publish, incremental, overwrite, export,
+evaluate, verify and the lock, against an S3-compatible server (moto's) started on 127.0.0.1, through
+pyarrow's own S3 client, with the credentials and the endpoint in the environment, as a user gives them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+from layout_fixtures import ISIC2017_CLASSES, FixtureInfo, make_folder, make_isic2017
+from s3_server import ACCESS_KEY, S3Server, start_server
+
+from camjobs import lock, storage
+from camjobs.config import RunConfig, redact_uri
+from camjobs.lock import OutputLocked, output_lock, read_lock
+from camjobs.schema import CAMS_SCHEMA
+
+pytest.importorskip("moto.server", reason="the S3 tests need moto's server (the dev extra)")
+pytestmark = pytest.mark.slow
+
+BUCKET = "camjobs-test"
+DATA, OUT = f"s3://{BUCKET}/data", f"s3://{BUCKET}/out"
+SECRET = "camjobs-s3-secret-" + uuid.uuid4().hex  # a string that can only come from the environment
+
+
+@dataclass
+class S3:
+    server: S3Server
+    fs: pafs.S3FileSystem  # configured by hand: reads back what camjobs wrote, independently of it
+    data: FixtureInfo
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object below bucket/prefix, as paths relative to it."""
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+        start = len(f"{BUCKET}/{prefix}/")
+        return sorted(info.path[start:] for info in infos if info.type == pafs.FileType.File)
+
+    def read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def cams(self, prefix: str = "out") -> list[dict]:
+        """The rows of every Parquet file under prefix/cams, read with pyarrow.dataset."""
+        dataset = pads.dataset(f"{BUCKET}/{prefix}/cams", filesystem=self.fs, format="parquet", schema=CAMS_SCHEMA)
+        return dataset.to_table(columns=["image_id", "source_path", "content_sha256", "run_id", "boxes"]).to_pylist()
+
+    def summary(self, run_id: str, prefix: str = "out") -> dict:
+        return json.loads(self.read(f"{BUCKET}/{prefix}/runs/{run_id}.json"))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The server, the environment a user sets for it, a bucket, and an ISIC 2017 dataset uploaded to DATA."""
+    folder = tmp_path_factory.mktemp("s3")
+    server = start_server(folder / "moto.log")
+    environment = {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                patch.delenv(name, raising=False)
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            storage._bucket_filesystem.cache_clear()  # filesystems of another endpoint
+            fs = server.filesystem(SECRET)
+            fs.create_dir(BUCKET)
+            info = make_isic2017(folder / "data", n=6)
+            pafs.copy_files(str(info.root), f"{BUCKET}/data", pafs.LocalFileSystem(), fs)
+            yield S3(server, fs, info)
+            storage._bucket_filesystem.cache_clear()
+    finally:
+        server.stop()
+
+
+def _config(**overrides) -> RunConfig:
+    values = dict(
+        data=DATA,
+        output=OUT,
+        layout="isic2017",
+        model="resnet18",
+        classes=list(ISIC2017_CLASSES),
+        input_size=64,
+        incremental=True,
+    )
+    return RunConfig(**{**values, **overrides})
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    output: str  # stdout and stderr
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def first_run(s3) -> CliRun:
+    """`camjobs run` as a user starts it: a process of its own, its own local Ray cluster, which
+    inherits the environment."""
+    command = [sys.executable, "-m", "camjobs", "run", "--data", DATA, "--output", OUT, "--layout", "isic2017"]
+    command += ["--model", "resnet18", "--classes", ",".join(ISIC2017_CLASSES), "--input-size", "64", "--incremental"]
+    environment = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a cluster of its own
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    runs = [key[: -len(".json")] for key in s3.keys("out/runs")]
+    assert done.returncode == 0 and len(runs) == 1, done.stdout + done.stderr
+    return CliRun(done.returncode, done.stdout + done.stderr, runs[0])
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3, first_run):
+    """The tests' Ray cluster, its workers with the S3 environment (a cluster started before it lacks it)."""
+    import ray
+
+    @ray.remote
+    def endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.is_initialized() and ray.get(endpoint.remote()) != s3.server.endpoint:
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture(scope="module")
+def incremental_rerun(s3, s3_ray, first_run):
+    from camjobs.pipeline.job import run_job
+
+    before = len(s3.server.gets(f"{BUCKET}/data/"))
+    result = run_job(_config())
+    return result, s3.server.gets(f"{BUCKET}/data/")[before:]
+
+
+@pytest.fixture(scope="module")
+def overwrite_run(s3, s3_ray, incremental_rerun):
+    from camjobs.pipeline.job import run_job
+
+    return run_job(_config(incremental=False, overwrite=True))
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from camjobs.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+# --------------------------------------------------------------------------- the cycle
+def test_a_run_reads_and_writes_s3_and_publishes_without_staging(s3, first_run):
+    rows = s3.cams()
+    expected = {image_id: path.read_bytes() for image_id, path in s3.data.paths.items()}
+    assert sorted(row["image_id"] for row in rows) == sorted(expected)
+    for row in rows:
+        image = s3.data.paths[row["image_id"]]
+        assert row["source_path"] == f"{DATA}/{image.parent.name}/{image.name}"
+        assert row["content_sha256"] == hashlib.sha256(expected[row["image_id"]]).hexdigest()
+        assert row["run_id"] == first_run.run_id
+    summary = s3.summary(first_run.run_id)
+    assert summary["status"] == "completed"
+    assert summary["counts"] == {"inputs": 6, "processed": 6, "skipped": 0, "errors": 0}
+    assert summary["config"]["data"] == DATA and summary["config"]["output"] == OUT
+    # Published file by file: no staging, no lock, every part in its run's folder, the summary beside them.
+    keys = s3.keys("out")
+    assert not [key for key in keys if key.startswith(("_staging", "_lock"))], keys
+    assert {key.split("/")[0] for key in keys} == {"cams", "errors", "runs"}
+    assert all(key.startswith((f"cams/{first_run.run_id}/", f"errors/{first_run.run_id}/", "runs/")) for key in keys)
+    assert f"summary: {OUT}/runs/{first_run.run_id}.json" in first_run.output
+    verified = _cli("verify", "--output", OUT)
+    assert verified.exit_code == 0, verified.output
+    assert "1 runs, 6 cams rows, 0 error rows, 0 problems" in verified.output
+
+
+def test_an_incremental_rerun_on_s3_skips_every_image(s3, incremental_rerun, first_run):
+    result, reads = incremental_rerun
+    assert result.exit_code == 0
+    assert result.summary["counts"] == {"inputs": 6, "processed": 0, "skipped": 6, "errors": 0}
+    assert sorted(row["image_id"] for row in s3.cams()) == sorted(s3.data.paths)  # no second row
+    assert {row["run_id"] for row in s3.cams()} == {first_run.run_id}
+    assert s3.summary(result.run_id)["status"] == "completed"
+    # The images were read (hashed) at most once each: the server's own log says what was read.
+    assert len([key for key in reads if key.endswith(".jpg")]) <= 6
+
+
+def test_overwrite_on_s3_replaces_the_rows(s3, overwrite_run, first_run, incremental_rerun):
+    assert overwrite_run.exit_code == 0
+    assert overwrite_run.summary["supersedes"] == sorted([first_run.run_id, incremental_rerun[0].run_id])
+    rows = s3.cams()
+    assert sorted(row["image_id"] for row in rows) == sorted(s3.data.paths)
+    assert {row["run_id"] for row in rows} == {overwrite_run.run_id}
+    # The superseded runs' folders are gone, their summaries kept; nothing staged is left.
+    folders = {key.split("/")[1] for key in s3.keys("out") if key.startswith(("cams/", "errors/"))}
+    assert folders == {overwrite_run.run_id}
+    assert not [key for key in s3.keys("out") if key.startswith(("_staging", "_lock"))]
+    assert overwrite_run.summary_path == f"{OUT}/runs/{overwrite_run.run_id}.json"
+    verified = _cli("verify", "--output", OUT)
+    assert verified.exit_code == 0, verified.output
+
+
+def test_export_and_evaluate_read_from_s3_and_write_there(s3, overwrite_run):
+    exported = _cli("export", "--output", OUT, "--format", "coco", "--to", f"s3://{BUCKET}/exports/coco.json")
+    assert exported.exit_code == 0, exported.output
+    coco = json.loads(s3.read(f"{BUCKET}/exports/coco.json"))
+    ids = {image["id"]: image["camjobs_image_id"] for image in coco["images"]}
+    assert sorted(ids.values()) == sorted(s3.data.paths)
+    exported_boxes = sorted((ids[a["image_id"]], *map(float, a["bbox"])) for a in coco["annotations"])
+    rows_boxes = sorted(
+        (row["image_id"], *map(float, (b["x_min"], b["y_min"], b["x_max"] - b["x_min"], b["y_max"] - b["y_min"])))
+        for row in s3.cams()
+        for b in row["boxes"]
+    )
+    assert exported_boxes == rows_boxes and rows_boxes
+
+    report = f"s3://{BUCKET}/eval"
+    evaluated = _cli("evaluate", "--output", OUT, "--data", DATA, "--report", report)
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(s3.read(f"{BUCKET}/eval/metrics.json"))
+    assert metrics["counts"]["images"] == len(s3.data.masks) == 6
+
+
+def test_files_with_spaces_and_non_ascii_names_are_read_from_s3(s3, s3_ray, tmp_path):
+    from camjobs.pipeline.job import run_job
+
+    info = make_folder(tmp_path / "plain")
+    pafs.copy_files(str(info.root), f"{BUCKET}/plain", pafs.LocalFileSystem(), s3.fs)
+    output = f"s3://{BUCKET}/plain-out"
+    result = run_job(_config(data=f"s3://{BUCKET}/plain", output=output, layout="folder", incremental=False))
+    assert result.summary["counts"]["errors"] == 0, result.summary["error_types"]
+    assert sorted(row["image_id"] for row in s3.cams("plain-out")) == info.image_ids
+    assert "sub dir/Ünïcode name" in info.image_ids
+
+
+# --------------------------------------------------------------------------- credentials
+def test_credentials_never_reach_logs_summaries_or_rows(s3, first_run, overwrite_run, caplog):
+    assert SECRET not in first_run.output and ACCESS_KEY not in first_run.output
+    for key in s3.keys("out"):
+        assert SECRET.encode() not in s3.read(f"{BUCKET}/out/{key}"), key
+    # A URI with the credentials inline, which pyarrow accepts, is redacted wherever camjobs shows it.
+    inline = f"s3://{ACCESS_KEY}:{SECRET}@{BUCKET}/out"
+    shown = json.dumps(_config(output=inline, data=inline.replace("/out", "/data")).redacted())
+    assert SECRET not in shown and ACCESS_KEY not in shown and f"***@{BUCKET}/out" in shown
+    assert redact_uri(f"{inline}?secret_key={SECRET}") == f"s3://***@{BUCKET}/out?secret_key=***"
+    with caplog.at_level(logging.DEBUG):
+        verified = _cli("verify", "--output", inline)
+    assert verified.exit_code == 0, verified.output
+    assert SECRET not in verified.output + caplog.text
+
+
+# --------------------------------------------------------------------------- the lock
+def test_a_second_run_on_a_locked_s3_output_is_refused(s3, s3_ray):
+    from camjobs.pipeline.job import run_job
+
+    output = f"s3://{BUCKET}/locked"
+    with output_lock(output, "run-holding-the-lock"), pytest.raises(OutputLocked, match="run-holding-the-lock"):
+        run_job(_config(output=output))
+    assert s3.keys("locked") == []  # refused before it wrote anything; the holder released its lock
+
+
+def test_a_stale_lock_on_s3_is_taken_over(s3, caplog):
+    output = f"s3://{BUCKET}/stale"
+    long_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    dead = {"run_id": "dead-run", "host": "another-host", "pid": 1, "lease_s": 60.0, "renewed_at": long_ago}
+    with s3.fs.open_output_stream(f"{BUCKET}/stale/_lock.json") as stream:
+        stream.write(json.dumps(dead).encode())
+    with caplog.at_level(logging.WARNING, logger="camjobs.lock"), output_lock(output, "taker") as lease:
+        assert json.loads(s3.read(f"{BUCKET}/stale/_lock.json"))["run_id"] == "taker"
+        lease.check()
+    assert "taking over the lock of run dead-run (host another-host" in caplog.text
+    assert s3.keys("stale") == []  # released
+
+
+def test_of_two_runs_that_find_an_s3_lock_free_at_once_exactly_one_holds_it(s3, monkeypatch):
+    """Both look before either writes (the barrier makes sure of it): an object store has no exclusive
+    create, so only reading back after both wrote can tell them apart."""
+    output, barrier, outcomes = f"s3://{BUCKET}/race", threading.Barrier(2), {}
+    looked, real_read = threading.local(), read_lock
+
+    def look_then_wait(out):
+        holder = real_read(out)
+        if holder is None and not getattr(looked, "done", False):
+            looked.done = True
+            barrier.wait(timeout=30)
+        return holder
+
+    monkeypatch.setattr(lock, "read_lock", look_then_wait)
+
+    def run(name: str) -> None:
+        try:
+            with output_lock(output, name) as lease:
+                outcomes[name] = "held"
+                lease.check()
+                for _ in range(300):  # hold it until the other run has decided
+                    if len(outcomes) == 2:
+                        break
+                    threading.Event().wait(0.1)
+        except OutputLocked:
+            outcomes[name] = "refused"
+
+    threads = [threading.Thread(target=run, args=(f"racer-{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes.values()) == ["held", "refused"], outcomes
+    assert s3.keys("race") == []
