@@ -302,9 +302,8 @@ def test_of_two_runs_that_find_an_s3_lock_free_at_once_exactly_one_holds_it(s3, 
 
     def run(name: str) -> None:
         try:
-            with output_lock(output, name) as lease:
+            with output_lock(output, name):
                 outcomes[name] = "held"
-                lease.check()
                 for _ in range(300):  # hold it until the other run has decided
                     if len(outcomes) == 2:
                         break
@@ -319,3 +318,17 @@ def test_of_two_runs_that_find_an_s3_lock_free_at_once_exactly_one_holds_it(s3, 
         thread.join(timeout=60)
     assert sorted(outcomes.values()) == ["held", "refused"], outcomes
     assert s3.keys("race") == []
+
+
+def test_a_run_whose_s3_lock_was_overwritten_publishes_nothing(s3):
+    """A run paused past the settling time can still overwrite the winner's lock: the winner then finds
+    it before it publishes, even when it never renewed."""
+    output = f"s3://{BUCKET}/overwritten"
+    with output_lock(output, "winner") as lease:
+        lease.check()  # still the holder
+        late = {"run_id": "late-run", "host": "another-host", "pid": 1, "lease_s": 600.0}
+        with s3.fs.open_output_stream(f"{BUCKET}/overwritten/_lock.json") as stream:
+            stream.write(json.dumps(late).encode())
+        with pytest.raises(OutputLocked, match="lost the lock .* to run late-run"):
+            lease.check()
+    assert json.loads(s3.read(f"{BUCKET}/overwritten/_lock.json"))["run_id"] == "late-run"  # not the winner's to drop
