@@ -152,3 +152,32 @@ def _rename_duplicates(table: pa.Table, ids: pa.Array, duplicate: pa.BooleanArra
         column = pc.replace_with_mask(table[name].combine_chunks(), duplicate, pa.array(values, pa.string()))
         table = table.set_column(table.schema.get_field_index(name), name, column)
     return table
+
+
+def match_done(listing: pa.Table, done: pa.Table, *, rehash: bool = False) -> tuple[pa.Table, int]:
+    """The listing against what an incremental run did before (camjobs.output.done_rows), on columns.
+
+    Returns the pending rows, in listing order, and how many were skipped unopened: a row without a listing
+    error whose image_id, file_size and file_mtime_ns equal a done row's (and file_etag, where both have
+    one). Pending rows whose image has done rows carry their content hashes in done_sha256, for the
+    decode stage to compare. rehash: no row is skipped unopened; every image with done rows is hashed."""
+    rows = listing.append_column("_row", pa.array(range(listing.num_rows), pa.int64()))
+    if done.num_rows == 0:
+        return listing, 0
+    if not rehash:
+        keys = ["image_id", "file_size", "file_mtime_ns"]
+        candidates = rows.filter(pc.is_null(rows["error_type"])).select(["_row", *keys, "file_etag"])
+        matched = candidates.join(
+            done.select([*keys, "file_etag"]).rename_columns([*keys, "done_etag"]), keys=keys, join_type="inner"
+        )
+        etag, done_etag = matched["file_etag"], matched["done_etag"]
+        differs = pc.and_(pc.and_(pc.is_valid(etag), pc.is_valid(done_etag)), pc.not_equal(etag, done_etag))
+        unopened = pc.unique(matched.filter(pc.invert(differs.fill_null(False)))["_row"])
+        rows = rows.filter(pc.invert(pc.is_in(rows["_row"], value_set=unopened)))
+    hashes = done.group_by("image_id").aggregate([("content_sha256", "distinct")])
+    hashes = hashes.append_column("_done", pa.array(range(hashes.num_rows), pa.int64()))
+    joined = rows.select(["_row", "image_id"]).join(hashes.select(["image_id", "_done"]), keys="image_id")
+    joined = joined.take(pc.sort_indices(joined, sort_keys=[("_row", "ascending")]))
+    done_sha256 = hashes["content_sha256_distinct"].take(joined["_done"])
+    pending = rows.drop_columns(["_row", "done_sha256"]).append_column("done_sha256", done_sha256)
+    return pending.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA), listing.num_rows - rows.num_rows

@@ -132,6 +132,12 @@ RESULT_SCHEMA = pa.schema(
     + [pa.field("refine_pixels", pa.binary()), pa.field("refine_error", pa.string())]
 )
 
+# Ray Data's numpy batches turn an int64 column with nulls into floats, where an mtime in nanoseconds
+# loses digits: inside the pipeline the fingerprint's integer columns carry this value for "none"
+# (camjobs.pipeline.job fills it in, camjobs.pipeline.sink turns it back into nulls).
+NO_INT = -(2**63)
+FINGERPRINT_INTS = ("file_size", "file_mtime_ns")
+
 # What an incremental run compares: a row with the same values in these columns, for the
 # same image_id and content_sha256, makes processing that image again pointless.
 SETTINGS_COLUMNS = ("model_sha256", "method", "threshold", "target_mode", "input_size", "refine")
