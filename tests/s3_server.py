@@ -7,11 +7,14 @@ server's request log says which objects were read (GET), an oracle independent o
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +43,20 @@ class S3Server:
 
     def gets(self, prefix: str) -> list[str]:
         """Keys below `prefix` (bucket/key...) that were read with a GET so far, one entry per request."""
+        self._logged_so_far()
         pattern = re.compile(r'"GET /([^ ?]*)[^"]*" 2\d\d')
-        found = (urllib.parse.unquote(m.group(1)) for m in pattern.finditer(self.log.read_text(errors="replace")))
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(errors="replace"))  # the log's colours
+        found = (urllib.parse.unquote(m.group(1)) for m in pattern.finditer(text))
         return [key for key in found if key.startswith(prefix)]
+
+    def _logged_so_far(self, timeout_s: float = 10.0) -> None:
+        """Wait until the log holds every request answered so far: a request of our own, once it shows."""
+        marker = f"log-marker-{uuid.uuid4().hex}"
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"{self.endpoint}/{marker}", timeout=timeout_s).close()
+        deadline = time.monotonic() + timeout_s
+        while marker not in self.log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -18,12 +18,13 @@ from datetime import datetime, timedelta, timezone
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
-from layout_fixtures import ISIC2017_CLASSES, FixtureInfo, make_folder, make_isic2017
+from layout_fixtures import ISIC2017_CLASSES, FixtureInfo, make_folder, make_isic2017, write_image
 from s3_server import ACCESS_KEY, S3Server, start_server
 
 from camjobs import lock, storage
 from camjobs.config import RunConfig, redact_uri
 from camjobs.lock import OutputLocked, output_lock, read_lock
+from camjobs.pipeline.job import RunResult, run_job
 from camjobs.schema import CAMS_SCHEMA
 
 pytest.importorskip("moto.server", reason="the S3 tests need moto's server (the dev extra)")
@@ -138,20 +139,48 @@ def s3_ray(s3, first_run):
     return ray
 
 
-@pytest.fixture(scope="module")
-def incremental_rerun(s3, s3_ray, first_run):
-    from camjobs.pipeline.job import run_job
+@dataclass
+class Watched:
+    result: RunResult
+    reads: list[str]  # the images the server sent during the run (one entry per GET), keys below DATA
 
+
+def _watched(s3: S3, cfg: RunConfig) -> Watched:
     before = len(s3.server.gets(f"{BUCKET}/data/"))
-    result = run_job(_config())
-    return result, s3.server.gets(f"{BUCKET}/data/")[before:]
+    result = run_job(cfg)
+    reads = s3.server.gets(f"{BUCKET}/data/")[before:]
+    return Watched(result, sorted(key[len(f"{BUCKET}/data/") :] for key in reads if key.endswith(".jpg")))
+
+
+def _key(s3: S3, image_id: str) -> str:
+    """An image's key below DATA."""
+    path = s3.data.paths[image_id]
+    return f"{path.parent.name}/{path.name}"
 
 
 @pytest.fixture(scope="module")
-def overwrite_run(s3, s3_ray, incremental_rerun):
-    from camjobs.pipeline.job import run_job
+def incremental_reruns(s3, s3_ray, first_run, tmp_path_factory) -> list[Watched]:
+    """Three --incremental runs: nothing new; then one image touched (its bytes written again) and
+    one changed; then nothing new again."""
+    unchanged = _watched(s3, _config())
+    touched, changed = sorted(s3.data.paths)[:2]
+    with s3.fs.open_output_stream(f"{BUCKET}/data/{_key(s3, touched)}") as stream:
+        stream.write(s3.data.paths[touched].read_bytes())
+    other = write_image(tmp_path_factory.mktemp("changed") / "changed.jpg", seed=99)
+    with s3.fs.open_output_stream(f"{BUCKET}/data/{_key(s3, changed)}") as stream:
+        stream.write(other.read_bytes())
+    return [unchanged, _watched(s3, _config()), _watched(s3, _config())]
 
+
+@pytest.fixture(scope="module")
+def overwrite_run(s3, s3_ray, incremental_reruns):
     return run_job(_config(incremental=False, overwrite=True))
+
+
+def _counts(summary: dict) -> tuple[int, ...]:
+    counts = summary["counts"]
+    names = ("inputs", "processed", "skipped", "skipped_fingerprint", "skipped_hash", "errors")
+    return tuple(counts[name] for name in names)
 
 
 def _cli(*args: str):
@@ -174,7 +203,7 @@ def test_a_run_reads_and_writes_s3_and_publishes_without_staging(s3, first_run):
         assert row["run_id"] == first_run.run_id
     summary = s3.summary(first_run.run_id)
     assert summary["status"] == "completed"
-    assert summary["counts"] == {"inputs": 6, "processed": 6, "skipped": 0, "errors": 0}
+    assert _counts(summary) == (6, 6, 0, 0, 0, 0)
     assert summary["config"]["data"] == DATA and summary["config"]["output"] == OUT
     # Published file by file: no staging, no lock, every part in its run's folder, the summary beside them.
     keys = s3.keys("out")
@@ -187,25 +216,43 @@ def test_a_run_reads_and_writes_s3_and_publishes_without_staging(s3, first_run):
     assert "1 runs, 6 cams rows, 0 error rows, 0 problems" in verified.output
 
 
-def test_an_incremental_rerun_on_s3_skips_every_image(s3, incremental_rerun, first_run):
-    result, reads = incremental_rerun
-    assert result.exit_code == 0
-    assert result.summary["counts"] == {"inputs": 6, "processed": 0, "skipped": 6, "errors": 0}
-    assert sorted(row["image_id"] for row in s3.cams()) == sorted(s3.data.paths)  # no second row
-    assert {row["run_id"] for row in s3.cams()} == {first_run.run_id}
-    assert s3.summary(result.run_id)["status"] == "completed"
-    # The images were read (hashed) at most once each: the server's own log says what was read.
-    assert len([key for key in reads if key.endswith(".jpg")]) <= 6
+def test_incremental_runs_on_s3_skip_unchanged_images_without_reading_them(s3, incremental_reruns, first_run):
+    unchanged, after_change, settled = incremental_reruns
+    touched, changed = sorted(s3.data.paths)[:2]
+    # inputs, processed, skipped, of them skipped by fingerprint and by hash, errors
+    assert _counts(unchanged.result.summary) == (6, 0, 6, 6, 0, 0)
+    assert unchanged.reads == []  # the server's own log: not one image was read
+    # Every image has the first run's row; only the changed one has a second, of the run that saw it change.
+    runs = sorted((row["image_id"], row["run_id"]) for row in s3.cams())
+    expected = [(image_id, first_run.run_id) for image_id in s3.data.paths]
+    assert runs == sorted([*expected, (changed, after_change.result.run_id)])
+
+    # A touched file is read once, hashed and skipped; a changed one is read and processed.
+    assert _counts(after_change.result.summary) == (6, 1, 5, 4, 1, 0)
+    assert after_change.reads == sorted([_key(s3, touched), _key(s3, changed)])
+    rows = [row for row in s3.cams() if row["image_id"] == changed]
+    assert sorted(row["content_sha256"] for row in rows) == sorted(
+        hashlib.sha256(data).hexdigest()
+        for data in (s3.data.paths[changed].read_bytes(), s3.read(f"{BUCKET}/data/{_key(s3, changed)}"))
+    )
+    # Both are known by their new fingerprints now: nothing is read again.
+    assert _counts(settled.result.summary) == (6, 0, 6, 6, 0, 0)
+    assert settled.reads == []
+    for watched in incremental_reruns:
+        assert watched.result.exit_code == 0 and s3.summary(watched.result.run_id)["status"] == "completed"
+    verified = _cli("verify", "--output", OUT)
+    assert verified.exit_code == 0, verified.output
 
 
-def test_overwrite_on_s3_replaces_the_rows(s3, overwrite_run, first_run, incremental_rerun):
+def test_overwrite_on_s3_replaces_the_rows(s3, overwrite_run, first_run, incremental_reruns):
     assert overwrite_run.exit_code == 0
-    assert overwrite_run.summary["supersedes"] == sorted([first_run.run_id, incremental_rerun[0].run_id])
+    before = [first_run.run_id, *(watched.result.run_id for watched in incremental_reruns)]
+    assert overwrite_run.summary["supersedes"] == sorted(before)
     rows = s3.cams()
     assert sorted(row["image_id"] for row in rows) == sorted(s3.data.paths)
     assert {row["run_id"] for row in rows} == {overwrite_run.run_id}
     # The superseded runs' folders are gone, their summaries kept; nothing staged is left.
-    folders = {key.split("/")[1] for key in s3.keys("out") if key.startswith(("cams/", "errors/"))}
+    folders = {key.split("/")[1] for key in s3.keys("out") if key.startswith(("cams/", "errors/", "fingerprints/"))}
     assert folders == {overwrite_run.run_id}
     assert not [key for key in s3.keys("out") if key.startswith(("_staging", "_lock"))]
     assert overwrite_run.summary_path == f"{OUT}/runs/{overwrite_run.run_id}.json"
@@ -235,8 +282,6 @@ def test_export_and_evaluate_read_from_s3_and_write_there(s3, overwrite_run):
 
 
 def test_files_with_spaces_and_non_ascii_names_are_read_from_s3(s3, s3_ray, tmp_path):
-    from camjobs.pipeline.job import run_job
-
     info = make_folder(tmp_path / "plain")
     pafs.copy_files(str(info.root), f"{BUCKET}/plain", pafs.LocalFileSystem(), s3.fs)
     output = f"s3://{BUCKET}/plain-out"
@@ -264,8 +309,6 @@ def test_credentials_never_reach_logs_summaries_or_rows(s3, first_run, overwrite
 
 # --------------------------------------------------------------------------- the lock
 def test_a_second_run_on_a_locked_s3_output_is_refused(s3, s3_ray):
-    from camjobs.pipeline.job import run_job
-
     output = f"s3://{BUCKET}/locked"
     with output_lock(output, "run-holding-the-lock"), pytest.raises(OutputLocked, match="run-holding-the-lock"):
         run_job(_config(output=output))
