@@ -291,6 +291,27 @@ def test_files_with_spaces_and_non_ascii_names_are_read_from_s3(s3, s3_ray, tmp_
     assert "sub dir/Ünïcode name" in info.image_ids
 
 
+def test_the_s3_endpoint_variable_wins_and_a_uri_may_name_its_own(s3, monkeypatch):
+    """AWS_ENDPOINT_URL_S3 before AWS_ENDPOINT_URL, as in the AWS SDKs; an endpoint_override in the
+    URI before both."""
+    nowhere = "http://127.0.0.1:9"  # the discard port: nothing answers there
+    reach = s3.server.endpoint.split("://", 1)[1]
+    cases = [
+        ({"AWS_ENDPOINT_URL": nowhere, "AWS_ENDPOINT_URL_S3": s3.server.endpoint}, f"s3://{BUCKET}/data"),
+        ({"AWS_ENDPOINT_URL": nowhere}, f"s3://{BUCKET}/data?endpoint_override={reach}&scheme=http"),
+    ]
+    for environment, uri in cases:
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        storage._bucket_filesystem.cache_clear()
+        fs, path = storage.open_filesystem(uri)
+        assert path == f"{BUCKET}/data"
+        image = "ISIC_0000002"  # never changed here
+        assert fs.get_file_info(f"{path}/{_key(s3, image)}").size == s3.data.paths[image].stat().st_size
+    monkeypatch.undo()
+    storage._bucket_filesystem.cache_clear()
+
+
 # --------------------------------------------------------------------------- credentials
 def test_credentials_never_reach_logs_summaries_or_rows(s3, first_run, overwrite_run, caplog):
     assert SECRET not in first_run.output and ACCESS_KEY not in first_run.output
@@ -315,15 +336,23 @@ def test_a_second_run_on_a_locked_s3_output_is_refused(s3, s3_ray):
     assert s3.keys("locked") == []  # refused before it wrote anything; the holder released its lock
 
 
-def test_a_stale_lock_on_s3_is_taken_over(s3, caplog):
+def test_a_stale_lock_on_s3_is_taken_over_and_what_its_run_left_removed(s3, caplog):
     output = f"s3://{BUCKET}/stale"
     long_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
     dead = {"run_id": "dead-run", "host": "another-host", "pid": 1, "lease_s": 60.0, "renewed_at": long_ago}
-    with s3.fs.open_output_stream(f"{BUCKET}/stale/_lock.json") as stream:
-        stream.write(json.dumps(dead).encode())
+    left = {  # a run that died while it published: its lock, staged rows, rows moved in, its summary
+        "_lock.json": json.dumps(dead),
+        "_staging/dead-run/errors/part-0.parquet": "half written",
+        "cams/dead-run/part-0.parquet": "moved in",
+        "runs/dead-run.json": json.dumps({"run_id": "dead-run", "status": "publishing"}),
+    }
+    for key, text in left.items():
+        with s3.fs.open_output_stream(f"{BUCKET}/stale/{key}") as stream:
+            stream.write(text.encode())
     with caplog.at_level(logging.WARNING, logger="camjobs.lock"), output_lock(output, "taker") as lease:
         assert json.loads(s3.read(f"{BUCKET}/stale/_lock.json"))["run_id"] == "taker"
         lease.check()
+        assert s3.keys("stale") == ["_lock.json"]  # the rest was removed under the new lock
     assert "taking over the lock of run dead-run (host another-host" in caplog.text
     assert s3.keys("stale") == []  # released
 
