@@ -117,6 +117,10 @@ DecodeOnOption = Annotated[
         f"machines (default: {_default('decode_on')}).",
     ),
 ]
+RehashOption = Annotated[
+    bool | None,
+    typer.Option("--rehash", help="With --incremental: hash every image that has a row, even if size and mtime match."),
+]
 OverwriteOption = Annotated[
     bool | None,
     typer.Option(
@@ -211,11 +215,7 @@ def run(
     incremental: bool | None = typer.Option(
         None, "--incremental", help="Skip images that already have a row for this model and these settings."
     ),
-    rehash: bool | None = typer.Option(
-        None,
-        "--rehash",
-        help="With --incremental: read and hash every image that has a row, even where its size and mtime match.",
-    ),
+    rehash: RehashOption = None,
     overwrite: OverwriteOption = None,
     append: AppendOption = None,
     refine: RefineOption = None,

@@ -132,7 +132,7 @@ def _rename_duplicates(table: pa.Table, ids: pa.Array, duplicate: pa.BooleanArra
     rows = pc.indices_nonzero(duplicate).to_pylist()
     taken = set(pc.filter(ids, pc.match_substring(ids, "#")).to_pylist())
     dup_ids = ids.take(rows).to_pylist()
-    errors = table["error_type"].take(rows).to_pylist()
+    error_type = table["error_type"].take(rows).to_pylist()
     messages = table["error_message"].take(rows).to_pylist()
     firsts, count, previous = [], 1, None
     for i, (row, image_id) in enumerate(zip(rows, dup_ids)):
@@ -143,12 +143,12 @@ def _rename_duplicates(table: pa.Table, ids: pa.Array, duplicate: pa.BooleanArra
         while f"{image_id}#{count}" in taken:
             count += 1
         taken.add(f"{image_id}#{count}")
-        errors[i] = errors[i] or "duplicate_id"
+        error_type[i] = error_type[i] or "duplicate_id"
         dup_ids[i] = f"{image_id}#{count}"
     first_paths = table["source_path"].take(firsts).to_pylist()
     old_ids = ids.take(rows).to_pylist()
     messages = [m or f"image_id {old!r} already used by {p}" for m, old, p in zip(messages, old_ids, first_paths)]
-    for name, values in (("image_id", dup_ids), ("error_type", errors), ("error_message", messages)):
+    for name, values in (("image_id", dup_ids), ("error_type", error_type), ("error_message", messages)):
         column = pc.replace_with_mask(table[name].combine_chunks(), duplicate, pa.array(values, pa.string()))
         table = table.set_column(table.schema.get_field_index(name), name, column)
     return table

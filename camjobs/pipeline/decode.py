@@ -42,9 +42,8 @@ def decode_batch(
 
     Rows already marked bad at listing time pass through; a row that fails here gets
     its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
-    An incremental run fills in `done_sha256` on the rows whose image has done rows (but another
-    fingerprint, or --rehash): a file whose hash is one of them is not decoded, and marked skipped.
-    The file's fingerprint (file_size, file_mtime_ns, file_etag) goes on with every row.
+    An incremental run fills in `done_sha256` where an image has done rows (listing.match_done): a file
+    whose hash is one of them is marked skipped, not decoded. The file's fingerprint goes on with each row.
     With decode_on="gpu" nothing is decoded here: the header is checked, and the file's
     bytes and EXIF orientation go on in `encoded` and `orientation` instead of `pixels`
     (the model actor decodes them, camjobs.pipeline.gpu_decode).
