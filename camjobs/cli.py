@@ -229,11 +229,8 @@ def run(
 
     SIGINT (Ctrl-C) or SIGTERM stops it cleanly: nothing is published, and it exits 130 or 143."""
     _setup_logging(verbose)
-    flags = dict(locals())
-    for name in ("config", "verbose"):
-        flags.pop(name)
+    flags = {name: value for name, value in locals().items() if name not in ("config", "verbose")}
     cfg = load_run_config(config, flags)
-
     with stop_on_signals():
         from camjobs.pipeline.job import run_job
 
