@@ -30,6 +30,14 @@ def _string_columns(batch: dict[str, np.ndarray], error_type: list, error_messag
     return {name: pa.array(values, pa.string()) for name, values in strings.items()}
 
 
+def _fingerprint_columns(batch: dict[str, np.ndarray], count: int) -> dict[str, pa.Array]:
+    """The listed file's fingerprint, passed on; none where the rows come from elsewhere than a listing."""
+    return {
+        f.name: pa.array(batch[f.name], f.type) if f.name in batch else pa.nulls(count, f.type)
+        for f in FINGERPRINT_FIELDS
+    }
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -100,8 +108,7 @@ def decode_batch(
     columns["width"] = pa.array(width, pa.int32())
     columns["height"] = pa.array(height, pa.int32())
     columns["skipped"] = pa.array(skipped, pa.bool_())
-    for field in FINGERPRINT_FIELDS:
-        columns[field.name] = pa.array(batch[field.name], field.type)
+    columns.update(_fingerprint_columns(batch, count))
     if refine_side:
         columns["refine_pixels"] = pa.array(refine_pixels, pa.binary())
     if on_device:
