@@ -117,6 +117,10 @@ DecodeOnOption = Annotated[
         f"machines (default: {_default('decode_on')}).",
     ),
 ]
+RehashOption = Annotated[
+    bool | None,
+    typer.Option("--rehash", help="With --incremental: hash every image that has a row, even if size and mtime match."),
+]
 OverwriteOption = Annotated[
     bool | None,
     typer.Option(
@@ -211,11 +215,7 @@ def run(
     incremental: bool | None = typer.Option(
         None, "--incremental", help="Skip images that already have a row for this model and these settings."
     ),
-    rehash: bool | None = typer.Option(
-        None,
-        "--rehash",
-        help="With --incremental: read and hash every image that has a row, even where its size and mtime match.",
-    ),
+    rehash: RehashOption = None,
     overwrite: OverwriteOption = None,
     append: AppendOption = None,
     refine: RefineOption = None,
@@ -229,11 +229,8 @@ def run(
 
     SIGINT (Ctrl-C) or SIGTERM stops it cleanly: nothing is published, and it exits 130 or 143."""
     _setup_logging(verbose)
-    flags = dict(locals())
-    for name in ("config", "verbose"):
-        flags.pop(name)
+    flags = {name: value for name, value in locals().items() if name not in ("config", "verbose")}
     cfg = load_run_config(config, flags)
-
     with stop_on_signals():
         from camjobs.pipeline.job import run_job
 

@@ -100,7 +100,7 @@ class ListingBuilder:
     def table(self) -> pa.Table:
         """Every row, ids made unique (unique_ids), sorted by image_id."""
         self._flush()
-        table = pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA).combine_chunks()
+        table = pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA)
         self.batches = []
         return unique_ids(table)
 
@@ -111,17 +111,17 @@ def unique_ids(table: pa.Table) -> pa.Table:
     Sorted by image_id. Column operations, but for the few duplicates."""
     if table.num_rows == 0:
         return table
-    has_error = pc.is_valid(table["error_type"])
-    keyed = table.append_column("_has_error", has_error)
-    order = pc.sort_indices(
-        keyed, sort_keys=[("image_id", "ascending"), ("_has_error", "ascending"), ("source_path", "ascending")]
+    keys = pa.table({"id": table["image_id"], "error": pc.is_valid(table["error_type"]), "path": table["source_path"]})
+    table = table.take(
+        pc.sort_indices(keys, sort_keys=[("id", "ascending"), ("error", "ascending"), ("path", "ascending")])
     )
-    table = table.take(order)
+    del keys
     ids = table["image_id"].combine_chunks()
     repeat = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
     duplicate = pa.concat_arrays([pa.array([False]), repeat.fill_null(False)])
-    if pc.any(duplicate).as_py():
-        table = _rename_duplicates(table, ids, duplicate)
+    if not pc.any(duplicate).as_py():
+        return table  # sorted by image_id already
+    table = _rename_duplicates(table, ids, duplicate)
     return table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending")]))
 
 
@@ -132,7 +132,7 @@ def _rename_duplicates(table: pa.Table, ids: pa.Array, duplicate: pa.BooleanArra
     rows = pc.indices_nonzero(duplicate).to_pylist()
     taken = set(pc.filter(ids, pc.match_substring(ids, "#")).to_pylist())
     dup_ids = ids.take(rows).to_pylist()
-    errors = table["error_type"].take(rows).to_pylist()
+    error_type = table["error_type"].take(rows).to_pylist()
     messages = table["error_message"].take(rows).to_pylist()
     firsts, count, previous = [], 1, None
     for i, (row, image_id) in enumerate(zip(rows, dup_ids)):
@@ -143,12 +143,12 @@ def _rename_duplicates(table: pa.Table, ids: pa.Array, duplicate: pa.BooleanArra
         while f"{image_id}#{count}" in taken:
             count += 1
         taken.add(f"{image_id}#{count}")
-        errors[i] = errors[i] or "duplicate_id"
+        error_type[i] = error_type[i] or "duplicate_id"
         dup_ids[i] = f"{image_id}#{count}"
     first_paths = table["source_path"].take(firsts).to_pylist()
     old_ids = ids.take(rows).to_pylist()
     messages = [m or f"image_id {old!r} already used by {p}" for m, old, p in zip(messages, old_ids, first_paths)]
-    for name, values in (("image_id", dup_ids), ("error_type", errors), ("error_message", messages)):
+    for name, values in (("image_id", dup_ids), ("error_type", error_type), ("error_message", messages)):
         column = pc.replace_with_mask(table[name].combine_chunks(), duplicate, pa.array(values, pa.string()))
         table = table.set_column(table.schema.get_field_index(name), name, column)
     return table

@@ -5,7 +5,8 @@ every reader sees them: not those superseded by an --overwrite run, nor one stil
 - every Parquet file under cams/ and errors/ is readable, in full, with a known schema version;
 - no image (image_id and content_sha256) twice in cams/ for the same model and settings, unless
   the later of the two runs was written with --append (its summary's write_mode);
-- every published run folder has its summary, and each summary's counts match its rows;
+- every published run folder has its summary, and each summary's counts match its rows (and the
+  touched files an incremental run recorded in fingerprints/ its count of images skipped after hashing);
 - nothing left half-done: staging folders, a run that is publishing or died doing so, superseded
   rows not yet removed, or a lock are reported as notes (a run may be in progress).
 """
@@ -20,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from camjobs.config import WriteMode
-from camjobs.output import TABLES, OutputDir, RunIndex, run_index
+from camjobs.output import FINGERPRINTS, TABLES, OutputDir, RunIndex, run_index
 from camjobs.schema import SCHEMA_VERSION, SETTINGS_ADDED, SETTINGS_COLUMNS
 
 
@@ -76,7 +77,13 @@ def _check_tables(out: OutputDir, index: RunIndex, report: VerifyReport) -> dict
     """Read every Parquet file of the live runs in cams/ and errors/; run_id -> its rows per table."""
     seen: dict[tuple, tuple[str, str]] = {}  # key -> (run_id, path) of its first row
     appended = 0
-    row_counts: dict[str, dict[str, int]] = defaultdict(lambda: {"cams": 0, "errors": 0})
+    row_counts: dict[str, dict[str, int]] = defaultdict(lambda: {"cams": 0, "errors": 0, FINGERPRINTS: 0})
+    for run_id, paths in out.run_parts(FINGERPRINTS).items():
+        for path in paths:
+            try:
+                row_counts[run_id][FINGERPRINTS] += pq.read_metadata(path, filesystem=out.fs).num_rows
+            except (OSError, pa.ArrowException) as exc:
+                report.problems.append(f"{path}: unreadable Parquet file ({exc})")
     for name in TABLES:
         # run ids start with their UTC start time: in this order, a repeat is in the later run
         for run_id, paths in sorted(out.run_parts(name).items()):
@@ -140,7 +147,10 @@ def _check_summaries(
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             report.problems.append(f"{path}: unknown schema version {version!r}")
         counts = summary.get("counts", {})
-        for name, key in (("cams", "processed"), ("errors", "errors")):
+        checked = [("cams", "processed"), ("errors", "errors")]
+        if "skipped_hash" in counts:  # schema version 4 on
+            checked.append((FINGERPRINTS, "skipped_hash"))
+        for name, key in checked:
             if counts.get(key) != row_counts[run_id][name]:
                 report.problems.append(
                     f"{path}: says {key} = {counts.get(key)}, but {out.table(name, run_id)}/ "
