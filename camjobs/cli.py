@@ -35,9 +35,11 @@ from camjobs.config import (
     Method,
     Pooling,
     Precision,
+    RedactingFilter,
     RunConfig,
     SynthLayout,
     Target,
+    redact_text,
     redact_uri,
 )
 from camjobs.errors import EXIT_FAILED, CamjobsError, JobError, UsageError
@@ -51,7 +53,7 @@ class CamjobsGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CamjobsError as exc:
-            typer.echo(f"camjobs: error: {exc}", err=True)
+            typer.echo(f"camjobs: error: {redact_text(str(exc))}", err=True)  # a URI may carry credentials
             raise typer.Exit(exc.exit_code) from exc
 
 
@@ -69,6 +71,9 @@ app = typer.Typer(
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(format="camjobs: %(message)s", level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("camjobs").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 @contextmanager
@@ -415,9 +420,9 @@ def verify(
 
     report = verify_output(output)
     for note in report.notes:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(f"note: {redact_text(note)}", err=True)
     for problem in report.problems:
-        typer.echo(f"problem: {problem}", err=True)
+        typer.echo(f"problem: {redact_text(problem)}", err=True)
     typer.echo(
         f"{report.runs} runs, {report.rows['cams']} cams rows, {report.rows['errors']} error rows, "
         f"{len(report.problems)} problems"
@@ -467,7 +472,7 @@ def evaluate(
             image_baselines=image_baselines,
         )
     typer.echo(result.table())
-    typer.echo(f"report: {result.report_dir}")
+    typer.echo(f"report: {redact_uri(result.report_dir)}")
 
 
 # --- Exports and a gallery of the results ---------------------------------------------------------
@@ -539,7 +544,7 @@ def export_(
             images=images.value,
             val_fraction=val_fraction,
         )
-    typer.echo(result.message())
+    typer.echo(redact_text(result.message()))
 
 
 @app.command()
@@ -565,7 +570,7 @@ def viz(
     # VizError and LayoutError are UsageErrors; any other ValueError is taken for one too.
     with _reported(OSError), _reported(ValueError, error=UsageError):
         result = render_gallery(output, to, limit=limit, sort=sort.value, data=data, layout=layout.value)
-    typer.echo(result.message())
+    typer.echo(redact_text(result.message()))
 
 
 # The cluster commands (submit, status, logs, stop, list) register themselves on `app`.

@@ -8,7 +8,9 @@ so that `camjobs status` and `--help` start fast.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import types
 import typing
 import urllib.parse
@@ -290,6 +292,26 @@ def redact_uri(value: str) -> str:
         safe="*",
     )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]*@")
+_SECRET_QUERY = re.compile(r"([?&](?:" + "|".join(sorted(_SECRET_QUERY_KEYS)) + r")=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """A message (an error, a log line) with the credentials of every URI in it hidden, as redact_uri hides them."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+class RedactingFilter(logging.Filter):
+    """A log handler's filter: log lines with the credentials of any URI in them hidden (redact_text)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = redact_text(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
 
 
 # The RunConfig fields whose values are a Choice's (the CLI types the options with them).

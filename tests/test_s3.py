@@ -22,7 +22,7 @@ from layout_fixtures import ISIC2017_CLASSES, FixtureInfo, make_folder, make_isi
 from s3_server import ACCESS_KEY, S3Server, start_server
 
 from camjobs import lock, storage
-from camjobs.config import RunConfig, redact_uri
+from camjobs.config import RunConfig, redact_text, redact_uri
 from camjobs.lock import OutputLocked, output_lock, read_lock
 from camjobs.pipeline.job import RunResult, run_job
 from camjobs.schema import CAMS_SCHEMA
@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 
 BUCKET = "camjobs-test"
 DATA, OUT = f"s3://{BUCKET}/data", f"s3://{BUCKET}/out"
-SECRET = "camjobs-s3-secret-" + uuid.uuid4().hex  # a string that can only come from the environment
+SECRET = "camjobs-s3-secret-" + uuid.uuid4().hex  # a string that can only come from the environment or a URI
+INLINE = f"s3://{ACCESS_KEY}:{SECRET}@{BUCKET}/out"  # OUT with the credentials in the URI
 
 
 @dataclass
@@ -112,8 +113,9 @@ class CliRun:
 @pytest.fixture(scope="module")
 def first_run(s3) -> CliRun:
     """`camjobs run` as a user starts it: a process of its own, its own local Ray cluster, which
-    inherits the environment."""
-    command = [sys.executable, "-m", "camjobs", "run", "--data", DATA, "--output", OUT, "--layout", "isic2017"]
+    inherits the environment. Its --output carries the credentials inline (pyarrow accepts them):
+    the output must show them nowhere."""
+    command = [sys.executable, "-m", "camjobs", "run", "--data", DATA, "--output", INLINE, "--layout", "isic2017"]
     command += ["--model", "resnet18", "--classes", ",".join(ISIC2017_CLASSES), "--input-size", "64", "--incremental"]
     environment = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a cluster of its own
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
@@ -204,13 +206,13 @@ def test_a_run_reads_and_writes_s3_and_publishes_without_staging(s3, first_run):
     summary = s3.summary(first_run.run_id)
     assert summary["status"] == "completed"
     assert _counts(summary) == (6, 6, 0, 0, 0, 0)
-    assert summary["config"]["data"] == DATA and summary["config"]["output"] == OUT
+    assert summary["config"]["data"] == DATA and summary["config"]["output"] == f"s3://***@{BUCKET}/out"
     # Published file by file: no staging, no lock, every part in its run's folder, the summary beside them.
     keys = s3.keys("out")
     assert not [key for key in keys if key.startswith(("_staging", "_lock"))], keys
     assert {key.split("/")[0] for key in keys} == {"cams", "errors", "runs"}
     assert all(key.startswith((f"cams/{first_run.run_id}/", f"errors/{first_run.run_id}/", "runs/")) for key in keys)
-    assert f"summary: {OUT}/runs/{first_run.run_id}.json" in first_run.output
+    assert f"summary: s3://***@{BUCKET}/out/runs/{first_run.run_id}.json" in first_run.output
     verified = _cli("verify", "--output", OUT)
     assert verified.exit_code == 0, verified.output
     assert "1 runs, 6 cams rows, 0 error rows, 0 problems" in verified.output
@@ -314,18 +316,26 @@ def test_the_s3_endpoint_variable_wins_and_a_uri_may_name_its_own(s3, monkeypatc
 
 # --------------------------------------------------------------------------- credentials
 def test_credentials_never_reach_logs_summaries_or_rows(s3, first_run, overwrite_run, caplog):
-    assert SECRET not in first_run.output and ACCESS_KEY not in first_run.output
+    assert SECRET not in first_run.output and ACCESS_KEY not in first_run.output  # --output carried both
     for key in s3.keys("out"):
         assert SECRET.encode() not in s3.read(f"{BUCKET}/out/{key}"), key
-    # A URI with the credentials inline, which pyarrow accepts, is redacted wherever camjobs shows it.
-    inline = f"s3://{ACCESS_KEY}:{SECRET}@{BUCKET}/out"
-    shown = json.dumps(_config(output=inline, data=inline.replace("/out", "/data")).redacted())
+    shown = json.dumps(_config(output=INLINE, data=INLINE.replace("/out", "/data")).redacted())
     assert SECRET not in shown and ACCESS_KEY not in shown and f"***@{BUCKET}/out" in shown
-    assert redact_uri(f"{inline}?secret_key={SECRET}") == f"s3://***@{BUCKET}/out?secret_key=***"
+    assert redact_uri(f"{INLINE}?secret_key={SECRET}") == f"s3://***@{BUCKET}/out?secret_key=***"
     with caplog.at_level(logging.DEBUG):
-        verified = _cli("verify", "--output", inline)
+        verified = _cli("verify", "--output", INLINE)
     assert verified.exit_code == 0, verified.output
     assert SECRET not in verified.output + caplog.text
+    # Errors name the URI as given, and pyarrow's own messages quote it: shown redacted.
+    missing = INLINE.replace("/out", "/missing")
+    refused = _cli("run", "--data", missing, "--output", INLINE, "--model", "resnet18", "--classes", "a,b")
+    assert refused.exit_code == 2 and f"s3://***@{BUCKET}/missing" in refused.output, refused.output
+    assert SECRET not in refused.output and ACCESS_KEY not in refused.output
+    quoted = f"Cannot parse URI: '{INLINE}?secret_key={SECRET}&region=x' at character 7; gs://token@bucket/x"
+    assert (
+        redact_text(quoted)
+        == f"Cannot parse URI: 's3://***@{BUCKET}/out?secret_key=***&region=x' at character 7; gs://***@bucket/x"
+    )
 
 
 # --------------------------------------------------------------------------- the lock
