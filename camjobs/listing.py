@@ -174,6 +174,7 @@ def match_done(listing: pa.Table, done: pa.Table, *, rehash: bool = False) -> tu
         differs = pc.and_(pc.and_(pc.is_valid(etag), pc.is_valid(done_etag)), pc.not_equal(etag, done_etag))
         unopened = pc.unique(matched.filter(pc.invert(differs.fill_null(False)))["_row"])
         rows = rows.filter(pc.invert(pc.is_in(rows["_row"], value_set=unopened)))
+    done = done.filter(pc.is_in(done["image_id"], value_set=rows["image_id"]))  # only the pending images' hashes
     hashes = done.group_by("image_id").aggregate([("content_sha256", "distinct")])
     hashes = hashes.append_column("_done", pa.array(range(hashes.num_rows), pa.int64()))
     joined = rows.select(["_row", "image_id"]).join(hashes.select(["image_id", "_done"]), keys="image_id")
