@@ -477,22 +477,19 @@ def _list_folder(root: DatasetRoot, out: ListingBuilder) -> None:
             continue
         found += files.num_rows
         paths = files["path"]
+        columns = {
+            "image_id": pc.replace_substring_regex(pc.utf8_slice_codeunits(paths, prefix), r"\.[^.]*$", ""),
+            "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
+            "file_size": files["size"],
+            "file_mtime_ns": files["mtime_ns"],
+        }
         outside = files["escapes"]
-        message = pc.binary_join_element_wise(
-            paths, ": symlink outside the dataset root; use --follow-symlinks to allow", ""
-        )
-        out.add_table(
-            pa.table(
-                {
-                    "image_id": pc.replace_substring_regex(pc.utf8_slice_codeunits(paths, prefix), r"\.[^.]*$", ""),
-                    "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
-                    "error_type": pc.if_else(outside, pa.scalar("invalid_path"), pa.scalar(None, pa.string())),
-                    "error_message": pc.if_else(outside, message, pa.scalar(None, pa.string())),
-                    "file_size": files["size"],
-                    "file_mtime_ns": files["mtime_ns"],
-                }
-            )
-        )
+        if pc.any(outside).as_py():  # else no error columns at all: null, and no buffer of messages kept
+            nothing = pa.scalar(None, pa.string())
+            message = pc.binary_join_element_wise(paths, ": symlink outside the dataset root; " + _FOLLOW, "")
+            columns["error_type"] = pc.if_else(outside, pa.scalar("invalid_path"), nothing)
+            columns["error_message"] = pc.if_else(outside, message, nothing)
+        out.add_table(pa.table(columns))
     if not found:
         raise LayoutError(f"no {'/'.join(IMAGE_EXTENSIONS)} images below {root.uri(root.path)}")
 
