@@ -61,7 +61,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
@@ -345,7 +345,7 @@ def _resolve(root: DatasetRoot, layout: str) -> tuple[str, DatasetRoot]:
 
 
 # --------------------------------------------------------------------------- listing
-def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> list[dict]:
+def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> Iterator[dict]:
     import pandas as pd  # here: importing this module (for MASK_SUFFIX, LayoutError) stays light
 
     try:
@@ -359,7 +359,8 @@ def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> list[dict]:
         raise LayoutError(f"{root.uri(path)} lacks required column(s) {', '.join(map(repr, missing))}")
     # Only the columns the labels need: an archive's metadata.csv has dozens per image.
     wanted = [c for c in dict.fromkeys((spec.id_column, *spec.label_columns, spec.label_column)) if c in table.columns]
-    return [{k: str(v).strip() for k, v in row.items()} for row in table[wanted].to_dict("records")]
+    # One row's dict at a time, not one per row of the whole CSV at once.
+    return (dict(zip(wanted, (str(v).strip() for v in values))) for values in zip(*(table[c] for c in wanted)))
 
 
 def _bad_id(image_id: str) -> bool:
