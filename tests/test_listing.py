@@ -125,6 +125,7 @@ def test_match_done_skips_same_fingerprints_and_hands_the_rest_their_hashes():
             ("e", "/e", None, 50, 500, "etag-new"),  # same size and mtime, another ETag: hashed
             ("f", "/f", None, 60, 600, "etag-f"),  # an ETag on one side only: the fingerprint decides
             ("g", "/g", None, None, None, None),  # no fingerprint: hashed
+            ("h", "/h", None, 70, 700, None),  # its second done row matches: skipped
         ]
     )
     done = _done(
@@ -136,10 +137,12 @@ def test_match_done_skips_same_fingerprints_and_hands_the_rest_their_hashes():
             ("e", "h-e", 50, 500, "etag-old"),
             ("f", "h-f", 60, 600, None),
             ("g", "h-g", None, None, None),
+            ("h", "h-h1", 71, 700, None),
+            ("h", "h-h2", 70, 700, None),
         ]
     )
     pending, unopened = match_done(listing, done)
-    assert unopened == 2
+    assert unopened == 3
     assert pending.schema == LISTING_SCHEMA
     got = {r["image_id"]: r["done_sha256"] and sorted(r["done_sha256"]) for r in pending.to_pylist()}
     assert got == {"b": ["h-b1", "h-b2"], "c": None, "d": ["h-d"], "e": ["h-e"], "g": ["h-g"]}
