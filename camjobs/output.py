@@ -255,6 +255,7 @@ def remove_unfinished(out: OutputDir) -> None:
     for path in out.staged():
         log.warning("removing %s, left by a run that did not finish", path)
         out.fs.delete_dir(path) if out.is_dir(path) else out.fs.delete_file(path)
+    _remove_empty_staging(out)
     index = _run_index(out)
     for run_id in sorted(index.publishing):
         log.warning("removing run %s, which died while it published", run_id)
