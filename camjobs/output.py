@@ -1,14 +1,16 @@
 """The output folder as a thing to read and write: its paths, its commit protocol, its readers.
 
-    OUTPUT/cams/<run_id>/part-*.parquet      rows of CAMS_SCHEMA, one folder per published run
+    OUTPUT/cams/<run_id>/part-*.parquet      rows of CAMS_SCHEMA, one folder per published run (or
+                                             compaction: rows of many runs, camjobs.compact)
     OUTPUT/errors/<run_id>/part-*.parquet    rows of ERRORS_SCHEMA, likewise
     OUTPUT/runs/<run_id>.json                a run's summary: its commit record
     OUTPUT/_staging/<run_id>/{cams,errors}/  a run's rows while it writes them
     OUTPUT/_lock.json                        the run that is writing now: a lease it renews (camjobs.lock)
 
 The commit protocol, which keeps half-finished runs invisible:
-1. Write tasks (camjobs.pipeline.sink's Datasink) write each task's rows into _staging/<run_id>/. Readers
-   never look there: pyarrow.dataset skips paths that start with "_" or ".".
+1. Write tasks (camjobs.pipeline.sink's Datasink) write each task's rows into _staging/<run_id>/, which
+   merge_staged then rewrites into few large files. Readers never look there: pyarrow.dataset skips
+   paths that start with "_" or ".".
 2. When every row is written, the driver writes the run's summary with status "publishing", which hides
    the run's rows from the readers here, and moves the staged folders into place, cams/<run_id>/ and
    errors/<run_id>/ (one rename each on a local disk, file by file on object stores). A write that
@@ -27,9 +29,11 @@ files (pandas.read_parquet) see no duplicate either. A reader that listed the ol
 the commit and opens them after the deletion gets FileNotFoundError (an error, never a wrong row);
 reading again gives the new rows. --append keeps both, and says so in its summary.
 
-Which rows are live is decided here, once (run_index, open_cams): every run folder in cams/ but those
-of runs still publishing (or that died publishing) and those a completed run superseded. Every reader,
-camjobs verify, export, evaluate and viz, reads through it. Needs pyarrow only (no torch, no Ray).
+Which rows are live is decided here, once (run_index, live_dataset): every file in cams/ but those in
+folders of runs still publishing (or that died publishing) or that a completed run superseded, and
+those a completed compaction replaced (its summary's "replaces"); and of the rest, every row but those
+whose run_id column names such a hidden run (a compaction's files hold rows of many runs). Every
+reader, camjobs verify, export, evaluate and viz, reads through it. Needs pyarrow only (no torch, no Ray).
 """
 
 from __future__ import annotations
