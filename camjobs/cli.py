@@ -432,6 +432,23 @@ def verify(
 
 
 @app.command()
+def compact(
+    output: str = typer.Option(..., "--output", help="Output directory or URI written by camjobs run."),
+    file_rows: int = typer.Option(1_000_000, min=1, help="Rows at which a rewritten file is full."),
+    file_mb: int = typer.Option(512, min=1, help="MiB at which a rewritten file is full."),
+) -> None:
+    """Rewrite a grown cams/ and errors/ into few large files, atomically; every reader keeps working."""
+    _setup_logging(False)
+    from camjobs.compact import compact as compact_output
+    from camjobs.parquet_files import FileTarget
+
+    result = compact_output(output, target=FileTarget(file_rows, file_mb * 2**20), progress=sys.stderr.isatty())
+    files = ", ".join(f"{name} {c['files_before']} -> {c['files_after']} files" for name, c in result.counts.items())
+    done = "nothing to do" if result.compaction_id is None else f"compaction {result.compaction_id}"
+    typer.echo(f"{done}: {files}; {sum(c.get('rows_dropped', 0) for c in result.counts.values())} hidden rows dropped")
+
+
+@app.command()
 def evaluate(
     output: str = typer.Option(..., "--output", help="Output directory or URI written by camjobs run."),
     data: str | None = typer.Option(
