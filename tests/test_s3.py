@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from s3_server import ACCESS_KEY, S3Server, start_server
 from camjobs import lock, storage
 from camjobs.config import RunConfig, redact_text, redact_uri
 from camjobs.lock import OutputLocked, output_lock, read_lock
+from camjobs.output import open_cams
 from camjobs.pipeline.job import RunResult, run_job
 from camjobs.schema import CAMS_SCHEMA
 
@@ -174,8 +176,35 @@ def incremental_reruns(s3, s3_ray, first_run, tmp_path_factory) -> list[Watched]
     return [unchanged, _watched(s3, _config()), _watched(s3, _config())]
 
 
+@dataclass
+class Compacted:
+    files_before: list[str]  # cams/ before it
+    rows_before: list[tuple]  # every cams row before it: (image_id, content_sha256, run_id)
+    output: str  # what `camjobs compact` said
+    compaction_id: str
+    rerun: Watched  # an --incremental run after it
+
+
+def _row_keys(rows: list[dict]) -> list[tuple]:
+    return sorted((row["image_id"], row["content_sha256"], row["run_id"]) for row in rows)
+
+
+def _compact(s3: S3) -> tuple[str, str]:
+    done = _cli("compact", "--output", OUT)
+    assert done.exit_code == 0, done.output
+    return done.output, re.search(r"compaction (\S+):", done.output).group(1)
+
+
 @pytest.fixture(scope="module")
-def overwrite_run(s3, s3_ray, incremental_reruns):
+def compacted(s3, s3_ray, incremental_reruns) -> Compacted:
+    """`camjobs compact` over the runs so far, then an --incremental run."""
+    files, rows = s3.keys("out/cams"), _row_keys(s3.cams())
+    output, compaction_id = _compact(s3)
+    return Compacted(files, rows, output, compaction_id, _watched(s3, _config()))
+
+
+@pytest.fixture(scope="module")
+def overwrite_run(s3, s3_ray, compacted):
     return run_job(_config(incremental=False, overwrite=True))
 
 
@@ -246,20 +275,41 @@ def test_incremental_runs_on_s3_skip_unchanged_images_without_reading_them(s3, i
     assert verified.exit_code == 0, verified.output
 
 
-def test_overwrite_on_s3_replaces_the_rows(s3, overwrite_run, first_run, incremental_reruns):
+def test_compact_on_s3_rewrites_cams_into_one_file_that_incremental_runs_still_skip_by(s3, compacted):
+    assert len(compacted.files_before) >= 4, compacted.files_before  # a file per run, empty ones too
+    assert [key.split("/")[0] for key in s3.keys("out/cams")] == sorted(  # one file more: the rerun's
+        [compacted.compaction_id, compacted.rerun.result.run_id]
+    )
+    assert not [key for key in s3.keys("out") if key.startswith(("_staging", "_lock"))]
+    # The same rows, each under its own run; read raw, so no file it replaced is left beside it.
+    assert _row_keys(s3.cams()) == compacted.rows_before
+    assert _counts(compacted.rerun.result.summary) == (6, 0, 6, 6, 0, 0)
+    assert compacted.rerun.reads == []
+    verified = _cli("verify", "--output", OUT)
+    assert verified.exit_code == 0, verified.output
+
+
+def test_overwrite_on_s3_replaces_the_rows_and_compact_drops_the_old_ones(
+    s3, overwrite_run, first_run, incremental_reruns, compacted
+):
     assert overwrite_run.exit_code == 0
-    before = [first_run.run_id, *(watched.result.run_id for watched in incremental_reruns)]
-    assert overwrite_run.summary["supersedes"] == sorted(before)
-    rows = s3.cams()
-    assert sorted(row["image_id"] for row in rows) == sorted(s3.data.paths)
-    assert {row["run_id"] for row in rows} == {overwrite_run.run_id}
-    # The superseded runs' folders are gone, their summaries kept; nothing staged is left.
+    reruns = [watched.result.run_id for watched in incremental_reruns] + [compacted.rerun.result.run_id]
+    assert overwrite_run.summary["supersedes"] == sorted([first_run.run_id, *reruns])
+    live = open_cams(OUT).to_table(columns=["image_id", "run_id"]).to_pylist()
+    assert sorted(row["image_id"] for row in live) == sorted(s3.data.paths)
+    assert {row["run_id"] for row in live} == {overwrite_run.run_id}
+    # The superseded runs' folders are gone but the compaction's, whose rows are hidden by their run_id.
     folders = {key.split("/")[1] for key in s3.keys("out") if key.startswith(("cams/", "errors/", "fingerprints/"))}
-    assert folders == {overwrite_run.run_id}
+    assert folders == {overwrite_run.run_id, compacted.compaction_id}
     assert not [key for key in s3.keys("out") if key.startswith(("_staging", "_lock"))]
     assert overwrite_run.summary_path == f"{OUT}/runs/{overwrite_run.run_id}.json"
     verified = _cli("verify", "--output", OUT)
     assert verified.exit_code == 0, verified.output
+    # A second compaction drops the hidden rows from disk: read raw, only the overwrite's rows are left.
+    _, second = _compact(s3)
+    assert {key.split("/")[0] for key in s3.keys("out/cams")} == {second}
+    assert _row_keys(s3.cams()) == _row_keys(open_cams(OUT).to_table().to_pylist())
+    assert {row["run_id"] for row in s3.cams()} == {overwrite_run.run_id}
 
 
 def test_export_and_evaluate_read_from_s3_and_write_there(s3, overwrite_run):
