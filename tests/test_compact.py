@@ -294,3 +294,31 @@ def test_runs_write_few_files_and_incremental_after_compact_skips_the_same_image
     again = run_job(config)
     assert again.summary["counts"] == {**again.summary["counts"], "processed": 0, "errors": 0, "skipped": 26}
     assert verify_output(str(output)).ok
+
+
+def test_the_compact_command_reports_its_counts_and_imports_neither_torch_nor_ray(tmp_path):
+    output = tmp_path / "out"
+    _grown(output, runs=4, per_run=5)
+    before = _live(output)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def command(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "camjobs", "compact", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    done = command("--output", str(output))
+    assert done.returncode == 0, done.stderr
+    assert "cams 12 -> 1 files" in done.stdout and "errors 4 -> 1 files" in done.stdout
+    assert _live(output).equals(before)
+    assert "nothing to do" in command("--output", str(output)).stdout
+    missing = command("--output", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no results" in missing.stderr
+    imports = subprocess.run(
+        [sys.executable, "-c", "import sys, camjobs.compact; print(sorted({'torch', 'ray'} & set(sys.modules)))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imports.stdout.strip() == "[]"
