@@ -7,6 +7,7 @@ on the session's local Ray cluster.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -277,6 +278,7 @@ def _write_images(folder: Path, names: list[str], seed: int) -> None:
 @pytest.mark.slow
 def test_runs_write_few_files_and_incremental_after_compact_skips_the_same_images(ray_cluster, tmp_path):
     from camjobs.config import RunConfig
+    from camjobs.labels.export import export
     from camjobs.pipeline.job import run_job
 
     data, output = tmp_path / "data", tmp_path / "out"
@@ -289,8 +291,39 @@ def test_runs_write_few_files_and_incremental_after_compact_skips_the_same_image
     _write_images(data, [f"new{i:02d}" for i in range(6)], seed=1)
     assert run_job(config).summary["counts"]["processed"] == 6
     before = _live(output)
+    export(str(output), "labelstudio", str(tmp_path / "before.json"))
     compact(str(output))
     assert _live(output).equals(before) and len(_files(output)) == 1
+    export(str(output), "labelstudio", str(tmp_path / "after.json"))
+    assert json.loads((tmp_path / "after.json").read_text()) == json.loads((tmp_path / "before.json").read_text())
     again = run_job(config)
     assert again.summary["counts"] == {**again.summary["counts"], "processed": 0, "errors": 0, "skipped": 26}
     assert verify_output(str(output)).ok
+
+
+def test_the_compact_command_reports_its_counts_and_imports_neither_torch_nor_ray(tmp_path):
+    output = tmp_path / "out"
+    _grown(output, runs=4, per_run=5)
+    before = _live(output)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def command(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "camjobs", "compact", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    done = command("--output", str(output))
+    assert done.returncode == 0, done.stderr
+    assert "cams 12 -> 1 files" in done.stdout and "errors 4 -> 1 files" in done.stdout
+    assert _live(output).equals(before)
+    assert "nothing to do" in command("--output", str(output)).stdout
+    missing = command("--output", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no results" in missing.stderr
+    imports = subprocess.run(
+        [sys.executable, "-c", "import sys, camjobs.compact; print(sorted({'torch', 'ray'} & set(sys.modules)))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imports.stdout.strip() == "[]"
