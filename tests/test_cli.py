@@ -213,6 +213,52 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0 and "run" in result.stdout and "demo" in result.stdout
 
 
+HEAVY = ("torch", "torchvision", "ray", "timm", "pycocotools")
+
+# Runs the command line in a fresh interpreter, then prints which heavy packages it imported.
+_IMPORTED_BY = """
+import json, runpy, sys
+sys.argv = ["camjobs", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("camjobs", run_name="__main__")
+except SystemExit:
+    pass
+print(json.dumps(sorted(name for name in {heavy} if name in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["verify", "--help"],
+        ["export", "--help"],
+        ["evaluate", "--help"],
+        ["viz", "--help"],
+        ["submit", "--help"],
+    ],
+)
+def test_the_command_line_starts_without_torch_or_ray(argv):
+    """torch and Ray take seconds to import: help, and the commands that read an output, never need them."""
+    import json
+
+    script = _IMPORTED_BY.format(heavy=HEAVY)
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argv)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def test_the_job_module_imports_torch_and_ray_only_when_a_run_needs_them():
+    script = f"import sys, camjobs.cli, camjobs.pipeline.job; print(sorted(n for n in {HEAVY!r} if n in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_credentials_in_uris_are_redacted():
     from camjobs.config import redact_uri
 
