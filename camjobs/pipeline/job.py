@@ -37,6 +37,7 @@ from camjobs.interrupt import Stopped, deferred, sigterm_kept
 from camjobs.layouts import DatasetListing, list_images
 from camjobs.lock import output_lock
 from camjobs.output import existing_keys, publish_run, runs_to_replace
+from camjobs.pipeline.stats import SinkStats
 from camjobs.preflight import check_run
 from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
@@ -44,7 +45,6 @@ from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 if TYPE_CHECKING:  # torch and Ray are imported where a run needs them, so that a run with nothing to do starts fast
     from camjobs.models.networks import LoadedModel
     from camjobs.pipeline.predictor import ModelSpec
-    from camjobs.pipeline.sink import SinkStats
     from camjobs.pipeline.stages import Stage, StageLike
 
 log = logging.getLogger(__name__)
@@ -394,20 +394,21 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
 
 def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: Adapt | None) -> SinkStats:
     """The planned stages (as `adapt` changes them) over the listing, written through the sink."""
+    if not prepared.listing.records:  # nothing to write: no sink, so no Ray Data to import
+        return SinkStats()
     import ray.data
 
-    from camjobs.pipeline.sink import CamParquetSink, SinkStats
+    from camjobs.pipeline.sink import CamParquetSink
     from camjobs.pipeline.stages import build_pipeline
 
     plan = prepared.plan
     sink = CamParquetSink(cfg.output, prepared.run_id)
-    if prepared.listing.records:
-        stages = plan_stages(
-            cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning, skip_keys=prepared.skip_keys
-        )
-        dataset = ray.data.from_arrow(listing_blocks(prepared.listing.records, plan.decode_rows))
-        dataset = build_pipeline(dataset, adapt(stages) if adapt else stages)
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
+    stages = plan_stages(
+        cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning, skip_keys=prepared.skip_keys
+    )
+    dataset = ray.data.from_arrow(listing_blocks(prepared.listing.records, plan.decode_rows))
+    dataset = build_pipeline(dataset, adapt(stages) if adapt else stages)
+    dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
     return sink.stats or SinkStats()
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -21,27 +19,10 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from camjobs.output import TABLES, drop_staging, staging_dir
+from camjobs.pipeline.stats import SinkStats
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SinkStats:
-    processed: int = 0
-    errors: int = 0
-    skipped: int = 0
-    refine_failed: int = 0  # cams rows whose refinement failed (their CAM columns are intact)
-    rows_per_node: Counter = field(default_factory=Counter)
-    error_types: Counter = field(default_factory=Counter)
-
-    def add(self, other: SinkStats) -> None:
-        self.processed += other.processed
-        self.errors += other.errors
-        self.skipped += other.skipped
-        self.refine_failed += other.refine_failed
-        self.rows_per_node.update(other.rows_per_node)
-        self.error_types.update(other.error_types)
 
 
 class CamParquetSink(Datasink[SinkStats]):
