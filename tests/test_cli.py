@@ -213,6 +213,39 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0 and "run" in result.stdout and "demo" in result.stdout
 
 
+HEAVY = ("torch", "torchvision", "ray", "timm", "pycocotools")
+COMMANDS = [["--help"], *([name, "--help"] for name in ("run", "verify", "export", "evaluate", "viz", "submit"))]
+
+# In a fresh interpreter: each command line in turn, then the job module; what each imported of HEAVY.
+_IMPORTED_BY = """
+import json, runpy, sys
+heavy, imported = json.loads(sys.argv[1]), {}
+for argv in json.loads(sys.argv[2]):
+    sys.argv = ["camjobs", *argv]
+    try:
+        runpy.run_module("camjobs", run_name="__main__")
+    except SystemExit:
+        pass
+    imported[" ".join(argv)] = sorted(name for name in heavy if name in sys.modules)
+import camjobs.pipeline.job
+imported["import camjobs.pipeline.job"] = sorted(name for name in heavy if name in sys.modules)
+print(json.dumps(imported))
+"""
+
+
+def test_help_the_tools_and_the_job_module_import_neither_torch_nor_ray():
+    """torch and Ray take seconds to import: help, the commands that read an output, and a run with
+    nothing to do never need them (the job imports them where a run starts its pipeline)."""
+    import json
+
+    command = [sys.executable, "-c", _IMPORTED_BY, json.dumps(HEAVY), json.dumps(COMMANDS)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Usage") == len(COMMANDS)  # every command printed its help
+    imported = json.loads(result.stdout.splitlines()[-1])
+    assert len(imported) == len(COMMANDS) + 1 and all(names == [] for names in imported.values()), imported
+
+
 def test_credentials_in_uris_are_redacted():
     from camjobs.config import redact_uri
 

@@ -137,7 +137,8 @@ def test_driver_killed_mid_run_leaves_nothing_visible_and_next_run_completes(ray
     assert not _parquet_files(output / "cams") and not _parquet_files(output / "errors")
     assert not (output / "runs").exists() or not list((output / "runs").glob("*.json"))
 
-    result = run_job(_config(data, output, incremental=True))
+    # Nothing was published, so the next run's settings need not be the dead one's: small and quick ones.
+    result = run_job(_config(data, output, incremental=True, input_size=32, batch_size=32))
     assert result.summary["counts"]["processed"] == 240
     assert not (output / "_staging").exists()  # the dead run's staging dropped, and the empty folder too
     assert len(pd.read_parquet(output / "cams")) == 240

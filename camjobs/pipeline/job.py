@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import ray
 
 from camjobs import __version__
 from camjobs.config import RunConfig
@@ -38,16 +39,16 @@ from camjobs.interrupt import Stopped, deferred, sigterm_kept
 from camjobs.layouts import DatasetListing, list_images
 from camjobs.listing import match_done
 from camjobs.lock import output_lock
-from camjobs.models.networks import LoadedModel
 from camjobs.output import done_rows, publish_run, runs_to_replace
-from camjobs.pipeline.decode import decode_batch
-from camjobs.pipeline.localize import localize_batch
-from camjobs.pipeline.predictor import CamPredictor, ModelSpec
-from camjobs.pipeline.sink import CamParquetSink, SinkStats
-from camjobs.pipeline.stages import Stage, StageLike, build_pipeline
+from camjobs.pipeline.stats import SinkStats
 from camjobs.preflight import check_run
 from camjobs.schema import FINGERPRINT_INTS, NO_INT, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
+
+if TYPE_CHECKING:  # torch and Ray are imported where a run needs them, so that a run with nothing to do starts fast
+    from camjobs.models.networks import LoadedModel
+    from camjobs.pipeline.predictor import ModelSpec
+    from camjobs.pipeline.stages import Stage, StageLike
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,11 @@ def plan_stages(
     """The job's three stages (decode, predict, localize), sized by the plan.
 
     `settings` are the run's (model input size, refinement)."""
+    from camjobs.pipeline.decode import decode_batch
+    from camjobs.pipeline.localize import localize_batch
+    from camjobs.pipeline.predictor import CamPredictor
+    from camjobs.pipeline.stages import Stage
+
     decode = Stage(
         "decode",
         decode_batch,
@@ -207,6 +213,8 @@ def init_ray(address: str | None, *, quiet: bool = False) -> None:
     to run on this machine, and a laptop smoke test must not land on someone else's.
     quiet: Ray's own log lines go to its session's log files only (quiet_ray).
     """
+    import ray
+
     if quiet:
         quiet_ray()
     if ray.is_initialized():
@@ -228,6 +236,8 @@ def quiet_ray() -> None:
     Python's and Ray Data's log lines still go to Ray's session logs (logs/ in its session folder);
     `--verbose` leaves all of this alone. Workers' prints stay in their own files (init_ray's
     log_to_driver=False): their errors reach the driver as exceptions anyway."""
+    import ray.data
+
     # Ray's C++ core writes its errors to the driver's stderr besides its log file, whatever the Python
     # side says (core_worker's warning that Ray Data's actors have constructor arguments in the object
     # store, on every run); its level is the only knob, read by each Ray process as it starts.
@@ -274,7 +284,7 @@ class RunResult:
 
 
 # Given the planned stages, the stages to run (see run_job).
-Adapt = Callable[[tuple[Stage, ...]], Sequence[StageLike]]
+Adapt = Callable[[tuple["Stage", ...]], Sequence["StageLike"]]
 
 
 def run_job(cfg: RunConfig, *, tuning: Tuning = Tuning(), adapt: Adapt | None = None) -> RunResult:
@@ -304,11 +314,13 @@ def _ray_stopped_on_failure() -> Iterator[None]:
     raylet, agents and workers, or its connection to a cluster it joined (Ray then ends the job's
     tasks and actors), before its staging is removed. A run that completes leaves Ray to its caller
     (another run_job may follow; at exit Ray shuts itself down)."""
-    started_here = not ray.is_initialized()
+    ray = sys.modules.get("ray")  # a run that never needed Ray has not imported it
+    started_here = ray is None or not ray.is_initialized()
     try:
         yield
     except BaseException:
-        if started_here:
+        ray = sys.modules.get("ray")
+        if started_here and ray is not None:
             ray.shutdown()
         raise
 
@@ -337,6 +349,8 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
     started = time.time()
     listing = list_images(cfg.data, cfg.layout, follow_symlinks=cfg.follow_symlinks, label_column=cfg.label_column)
     classes = tuple(cfg.classes) if cfg.classes else None
+    from camjobs.pipeline.predictor import ModelSpec
+
     spec = ModelSpec(cfg.checkpoint, cfg.model, classes, cfg.weights, cfg.input_size)
     # Load once here too: a bad checkpoint fails now, with its message, not inside actors.
     model = spec.load()
@@ -366,6 +380,8 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
             run_id, listing, spec, model, settings, pending, unopened, supersedes, None, started, listed, listed
         )
 
+    import ray
+
     init_ray(cfg.address, quiet=not log.isEnabledFor(logging.DEBUG))  # Ray's own lines with --verbose
     plan = plan_actors(cfg, ray.cluster_resources(), model.input_size, tuning)
     log.info(
@@ -385,13 +401,19 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
 
 def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: Adapt | None) -> SinkStats:
     """The planned stages (as `adapt` changes them) over the listing, written through the sink."""
+    if prepared.plan is None or not prepared.pending.num_rows:  # nothing to write: no sink, no Ray Data
+        return SinkStats()
+    import ray.data
+
+    from camjobs.pipeline.sink import CamParquetSink
+    from camjobs.pipeline.stages import build_pipeline
+
     plan = prepared.plan
     sink = CamParquetSink(cfg.output, prepared.run_id)
-    if plan is not None and prepared.pending.num_rows:
-        stages = plan_stages(cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning)
-        dataset = ray.data.from_arrow(listing_blocks(prepared.pending, plan.decode_rows))
-        dataset = build_pipeline(dataset, adapt(stages) if adapt else stages)
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
+    stages = plan_stages(cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning)
+    dataset = ray.data.from_arrow(listing_blocks(prepared.pending, plan.decode_rows))
+    dataset = build_pipeline(dataset, adapt(stages) if adapt else stages)
+    dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
     return sink.stats or SinkStats()
 
 
@@ -478,7 +500,7 @@ def library_versions() -> dict[str, str]:
     return {
         "camjobs": __version__,
         "python": platform.python_version(),
-        "ray": ray.__version__,
+        "ray": version("ray"),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "pyarrow": pyarrow.__version__,

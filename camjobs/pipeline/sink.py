@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -22,28 +20,11 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from camjobs.output import FINGERPRINTS, TABLES, drop_staging, merge_staged, staging_dir
+from camjobs.pipeline.stats import SinkStats
 from camjobs.schema import FINGERPRINT_INTS, FINGERPRINTS_SCHEMA, NO_INT
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SinkStats:
-    processed: int = 0
-    errors: int = 0
-    skipped: int = 0  # hashed and found unchanged (an incremental run)
-    refine_failed: int = 0  # cams rows whose refinement failed (their CAM columns are intact)
-    rows_per_node: Counter = field(default_factory=Counter)
-    error_types: Counter = field(default_factory=Counter)
-
-    def add(self, other: SinkStats) -> None:
-        self.processed += other.processed
-        self.errors += other.errors
-        self.skipped += other.skipped
-        self.refine_failed += other.refine_failed
-        self.rows_per_node.update(other.rows_per_node)
-        self.error_types.update(other.error_types)
 
 
 def _fingerprint_nulls(table: pa.Table) -> pa.Table:
