@@ -11,12 +11,12 @@ Steps (benchmarks/nightly_data.py makes the data, once, under --work):
    publish_run) with the settings of the run that follows (an untrained resnet18 at 64 px), the real
    content hash and file fingerprint of each image, placeholder maps: no model computes them.
 3. The nightly run, the real command line in a fresh process and session: wall time (spawn to exit),
-   the driver's peak RSS (sampled from /proc, and its own getrusage via wait4), the bytes read by every
-   process of the run (rchar and read_bytes of /proc/<pid>/io, sampled every 0.5 s and summed over the
-   driver, Ray's processes and workers: rchar counts every read call, Python's imports, metadata.csv,
-   the done rows and Ray's sockets included, so it bounds the image bytes read from above), and the
-   run summary's counts; the files in cams/ before and after, then `camjobs compact` and the files and
-   rows per file after it.
+   the driver's peak RSS (its VmHWM), the archive's files that the run's processes open (the run under
+   `strace -f -e trace=openat`, where strace exists; --no-trace: not) and their bytes, the bytes read by
+   every process of the run (rchar and read_bytes of /proc/<pid>/io, sampled every 0.5 s and summed over
+   the driver, Ray's processes and workers: rchar counts every read call, Python's imports and Ray's
+   sockets included), and the run summary's counts; the files in cams/ before and after, then
+   `camjobs compact` and the files and rows per file after it.
 4. The driver's peak RSS listing the archive alone (camjobs.layouts.list_images in a fresh process) at
    each --listing size, and a run with nothing new at --nothing-new images (wall time, start-up included).
 
@@ -51,46 +51,93 @@ def _io(pid: int) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines()) if k in ("rchar", "read_bytes")}
 
 
-def measure(command: list[str], log_path: Path, rss_cap: float, timeout: float, env: dict | None = None) -> dict:
+def _hwm(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM, kept by the kernel: no peak falls between two samples)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return int(next(line for line in lines if line.startswith("VmHWM:")).split()[1]) * 1024
+    return 0
+
+
+def _traced(command: list[str], trace: Path | None) -> list[str]:
+    """The command under strace, which records every file its processes open (only openat stops them)."""
+    if trace is None:
+        return command
+    return [
+        "strace",
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-e",
+        "trace=openat",
+        "-e",
+        "status=successful",
+        "-o",
+        str(trace),
+    ] + command
+
+
+def measure(command: list[str], log_path: Path, rss_cap: float, timeout: float, trace: Path | None = None) -> dict:
     """`command` in a fresh session, sampled every 0.5 s until it exits: wall time, the driver's peak RSS
-    (sampled, and getrusage's via wait4), every process's read bytes (/proc/<pid>/io, the last sample of
-    each process summed). Killed with its whole session past rss_cap bytes of driver RSS or timeout s."""
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    (VmHWM), every process's read bytes (/proc/<pid>/io, the last sample of each process summed); with
+    trace, under strace (the driver is then strace's child). Killed with its whole session past rss_cap
+    bytes of driver RSS or timeout s."""
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     started = time.time()
     io: dict[int, dict[str, int]] = {}
-    peak, names, killed = 0, set(), None
+    peak, driver, killed = 0, None, None
     with open(log_path, "w") as log:
         child = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=harness.ROOT, start_new_session=True
+            _traced(command, trace),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=harness.ROOT,
+            start_new_session=True,
         )
-        while True:
-            done, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if done == child.pid:
-                child.returncode = os.waitstatus_to_exitcode(status)
-                break
+        while child.poll() is None:
             table = harness.process_table()
+            if driver is None:
+                below = sorted(pid for pid, stat in table.items() if stat[1] == child.pid)
+                driver = child.pid if trace is None else (below[0] if below else None)
             for pid in harness.process_tree(child.pid, table):
                 io[pid] = _io(pid) or io.get(pid, {})
-                names.add(harness._name(pid))
-            peak = max(peak, table.get(child.pid, (0,) * 5)[4])
+            peak = max(peak, _hwm(driver) if driver else 0)
             if killed is None and (peak > rss_cap or time.time() - started > timeout):
                 killed = f"driver RSS {peak / GIB:.2f} GiB > cap" if peak > rss_cap else f"timeout {timeout:.0f} s"
                 harness.kill_session(child.pid)
             time.sleep(0.5)
     wall = time.time() - started
     harness.kill_session(child.pid)
+    io.pop(child.pid if trace is not None else -1, None)  # strace's own reads are its trace's, not the run's
     return {
         "wall_s": round(wall, 1),
         "returncode": child.returncode,
         "killed": killed,
+        "traced": trace is not None,
         "driver_peak_rss_mib": round(peak / 2**20, 1),
-        "driver_maxrss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB; its reaped children's too (Ray's)
         "rchar": sum(v.get("rchar", 0) for v in io.values()),
         "read_bytes": sum(v.get("read_bytes", 0) for v in io.values()),
         "processes": len(io),
         "log": str(log_path),
     }
+
+
+def opened_files(trace: Path, root: Path) -> dict:
+    """The files below root that the run opened (its strace log): opens, distinct files, their bytes
+    (each open counted with its file's size: camjobs reads an image whole)."""
+    prefix = str(root) + "/"
+    opens: list[str] = []
+    with open(trace, errors="replace") as lines:
+        for line in lines:
+            start = line.find("openat(")
+            if start >= 0 and prefix in line:
+                path = line[line.index('"', start) + 1 :].split('"', 1)[0]
+                if path.startswith(prefix):
+                    opens.append(path)
+    sizes = {path: os.path.getsize(path) for path in set(opens)}
+    return {"opens": len(opens), "files": len(sizes), "bytes": sum(sizes[p] for p in opens)}
 
 
 def camjobs_command(*args: str) -> list[str]:
@@ -145,11 +192,17 @@ def seeded_output(args, images: int, done: int, srcs: list[dict], model: dict) -
     return root, output, seeded
 
 
-def run_incremental(args, root: Path, output: Path, checkpoint: Path, name: str) -> dict:
+def run_incremental(args, root: Path, output: Path, checkpoint: Path, name: str, trace: bool = False) -> dict:
+    """`camjobs run --incremental` measured; with trace (and strace installed), the archive's files it opened."""
     command = camjobs_command(
         "run", "--data", str(root), "--output", str(output), "--layout", args.layout, "--checkpoint", str(checkpoint)
     )
-    return measure([*command, "--incremental"], args.work / f"{name}.log", args.rss_cap_gib * GIB, args.timeout)
+    opens = args.work / f"{name}.strace" if trace and shutil.which("strace") else None
+    run = measure([*command, "--incremental"], args.work / f"{name}.log", args.rss_cap_gib * GIB, args.timeout, opens)
+    if opens is not None:
+        run["opened"] = opened_files(opens, root)
+        opens.unlink()
+    return run
 
 
 def nightly(args, srcs: list[dict], checkpoint: Path, model: dict) -> dict:
@@ -157,7 +210,7 @@ def nightly(args, srcs: list[dict], checkpoint: Path, model: dict) -> dict:
     root, output, seeded = seeded_output(args, args.images, args.images - args.new, srcs, model)
     before = cams_files(output)
     print(f"nightly run over {args.images} images, {args.new} new ...", file=sys.stderr, flush=True)
-    run = run_incremental(args, root, output, checkpoint, "nightly")
+    run = run_incremental(args, root, output, checkpoint, "nightly", trace=args.trace)
     summary = newest_summary(output, seeded["run_id"])
     out = {
         "images": args.images,
@@ -213,13 +266,16 @@ def nothing_new(args, srcs: list[dict], checkpoint: Path, model: dict) -> dict:
 
 
 def child_list(root: str, layout: str) -> None:
-    """In the fresh process of `listing`: list, count, say the peak RSS (getrusage)."""
+    """In the fresh process of `listing`: list, count, say the peak RSS (VmHWM: getrusage's would count
+    the forking parent's too)."""
     from camjobs.layouts import list_images
 
     started = time.time()
     found = list_images(root, layout)
     count = len(found.records) if hasattr(found, "records") else sum(1 for _ in found)
-    harness.emit({"listed": count, "list_s": round(time.time() - started, 2), "maxrss_mib": harness.peak_rss_mib()})
+    harness.emit(
+        {"listed": count, "list_s": round(time.time() - started, 2), "hwm_mib": round(_hwm(os.getpid()) / 2**20, 1)}
+    )
 
 
 # --------------------------------------------------------------------------- the report
@@ -234,6 +290,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sources", type=int, default=200, help="distinct JPEGs linked (at most the sample's)")
     parser.add_argument("--listing", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--nothing-new", type=int, default=10_000, help="images of the nothing-new run (0: none)")
+    parser.add_argument("--no-trace", dest="trace", action="store_false", help="the nightly run without strace")
     parser.add_argument("--no-compact", dest="compact", action="store_false", help="skip camjobs compact")
     parser.add_argument("--rss-cap-gib", type=float, default=6.0, help="kill a child whose driver passes this")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
