@@ -211,6 +211,11 @@ def run(
     incremental: bool | None = typer.Option(
         None, "--incremental", help="Skip images that already have a row for this model and these settings."
     ),
+    rehash: bool | None = typer.Option(
+        None,
+        "--rehash",
+        help="With --incremental: read and hash every image that has a row, even where its size and mtime match.",
+    ),
     overwrite: OverwriteOption = None,
     append: AppendOption = None,
     refine: RefineOption = None,

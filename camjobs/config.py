@@ -179,6 +179,7 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
     incremental: bool = False
+    rehash: bool = False  # --incremental: hash every image that has a done row, whatever its fingerprint
     overwrite: bool = False
     append: bool = False
     refine: bool = False

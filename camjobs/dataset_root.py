@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -52,30 +54,103 @@ def visible(name: str) -> bool:
     return not name.startswith((".", "_"))
 
 
-def walk_files(root: DatasetRoot) -> Iterator[str]:
-    """Paths of all visible files below root.path, each real file once."""
-    if root.real_root is None:  # remote: one recursive listing is far cheaper than one per folder
-        prefix = len(root.path.rstrip("/")) + 1
-        for info in sorted(root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True)), key=lambda i: i.path):
-            if info.type == pafs.FileType.File and all(map(visible, info.path[prefix:].split("/"))):
-                yield info.path
-        return
-    # Local: walk folder by folder, so a symlinked folder (an alias or a loop back up the tree,
-    # which pyarrow would follow ~40 levels deep) is entered at most once per real folder.
-    # Symlinked folders are visited last, so files are named by their real path when possible.
+# The files a walk yields, a batch at a time: their paths, sizes and modification times as the listing
+# got them (no second stat), and whether a local one escapes the root through a symlink.
+FILES_SCHEMA = pa.schema(
+    [("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("escapes", pa.bool_())]
+)
+BATCH_ROWS = 8192
+LIST_THREADS = 16  # concurrent listings of an object store's sub-prefixes
+
+
+class _Batches:
+    """Rows gathered into FILES_SCHEMA record batches of BATCH_ROWS."""
+
+    def __init__(self) -> None:
+        self.columns: tuple[list, ...] = ([], [], [], [])
+
+    def add(self, path: str, size: int | None, mtime_ns: int | None, escapes: bool = False) -> pa.RecordBatch | None:
+        for column, value in zip(self.columns, (path, size, mtime_ns, escapes)):
+            column.append(value)
+        return self.flush() if len(self.columns[0]) >= BATCH_ROWS else None
+
+    def flush(self) -> pa.RecordBatch | None:
+        if not self.columns[0]:
+            return None
+        batch = pa.RecordBatch.from_arrays(
+            [pa.array(c, f.type) for c, f in zip(self.columns, FILES_SCHEMA)], schema=FILES_SCHEMA
+        )
+        self.columns = ([], [], [], [])
+        return batch
+
+
+def file_infos_batch(infos: list[pafs.FileInfo], prefix: int) -> pa.RecordBatch | None:
+    """The visible files among infos (paths relative from `prefix` on) as one FILES_SCHEMA batch."""
+    batches = _Batches()
+    for info in infos:
+        if info.type == pafs.FileType.File and all(map(visible, info.path[prefix:].split("/"))):
+            batches.columns[0].append(info.path)
+            batches.columns[1].append(info.size)
+            batches.columns[2].append(info.mtime_ns)
+            batches.columns[3].append(False)
+    return batches.flush()
+
+
+def walk_files(root: DatasetRoot) -> Iterator[pa.RecordBatch]:
+    """All visible files below root.path, each real file once, as FILES_SCHEMA record batches (in no
+    particular order): the driver never holds one Python object per file of the whole dataset."""
+    if root.real_root is None:
+        yield from _walk_remote(root)
+    else:
+        yield from _walk_local(root)
+
+
+def _walk_remote(root: DatasetRoot) -> Iterator[pa.RecordBatch]:
+    """One recursive listing per top-level folder (far cheaper than one per folder), run in parallel."""
+    prefix = len(root.path.rstrip("/")) + 1
+    top = root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True))
+    first = file_infos_batch(top, prefix)
+    if first is not None:
+        yield first
+    folders = [i.path for i in top if i.type == pafs.FileType.Directory and visible(i.base_name)]
+
+    def list_folder(folder: str) -> pa.RecordBatch | None:
+        return file_infos_batch(root.fs.get_file_info(pafs.FileSelector(folder, recursive=True)), prefix)
+
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(folders)))) as pool:
+        for batch in pool.map(list_folder, folders):
+            if batch is not None:
+                yield batch
+
+
+def _walk_local(root: DatasetRoot) -> Iterator[pa.RecordBatch]:
+    """Folder by folder with os.scandir (a stream, not a list per folder), so that a symlinked folder (an
+    alias or a loop back up the tree, which pyarrow would follow ~40 levels deep) is entered at most once
+    per real folder. Symlinked folders are visited last, so files are named by their real path when possible."""
     pending, linked, seen = [root.path], [], set()
+    batches = _Batches()
     while pending or linked:
         folder = pending.pop() if pending else linked.pop(0)
         real = os.path.realpath(folder)
         if real in seen:
             continue
         seen.add(real)
+        folder_escapes = root.escapes(folder)
         subfolders = []
-        for info in root.listdir(folder):
-            if not visible(info.base_name):
-                continue
-            if info.type == pafs.FileType.File:
-                yield info.path
-            elif info.type == pafs.FileType.Directory:
-                (linked if os.path.islink(info.path) else subfolders).append(info.path)
-        pending.extend(reversed(subfolders))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not visible(entry.name):
+                    continue
+                if entry.is_file():
+                    stat = entry.stat()
+                    # Only a symlink or a folder outside can lead out of the root: realpath per file is costly.
+                    escapes = folder_escapes or (entry.is_symlink() and root.escapes(entry.path))
+                    batch = batches.add(entry.path, stat.st_size, stat.st_mtime_ns, escapes)
+                    if batch is not None:
+                        yield batch
+                elif entry.is_dir():
+                    (linked if entry.is_symlink() else subfolders).append(entry.path)
+        pending.extend(sorted(subfolders, reverse=True))
+    batch = batches.flush()
+    if batch is not None:
+        yield batch

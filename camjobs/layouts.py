@@ -36,7 +36,8 @@ line); if nothing matches and the root holds a single visible folder, that folde
 dataset root (a zip's wrapping folder).
 
 Every image named by a ground-truth CSV and every image file in the layout's image folders
-becomes exactly one ``ImageRecord``; records that must not be processed carry ``error_type``:
+becomes exactly one listing row (``camjobs.listing``: Arrow record batches, each file with its size
+and modification time); rows that must not be processed carry ``error_type``:
 
 - ``missing_file``  the CSV names an image that has no .jpg/.jpeg/.png file in the split's image
   folder(s); ``source_path`` is the first expected path, the message names the expected paths.
@@ -63,11 +64,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from camjobs.config import LAYOUTS
 from camjobs.dataset_root import DatasetRoot, visible, walk_files
 from camjobs.errors import UsageError
+from camjobs.listing import DatasetListing, ImageRecord, ListingBuilder
+
+__all__ = ["DatasetListing", "ImageRecord", "LayoutError", "check_label_column", "detect_layout", "list_images"]
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +83,6 @@ MASK_SUFFIX = "_segmentation"
 
 class LayoutError(UsageError, ValueError):
     """The dataset root does not match the requested (or any known) layout."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    image_id: str
-    source_path: str  # absolute local path, or "<scheme>://<path>" for remote file systems
-    label: str | None = None
-    mask_path: str | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-
-
-@dataclass(frozen=True)
-class DatasetListing:
-    layout: str
-    root: str
-    classes: list[str]
-    records: list[ImageRecord]
 
 
 # --------------------------------------------------------------------------- label rules
@@ -298,6 +286,11 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _image_paths(paths: pa.Array) -> pa.Array:
+    """_is_image on a column of paths."""
+    return pc.match_substring_regex(paths, r"\.(" + "|".join(e[1:] for e in IMAGE_EXTENSIONS) + ")$", ignore_case=True)
+
+
 def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
@@ -342,7 +335,7 @@ def _resolve(root: DatasetRoot, layout: str) -> tuple[str, DatasetRoot]:
         )
     if found:
         return found[0], root
-    if any(_is_image(path) for path in walk_files(root)):
+    if any(pc.any(_image_paths(batch["path"])).as_py() for batch in walk_files(root)):
         return "folder", root
     looked_for = "; ".join(f"{spec.looks_for} ({name})" for name, spec in _SPECS.items())
     raise LayoutError(
@@ -364,7 +357,9 @@ def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> list[dict]:
     missing = [c for c in (spec.id_column, *spec.label_columns) if c not in table.columns]
     if missing:
         raise LayoutError(f"{root.uri(path)} lacks required column(s) {', '.join(map(repr, missing))}")
-    return [{k: str(v).strip() for k, v in row.items()} for row in table.to_dict("records")]
+    # Only the columns the labels need: an archive's metadata.csv has dozens per image.
+    wanted = [c for c in dict.fromkeys((spec.id_column, *spec.label_columns, spec.label_column)) if c in table.columns]
+    return [{k: str(v).strip() for k, v in row.items()} for row in table[wanted].to_dict("records")]
 
 
 def _bad_id(image_id: str) -> bool:
@@ -378,17 +373,19 @@ def _bad_id(image_id: str) -> bool:
     )
 
 
-def _file_record(root: DatasetRoot, image_id: str, path: str, label=None, mask=None) -> ImageRecord:
+_FOLLOW = "use --follow-symlinks to allow"
+
+
+def _add_file(out: ListingBuilder, root: DatasetRoot, image_id: str, file: tuple, label=None, mask=None) -> None:
+    """One image file (path, size, mtime_ns) as a listing row."""
+    path, size, mtime_ns = file
+    error = {}
     if root.escapes(path):
-        return ImageRecord(
-            image_id,
-            root.uri(path),
-            label,
-            mask,
-            "invalid_path",
-            f"{path}: symlink outside the dataset root; use --follow-symlinks to allow",
-        )
-    return ImageRecord(image_id, root.uri(path), label, mask)
+        error = {
+            "error_type": "invalid_path",
+            "error_message": f"{path}: symlink outside the dataset root; {_FOLLOW}",
+        }
+    out.add(image_id, root.uri(path), label, mask, file_size=size, file_mtime_ns=mtime_ns, **error)
 
 
 def _masks(root: DatasetRoot, spec: _Spec) -> dict[str, str]:
@@ -406,9 +403,9 @@ def _masks(root: DatasetRoot, spec: _Spec) -> dict[str, str]:
     return masks
 
 
-def _split_images(root: DatasetRoot, spec: _Spec, folders: list[str]) -> dict[str, list[str]]:
-    """image_id -> paths of the image files in a split's folders (folder order, then name order)."""
-    files: dict[str, list[str]] = {}
+def _split_images(root: DatasetRoot, spec: _Spec, folders: list[str]) -> dict[str, list[tuple]]:
+    """image_id -> (path, size, mtime_ns) of the image files in a split's folders (folder order, then name order)."""
+    files: dict[str, list[tuple]] = {}
     for folder in folders:
         for info in root.listdir(root.join(folder)):
             name, stem = info.base_name, _stem(info.base_name)
@@ -418,13 +415,12 @@ def _split_images(root: DatasetRoot, spec: _Spec, folders: list[str]) -> dict[st
                 and not name.startswith(".")
                 and not stem.endswith(spec.skip_stem_suffixes)
             ):
-                files.setdefault(stem, []).append(info.path)
+                files.setdefault(stem, []).append((info.path, info.size, info.mtime_ns))
     return files
 
 
-def _list_spec(root: DatasetRoot, spec: _Spec) -> list[ImageRecord]:
+def _list_spec(root: DatasetRoot, spec: _Spec, out: ListingBuilder) -> None:
     masks = _masks(root, spec)
-    records: list[ImageRecord] = []
     found_any = False
     for split in spec.splits:
         folders = [d for d in split.image_dirs if root.exists(root.join(d), pafs.FileType.Directory)]
@@ -436,77 +432,69 @@ def _list_spec(root: DatasetRoot, spec: _Spec) -> list[ImageRecord]:
             image_id, label = row[spec.id_column], spec.label_rule(row, spec.classes)
             if _bad_id(image_id):  # never looked up on disk
                 where = f"{posixpath.basename(csv_path)} line {line}"
-                records.append(
-                    ImageRecord(
-                        image_id or f"<empty id: {where}>",
-                        "",
-                        label,
-                        None,
-                        "invalid_path",
-                        f"{where}: image id {image_id!r} is not a plain file name",
-                    )
+                out.add(
+                    image_id or f"<empty id: {where}>",
+                    "",
+                    label,
+                    error_type="invalid_path",
+                    error_message=f"{where}: image id {image_id!r} is not a plain file name",
                 )
                 continue
             named.add(image_id)
             if image_id not in files:
                 expected = [root.uri(root.join(d, image_id + ".jpg")) for d in folders or split.image_dirs]
-                records.append(
-                    ImageRecord(
-                        image_id,
-                        expected[0],
-                        label,
-                        masks.get(image_id),
-                        "missing_file",
-                        f"no image file for {image_id}: expected {' or '.join(expected)} (or .jpeg/.png, any case)",
-                    )
+                out.add(
+                    image_id,
+                    expected[0],
+                    label,
+                    masks.get(image_id),
+                    error_type="missing_file",
+                    error_message=f"no image file for {image_id}: expected {' or '.join(expected)} "
+                    "(or .jpeg/.png, any case)",
                 )
-            records.extend(
-                _file_record(root, image_id, path, label, masks.get(image_id)) for path in files.get(image_id, [])
-            )
-        for image_id, paths in files.items():  # image files the CSV does not name are inputs too
+            for file in files.get(image_id, []):
+                _add_file(out, root, image_id, file, label, masks.get(image_id))
+        for image_id, found in files.items():  # image files the CSV does not name are inputs too
             if image_id not in named:
-                records.extend(_file_record(root, image_id, path, None, masks.get(image_id)) for path in paths)
+                for file in found:
+                    _add_file(out, root, image_id, file, None, masks.get(image_id))
     if not found_any:
         wanted = sorted(
             ({d for s in spec.splits for d in s.image_dirs} | {c for s in spec.splits for c in s.csvs}) - {""}
         )
         raise LayoutError(f"{root.uri(root.path)} has none of the expected files/folders: {', '.join(wanted)}")
-    return records
 
 
-def _list_folder(root: DatasetRoot) -> list[ImageRecord]:
+def _list_folder(root: DatasetRoot, out: ListingBuilder) -> None:
+    """Every image below the root, a walk's batch at a time, on columns: image_id is the path below the
+    root without its extension."""
     prefix = len(root.path.rstrip("/")) + 1
-    records = [_file_record(root, _stem(path[prefix:]), path) for path in walk_files(root) if _is_image(path)]
-    if not records:
-        raise LayoutError(f"no {'/'.join(IMAGE_EXTENSIONS)} images below {root.uri(root.path)}")
-    return records
-
-
-def _unique_ids(records: list[ImageRecord]) -> list[ImageRecord]:
-    """Keep the first record per image_id; rename later ones "<id>#2", "#3"... as duplicates."""
-    records = sorted(records, key=lambda r: (r.image_id, r.error_type is not None, r.source_path))
-    taken = {r.image_id for r in records}
-    result, first = [], None
-    for record in records:
-        if first is None or record.image_id != first.image_id:
-            first, count = record, 1
-            result.append(record)
+    uri_prefix = "" if root.scheme is None else f"{root.scheme}://"
+    found = 0
+    for batch in walk_files(root):
+        files = pa.Table.from_batches([batch]).filter(_image_paths(batch["path"]))
+        if files.num_rows == 0:
             continue
-        count += 1
-        while f"{record.image_id}#{count}" in taken:
-            count += 1
-        new_id = f"{record.image_id}#{count}"
-        taken.add(new_id)
-        result.append(
-            replace(
-                record,
-                image_id=new_id,
-                error_type=record.error_type or "duplicate_id",
-                error_message=record.error_message
-                or f"image_id {record.image_id!r} already used by {first.source_path}",
+        found += files.num_rows
+        paths = files["path"]
+        outside = files["escapes"]
+        message = pc.binary_join_element_wise(
+            paths, ": symlink outside the dataset root; use --follow-symlinks to allow", ""
+        )
+        out.add_table(
+            pa.table(
+                {
+                    "image_id": pc.replace_substring_regex(pc.utf8_slice_codeunits(paths, prefix), r"\.[^.]*$", ""),
+                    "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
+                    "error_type": pc.if_else(outside, pa.scalar("invalid_path"), pa.scalar(None, pa.string())),
+                    "error_message": pc.if_else(outside, message, pa.scalar(None, pa.string())),
+                    "file_size": files["size"],
+                    "file_mtime_ns": files["mtime_ns"],
+                }
             )
         )
-    return sorted(result, key=lambda r: r.image_id)
+    if not found:
+        raise LayoutError(f"no {'/'.join(IMAGE_EXTENSIONS)} images below {root.uri(root.path)}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -562,14 +550,17 @@ def _labelled_by(root: DatasetRoot, layout: str, spec: _Spec | None, column: str
 def list_images(
     uri: str, layout: str = "auto", *, follow_symlinks: bool = False, label_column: str | None = None
 ) -> DatasetListing:
-    """All images of the dataset at uri as records sorted by image_id (see the module docstring).
+    """All images of the dataset at uri as an Arrow table sorted by image_id (see the module docstring).
 
     label_column: the CSV column that holds the labels, for a layout that lets one choose (isic-archive)."""
     if layout != "auto" and layout not in LAYOUTS:
         raise LayoutError(f"unknown layout {layout!r}; expected 'auto' or one of {', '.join(LAYOUTS)}")
     layout, root = _resolve(_open_root(uri, follow_symlinks), layout)
     spec = _labelled_by(root, layout, _SPECS.get(layout), label_column)
-    records = _list_folder(root) if spec is None else _list_spec(root, spec)
+    out = ListingBuilder()
+    _list_folder(root, out) if spec is None else _list_spec(root, spec, out)
+    table = out.table()
     # A layout without a fixed vocabulary has the classes its labels name.
-    classes = list(spec.classes) if spec and spec.classes else sorted({r.label for r in records if r.label})
-    return DatasetListing(layout, uri, classes, _unique_ids(records))
+    named = pc.unique(table["label"].drop_null()).to_pylist()
+    classes = list(spec.classes) if spec and spec.classes else sorted(label for label in named if label)
+    return DatasetListing(layout, uri, classes, table)

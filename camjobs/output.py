@@ -2,6 +2,8 @@
 
     OUTPUT/cams/<run_id>/part-*.parquet      rows of CAMS_SCHEMA, one folder per published run
     OUTPUT/errors/<run_id>/part-*.parquet    rows of ERRORS_SCHEMA, likewise
+    OUTPUT/fingerprints/<run_id>/part-*.parquet  rows of FINGERPRINTS_SCHEMA: files an incremental run hashed
+                                             and found unchanged, with their new fingerprint (done_rows)
     OUTPUT/runs/<run_id>.json                a run's summary: its commit record
     OUTPUT/_staging/<run_id>/{cams,errors}/  a run's rows while it writes them
     OUTPUT/_lock.json                        the run that is writing now: a lease it renews (camjobs.lock)
@@ -10,9 +12,9 @@ The commit protocol, which keeps half-finished runs invisible:
 1. Write tasks (camjobs.pipeline.sink's Datasink) write each task's rows into _staging/<run_id>/. Readers
    never look there: pyarrow.dataset skips paths that start with "_" or ".".
 2. When every row is written, the driver writes the run's summary with status "publishing", which hides
-   the run's rows from the readers here, and moves the staged folders into place, cams/<run_id>/ and
-   errors/<run_id>/ (one rename each on a local disk, file by file on object stores). A write that
-   fails drops its staging.
+   the run's rows from the readers here, and moves the staged folders into place, cams/<run_id>/,
+   errors/<run_id>/ and fingerprints/<run_id>/ where there is one (one rename each on a local disk, file
+   by file on object stores). A write that fails drops its staging.
 3. Last, the summary is rewritten with status "completed" (temporary name, then a rename; one PUT on
    object stores): the commit, one atomic step. A run without a completed summary did not finish.
 Each run's folder always holds at least one file, empty if need be, so that cams/ and errors/
@@ -26,6 +28,13 @@ the commit (or by the next run, if this one dies in between), so that readers of
 files (pandas.read_parquet) see no duplicate either. A reader that listed the old files just before
 the commit and opens them after the deletion gets FileNotFoundError (an error, never a wrong row);
 reading again gives the new rows. --append keeps both, and says so in its summary.
+
+Incremental runs (done_rows): an image is done when a live cams row has its id and the run's settings;
+the listing skips it unopened where the file's fingerprint (size, mtime, ETag where both have one) is
+that row's, and the decode stage hashes it where not. A touched file whose hash is still the row's is
+skipped too, and its new fingerprint goes to fingerprints/<run_id>/, published with the run and read
+by done_rows beside cams/ (for runs with the same settings, live as cams rows are), so that the next
+run skips it unopened.
 
 Which rows are live is decided here, once (run_index, open_cams): every run folder in cams/ but those
 of runs still publishing (or that died publishing) and those a completed run superseded. Every reader,
@@ -53,10 +62,12 @@ import pyarrow.parquet as pq
 
 from camjobs.config import WriteMode
 from camjobs.errors import UsageError
-from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA, SETTINGS_ADDED, SETTINGS_COLUMNS
+from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA, FINGERPRINTS_SCHEMA, SETTINGS_ADDED, SETTINGS_COLUMNS
 from camjobs.storage import open_filesystem
 
 TABLES = {"cams": CAMS_SCHEMA, "errors": ERRORS_SCHEMA}
+FINGERPRINTS = "fingerprints"  # touched files an incremental run found unchanged (done_rows)
+RUN_FOLDERS = (*TABLES, FINGERPRINTS)  # the folders that hold a folder per run
 RUNS = "runs"
 STAGING = "_staging"
 LOCK_NAME = "_lock.json"
@@ -161,6 +172,9 @@ def publish_run(output: str, run_id: str, summary: dict) -> str:
             pq.write_table(schema.empty_table(), f"{source}/part-empty.parquet", filesystem=out.fs)
         out.fs.create_dir(out.table(name), recursive=True)
         _move_dir(out.fs, source, destination)
+    if out.is_dir(f"{staged}/{FINGERPRINTS}"):  # only an incremental run that found touched files has any
+        out.fs.create_dir(out.table(FINGERPRINTS), recursive=True)
+        _move_dir(out.fs, f"{staged}/{FINGERPRINTS}", out.table(FINGERPRINTS, run_id))
     summary_path = _write_summary(out, run_id, {**summary, "status": summary.get("status", COMPLETED)})
     out.fs.delete_dir(staged)
     _remove_empty_staging(out)
@@ -181,7 +195,7 @@ def _delete_rows(out: OutputDir, run_ids: Iterable[str], why: str) -> None:
     """Delete runs' folders in cams/ and errors/ that readers already skip; best effort, since they stay
     hidden, and the next run tries again (remove_unfinished)."""
     for run_id in run_ids:
-        for name in TABLES:
+        for name in RUN_FOLDERS:
             folder = out.table(name, run_id)
             try:
                 if out.is_dir(folder):
@@ -226,7 +240,7 @@ def remove_unfinished(out: OutputDir) -> None:
 
 
 def _run_folders(out: OutputDir) -> set[str]:
-    return {run_id for name in TABLES for run_id in out.run_parts(name)}
+    return {run_id for name in RUN_FOLDERS for run_id in out.run_parts(name)}
 
 
 # --------------------------------------------------------------------------- which runs are live
@@ -332,24 +346,37 @@ def settings_filter(settings: Mapping[str, Any]) -> pc.Expression:
 
 
 # --------------------------------------------------------------------------- incremental runs
-def item_key(image_id: str, content_sha256: str) -> str:
-    """An image's key for incremental runs: a changed file under the same name is another image."""
-    return f"{image_id}\x00{content_sha256}"
+DONE_COLUMNS = ("image_id", "content_sha256", "file_size", "file_mtime_ns", "file_etag")
 
 
-def existing_keys(output: str, settings: dict[str, Any]) -> frozenset[str]:
-    """Keys of the rows in OUTPUT/cams written with exactly these settings (none without cams/).
+def done_rows(output: str, settings: Mapping[str, Any]) -> pa.Table:
+    """What an incremental run has done before: (image_id, content_sha256, file_size, file_mtime_ns,
+    file_etag) of every live cams row written with exactly these settings, and of the fingerprints/ rows
+    of live runs with these settings (touched files found unchanged). An empty table without cams/.
 
-    The output-affecting settings (model fingerprint, method, threshold, target mode, input
-    size, refinement) are part of the match, so any change reprocesses every image. Read once,
-    with a column projection and the filter pushed down to Parquet: a run over 400k images
-    makes no per-image round trip to the output."""
+    The output-affecting settings (model fingerprint, method, threshold, target mode, input size,
+    refinement) are part of the match, so any change reprocesses every image. Read once, as Arrow, with
+    a column projection and the filter pushed down to Parquet: no per-image round trip, no Python set."""
     condition = settings_filter(settings)
-    dataset = _cams_dataset(OutputDir.open(output))
+    out = OutputDir.open(output)
+    schema = pa.schema([CAMS_SCHEMA.field(name) for name in DONE_COLUMNS])
+    index = _run_index(out)
+    dataset = _cams_dataset(out, index)
     if dataset is None:
-        return frozenset()
-    table = dataset.to_table(columns=["image_id", "content_sha256"], filter=condition)
-    return frozenset(map(item_key, table["image_id"].to_pylist(), table["content_sha256"].to_pylist()))
+        return schema.empty_table()
+    tables = [dataset.to_table(columns=list(DONE_COLUMNS), filter=condition)]
+    runs = {run for run, summary in index.summaries.items() if _same_settings(summary, settings)} - index.hidden
+    files = [path for run, paths in out.run_parts(FINGERPRINTS).items() if run in runs for path in paths]
+    if files:
+        touched = pads.dataset(files, schema=FINGERPRINTS_SCHEMA, filesystem=out.fs, format="parquet")
+        tables.append(touched.to_table(columns=list(DONE_COLUMNS)))
+    return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def _same_settings(summary: dict, settings: Mapping[str, Any]) -> bool:
+    """A run's summary says it was written with exactly these settings."""
+    theirs, wanted = summary.get("settings"), {**SETTINGS_ADDED, **settings}
+    return isinstance(theirs, dict) and all({**SETTINGS_ADDED, **theirs}.get(k) == wanted[k] for k in wanted)
 
 
 # --------------------------------------------------------------------------- write modes
@@ -359,11 +386,7 @@ def runs_with_settings(out: OutputDir, settings: Mapping[str, Any], index: RunIn
     dataset, found = _cams_dataset(out, index), set()
     if dataset is not None:
         found.update(dataset.to_table(columns=["run_id"], filter=settings_filter(settings))["run_id"].to_pylist())
-    wanted = {**SETTINGS_ADDED, **settings}
-    for run_id, summary in index.summaries.items():
-        theirs = summary.get("settings")
-        if isinstance(theirs, dict) and all({**SETTINGS_ADDED, **theirs}.get(k) == wanted[k] for k in wanted):
-            found.add(run_id)
+    found.update(run_id for run_id, summary in index.summaries.items() if _same_settings(summary, settings))
     return sorted(run for run in found - index.hidden if run is not None)
 
 

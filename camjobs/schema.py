@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
-# Version 2 added mask_rle, refined_boxes and refine (camjobs run --refine); version 3 added probs.
+SCHEMA_VERSION = 4
+# Version 2 added mask_rle, refined_boxes and refine (camjobs run --refine); version 3 added probs;
+# version 4 added the source file's fingerprint (file_size, file_mtime_ns, file_etag).
 # Readers accept files of earlier versions too: read through CAMS_SCHEMA, their missing columns
 # come back as nulls.
 
@@ -41,6 +42,15 @@ BOX_TYPE = pa.struct(
 
 # A binary mask in COCO's compressed run-length encoding (pycocotools.mask.encode, counts as
 # text): size is [height, width], the image's own size.
+# The source file as the listing saw it (pyarrow.fs.FileInfo): an incremental run skips an image whose
+# id and fingerprint match a done row without opening it. pyarrow.fs exposes no ETag, so file_etag is
+# null for now; where both sides have one it must match too.
+FINGERPRINT_FIELDS = (
+    pa.field("file_size", pa.int64()),
+    pa.field("file_mtime_ns", pa.int64()),
+    pa.field("file_etag", pa.string()),
+)
+
 RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
 CAMS_SCHEMA = pa.schema(
@@ -77,6 +87,7 @@ CAMS_SCHEMA = pa.schema(
         ("input_size", pa.int32()),
         ("run_id", pa.string()),
         ("schema_version", pa.int32()),
+        *FINGERPRINT_FIELDS,
     ],
     metadata={"camjobs.schema_version": str(SCHEMA_VERSION)},
 )
@@ -93,9 +104,20 @@ ERRORS_SCHEMA = pa.schema(
     metadata={"camjobs.schema_version": str(SCHEMA_VERSION)},
 )
 
-# What the listing stage hands to the decode stage (camjobs.layouts.ImageRecord).
+# The listing (camjobs.layouts.DatasetListing.table), which the job hands to the decode stage: one row per
+# input, with the file's fingerprint; done_sha256 is what an incremental run fills in for an image that has
+# done rows whose fingerprint differs: their content hashes, which the decode stage compares.
 LISTING_SCHEMA = pa.schema(
-    [(name, pa.string()) for name in ("image_id", "source_path", "label", "error_type", "error_message")]
+    [(name, pa.string()) for name in ("image_id", "source_path", "label", "mask_path", "error_type", "error_message")]
+    + list(FINGERPRINT_FIELDS)
+    + [pa.field("done_sha256", pa.list_(pa.string()))]
+)
+
+# OUTPUT/fingerprints/<run_id>/: the images an incremental run hashed and found unchanged (a touched file),
+# with the fingerprint they have now, so that the next run skips them without reading them again.
+FINGERPRINTS_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("content_sha256", pa.string()), *FINGERPRINT_FIELDS, ("run_id", pa.string())],
+    metadata={"camjobs.schema_version": str(SCHEMA_VERSION)},
 )
 
 # What flows out of the model actor into the sink: every column of both tables (an
@@ -109,6 +131,12 @@ RESULT_SCHEMA = pa.schema(
     # localize stage, and why the refinement failed on a row (counted in the run's summary).
     + [pa.field("refine_pixels", pa.binary()), pa.field("refine_error", pa.string())]
 )
+
+# Ray Data's numpy batches turn an int64 column with nulls into floats, where an mtime in nanoseconds
+# loses digits: inside the pipeline the fingerprint's integer columns carry this value for "none"
+# (camjobs.pipeline.job fills it in, camjobs.pipeline.sink turns it back into nulls).
+NO_INT = -(2**63)
+FINGERPRINT_INTS = ("file_size", "file_mtime_ns")
 
 # What an incremental run compares: a row with the same values in these columns, for the
 # same image_id and content_sha256, makes processing that image again pointless.

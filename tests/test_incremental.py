@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from PIL import Image
 from camjobs.config import ConfigError, RunConfig, WriteMode
 from camjobs.labels.verify import verify_output
 from camjobs.lock import OutputLocked, output_lock
-from camjobs.output import LOCK_NAME, existing_keys, open_cams, settings_filter
+from camjobs.output import LOCK_NAME, done_rows, open_cams, settings_filter
 from camjobs.pipeline.job import run_job
 
 pytestmark = pytest.mark.slow
@@ -76,15 +77,23 @@ def test_incremental_runs_process_only_new_or_changed_images(ray_cluster, tmp_pa
     assert other.summary["counts"]["processed"] == 12
 
 
-def test_existing_keys_filters_by_settings(ray_cluster, tmp_path):
+def test_done_rows_filter_by_settings_and_carry_the_files_fingerprints(ray_cluster, tmp_path):
     data, output = tmp_path / "data", tmp_path / "out"
     _write_images(data, ["x", "y"])
     result = run_job(_config(data, output, incremental=False))
     settings = result.summary["settings"]
-    assert len(existing_keys(str(output), settings)) == 2
-    assert existing_keys(str(output), {**settings, "method": "gradcam"}) == frozenset()
-    assert existing_keys(str(output), {**settings, "model_sha256": "0" * 64}) == frozenset()
-    assert existing_keys(str(tmp_path / "nothing-yet"), settings) == frozenset()
+    done = done_rows(str(output), settings).sort_by("image_id")
+    assert done["image_id"].to_pylist() == ["x", "y"]
+    stats = [os.stat(data / f"{name}.jpg") for name in ("x", "y")]  # the oracle: the file system's own stat
+    assert done["file_size"].to_pylist() == [s.st_size for s in stats]
+    assert done["file_mtime_ns"].to_pylist() == [s.st_mtime_ns for s in stats]
+    assert done["file_etag"].null_count == 2  # the local file system has none
+    assert done["content_sha256"].to_pylist() == [
+        hashlib.sha256((data / f"{name}.jpg").read_bytes()).hexdigest() for name in ("x", "y")
+    ]
+    assert done_rows(str(output), {**settings, "method": "gradcam"}).num_rows == 0
+    assert done_rows(str(output), {**settings, "model_sha256": "0" * 64}).num_rows == 0
+    assert done_rows(str(tmp_path / "nothing-yet"), settings).num_rows == 0
 
 
 def test_second_concurrent_run_is_refused(ray_cluster, tmp_path):

@@ -35,15 +35,13 @@ def test_plan_stages_sizes_each_stage_from_the_plan():
     )
     spec = ModelSpec(arch="resnet18", classes=("a", "b"))
     settings = {"input_size": 96, "refine": REFINE_METHOD}
-    keys = frozenset({"k1", "k2"})
-    decode, predict, localize = plan_stages(CFG, plan, spec, "run-1", settings, Tuning(localize_rows=7), skip_keys=keys)
+    decode, predict, localize = plan_stages(CFG, plan, spec, "run-1", settings, Tuning(localize_rows=7))
 
     assert (decode.name, decode.fn, decode.batch_size, decode.batch_format) == ("decode", decode_batch, 12, "numpy")
     assert (decode.num_cpus, decode.num_gpus) == (0.5, 0.0) and not decode.is_actor_pool
     assert dict(decode.fn_kwargs) == {
         "input_size": 96,
         "max_pixels": 1000,
-        "skip_keys": keys,
         "decode_on": "gpu",
         "refine_side": REFINE_SIDE,
     }
@@ -80,7 +78,7 @@ def test_plan_stages_without_refinement_or_earlier_runs():
     plain = RunConfig(data="d", output="o", model="resnet18", classes=["a", "b"])
     plan = plan_actors(plain, {"CPU": 4.0})
     decode, predict, localize = plan_stages(plain, plan, ModelSpec(), "r", {"input_size": 224, "refine": None})
-    assert decode.fn_kwargs["refine_side"] is None and decode.fn_kwargs["skip_keys"] == frozenset()
+    assert decode.fn_kwargs["refine_side"] is None and "skip_keys" not in decode.fn_kwargs
     assert localize.fn_kwargs["refine_method"] is None and localize.batch_size == Tuning().localize_rows
     assert (predict.num_gpus, predict.actors, predict.batch_size) == (0.0, 1, plan.batch_size)
 

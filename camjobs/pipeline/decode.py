@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from camjobs.config import DEFAULT_MAX_PIXELS
 from camjobs.images import ImageInputError, decode_reduced, inspect_header, read_bytes, resize_for_model
-from camjobs.output import item_key
+from camjobs.schema import FINGERPRINT_FIELDS
 from camjobs.segment import to_work
 
 
@@ -35,7 +35,6 @@ def decode_batch(
     *,
     input_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    skip_keys: frozenset[str] = frozenset(),
     decode_on: str = "cpu",
     refine_side: int | None = None,
 ) -> pa.Table:
@@ -43,8 +42,9 @@ def decode_batch(
 
     Rows already marked bad at listing time pass through; a row that fails here gets
     its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
-    An incremental run passes `skip_keys` (camjobs.output.item_key of image_id and
-    content hash): a matching file is read and hashed but not decoded, and marked skipped.
+    An incremental run fills in `done_sha256` on the rows whose image has done rows (but another
+    fingerprint, or --rehash): a file whose hash is one of them is not decoded, and marked skipped.
+    The file's fingerprint (file_size, file_mtime_ns, file_etag) goes on with every row.
     With decode_on="gpu" nothing is decoded here: the header is checked, and the file's
     bytes and EXIF orientation go on in `encoded` and `orientation` instead of `pixels`
     (the model actor decodes them, camjobs.pipeline.gpu_decode).
@@ -67,6 +67,7 @@ def decode_batch(
     refine_pixels: list[bytes | None] = [None] * count
     error_type = list(batch["error_type"])
     error_message = list(batch["error_message"])
+    done = batch.get("done_sha256")
     for row in range(count):
         if error_type[row] is not None:
             continue
@@ -74,7 +75,7 @@ def decode_batch(
         try:
             data = read_bytes(source)
             sha256[row] = hashlib.sha256(data).hexdigest()
-            if skip_keys and item_key(str(batch["image_id"][row]), sha256[row]) in skip_keys:
+            if done is not None and done[row] is not None and sha256[row] in set(done[row]):
                 skipped[row] = True
                 continue
             if on_device:
@@ -100,6 +101,8 @@ def decode_batch(
     columns["width"] = pa.array(width, pa.int32())
     columns["height"] = pa.array(height, pa.int32())
     columns["skipped"] = pa.array(skipped, pa.bool_())
+    for field in FINGERPRINT_FIELDS:
+        columns[field.name] = pa.array(batch[field.name], field.type)
     if refine_side:
         columns["refine_pixels"] = pa.array(refine_pixels, pa.binary())
     if on_device:

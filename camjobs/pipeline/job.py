@@ -34,16 +34,17 @@ from camjobs.config import RunConfig
 from camjobs.errors import EXIT_ERROR_BUDGET, EXIT_OK
 from camjobs.interrupt import Stopped, deferred, sigterm_kept
 from camjobs.layouts import DatasetListing, list_images
+from camjobs.listing import match_done
 from camjobs.lock import output_lock
 from camjobs.models.networks import LoadedModel
-from camjobs.output import existing_keys, publish_run, runs_to_replace
+from camjobs.output import done_rows, publish_run, runs_to_replace
 from camjobs.pipeline.decode import decode_batch
 from camjobs.pipeline.localize import localize_batch
 from camjobs.pipeline.predictor import CamPredictor, ModelSpec
 from camjobs.pipeline.sink import CamParquetSink, SinkStats
 from camjobs.pipeline.stages import Stage, StageLike, build_pipeline
 from camjobs.preflight import check_run
-from camjobs.schema import LISTING_SCHEMA, SCHEMA_VERSION
+from camjobs.schema import FINGERPRINT_INTS, NO_INT, SCHEMA_VERSION
 from camjobs.segment import REFINE_METHOD, REFINE_SIDE
 
 log = logging.getLogger(__name__)
@@ -135,20 +136,16 @@ def plan_stages(
     run_id: str,
     settings: dict,
     tuning: Tuning = Tuning(),
-    *,
-    skip_keys: frozenset[str] = frozenset(),
 ) -> tuple[Stage, ...]:
     """The job's three stages (decode, predict, localize), sized by the plan.
 
-    `settings` are the run's (model input size, refinement); `skip_keys` the items an
-    incremental run has done before (output.existing_keys)."""
+    `settings` are the run's (model input size, refinement)."""
     decode = Stage(
         "decode",
         decode_batch,
         fn_kwargs={
             "input_size": settings["input_size"],
             "max_pixels": cfg.max_pixels,
-            "skip_keys": skip_keys,
             "decode_on": cfg.decode_on,
             "refine_side": REFINE_SIDE if cfg.refine else None,
         },
@@ -188,11 +185,11 @@ def plan_stages(
     return decode, predict, localize
 
 
-def listing_blocks(records: list, rows_per_block: int, max_blocks: int = 5000) -> list[pa.Table]:
-    """The listing as typed Arrow blocks: typed, so an all-null column stays a string column."""
-    table = pa.Table.from_pylist(
-        [{name: getattr(record, name) for name in LISTING_SCHEMA.names} for record in records], schema=LISTING_SCHEMA
-    )
+def listing_blocks(table: pa.Table, rows_per_block: int, max_blocks: int = 5000) -> list[pa.Table]:
+    """The pending listing rows (schema.LISTING_SCHEMA) as blocks for the pipeline, slices of one table:
+    typed, so an all-null column stays a string column; the fingerprint's integers with NO_INT for none."""
+    for name in FINGERPRINT_INTS:
+        table = table.set_column(table.schema.get_field_index(name), name, table[name].fill_null(NO_INT))
     rows_per_block = max(rows_per_block, -(-table.num_rows // max_blocks))
     return [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
 
@@ -323,9 +320,10 @@ class Prepared:
     spec: ModelSpec
     model: LoadedModel
     settings: dict
-    skip_keys: frozenset[str]
+    pending: pa.Table  # the listing's rows that go to the pipeline (schema.LISTING_SCHEMA)
+    skipped_unopened: int  # done before, same fingerprint: skipped without a Ray task (listing.match_done)
     supersedes: tuple[str, ...]  # the runs whose rows an --overwrite run replaces
-    plan: ActorPlan
+    plan: ActorPlan | None  # None: nothing to process, Ray not started
     started: float
     listed: float
     ray_ready: float
@@ -349,16 +347,22 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
         "refine": REFINE_METHOD if cfg.refine else None,
     }
     supersedes = runs_to_replace(cfg.output, settings, cfg.write_mode)
-    skip_keys = existing_keys(cfg.output, settings) if cfg.incremental else frozenset()
+    pending, unopened = listing.table, 0
+    if cfg.incremental:
+        pending, unopened = match_done(listing.table, done_rows(cfg.output, settings), rehash=cfg.rehash)
     listed = time.time()
     log.info(
         "%d inputs (%s layout), model %s (%s)%s",
-        len(listing.records),
+        len(listing),
         listing.layout,
         model.arch,
         model.model_sha256[:12],
-        f", {len(skip_keys)} done before" if cfg.incremental else "",
+        f", {unopened} unchanged since done (skipped unopened)" if cfg.incremental else "",
     )
+    if pending.num_rows == 0:  # nothing needs the model: no Ray, no pipeline
+        return Prepared(
+            run_id, listing, spec, model, settings, pending, unopened, supersedes, None, started, listed, listed
+        )
 
     init_ray(cfg.address, quiet=not log.isEnabledFor(logging.DEBUG))  # Ray's own lines with --verbose
     plan = plan_actors(cfg, ray.cluster_resources(), model.input_size, tuning)
@@ -373,18 +377,17 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
     )
     if cfg.decode_on == "gpu" and not plan.num_gpus:
         log.warning("--decode-on gpu without GPU actors: the model actors decode the images on their CPU")
-    return Prepared(run_id, listing, spec, model, settings, skip_keys, supersedes, plan, started, listed, time.time())
+    ready = time.time()
+    return Prepared(run_id, listing, spec, model, settings, pending, unopened, supersedes, plan, started, listed, ready)
 
 
 def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: Adapt | None) -> SinkStats:
     """The planned stages (as `adapt` changes them) over the listing, written through the sink."""
     plan = prepared.plan
     sink = CamParquetSink(cfg.output, prepared.run_id)
-    if prepared.listing.records:
-        stages = plan_stages(
-            cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning, skip_keys=prepared.skip_keys
-        )
-        dataset = ray.data.from_arrow(listing_blocks(prepared.listing.records, plan.decode_rows))
+    if plan is not None and prepared.pending.num_rows:
+        stages = plan_stages(cfg, plan, prepared.spec, prepared.run_id, prepared.settings, tuning)
+        dataset = ray.data.from_arrow(listing_blocks(prepared.pending, plan.decode_rows))
         dataset = build_pipeline(dataset, adapt(stages) if adapt else stages)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": plan.stage_cpus})
     return sink.stats or SinkStats()
@@ -392,8 +395,8 @@ def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: 
 
 def _summarize(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: float) -> RunResult:
     """Check that every input is accounted for once, publish the run's summary, and say how it went."""
-    run_id, inputs = prepared.run_id, len(prepared.listing.records)
-    processed, errors, skipped = stats.processed, stats.errors, stats.skipped
+    run_id, inputs = prepared.run_id, len(prepared.listing)
+    processed, errors, skipped = stats.processed, stats.errors, stats.skipped + prepared.skipped_unopened
     # Every input ends up exactly once in cams, errors or skipped; anything else is a bug.
     if processed + errors + skipped != inputs:
         raise RuntimeError(
@@ -417,7 +420,7 @@ def _summarize(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: f
 
 def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: float) -> dict:
     """The run's summary (runs/<run_id>.json): config, model, settings, counts, plan, timings."""
-    model, inputs = prepared.model, len(prepared.listing.records)
+    model, inputs = prepared.model, len(prepared.listing)
     started, listed, ray_ready = prepared.started, prepared.listed, prepared.ray_ready
     return {
         "run_id": prepared.run_id,
@@ -440,13 +443,15 @@ def _summary(cfg: RunConfig, prepared: Prepared, stats: SinkStats, finished: flo
         "counts": {
             "inputs": inputs,
             "processed": stats.processed,
-            "skipped": stats.skipped,
+            "skipped": stats.skipped + prepared.skipped_unopened,
+            "skipped_fingerprint": prepared.skipped_unopened,  # same size and mtime: never opened
+            "skipped_hash": stats.skipped,  # read and hashed: same content
             "errors": stats.errors,
             **({"refine_failed": stats.refine_failed} if cfg.refine else {}),
         },
         "error_types": dict(stats.error_types),
         "rows_per_node": dict(stats.rows_per_node),
-        "actors": dataclasses.asdict(prepared.plan),
+        "actors": dataclasses.asdict(prepared.plan) if prepared.plan else None,
         "timings": {
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "list_and_load_s": round(listed - started, 3),

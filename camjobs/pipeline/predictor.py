@@ -126,7 +126,7 @@ class CamPredictor:
                 pixels, good = pixels[decoded], [good[i] for i in decoded]
             if good:
                 self._explain(batch, pixels, good, columns, error_type, error_message)
-        for name in ("image_id", "source_path", "label", "content_sha256"):
+        for name in ("image_id", "source_path", "label", "content_sha256", "file_size", "file_mtime_ns", "file_etag"):
             columns[name] = list(batch[name])
         ok = [e is None and not s for e, s in zip(error_type, skipped)]
         columns["width"] = [w if k else None for w, k in zip(width, ok)]

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from camjobs.output import TABLES, drop_staging, staging_dir
+from camjobs.output import FINGERPRINTS, TABLES, drop_staging, staging_dir
+from camjobs.schema import FINGERPRINT_INTS, FINGERPRINTS_SCHEMA, NO_INT
 from camjobs.storage import open_filesystem
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class SinkStats:
     processed: int = 0
     errors: int = 0
-    skipped: int = 0
+    skipped: int = 0  # hashed and found unchanged (an incremental run)
     refine_failed: int = 0  # cams rows whose refinement failed (their CAM columns are intact)
     rows_per_node: Counter = field(default_factory=Counter)
     error_types: Counter = field(default_factory=Counter)
@@ -42,6 +43,15 @@ class SinkStats:
         self.refine_failed += other.refine_failed
         self.rows_per_node.update(other.rows_per_node)
         self.error_types.update(other.error_types)
+
+
+def _fingerprint_nulls(table: pa.Table) -> pa.Table:
+    """The fingerprint's integer columns with schema.NO_INT (the pipeline's "none") as nulls again."""
+    for name in FINGERPRINT_INTS:
+        column = table[name]
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, pc.if_else(pc.equal(column, NO_INT), pa.scalar(None, pa.int64()), column))
+    return table
 
 
 class CamParquetSink(Datasink[SinkStats]):
@@ -60,18 +70,21 @@ class CamParquetSink(Datasink[SinkStats]):
         try:
             for block in blocks:
                 table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+                table = _fingerprint_nulls(table)
                 skipped = table["skipped"].fill_null(False)
                 stats.skipped += pc.sum(skipped.cast(pa.int64())).as_py() or 0
+                touched = table.filter(skipped)  # their new fingerprint, so that the next run skips them unopened
                 table = table.filter(pc.invert(skipped))
                 failed = pc.is_valid(table["error_type"])
-                parts = {"cams": table.filter(pc.invert(failed)), "errors": table.filter(failed)}
+                parts = {"cams": table.filter(pc.invert(failed)), "errors": table.filter(failed), FINGERPRINTS: touched}
                 for name, rows in parts.items():
                     if rows.num_rows == 0:
                         continue
+                    schema = TABLES.get(name, FINGERPRINTS_SCHEMA)
                     if name not in writers:
                         fs.create_dir(f"{base}/{name}", recursive=True)
-                        writers[name] = pq.ParquetWriter(f"{base}/{name}/{part}", TABLES[name], filesystem=fs)
-                    writers[name].write_table(rows.select(TABLES[name].names).cast(TABLES[name]))
+                        writers[name] = pq.ParquetWriter(f"{base}/{name}/{part}", schema, filesystem=fs)
+                    writers[name].write_table(rows.select(schema.names).cast(schema))
                 stats.processed += parts["cams"].num_rows
                 stats.errors += parts["errors"].num_rows
                 stats.refine_failed += parts["cams"].num_rows - parts["cams"]["refine_error"].null_count
