@@ -272,7 +272,7 @@ def child_list(root: str, layout: str) -> None:
 
     started = time.time()
     found = list_images(root, layout)
-    count = len(found.records) if hasattr(found, "records") else sum(1 for _ in found)
+    count = found.table.num_rows if hasattr(found, "table") else len(found.records)  # no object per image
     harness.emit(
         {"listed": count, "list_s": round(time.time() - started, 2), "hwm_mib": round(_hwm(os.getpid()) / 2**20, 1)}
     )
