@@ -177,7 +177,7 @@ def render(figures: dict) -> str:
         lines += [
             "",
             f"Nothing new, {empty['images']:,} images: {run['wall_s']} s spawn to exit (exit {run['returncode']}), "
-            f"driver peak RSS {run['driver_peak_rss_mib']:,} MiB, {run['processes']} processes, counts "
+            f"driver peak RSS {run['driver_peak_rss_mib']:,} MiB, processes {run['processes']}; counts "
             f"{', '.join(f'{k} {v:,}' for k, v in empty['counts'].items())}; timings "
             f"{', '.join(f'{k} {v}' for k, v in empty['timings'].items() if k != 'started_at')}.",
         ]
