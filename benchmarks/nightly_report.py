@@ -76,7 +76,9 @@ def targets(figures: dict) -> list[tuple[str, str, str]]:
             )
         )
     else:
+        error = night.get("compact_error", "")
         why = "not run" if not compacted else f"camjobs compact failed: {_failed(night['compact'])}"
+        why = "no `camjobs compact` in this checkout" if "No such command" in error else why
         rows.append((f"<= 1 cams file per {TARGETS['rows_per_file']:,} rows after compact", why, verdict(False)))
     empty = figures.get("nothing_new")
     if empty:
