@@ -27,6 +27,7 @@ The section goes to benchmarks/results-nightly.md (the round before it on this m
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -134,10 +135,12 @@ def opened_files(trace: Path, root: Path) -> dict:
             start = line.find("openat(")
             if start >= 0 and prefix in line:
                 path = line[line.index('"', start) + 1 :].split('"', 1)[0]
-                if path.startswith(prefix):
+                if path.startswith(prefix) and os.path.isfile(path):  # not the folders the listing walks
                     opens.append(path)
     sizes = {path: os.path.getsize(path) for path in set(opens)}
-    return {"opens": len(opens), "files": len(sizes), "bytes": sum(sizes[p] for p in opens)}
+    counts = collections.Counter(path[len(prefix) :] for path in opens)
+    others = {name: n for name, n in counts.most_common() if n > 1 or not name.lower().endswith(".jpg")}
+    return {"opens": len(opens), "files": len(sizes), "bytes": sum(sizes[p] for p in opens), "not_once": others}
 
 
 def camjobs_command(*args: str) -> list[str]:

@@ -108,7 +108,9 @@ def _nightly_lines(night: dict) -> list[str]:
         *(
             [
                 f"| the archive's files opened (strace) | {o['opens']:,} opens of {o['files']:,} files, "
-                f"{mib(o['bytes'])} |"
+                f"{mib(o['bytes'])}"
+                + "".join(f"; {name} {n} x" for name, n in list(o.get("not_once", {}).items())[:5])
+                + " |"
             ]
             if (o := run.get("opened"))
             else []
@@ -160,8 +162,9 @@ def render(figures: dict) -> str:
         "",
         "The archive's files opened: every openat of a path below the archive's root by any process of the run "
         "(`strace -f`, which stops the run at each openat only: its wall time is, if anything, longer), each "
-        "counted with its file's whole size, metadata.csv included. rchar counts every read call of the run's "
-        "processes (Python's imports, the done rows, Ray's sockets as well as the images); read_bytes counts "
+        "counted with its file's whole size, metadata.csv included (not the folders the listing reads). rchar "
+        "counts every read call of the run's processes (Python's imports, the done rows, Ray's sockets as well "
+        "as the images); read_bytes counts "
         "the disk only, and the archive's links share a few hundred inodes that stay cached.",
         "",
         "| listing alone | images | process wall s | list_images s | peak RSS (VmHWM) |",
