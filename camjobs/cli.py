@@ -117,6 +117,10 @@ DecodeOnOption = Annotated[
         f"machines (default: {_default('decode_on')}).",
     ),
 ]
+RehashOption = Annotated[
+    bool | None,
+    typer.Option("--rehash", help="With --incremental: hash every image that has a row, even if size and mtime match."),
+]
 OverwriteOption = Annotated[
     bool | None,
     typer.Option(
@@ -211,11 +215,7 @@ def run(
     incremental: bool | None = typer.Option(
         None, "--incremental", help="Skip images that already have a row for this model and these settings."
     ),
-    rehash: bool | None = typer.Option(
-        None,
-        "--rehash",
-        help="With --incremental: read and hash every image that has a row, even where its size and mtime match.",
-    ),
+    rehash: RehashOption = None,
     overwrite: OverwriteOption = None,
     append: AppendOption = None,
     refine: RefineOption = None,
@@ -229,11 +229,8 @@ def run(
 
     SIGINT (Ctrl-C) or SIGTERM stops it cleanly: nothing is published, and it exits 130 or 143."""
     _setup_logging(verbose)
-    flags = dict(locals())
-    for name in ("config", "verbose"):
-        flags.pop(name)
+    flags = {name: value for name, value in locals().items() if name not in ("config", "verbose")}
     cfg = load_run_config(config, flags)
-
     with stop_on_signals():
         from camjobs.pipeline.job import run_job
 
@@ -427,6 +424,23 @@ def verify(
     )
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def compact(
+    output: str = typer.Option(..., "--output", help="Output directory or URI written by camjobs run."),
+    file_rows: int = typer.Option(1_000_000, min=1, help="Rows at which a rewritten file is full."),
+    file_mb: int = typer.Option(512, min=1, help="MiB at which a rewritten file is full."),
+) -> None:
+    """Rewrite a grown cams/ and errors/ into few large files, atomically; every reader keeps working."""
+    _setup_logging(False)
+    from camjobs.compact import compact as compact_output
+    from camjobs.parquet_files import FileTarget
+
+    result = compact_output(output, target=FileTarget(file_rows, file_mb * 2**20), progress=sys.stderr.isatty())
+    files = ", ".join(f"{name} {c['files_before']} -> {c['files_after']} files" for name, c in result.counts.items())
+    done = "nothing to do" if result.compaction_id is None else f"compaction {result.compaction_id}"
+    typer.echo(f"{done}: {files}; {sum(c.get('rows_dropped', 0) for c in result.counts.values())} hidden rows dropped")
 
 
 @app.command()

@@ -61,7 +61,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
@@ -345,7 +345,7 @@ def _resolve(root: DatasetRoot, layout: str) -> tuple[str, DatasetRoot]:
 
 
 # --------------------------------------------------------------------------- listing
-def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> list[dict]:
+def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> Iterator[dict]:
     import pandas as pd  # here: importing this module (for MASK_SUFFIX, LayoutError) stays light
 
     try:
@@ -359,7 +359,8 @@ def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> list[dict]:
         raise LayoutError(f"{root.uri(path)} lacks required column(s) {', '.join(map(repr, missing))}")
     # Only the columns the labels need: an archive's metadata.csv has dozens per image.
     wanted = [c for c in dict.fromkeys((spec.id_column, *spec.label_columns, spec.label_column)) if c in table.columns]
-    return [{k: str(v).strip() for k, v in row.items()} for row in table[wanted].to_dict("records")]
+    # One row's dict at a time, not one per row of the whole CSV at once.
+    return (dict(zip(wanted, (str(v).strip() for v in values))) for values in zip(*(table[c] for c in wanted)))
 
 
 def _bad_id(image_id: str) -> bool:
@@ -477,22 +478,19 @@ def _list_folder(root: DatasetRoot, out: ListingBuilder) -> None:
             continue
         found += files.num_rows
         paths = files["path"]
+        columns = {
+            "image_id": pc.replace_substring_regex(pc.utf8_slice_codeunits(paths, prefix), r"\.[^.]*$", ""),
+            "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
+            "file_size": files["size"],
+            "file_mtime_ns": files["mtime_ns"],
+        }
         outside = files["escapes"]
-        message = pc.binary_join_element_wise(
-            paths, ": symlink outside the dataset root; use --follow-symlinks to allow", ""
-        )
-        out.add_table(
-            pa.table(
-                {
-                    "image_id": pc.replace_substring_regex(pc.utf8_slice_codeunits(paths, prefix), r"\.[^.]*$", ""),
-                    "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
-                    "error_type": pc.if_else(outside, pa.scalar("invalid_path"), pa.scalar(None, pa.string())),
-                    "error_message": pc.if_else(outside, message, pa.scalar(None, pa.string())),
-                    "file_size": files["size"],
-                    "file_mtime_ns": files["mtime_ns"],
-                }
-            )
-        )
+        if pc.any(outside).as_py():  # else no error columns at all: null, and no buffer of messages kept
+            nothing = pa.scalar(None, pa.string())
+            message = pc.binary_join_element_wise(paths, ": symlink outside the dataset root; " + _FOLLOW, "")
+            columns["error_type"] = pc.if_else(outside, pa.scalar("invalid_path"), nothing)
+            columns["error_message"] = pc.if_else(outside, message, nothing)
+        out.add_table(pa.table(columns))
     if not found:
         raise LayoutError(f"no {'/'.join(IMAGE_EXTENSIONS)} images below {root.uri(root.path)}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -100,7 +101,7 @@ class ListingBuilder:
     def table(self) -> pa.Table:
         """Every row, ids made unique (unique_ids), sorted by image_id."""
         self._flush()
-        table = pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA).combine_chunks()
+        table = pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA)
         self.batches = []
         return unique_ids(table)
 
@@ -111,17 +112,17 @@ def unique_ids(table: pa.Table) -> pa.Table:
     Sorted by image_id. Column operations, but for the few duplicates."""
     if table.num_rows == 0:
         return table
-    has_error = pc.is_valid(table["error_type"])
-    keyed = table.append_column("_has_error", has_error)
-    order = pc.sort_indices(
-        keyed, sort_keys=[("image_id", "ascending"), ("_has_error", "ascending"), ("source_path", "ascending")]
+    keys = pa.table({"id": table["image_id"], "error": pc.is_valid(table["error_type"]), "path": table["source_path"]})
+    table = table.take(
+        pc.sort_indices(keys, sort_keys=[("id", "ascending"), ("error", "ascending"), ("path", "ascending")])
     )
-    table = table.take(order)
+    del keys
     ids = table["image_id"].combine_chunks()
     repeat = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
     duplicate = pa.concat_arrays([pa.array([False]), repeat.fill_null(False)])
-    if pc.any(duplicate).as_py():
-        table = _rename_duplicates(table, ids, duplicate)
+    if not pc.any(duplicate).as_py():
+        return table  # sorted by image_id already
+    table = _rename_duplicates(table, ids, duplicate)
     return table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending")]))
 
 
@@ -132,7 +133,7 @@ def _rename_duplicates(table: pa.Table, ids: pa.Array, duplicate: pa.BooleanArra
     rows = pc.indices_nonzero(duplicate).to_pylist()
     taken = set(pc.filter(ids, pc.match_substring(ids, "#")).to_pylist())
     dup_ids = ids.take(rows).to_pylist()
-    errors = table["error_type"].take(rows).to_pylist()
+    error_type = table["error_type"].take(rows).to_pylist()
     messages = table["error_message"].take(rows).to_pylist()
     firsts, count, previous = [], 1, None
     for i, (row, image_id) in enumerate(zip(rows, dup_ids)):
@@ -143,12 +144,12 @@ def _rename_duplicates(table: pa.Table, ids: pa.Array, duplicate: pa.BooleanArra
         while f"{image_id}#{count}" in taken:
             count += 1
         taken.add(f"{image_id}#{count}")
-        errors[i] = errors[i] or "duplicate_id"
+        error_type[i] = error_type[i] or "duplicate_id"
         dup_ids[i] = f"{image_id}#{count}"
     first_paths = table["source_path"].take(firsts).to_pylist()
     old_ids = ids.take(rows).to_pylist()
     messages = [m or f"image_id {old!r} already used by {p}" for m, old, p in zip(messages, old_ids, first_paths)]
-    for name, values in (("image_id", dup_ids), ("error_type", errors), ("error_message", messages)):
+    for name, values in (("image_id", dup_ids), ("error_type", error_type), ("error_message", messages)):
         column = pc.replace_with_mask(table[name].combine_chunks(), duplicate, pa.array(values, pa.string()))
         table = table.set_column(table.schema.get_field_index(name), name, column)
     return table
@@ -165,15 +166,10 @@ def match_done(listing: pa.Table, done: pa.Table, *, rehash: bool = False) -> tu
     if done.num_rows == 0:
         return listing, 0
     if not rehash:
-        keys = ["image_id", "file_size", "file_mtime_ns"]
-        candidates = rows.filter(pc.is_null(rows["error_type"])).select(["_row", *keys, "file_etag"])
-        matched = candidates.join(
-            done.select([*keys, "file_etag"]).rename_columns([*keys, "done_etag"]), keys=keys, join_type="inner"
-        )
-        etag, done_etag = matched["file_etag"], matched["done_etag"]
-        differs = pc.and_(pc.and_(pc.is_valid(etag), pc.is_valid(done_etag)), pc.not_equal(etag, done_etag))
-        unopened = pc.unique(matched.filter(pc.invert(differs.fill_null(False)))["_row"])
-        rows = rows.filter(pc.invert(pc.is_in(rows["_row"], value_set=unopened)))
+        unopened = np.zeros(rows.num_rows, dtype=bool)
+        unopened[_same_fingerprint(rows.filter(pc.is_null(rows["error_type"])), done)] = True
+        rows = rows.filter(pa.array(~unopened))
+    done = done.filter(pc.is_in(done["image_id"], value_set=rows["image_id"]))  # only the pending images' hashes
     hashes = done.group_by("image_id").aggregate([("content_sha256", "distinct")])
     hashes = hashes.append_column("_done", pa.array(range(hashes.num_rows), pa.int64()))
     joined = rows.select(["_row", "image_id"]).join(hashes.select(["image_id", "_done"]), keys="image_id")
@@ -181,3 +177,36 @@ def match_done(listing: pa.Table, done: pa.Table, *, rehash: bool = False) -> tu
     done_sha256 = hashes["content_sha256_distinct"].take(joined["_done"])
     pending = rows.drop_columns(["_row", "done_sha256"]).append_column("done_sha256", done_sha256)
     return pending.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA), listing.num_rows - rows.num_rows
+
+
+def _same_fingerprint(candidates: pa.Table, done: pa.Table) -> np.ndarray:
+    """The _row of each candidate with a done row of the same image_id and fingerprint. Each candidate is
+    compared with its image's first done row (a hash lookup, no join); the few whose image has other done
+    rows that may match are joined with those."""
+    fingerprint = ["file_size", "file_mtime_ns", "file_etag"]
+    first = pc.index_in(candidates["image_id"], value_set=done["image_id"])
+    same = _fingerprints_equal(candidates, done.select(fingerprint).take(first))
+    found = [candidates["_row"].filter(same).to_numpy()]
+    rest = candidates.filter(pc.and_(pc.invert(same), pc.is_valid(first)))
+    if rest.num_rows:
+        others = done.filter(pc.is_in(done["image_id"], value_set=rest["image_id"]))
+        if others.num_rows > rest.num_rows:  # some image has more than one done row
+            names = ["image_id", *fingerprint]
+            theirs = others.select(names).rename_columns(["image_id", *(f"done_{n}" for n in fingerprint)])
+            joined = rest.select(["_row", *names]).join(theirs, keys="image_id", join_type="inner")
+            done_side = joined.select([f"done_{n}" for n in fingerprint]).rename_columns(fingerprint)
+            found.append(joined["_row"].filter(_fingerprints_equal(joined, done_side)).to_numpy())
+    return np.concatenate(found)
+
+
+def _fingerprints_equal(ours: pa.Table, theirs: pa.Table) -> pa.Array:
+    """Row by row: same size and mtime, and the same ETag where both have one; false where any is null."""
+    etag, their_etag = ours["file_etag"], theirs["file_etag"]
+    etag_differs = pc.and_(pc.and_(pc.is_valid(etag), pc.is_valid(their_etag)), pc.not_equal(etag, their_etag))
+    same = pc.and_(
+        pc.and_(
+            pc.equal(ours["file_size"], theirs["file_size"]), pc.equal(ours["file_mtime_ns"], theirs["file_mtime_ns"])
+        ),
+        pc.invert(etag_differs.fill_null(False)),
+    )
+    return same.fill_null(False)

@@ -50,7 +50,7 @@ import logging
 import operator
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 
 from camjobs.config import WriteMode
 from camjobs.errors import UsageError
+from camjobs.parquet_files import DEFAULT_TARGET, FileTarget, rewrite, scan
 from camjobs.schema import CAMS_SCHEMA, ERRORS_SCHEMA, FINGERPRINTS_SCHEMA, SETTINGS_ADDED, SETTINGS_COLUMNS
 from camjobs.storage import open_filesystem
 
@@ -72,6 +73,7 @@ RUNS = "runs"
 STAGING = "_staging"
 LOCK_NAME = "_lock.json"
 PUBLISHING, COMPLETED = "publishing", "completed"  # a summary's status: before and after the commit
+COMPACTION = "compaction"  # the `kind` of a compaction's summary (camjobs.compact); a run's has none
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +125,25 @@ class OutputDir:
     def is_dir(self, path: str) -> bool:
         return self.kind(path) == pafs.FileType.Directory
 
+    def parquet_files(self, folder: str) -> list[str]:
+        """The Parquet files under a folder, sorted ([] where there is no such folder)."""
+        if not self.is_dir(folder):
+            return []
+        listed = self.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        return sorted(i.path for i in listed if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def num_rows(self, path: str) -> int:
+        """A Parquet file's rows, from its footer."""
+        with self.fs.open_input_file(path) as handle:
+            return pq.read_metadata(handle).num_rows
+
     def run_parts(self, name: str) -> dict[str, list[str]]:
-        """run_id -> its Parquet files, for cams/ or errors/ (run_id "" for files right in the table folder)."""
-        table_dir = self.table(name)
-        if not self.is_dir(table_dir):
-            return {}
+        """run_id -> its Parquet files, for cams/ or errors/ (run_id "" for files right in the table folder;
+        a compaction's folder is named by its id)."""
         runs: dict[str, list[str]] = defaultdict(list)
-        for info in self.fs.get_file_info(pafs.FileSelector(table_dir, recursive=True)):
-            if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
-                relative = info.path[len(table_dir) + 1 :]
-                runs[relative.split("/", 1)[0] if "/" in relative else ""].append(info.path)
+        for path in self.parquet_files(self.table(name)):
+            relative = path[len(self.table(name)) + 1 :]
+            runs[relative.split("/", 1)[0] if "/" in relative else ""].append(path)
         return dict(runs)
 
     def staged(self) -> list[str]:
@@ -156,9 +167,28 @@ def drop_staging(output: str, run_id: str) -> None:
     _remove_empty_staging(out)
 
 
-def publish_run(output: str, run_id: str, summary: dict) -> str:
+def merge_staged(output: str, run_id: str, target: FileTarget = DEFAULT_TARGET) -> dict[str, int]:
+    """Rewrite a run's staged parts (one per write task) into few large files, streamed; returns the
+    rows per table. Staging is invisible to readers, so no step of it needs to be atomic."""
+    out, rows = OutputDir.open(output), {}
+    for name, schema in TABLES.items():
+        folder = f"{out.staging(run_id)}/{name}"
+        files = out.parquet_files(folder)
+        if len(files) <= 1:
+            rows[name] = sum(out.num_rows(path) for path in files)
+            continue
+        merged = f"{folder}-merged"
+        rows[name] = sum(count for _, count in rewrite(out.fs, scan(out.fs, files, schema), schema, merged, target))
+        out.fs.delete_dir(folder)
+        _move_dir(out.fs, merged, folder)
+    return rows
+
+
+def publish_run(output: str, run_id: str, summary: dict, on_step: Callable[[str], None] | None = None) -> str:
     """Move a run's staged files into place and commit its summary (the module's protocol); then delete
-    the rows of the runs it supersedes (summary["supersedes"]). Returns the summary path."""
+    the rows of the runs it supersedes (summary["supersedes"]) and the files a compaction replaces
+    (summary["replaces"]). `on_step` hears "publishing" (files in place) and "committed". Returns the
+    summary path."""
     out = OutputDir.open(output)
     staged = out.staging(run_id)
     out.fs.create_dir(out.runs, recursive=True)
@@ -166,6 +196,8 @@ def publish_run(output: str, run_id: str, summary: dict) -> str:
     for name, schema in TABLES.items():
         source, destination = f"{staged}/{name}", out.table(name, run_id)
         if out.kind(source) == pafs.FileType.NotFound:
+            if summary.get("kind") == COMPACTION:
+                continue  # a compaction leaves a table it did not rewrite as it is
             out.fs.create_dir(source, recursive=True)
         files = out.fs.get_file_info(pafs.FileSelector(source))
         if not any(f.path.endswith(".parquet") for f in files):
@@ -175,10 +207,16 @@ def publish_run(output: str, run_id: str, summary: dict) -> str:
     if out.is_dir(f"{staged}/{FINGERPRINTS}"):  # only an incremental run that found touched files has any
         out.fs.create_dir(out.table(FINGERPRINTS), recursive=True)
         _move_dir(out.fs, f"{staged}/{FINGERPRINTS}", out.table(FINGERPRINTS, run_id))
+    if on_step:
+        on_step("publishing")
     summary_path = _write_summary(out, run_id, {**summary, "status": summary.get("status", COMPLETED)})
+    if on_step:
+        on_step("committed")
     out.fs.delete_dir(staged)
     _remove_empty_staging(out)
     _delete_rows(out, summary.get("supersedes", ()), "superseded by run " + run_id)
+    replaced = [f"{name}/{path}" for name, paths in summary.get("replaces", {}).items() for path in paths]
+    _delete_files(out, replaced, "replaced by compaction " + run_id)
     return summary_path if "://" in output else os.path.abspath(summary_path)
 
 
@@ -237,6 +275,30 @@ def remove_unfinished(out: OutputDir) -> None:
         _delete_rows(out, [run_id], "died while it published")
         out.fs.delete_file(out.summary(run_id))
     _delete_rows(out, sorted(index.superseded & _run_folders(out)), "superseded")
+    _delete_files(out, index.replaced, "replaced by a compaction")
+
+
+def _delete_files(out: OutputDir, relative: Iterable[str], why: str) -> None:
+    """Delete files of cams/ and errors/ (paths relative to the root) that readers already skip, and
+    their folders once empty; best effort, like _delete_rows."""
+    wanted = set(relative)
+    if not wanted:
+        return
+    folders = set()
+    for name in TABLES:
+        for path in out.parquet_files(out.table(name)):
+            if path[len(out.root) + 1 :] in wanted:
+                try:
+                    out.fs.delete_file(path)
+                    folders.add(path.rsplit("/", 1)[0])
+                except OSError as exc:
+                    log.warning("could not remove %s (%s): %s", path, why, exc)
+    if folders:
+        log.info("removed files of %d folder(s) (%s)", len(folders), why)
+    for folder in sorted(folders):
+        with contextlib.suppress(OSError):
+            if not out.parquet_files(folder) and folder.rsplit("/", 1)[0] in {out.table(n) for n in TABLES}:
+                out.fs.delete_dir(folder)
 
 
 def _run_folders(out: OutputDir) -> set[str]:
@@ -248,15 +310,25 @@ def _run_folders(out: OutputDir) -> set[str]:
 class RunIndex:
     """The output's runs as their summaries say: which are live, and how each was written."""
 
-    summaries: dict[str, dict]  # run_id -> its summary, every readable one
+    summaries: dict[str, dict]  # run_id -> its summary, every readable one (compactions' too)
     unreadable: dict[str, str]  # run_id -> why its summary cannot be read
     publishing: frozenset[str]  # runs publishing now, or that died doing it: not yet committed
     superseded: frozenset[str]  # runs whose rows a committed --overwrite run replaced
+    replaced: frozenset[str] = frozenset()  # files ("cams/<folder>/<file>") a committed compaction rewrote
 
     @property
     def hidden(self) -> frozenset[str]:
-        """Runs whose rows no reader sees."""
+        """Runs whose rows no reader sees (by the folder or, in a compaction's files, the run_id column)."""
         return self.publishing | self.superseded
+
+    @property
+    def compactions(self) -> frozenset[str]:
+        """The ids of the compactions (camjobs.compact) among the summaries: they hold no rows of their own."""
+        return frozenset(run for run, summary in self.summaries.items() if summary.get("kind") == COMPACTION)
+
+    def is_live(self, out: OutputDir, name: str, path: str) -> bool:
+        """Whether readers read this file of cams/ or errors/ (the rows of hidden runs in it aside)."""
+        return _run_of(out, name, path) not in self.hidden and path[len(out.root) + 1 :] not in self.replaced
 
     def write_mode(self, run_id: str) -> str:
         """How the run was written (error: no mode, as every run before write modes existed)."""
@@ -271,10 +343,16 @@ def run_index(output: str) -> RunIndex:
 def _run_index(out: OutputDir) -> RunIndex:
     summaries, unreadable = _read_summaries(out, None)
     publishing = frozenset(run for run, summary in summaries.items() if summary.get("status") == PUBLISHING)
-    superseded = frozenset(
-        old for run, summary in summaries.items() if run not in publishing for old in summary.get("supersedes", ())
+    committed = {run: summary for run, summary in summaries.items() if run not in publishing}
+    superseded = frozenset(old for summary in committed.values() for old in summary.get("supersedes", ()))
+    replaced = frozenset(
+        f"{name}/{path}"
+        for summary in committed.values()
+        if summary.get("kind") == COMPACTION
+        for name, paths in summary.get("replaces", {}).items()
+        for path in paths
     )
-    return RunIndex(summaries, unreadable, publishing, superseded)
+    return RunIndex(summaries, unreadable, publishing, superseded, replaced)
 
 
 def _run_of(out: OutputDir, name: str, path: str) -> str:
@@ -283,20 +361,45 @@ def _run_of(out: OutputDir, name: str, path: str) -> str:
     return relative.split("/", 1)[0] if "/" in relative else ""
 
 
+def _summary_stamps(out: OutputDir) -> frozenset[tuple]:
+    """Name, size and mtime of every file in runs/: a summary written or rewritten changes them."""
+    if not out.is_dir(out.runs):
+        return frozenset()
+    return frozenset((i.base_name, i.size, i.mtime_ns) for i in out.fs.get_file_info(pafs.FileSelector(out.runs)))
+
+
 # --------------------------------------------------------------------------- reading cams/
 def _cams_dataset(out: OutputDir, index: RunIndex | None = None) -> pads.Dataset | None:
     """The live rows of cams/ (run_index); None without cams/."""
-    if not out.is_dir(out.table("cams")):
+    return live_dataset(out, "cams", index)
+
+
+def live_dataset(out: OutputDir, name: str, index: RunIndex | None = None) -> pads.Dataset | None:
+    """The live rows of cams/ or errors/: the files of live runs and compactions, less the rows of hidden
+    runs in a compaction's files; None without the folder. Without `index` (a reader that holds no lock)
+    the summaries are read around the listing until runs/ stays the same, so that the index and the files
+    are of one moment: the rows before a commit or after it, never neither or both."""
+    if not out.is_dir(out.table(name)):
         return None
-    # Read through CAMS_SCHEMA: version-1 files come back with nulls in the columns added since.
-    dataset = pads.dataset(
-        out.table("cams"), schema=CAMS_SCHEMA, filesystem=out.fs, format="parquet", exclude_invalid_files=False
-    )
-    hidden = (index or _run_index(out)).hidden
-    if not hidden:
-        return dataset
-    live = [path for path in dataset.files if _run_of(out, "cams", path) not in hidden]
-    return pads.dataset(live, schema=CAMS_SCHEMA, filesystem=out.fs, format="parquet", exclude_invalid_files=False)
+    for _ in range(10):
+        before = _summary_stamps(out) if index is None else frozenset()
+        current = index or _run_index(out)
+        # Read through the table's schema: version-1 files come back with nulls in the columns added since.
+        dataset = pads.dataset(
+            out.table(name), schema=TABLES[name], filesystem=out.fs, format="parquet", exclude_invalid_files=False
+        )
+        if index is not None or _summary_stamps(out) == before:
+            break
+    else:
+        raise OSError(f"{out.runs} kept changing while {out.table(name)} was listed: read again")
+    live = [path for path in dataset.files if current.is_live(out, name, path)]
+    if len(live) != len(dataset.files):
+        dataset = pads.dataset(
+            live, schema=TABLES[name], filesystem=out.fs, format="parquet", exclude_invalid_files=False
+        )
+    if current.hidden:
+        dataset = dataset.filter(pc.invert(pc.field("run_id").isin(sorted(current.hidden))))
+    return dataset
 
 
 def open_cams(output: str) -> pads.Dataset:

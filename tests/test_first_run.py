@@ -197,7 +197,8 @@ def test_a_normal_run_prints_no_ray_lines_records_absolute_paths_and_leaves_no_s
         assert os.path.isabs(config[name]) and Path(config[name]).samefile(where), (name, config[name])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cams", "errors", "runs"]  # no _staging/
 
-    verbose = _camjobs(tmp_path, *args, "--incremental", "--verbose")
+    # --rehash: every image is read and hashed in the pipeline (else, with nothing new, Ray is not started)
+    verbose = _camjobs(tmp_path, *args, "--incremental", "--rehash", "--verbose")
     assert verbose.returncode == 0, verbose.stdout + verbose.stderr
     assert "Starting execution of Dataset" in verbose.stdout + verbose.stderr  # Ray Data's own log line
     assert "6 skipped" in verbose.stdout

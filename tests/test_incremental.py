@@ -234,3 +234,94 @@ def test_verify_export_evaluate_and_viz_read_the_same_live_rows(ray_cluster, isi
     )
     with pytest.raises(Exception, match="no rows of run"):
         evaluate_output(str(output), data=str(isic2017_mini), run_id=first.run_id, write=False)
+
+
+# --------------------------------------------------------------------------- fingerprints
+def _counts(result) -> tuple[int, int, int, int, int]:
+    c = result.summary["counts"]
+    assert c["inputs"] == c["processed"] + c["errors"] + c["skipped"]  # exactly once
+    assert c["skipped"] == c["skipped_fingerprint"] + c["skipped_hash"]
+    return c["processed"], c["errors"], c["skipped_fingerprint"], c["skipped_hash"], c["inputs"]
+
+
+def _same_size_garbage(path: Path) -> None:
+    """Other bytes of the same length, with the old mtime: only a reader of the file can tell."""
+    stat = path.stat()
+    path.write_bytes(b"\x00" * stat.st_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_fingerprint_skip_never_opens_the_file_and_a_touched_file_is_hashed_once(ray_cluster, tmp_path):
+    data, output = tmp_path / "data", tmp_path / "out"
+    _write_images(data, ["a", "b", "c", "d"])
+    (data / "bad.jpg").write_bytes(b"not a jpeg")  # an error: tried again on every run, never skipped
+    _write_images(data / "x", ["a"], seed=3)  # x/a: an id of its own (folder layout), no duplicate
+    shutil.copy(data / "b.jpg", data / "b.png")  # b twice: b.png becomes b#2, a duplicate_id error
+    first = run_job(_config(data, output))
+    assert _counts(first) == (5, 2, 0, 0, 7)
+    assert first.summary["error_types"] == {"decode_error": 1, "duplicate_id": 1}
+
+    # a's bytes replaced, size and mtime kept: skipped by its fingerprint, so never read (or it would
+    # be reprocessed, its hash being new, or fail to decode).
+    _same_size_garbage(data / "a.jpg")
+    # c touched: a new mtime, the same bytes: hashed once, found unchanged.
+    stat = (data / "c.jpg").stat()
+    os.utime(data / "c.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    second = run_job(_config(data, output))
+    assert _counts(second) == (0, 2, 4, 1, 7)
+    touched = pq.read_table(output / "fingerprints" / second.run_id)
+    assert touched.select(["image_id", "file_mtime_ns"]).to_pylist() == [
+        {"image_id": "c", "file_mtime_ns": stat.st_mtime_ns + 5_000_000_000}
+    ]
+    assert touched["content_sha256"].to_pylist() == [hashlib.sha256((data / "c.jpg").read_bytes()).hexdigest()]
+
+    # The next night: c skipped by its new fingerprint, hashed no more.
+    third = run_job(_config(data, output))
+    assert _counts(third) == (0, 2, 5, 0, 7)
+    assert not (output / "fingerprints" / third.run_id).exists()
+
+    # d's content changed (another size): processed again; --rehash reads every file that has a row, so
+    # the garbage in a.jpg is found now and reprocessed (it fails to decode).
+    _write_images(data, ["d"], seed=9)
+    rehashed = run_job(_config(data, output, rehash=True))
+    assert _counts(rehashed) == (1, 3, 0, 3, 7)
+    assert rehashed.summary["error_types"] == {"decode_error": 2, "duplicate_id": 1}
+    cams = pd.read_parquet(output / "cams")
+    assert cams.groupby("image_id").content_sha256.nunique().to_dict() == {"a": 1, "b": 1, "c": 1, "d": 2, "x/a": 1}
+    report = verify_output(str(output))
+    assert report.ok, report.problems
+
+
+def test_cams_rows_carry_the_listed_fingerprint(ray_cluster, tmp_path):
+    data, output = tmp_path / "data", tmp_path / "out"
+    _write_images(data, ["p", "q"])
+    run_job(_config(data, output, incremental=False))
+    cams = pq.read_table(output / "cams").sort_by("image_id")
+    stats = [os.stat(data / f"{name}.jpg") for name in ("p", "q")]
+    assert cams["file_size"].to_pylist() == [s.st_size for s in stats]
+    assert cams["file_mtime_ns"].to_pylist() == [s.st_mtime_ns for s in stats]  # every digit: no float on the way
+    assert cams["file_etag"].null_count == 2
+
+
+def test_a_run_with_nothing_to_do_starts_no_ray(ray_cluster, tmp_path):
+    data, output = tmp_path / "data", tmp_path / "out"
+    _write_images(data, ["a", "b", "c"])
+    first = run_job(_config(data, output))
+    command = [sys.executable, "-m", "camjobs", "run", "--data", str(data), "--output", str(output), "--incremental"]
+    command += ["--layout", "folder", "--model", "resnet18", "--classes", "a,b", "--input-size", "64"]
+    # No Ray listens there: a run that started or joined Ray would fail on it.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (summary_path,) = set((output / "runs").glob("*.json")) - {output / "runs" / f"{first.run_id}.json"}
+    summary = json.loads(summary_path.read_text())
+    assert summary["counts"] == {
+        "inputs": 3,
+        "processed": 0,
+        "skipped": 3,
+        "skipped_fingerprint": 3,
+        "skipped_hash": 0,
+        "errors": 0,
+    }
+    assert summary["actors"] is None and summary["status"] == "completed"
+    assert verify_output(str(output)).ok

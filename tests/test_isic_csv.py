@@ -77,7 +77,7 @@ def test_probs_are_the_softmax_of_the_checkpoints_logits(real_run, checkpoint):
     table = pq.read_table(output / "cams")
     assert table.schema.field("probs").type == pa.list_(pa.float32())
     summary = json.loads(Path(result.summary_path).read_text())
-    assert summary["model"]["classes"] == MODEL_CLASSES and summary["schema_version"] == SCHEMA_VERSION == 3
+    assert summary["model"]["classes"] == MODEL_CLASSES and summary["schema_version"] == SCHEMA_VERSION == 4
     # The oracle: the checkpoint file read with torch and run by torchvision's resnet18 (BatchNorms unfolded).
     saved = torch.load(checkpoint, weights_only=True)
     network = torchvision.models.resnet18(num_classes=len(saved["classes"]))

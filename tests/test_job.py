@@ -108,7 +108,14 @@ def test_real_run_schema_labels_and_summary(real_run):
     # without --refine the refinement's columns are null
     assert rows.mask_rle.isna().all() and rows.refined_boxes.isna().all() and rows.refine.isna().all()
     summary = json.loads(Path(result.summary_path).read_text())
-    assert summary["counts"] == {"inputs": 6, "processed": 6, "skipped": 0, "errors": 0}
+    assert summary["counts"] == {
+        "inputs": 6,
+        "processed": 6,
+        "skipped": 0,
+        "skipped_fingerprint": 0,
+        "skipped_hash": 0,
+        "errors": 0,
+    }
     assert summary["model"]["model_sha256"] == rows.model_sha256.iloc[0]
     assert summary["config"]["threshold"] == 0.2 and "ray" in summary["versions"]
     assert not (Path(cfg.output) / "_staging" / result.run_id).exists()
@@ -173,7 +180,14 @@ def test_bad_inputs_accounted_exactly_once(ray_cluster, isic2017_mini, tmp_path,
     assert sizes["rotated"] == (100, 160) and sizes["plain"] == (160, 100)  # EXIF orientation respected
     # 4 of 12 failed: everything is written, and the exit code tells the scheduler.
     assert result.exit_code == EXIT_ERROR_BUDGET and "max-error-fraction" in result.message
-    assert result.summary["counts"] == {"inputs": 12, "processed": 8, "skipped": 0, "errors": 4}
+    assert result.summary["counts"] == {
+        "inputs": 12,
+        "processed": 8,
+        "skipped": 0,
+        "skipped_fingerprint": 0,
+        "skipped_hash": 0,
+        "errors": 4,
+    }
 
 
 def test_listing_errors_reach_the_errors_table(ray_cluster, tmp_path):
@@ -352,7 +366,15 @@ def test_refine_run_masks_real_lesions_and_is_a_setting_of_incremental(ray_clust
     plain = run_job(RunConfig(**base))
     refined = run_job(RunConfig(**base, refine=True))
     again = run_job(RunConfig(**base, refine=True))
-    assert refined.summary["counts"] == {"inputs": 6, "processed": 6, "skipped": 0, "errors": 0, "refine_failed": 0}
+    assert refined.summary["counts"] == {
+        "inputs": 6,
+        "processed": 6,
+        "skipped": 0,
+        "skipped_fingerprint": 0,
+        "skipped_hash": 0,
+        "errors": 0,
+        "refine_failed": 0,
+    }
     assert refined.summary["settings"]["refine"] == REFINE_METHOD and plain.summary["settings"]["refine"] is None
     assert again.summary["counts"]["skipped"] == 6 and again.summary["counts"]["processed"] == 0
     cams = pd.read_parquet(tmp_path / "cams")

@@ -41,6 +41,13 @@ def test_two_simulated_gpu_nodes_both_process_rows(tmp_path):
 def test_worker_node_removed_mid_run_still_completes(tmp_path):
     summary, output, stderr = _run_on_simulated_cluster(tmp_path, "--remove-node")
     assert "removed a worker node" in stderr
-    assert summary["counts"] == {"inputs": 96, "processed": 96, "skipped": 0, "errors": 0}
+    assert summary["counts"] == {
+        "inputs": 96,
+        "processed": 96,
+        "skipped": 0,
+        "skipped_fingerprint": 0,
+        "skipped_hash": 0,
+        "errors": 0,
+    }
     cams = pd.read_parquet(output / "cams")
     assert len(cams) == 96 and cams.image_id.is_unique

@@ -18,9 +18,8 @@ from camjobs.output import (
     NoResults,
     OutputDir,
     OutputExists,
+    done_rows,
     drop_staging,
-    existing_keys,
-    item_key,
     newest_per_image,
     open_cams,
     publish_run,
@@ -104,17 +103,22 @@ def test_cams_read_through_the_schema_and_newest_rows(tmp_path):
     assert table["run_id"].to_pylist() == [NEW, OLD, "20230101T000000Z-v1"] and table["refine"].null_count == 3
 
 
-def test_existing_keys_match_every_setting_and_null_matches_null(tmp_path):
-    assert existing_keys(str(tmp_path / "nothing-yet"), SETTINGS) == frozenset()
+def _keys(output: Path, settings: dict) -> set[tuple[str, str]]:
+    done = done_rows(str(output), settings)
+    return set(zip(done["image_id"].to_pylist(), done["content_sha256"].to_pylist()))
+
+
+def test_done_rows_match_every_setting_and_null_matches_null(tmp_path):
+    assert _keys(tmp_path / "nothing-yet", SETTINGS) == set()
     _write(
         tmp_path,
         [_row("a", OLD, "1" * 64), _row("b", OLD, "2" * 64, refine="otsu"), _row("c", NEW, "3" * 64, threshold=0.5)],
     )
-    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "1" * 64)}
-    assert existing_keys(str(tmp_path), {**SETTINGS, "refine": "otsu"}) == {item_key("b", "2" * 64)}
-    assert existing_keys(str(tmp_path), {**SETTINGS, "threshold": 0.5}) == {item_key("c", "3" * 64)}
+    assert _keys(tmp_path, SETTINGS) == {("a", "1" * 64)}
+    assert _keys(tmp_path, {**SETTINGS, "refine": "otsu"}) == {("b", "2" * 64)}
+    assert _keys(tmp_path, {**SETTINGS, "threshold": 0.5}) == {("c", "3" * 64)}
     old_summary = {k: v for k, v in SETTINGS.items() if k != "refine"}  # a version-1 run summary
-    assert existing_keys(str(tmp_path), old_summary) == {item_key("a", "1" * 64)}
+    assert _keys(tmp_path, old_summary) == {("a", "1" * 64)}
     with pytest.raises(ValueError, match="exactly"):
         settings_filter({"method": "cam"})
 
@@ -225,12 +229,12 @@ def test_an_overwrite_shows_its_rows_and_hides_the_old_ones_at_its_commit(tmp_pa
     _write(tmp_path, [_row("a", NEW, "1" * 64), _row("b", NEW, "1" * 64)])
     _summary(tmp_path, NEW, 2, status="publishing", write_mode="overwrite", supersedes=[OLD])
     assert _live_runs(tmp_path) == {OLD} and run_index(str(tmp_path)).hidden == {NEW}
-    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "0" * 64), item_key("b", "0" * 64)}
+    assert _keys(tmp_path, SETTINGS) == {("a", "0" * 64), ("b", "0" * 64)}
     # the commit: one rewrite of the summary
     _summary(tmp_path, NEW, 2, write_mode="overwrite", supersedes=[OLD])
     assert _live_runs(tmp_path) == {NEW} and run_index(str(tmp_path)).superseded == {OLD}
     assert read_newest_cams(str(tmp_path), [])["run_id"].to_pylist() == [NEW, NEW]
-    assert existing_keys(str(tmp_path), SETTINGS) == {item_key("a", "1" * 64), item_key("b", "1" * 64)}
+    assert _keys(tmp_path, SETTINGS) == {("a", "1" * 64), ("b", "1" * 64)}
 
 
 def test_publish_deletes_what_it_supersedes_and_the_lock_removes_what_dead_runs_left(tmp_path):

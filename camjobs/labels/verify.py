@@ -5,9 +5,12 @@ every reader sees them: not those superseded by an --overwrite run, nor one stil
 - every Parquet file under cams/ and errors/ is readable, in full, with a known schema version;
 - no image (image_id and content_sha256) twice in cams/ for the same model and settings, unless
   the later of the two runs was written with --append (its summary's write_mode);
-- every published run folder has its summary, and each summary's counts match its rows;
+- every run with live rows has its summary, and each summary's counts match its rows (counted by the
+  run_id column, so that a compaction's files, which hold rows of many runs, count for each; and the
+  touched files an incremental run recorded in fingerprints/ its count of images skipped after hashing);
 - nothing left half-done: staging folders, a run that is publishing or died doing so, superseded
-  rows not yet removed, or a lock are reported as notes (a run may be in progress).
+  rows or files a compaction replaced not yet removed, or a lock are reported as notes (a run may be
+  in progress).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from camjobs.config import WriteMode
-from camjobs.output import TABLES, OutputDir, RunIndex, run_index
+from camjobs.output import FINGERPRINTS, TABLES, OutputDir, RunIndex, run_index
 from camjobs.schema import SCHEMA_VERSION, SETTINGS_ADDED, SETTINGS_COLUMNS
 
 
@@ -73,42 +76,57 @@ def verify_output(output: str) -> VerifyReport:
 
 
 def _check_tables(out: OutputDir, index: RunIndex, report: VerifyReport) -> dict[str, dict[str, int]]:
-    """Read every Parquet file of the live runs in cams/ and errors/; run_id -> its rows per table."""
-    seen: dict[tuple, tuple[str, str]] = {}  # key -> (run_id, path) of its first row
-    appended = 0
-    row_counts: dict[str, dict[str, int]] = defaultdict(lambda: {"cams": 0, "errors": 0})
+    """Read every live Parquet file of cams/ and errors/ (and the row counts of fingerprints/); run_id (the
+    column) -> its live rows per table."""
+    keys: list[tuple[str, tuple, str]] = []  # (run_id, image key, path) of every live cams row
+    row_counts: dict[str, dict[str, int]] = defaultdict(lambda: {"cams": 0, "errors": 0, FINGERPRINTS: 0})
+    for run_id, paths in out.run_parts(FINGERPRINTS).items():
+        for path in paths:
+            try:
+                row_counts[run_id][FINGERPRINTS] += pq.read_metadata(path, filesystem=out.fs).num_rows
+            except (OSError, pa.ArrowException) as exc:
+                report.problems.append(f"{path}: unreadable Parquet file ({exc})")
     for name in TABLES:
-        # run ids start with their UTC start time: in this order, a repeat is in the later run
         for run_id, paths in sorted(out.run_parts(name).items()):
-            if run_id in index.hidden:
-                continue
-            for path in sorted(paths):
+            for path in sorted(p for p in paths if index.is_live(out, name, p)):
                 table = _read(out, path, report)
                 if table is None:
                     continue
-                row_counts[run_id][name] += table.num_rows
+                # a compaction's file holds rows of many runs, each under its own run_id
+                runs = table["run_id"].to_pylist() if "run_id" in table.column_names else [run_id] * table.num_rows
+                live = [run not in index.hidden for run in runs]
+                table, runs = table.filter(pa.array(live, pa.bool_())), [r for r, ok in zip(runs, live) if ok]
+                for run in runs:
+                    row_counts[run][name] += 1
                 report.rows[name] += table.num_rows
                 if name == "cams" and table.num_rows:
-                    appended += _check_repeats(table, run_id, path, index, seen, report)
+                    keys.extend((run, key, path) for run, key in zip(runs, _image_keys(table)))
+    # run ids start with their UTC start time: in this order, a repeat is in the later run
+    appended = _check_repeats(sorted(keys, key=lambda item: item[0]), index, report)
     if appended:
         report.notes.append(f"{appended} rows repeat images of earlier runs in --append runs (kept on purpose)")
     return row_counts
 
 
-def _check_repeats(
-    table: pa.Table, run_id: str, path: str, index: RunIndex, seen: dict[tuple, tuple[str, str]], report: VerifyReport
-) -> int:
-    """Record the table's image keys (image, content, settings); a repeat is a problem unless an --append
-    run wrote it over an earlier run's row. Returns the accepted repeats."""
-    # a version-1 file lacks the settings added since: their absence means SETTINGS_ADDED
-    keys = zip(
-        *(
-            table[c].to_pylist() if c in table.column_names else [SETTINGS_ADDED[c]] * table.num_rows
-            for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)
+def _image_keys(table: pa.Table) -> list[tuple]:
+    """(image, content, settings) of each row; a version-1 file lacks the settings added since: their
+    absence means SETTINGS_ADDED."""
+    return list(
+        zip(
+            *(
+                table[c].to_pylist() if c in table.column_names else [SETTINGS_ADDED[c]] * table.num_rows
+                for c in ("image_id", "content_sha256", *SETTINGS_COLUMNS)
+            )
         )
     )
+
+
+def _check_repeats(keys: list[tuple[str, tuple, str]], index: RunIndex, report: VerifyReport) -> int:
+    """A repeated image key is a problem unless an --append run wrote it over an earlier run's row.
+    Returns the accepted repeats."""
+    seen: dict[tuple, tuple[str, str]] = {}  # key -> (run_id, path) of its first row
     accepted = 0
-    for key in keys:
+    for run_id, key, path in keys:
         if key not in seen:
             seen[key] = (run_id, path)
         elif seen[key][0] != run_id and index.write_mode(run_id) == WriteMode.APPEND:
@@ -127,7 +145,11 @@ def _check_summaries(
     """Every live run with rows has a readable summary, whose counts match its rows."""
     for run_id, why in sorted(index.unreadable.items()):
         report.problems.append(f"{out.summary(run_id)}: unreadable run summary ({why})")
-    live = {run_id: summary for run_id, summary in index.summaries.items() if run_id not in index.hidden}
+    live = {
+        run_id: summary
+        for run_id, summary in index.summaries.items()
+        if run_id not in index.hidden and run_id not in index.compactions
+    }
     report.runs = len(live)
     for run_id in sorted(set(row_counts) - set(index.summaries)):
         report.problems.append(
@@ -140,11 +162,14 @@ def _check_summaries(
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             report.problems.append(f"{path}: unknown schema version {version!r}")
         counts = summary.get("counts", {})
-        for name, key in (("cams", "processed"), ("errors", "errors")):
+        checked = [("cams", "processed"), ("errors", "errors")]
+        if "skipped_hash" in counts:  # schema version 4 on
+            checked.append((FINGERPRINTS, "skipped_hash"))
+        for name, key in checked:
             if counts.get(key) != row_counts[run_id][name]:
                 report.problems.append(
-                    f"{path}: says {key} = {counts.get(key)}, but {out.table(name, run_id)}/ "
-                    f"holds {row_counts[run_id][name]} rows"
+                    f"{path}: says {key} = {counts.get(key)}, but {out.table(name)}/ "
+                    f"holds {row_counts[run_id][name]} rows of run {run_id}"
                 )
 
 
@@ -160,4 +185,10 @@ def _note_unfinished(out: OutputDir, index: RunIndex, report: VerifyReport) -> N
         report.notes.append(
             f"rows of {len(leftover)} run(s) superseded by an --overwrite run are still there, not read "
             f"({', '.join(leftover)}): the next run removes them"
+        )
+    there = {path[len(out.root) + 1 :] for name in TABLES for path in out.parquet_files(out.table(name))}
+    if there & index.replaced:
+        report.notes.append(
+            f"{len(there & index.replaced)} file(s) a compaction replaced are still there, not read: "
+            "the next run or compaction removes them"
         )

@@ -30,6 +30,14 @@ def _string_columns(batch: dict[str, np.ndarray], error_type: list, error_messag
     return {name: pa.array(values, pa.string()) for name, values in strings.items()}
 
 
+def _fingerprint_columns(batch: dict[str, np.ndarray], count: int) -> dict[str, pa.Array]:
+    """The listed file's fingerprint, passed on; none where the rows come from elsewhere than a listing."""
+    return {
+        f.name: pa.array(batch[f.name], f.type) if f.name in batch else pa.nulls(count, f.type)
+        for f in FINGERPRINT_FIELDS
+    }
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -42,9 +50,8 @@ def decode_batch(
 
     Rows already marked bad at listing time pass through; a row that fails here gets
     its error_type and message. Bad rows carry zero pixels so the batch keeps one shape.
-    An incremental run fills in `done_sha256` on the rows whose image has done rows (but another
-    fingerprint, or --rehash): a file whose hash is one of them is not decoded, and marked skipped.
-    The file's fingerprint (file_size, file_mtime_ns, file_etag) goes on with every row.
+    An incremental run fills in `done_sha256` where an image has done rows (listing.match_done): a file
+    whose hash is one of them is marked skipped, not decoded. The file's fingerprint goes on with each row.
     With decode_on="gpu" nothing is decoded here: the header is checked, and the file's
     bytes and EXIF orientation go on in `encoded` and `orientation` instead of `pixels`
     (the model actor decodes them, camjobs.pipeline.gpu_decode).
@@ -101,8 +108,7 @@ def decode_batch(
     columns["width"] = pa.array(width, pa.int32())
     columns["height"] = pa.array(height, pa.int32())
     columns["skipped"] = pa.array(skipped, pa.bool_())
-    for field in FINGERPRINT_FIELDS:
-        columns[field.name] = pa.array(batch[field.name], field.type)
+    columns.update(_fingerprint_columns(batch, count))
     if refine_side:
         columns["refine_pixels"] = pa.array(refine_pixels, pa.binary())
     if on_device:

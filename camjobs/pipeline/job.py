@@ -1,7 +1,9 @@
 """`camjobs run` as a Ray Data job: list -> read+decode (CPU tasks) -> model actors -> Parquet.
 
 The stages, top to bottom:
-  layouts.list_images       the inputs, with labels and listing-time errors
+  layouts.list_images       the inputs, with labels and listing-time errors, as Arrow (camjobs.listing)
+  listing.match_done        --incremental: what was done before with the same file fingerprint is skipped
+                            here, before any Ray task; with nothing left, Ray is not started
   decode.decode_batch       read bytes, hash, decode, resize (CPU tasks, one file at a time)
   predictor.CamPredictor    predict and CAM on a batch (an actor pool, on GPUs where there are)
   localize.localize_batch   upsample, heatmap PNG, boxes (CPU tasks, off the actors' critical path)

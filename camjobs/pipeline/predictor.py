@@ -127,7 +127,7 @@ class CamPredictor:
             if good:
                 self._explain(batch, pixels, good, columns, error_type, error_message)
         for name in ("image_id", "source_path", "label", "content_sha256", "file_size", "file_mtime_ns", "file_etag"):
-            columns[name] = list(batch[name])
+            columns[name] = list(batch[name]) if name in batch else [None] * count
         ok = [e is None and not s for e, s in zip(error_type, skipped)]
         columns["width"] = [w if k else None for w, k in zip(width, ok)]
         columns["height"] = [h if k else None for h, k in zip(height, ok)]

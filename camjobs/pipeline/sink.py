@@ -2,7 +2,8 @@
 
 The commit protocol around it (staging, publishing, the lock) is camjobs.output's. Ray calls
 the sink's lifecycle on the driver: ``write`` in each write task, then ``on_write_complete``
-with every task's counts, or ``on_write_failed`` when a task or the pipeline before it failed,
+with every task's counts, which merges the run's parts into few large files
+(output.merge_staged), or ``on_write_failed`` when a task or the pipeline before it failed,
 which drops what the run had staged (a failed run leaves nothing to clean up).
 """
 
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from camjobs.output import FINGERPRINTS, TABLES, drop_staging, staging_dir
+from camjobs.output import FINGERPRINTS, TABLES, drop_staging, merge_staged, staging_dir
 from camjobs.schema import FINGERPRINT_INTS, FINGERPRINTS_SCHEMA, NO_INT
 from camjobs.storage import open_filesystem
 
@@ -96,9 +97,18 @@ class CamParquetSink(Datasink[SinkStats]):
         return stats
 
     def on_write_complete(self, write_result) -> None:
-        self.stats = SinkStats()
+        stats = SinkStats()
         for task_stats in write_result.write_returns:
-            self.stats.add(task_stats)
+            stats.add(task_stats)
+        # Merged here rather than by bundling the writes (Datasink.min_rows_per_write): the write is fused
+        # with localize, whose tasks must stay one model batch each to keep the cores busy.
+        rows = merge_staged(self.output, self.run_id)
+        if (rows["cams"], rows["errors"]) != (stats.processed, stats.errors):
+            raise RuntimeError(
+                f"lost rows: the write tasks wrote {stats.processed} cams and {stats.errors} errors rows, "
+                f"but run {self.run_id}'s staging holds {rows['cams']} and {rows['errors']}"
+            )
+        self.stats = stats
 
     def on_write_failed(self, error: Exception) -> None:
         # Best effort, as Ray calls it: the write's own error is what the run reports, so a
