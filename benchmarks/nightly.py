@@ -163,11 +163,11 @@ def live_rows(output: Path) -> int:
 
 
 def newest_summary(output: Path, other_than: str) -> dict:
-    """The run summary of the run that is not the seeded one (the run just measured)."""
+    """The summary of the run just measured: the newest one that is neither the seeded run nor a compaction."""
     from camjobs.output import read_run_summaries
 
     summaries, _ = read_run_summaries(str(output))
-    runs = sorted(r for r in summaries if r != other_than)
+    runs = sorted(r for r, s in summaries.items() if r != other_than and not s.get("kind"))
     return summaries[runs[-1]] if runs else {}
 
 
@@ -221,6 +221,7 @@ def nightly(args, srcs: list[dict], checkpoint: Path, model: dict) -> dict:
         "archive_bytes": nightly_data.archive_bytes(args.images, srcs),
         "new_bytes": nightly_data.archive_bytes(args.images, srcs, first=args.images - args.new),
         "run": run,
+        "run_id": summary.get("run_id"),
         "counts": summary.get("counts", {}),
         "timings": summary.get("timings", {}),
         "cams_before": before,
