@@ -1,6 +1,7 @@
 """The output folder as a thing to read and write: its paths, its commit protocol, its readers.
 
-    OUTPUT/cams/<run_id>/part-*.parquet      rows of CAMS_SCHEMA, one folder per published run
+    OUTPUT/cams/<run_id>/part-*.parquet      rows of CAMS_SCHEMA, one folder per published run (or
+                                             compaction: rows of many runs, camjobs.compact)
     OUTPUT/errors/<run_id>/part-*.parquet    rows of ERRORS_SCHEMA, likewise
     OUTPUT/fingerprints/<run_id>/part-*.parquet  rows of FINGERPRINTS_SCHEMA: files an incremental run hashed
                                              and found unchanged, with their new fingerprint (done_rows)
@@ -9,8 +10,9 @@
     OUTPUT/_lock.json                        the run that is writing now: a lease it renews (camjobs.lock)
 
 The commit protocol, which keeps half-finished runs invisible:
-1. Write tasks (camjobs.pipeline.sink's Datasink) write each task's rows into _staging/<run_id>/. Readers
-   never look there: pyarrow.dataset skips paths that start with "_" or ".".
+1. Write tasks (camjobs.pipeline.sink's Datasink) write each task's rows into _staging/<run_id>/, which
+   merge_staged then rewrites into few large files. Readers never look there: pyarrow.dataset skips
+   paths that start with "_" or ".".
 2. When every row is written, the driver writes the run's summary with status "publishing", which hides
    the run's rows from the readers here, and moves the staged folders into place, cams/<run_id>/,
    errors/<run_id>/ and fingerprints/<run_id>/ where there is one (one rename each on a local disk, file
@@ -36,9 +38,11 @@ skipped too, and its new fingerprint goes to fingerprints/<run_id>/, published w
 by done_rows beside cams/ (for runs with the same settings, live as cams rows are), so that the next
 run skips it unopened.
 
-Which rows are live is decided here, once (run_index, open_cams): every run folder in cams/ but those
-of runs still publishing (or that died publishing) and those a completed run superseded. Every reader,
-camjobs verify, export, evaluate and viz, reads through it. Needs pyarrow only (no torch, no Ray).
+Which rows are live is decided here, once (run_index, live_dataset): every file in cams/ but those in
+folders of runs still publishing (or that died publishing) or that a completed run superseded, and
+those a completed compaction replaced (its summary's "replaces"); and of the rest, every row but those
+whose run_id column names such a hidden run (a compaction's files hold rows of many runs). Every
+reader, camjobs verify, export, evaluate and viz, reads through it. Needs pyarrow only (no torch, no Ray).
 """
 
 from __future__ import annotations
@@ -269,6 +273,7 @@ def remove_unfinished(out: OutputDir) -> None:
     for path in out.staged():
         log.warning("removing %s, left by a run that did not finish", path)
         out.fs.delete_dir(path) if out.is_dir(path) else out.fs.delete_file(path)
+    _remove_empty_staging(out)
     index = _run_index(out)
     for run_id in sorted(index.publishing):
         log.warning("removing run %s, which died while it published", run_id)

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -119,7 +121,11 @@ def _repeat_run(output: Path, write_mode: str) -> str:
     (first,) = [p.stem for p in (output / "runs").glob("*.json")]
     second = "29991231T235959Z-repeat"  # later than any real run id
     for name in ("cams", "errors"):
-        shutil.copytree(output / name / first, output / name / second)
+        (output / name / second).mkdir()
+        for path in (output / name / first).glob("*.parquet"):  # each row names its run, as the job writes it
+            table = pq.read_table(path)
+            table = table.set_column(table.schema.get_field_index("run_id"), "run_id", pa.array([second] * len(table)))
+            pq.write_table(table, output / name / second / path.name)
     summary = json.loads((output / "runs" / f"{first}.json").read_text())
     summary.update(run_id=second, write_mode=write_mode)
     (output / "runs" / f"{second}.json").write_text(json.dumps(summary))
