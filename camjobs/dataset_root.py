@@ -154,3 +154,28 @@ def _walk_local(root: DatasetRoot) -> Iterator[pa.RecordBatch]:
     batch = batches.flush()
     if batch is not None:
         yield batch
+
+
+def folder_files(root: DatasetRoot, folder: str) -> Iterator[pa.RecordBatch]:
+    """The files directly in `folder` (hidden ones too: the caller decides), as FILES_SCHEMA record batches:
+    a flat folder of a million images is never a million Python objects at once when local."""
+    batches = _Batches()
+    if root.real_root is None:
+        for info in root.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if info.type == pafs.FileType.File:
+                batch = batches.add(info.path, info.size, info.mtime_ns)
+                if batch is not None:
+                    yield batch
+    elif os.path.isdir(folder):
+        folder_escapes = root.escapes(folder)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    stat = entry.stat()
+                    escapes = folder_escapes or (entry.is_symlink() and root.escapes(entry.path))
+                    batch = batches.add(entry.path, stat.st_size, stat.st_mtime_ns, escapes)
+                    if batch is not None:
+                        yield batch
+    batch = batches.flush()
+    if batch is not None:
+        yield batch

@@ -69,7 +69,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from camjobs.config import LAYOUTS
-from camjobs.dataset_root import DatasetRoot, visible, walk_files
+from camjobs.dataset_root import DatasetRoot, folder_files, visible, walk_files
 from camjobs.errors import UsageError
 from camjobs.listing import DatasetListing, ImageRecord, ListingBuilder
 from camjobs.storage import open_filesystem
@@ -347,21 +347,27 @@ def _resolve(root: DatasetRoot, layout: str) -> tuple[str, DatasetRoot]:
 
 # --------------------------------------------------------------------------- listing
 def _read_csv(root: DatasetRoot, path: str, spec: _Spec) -> Iterator[dict]:
+    """The CSV's rows as dicts of the columns the labels need, read a chunk of rows at a time."""
     import pandas as pd  # here: importing this module (for MASK_SUFFIX, LayoutError) stays light
 
+    options = {"dtype": str, "keep_default_na": False, "encoding": "utf-8-sig"}
     try:
         with root.fs.open_input_stream(path) as stream:
-            table = pd.read_csv(stream, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            header = [str(c).strip() for c in pd.read_csv(stream, nrows=0, **options).columns]
+        missing = [c for c in (spec.id_column, *spec.label_columns) if c not in header]
+        if missing:
+            raise LayoutError(f"{root.uri(path)} lacks required column(s) {', '.join(map(repr, missing))}")
+        # Only the columns the labels need: an archive's metadata.csv has dozens per image.
+        wanted = [c for c in dict.fromkeys((spec.id_column, *spec.label_columns, spec.label_column)) if c in header]
+        with root.fs.open_input_stream(path) as stream:
+            for chunk in pd.read_csv(
+                stream, usecols=lambda c: str(c).strip() in wanted, chunksize=_CSV_ROWS, **options
+            ):
+                chunk.columns = [str(c).strip() for c in chunk.columns]
+                for values in zip(*(chunk[c] for c in wanted)):
+                    yield dict(zip(wanted, (str(v).strip() for v in values)))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise LayoutError(f"cannot read {root.uri(path)}: {exc}") from exc
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in (spec.id_column, *spec.label_columns) if c not in table.columns]
-    if missing:
-        raise LayoutError(f"{root.uri(path)} lacks required column(s) {', '.join(map(repr, missing))}")
-    # Only the columns the labels need: an archive's metadata.csv has dozens per image.
-    wanted = [c for c in dict.fromkeys((spec.id_column, *spec.label_columns, spec.label_column)) if c in table.columns]
-    # One row's dict at a time, not one per row of the whole CSV at once.
-    return (dict(zip(wanted, (str(v).strip() for v in values))) for values in zip(*(table[c] for c in wanted)))
 
 
 def _bad_id(image_id: str) -> bool:
@@ -376,22 +382,31 @@ def _bad_id(image_id: str) -> bool:
 
 
 _FOLLOW = "use --follow-symlinks to allow"
+_CSV_ROWS = 16384  # CSV rows read, labelled and matched against the files at a time
 
 
-def _add_file(out: ListingBuilder, root: DatasetRoot, image_id: str, file: tuple, label=None, mask=None) -> None:
-    """One image file (path, size, mtime_ns) as a listing row."""
-    path, size, mtime_ns = file
-    error = {}
-    if root.escapes(path):
-        error = {
-            "error_type": "invalid_path",
-            "error_message": f"{path}: symlink outside the dataset root; {_FOLLOW}",
-        }
-    out.add(image_id, root.uri(path), label, mask, file_size=size, file_mtime_ns=mtime_ns, **error)
+def _file_rows(root: DatasetRoot, files: pa.Table, **columns: pa.Array) -> pa.Table:
+    """Listing rows of image files (image_id, path, file_size, file_mtime_ns, escapes) on columns: a file
+    that escapes the root through a symlink is an invalid_path error row."""
+    paths, outside = files["path"], files["escapes"]
+    uri_prefix = "" if root.scheme is None else f"{root.scheme}://"
+    columns |= {
+        "image_id": files["image_id"],
+        "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
+        "file_size": files["file_size"],
+        "file_mtime_ns": files["file_mtime_ns"],
+    }
+    if pc.any(outside).as_py():  # else no error columns at all: null, and no buffer of messages kept
+        nothing = pa.scalar(None, pa.string())
+        message = pc.binary_join_element_wise(paths, ": symlink outside the dataset root; " + _FOLLOW, "")
+        columns["error_type"] = pc.if_else(outside, pa.scalar("invalid_path"), nothing)
+        columns["error_message"] = pc.if_else(outside, message, nothing)
+    return pa.table(columns)
 
 
-def _masks(root: DatasetRoot, spec: _Spec) -> dict[str, str]:
-    masks = {}
+def _masks(root: DatasetRoot, spec: _Spec) -> pa.Table:
+    """image_id -> mask_path of the layout's masks (the first found per image)."""
+    masks: dict[str, str] = {}
     for folder in spec.mask_dirs:
         for info in root.listdir(root.join(folder)):
             stem = _stem(info.base_name)
@@ -402,26 +417,84 @@ def _masks(root: DatasetRoot, spec: _Spec) -> dict[str, str]:
                 and not root.escapes(info.path)
             ):
                 masks.setdefault(stem[: -len(MASK_SUFFIX)], root.uri(info.path))
-    return masks
+    return pa.table(
+        {"image_id": pa.array(list(masks), pa.string()), "mask_path": pa.array(list(masks.values()), pa.string())}
+    )
 
 
-def _split_images(root: DatasetRoot, spec: _Spec, folders: list[str]) -> dict[str, list[tuple]]:
-    """image_id -> (path, size, mtime_ns) of the image files in a split's folders (folder order, then name order)."""
-    files: dict[str, list[tuple]] = {}
+def _split_images(root: DatasetRoot, spec: _Spec, folders: list[str]) -> pa.Table:
+    """The image files of a split's folders as a table (image_id, path, file_size, file_mtime_ns, escapes),
+    gathered from streamed batches of each folder's files."""
+    parts = []
     for folder in folders:
-        for info in root.listdir(root.join(folder)):
-            name, stem = info.base_name, _stem(info.base_name)
-            if (
-                info.type == pafs.FileType.File
-                and _is_image(name)
-                and not name.startswith(".")
-                and not stem.endswith(spec.skip_stem_suffixes)
-            ):
-                files.setdefault(stem, []).append((info.path, info.size, info.mtime_ns))
-    return files
+        for batch in folder_files(root, root.join(folder)):
+            names = pc.replace_substring_regex(batch["path"], r"^.*/", "")
+            stems = pc.replace_substring_regex(names, r"\.[^.]*$", "")
+            keep = pc.and_(_image_paths(names), pc.invert(pc.starts_with(names, ".")))
+            for suffix in spec.skip_stem_suffixes:
+                keep = pc.and_(keep, pc.invert(pc.ends_with(stems, suffix)))
+            columns = [stems, batch["path"], batch["size"], batch["mtime_ns"], batch["escapes"]]
+            parts.append(pa.table(columns, names=list(_FILE_COLUMNS)).filter(keep))
+    return pa.concat_tables(parts) if parts else pa.table({n: pa.array([], t) for n, t in _FILE_COLUMNS.items()})
+
+
+_FILE_COLUMNS = {
+    "image_id": pa.string(),
+    "path": pa.string(),
+    "file_size": pa.int64(),
+    "file_mtime_ns": pa.int64(),
+    "escapes": pa.bool_(),
+}
+
+
+def _named_rows(root: DatasetRoot, spec: _Spec, csv_path: str | None, out: ListingBuilder) -> pa.Table:
+    """The CSV's valid rows as a table (image_id, label); an invalid id becomes an error row at once.
+    The label rules run per row in Python, a chunk of rows at a time."""
+    parts, ids, labels = [], [], []
+    for line, row in enumerate(_read_csv(root, csv_path, spec) if csv_path else [], start=2):
+        image_id, label = row[spec.id_column], spec.label_rule(row, spec.classes)
+        if _bad_id(image_id):  # never looked up on disk
+            where = f"{posixpath.basename(csv_path)} line {line}"
+            out.add(
+                image_id or f"<empty id: {where}>",
+                "",
+                label,
+                error_type="invalid_path",
+                error_message=f"{where}: image id {image_id!r} is not a plain file name",
+            )
+            continue
+        ids.append(image_id)
+        labels.append(label)
+        if len(ids) >= _CSV_ROWS:
+            parts.append(pa.table({"image_id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.string())}))
+            ids, labels = [], []
+    parts.append(pa.table({"image_id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.string())}))
+    return pa.concat_tables(parts)
+
+
+def _missing_rows(root: DatasetRoot, missing: pa.Table, expected_dirs) -> pa.Table:
+    """CSV rows without an image file as missing_file error rows."""
+    ids = missing["image_id"]
+    expected = [pc.binary_join_element_wise(root.uri(root.join(d, "")), ids, ".jpg", "") for d in expected_dirs]
+    parts = [val for pair in zip([" or "] * len(expected), expected) for val in pair][1:]
+    message = pc.binary_join_element_wise(
+        "no image file for ", ids, ": expected ", *parts, " (or .jpeg/.png, any case)", ""
+    )
+    return pa.table(
+        {
+            "image_id": ids,
+            "source_path": expected[0],
+            "label": missing["label"],
+            "mask_path": missing["mask_path"],
+            "error_type": pa.repeat(pa.scalar("missing_file"), missing.num_rows),
+            "error_message": message,
+        }
+    )
 
 
 def _list_spec(root: DatasetRoot, spec: _Spec, out: ListingBuilder) -> None:
+    """Each split's files and CSV rows matched with one Arrow join on the id: a named file is a labelled
+    input, a named id without a file a missing_file error, a file the CSV does not name an input without label."""
     masks = _masks(root, spec)
     found_any = False
     for split in spec.splits:
@@ -429,37 +502,20 @@ def _list_spec(root: DatasetRoot, spec: _Spec, out: ListingBuilder) -> None:
         csv_path = next((p for p in map(root.join, split.csvs) if root.exists(p, pafs.FileType.File)), None)
         found_any |= bool(csv_path or any(folders))  # the root itself ("") always exists: no sign of the layout
         files = _split_images(root, spec, folders)
-        named: set[str] = set()
-        for line, row in enumerate(_read_csv(root, csv_path, spec) if csv_path else [], start=2):
-            image_id, label = row[spec.id_column], spec.label_rule(row, spec.classes)
-            if _bad_id(image_id):  # never looked up on disk
-                where = f"{posixpath.basename(csv_path)} line {line}"
-                out.add(
-                    image_id or f"<empty id: {where}>",
-                    "",
-                    label,
-                    error_type="invalid_path",
-                    error_message=f"{where}: image id {image_id!r} is not a plain file name",
-                )
-                continue
-            named.add(image_id)
-            if image_id not in files:
-                expected = [root.uri(root.join(d, image_id + ".jpg")) for d in folders or split.image_dirs]
-                out.add(
-                    image_id,
-                    expected[0],
-                    label,
-                    masks.get(image_id),
-                    error_type="missing_file",
-                    error_message=f"no image file for {image_id}: expected {' or '.join(expected)} "
-                    "(or .jpeg/.png, any case)",
-                )
-            for file in files.get(image_id, []):
-                _add_file(out, root, image_id, file, label, masks.get(image_id))
-        for image_id, found in files.items():  # image files the CSV does not name are inputs too
-            if image_id not in named:
-                for file in found:
-                    _add_file(out, root, image_id, file, None, masks.get(image_id))
+        named = _named_rows(root, spec, csv_path, out)
+        rows = named.join(files, "image_id", join_type="full outer")
+        del files, named
+        if masks.num_rows:
+            rows = rows.join(masks, "image_id", join_type="left outer")
+        else:
+            rows = rows.append_column("mask_path", pa.nulls(rows.num_rows, pa.string()))
+        has_file = pc.is_valid(rows["path"])
+        found = rows.filter(has_file)
+        if found.num_rows:
+            out.add_table(_file_rows(root, found, label=found["label"], mask_path=found["mask_path"]))
+        missing = rows.filter(pc.invert(has_file))
+        if missing.num_rows:
+            out.add_table(_missing_rows(root, missing, folders or split.image_dirs))
     if not found_any:
         wanted = sorted(
             ({d for s in spec.splits for d in s.image_dirs} | {c for s in spec.splits for c in s.csvs}) - {""}
@@ -471,27 +527,17 @@ def _list_folder(root: DatasetRoot, out: ListingBuilder) -> None:
     """Every image below the root, a walk's batch at a time, on columns: image_id is the path below the
     root without its extension."""
     prefix = len(root.path.rstrip("/")) + 1
-    uri_prefix = "" if root.scheme is None else f"{root.scheme}://"
     found = 0
     for batch in walk_files(root):
         files = pa.Table.from_batches([batch]).filter(_image_paths(batch["path"]))
         if files.num_rows == 0:
             continue
         found += files.num_rows
-        paths = files["path"]
-        columns = {
-            "image_id": pc.replace_substring_regex(pc.utf8_slice_codeunits(paths, prefix), r"\.[^.]*$", ""),
-            "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
-            "file_size": files["size"],
-            "file_mtime_ns": files["mtime_ns"],
-        }
-        outside = files["escapes"]
-        if pc.any(outside).as_py():  # else no error columns at all: null, and no buffer of messages kept
-            nothing = pa.scalar(None, pa.string())
-            message = pc.binary_join_element_wise(paths, ": symlink outside the dataset root; " + _FOLLOW, "")
-            columns["error_type"] = pc.if_else(outside, pa.scalar("invalid_path"), nothing)
-            columns["error_message"] = pc.if_else(outside, message, nothing)
-        out.add_table(pa.table(columns))
+        image_ids = pc.replace_substring_regex(pc.utf8_slice_codeunits(files["path"], prefix), r"\.[^.]*$", "")
+        files = pa.table(
+            [image_ids, files["path"], files["size"], files["mtime_ns"], files["escapes"]], names=list(_FILE_COLUMNS)
+        )
+        out.add_table(_file_rows(root, files))
     if not found:
         raise LayoutError(f"no {'/'.join(IMAGE_EXTENSIONS)} images below {root.uri(root.path)}")
 
