@@ -472,6 +472,18 @@ def _named_rows(root: DatasetRoot, spec: _Spec, csv_path: str | None, out: Listi
     return pa.concat_tables(parts)
 
 
+def _match(files: pa.Table, named: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The files with the label of the CSV row naming them (null where none does), and the CSV rows
+    without a file. Vector lookups, not a hash join: an id named twice (rare) takes the join, one row per pair."""
+    if pc.count_distinct(named["image_id"]).as_py() < named.num_rows:
+        rows = named.join(files, "image_id", join_type="full outer")
+        has_file = pc.is_valid(rows["path"])
+        return rows.filter(has_file), rows.filter(pc.invert(has_file)).select(["image_id", "label"])
+    at = pc.index_in(files["image_id"], value_set=named["image_id"])
+    rows = files.append_column("label", named["label"].take(at))
+    return rows, named.filter(pc.invert(pc.is_in(named["image_id"], value_set=files["image_id"])))
+
+
 def _missing_rows(root: DatasetRoot, missing: pa.Table, expected_dirs) -> pa.Table:
     """CSV rows without an image file as missing_file error rows."""
     ids = missing["image_id"]
@@ -493,7 +505,7 @@ def _missing_rows(root: DatasetRoot, missing: pa.Table, expected_dirs) -> pa.Tab
 
 
 def _list_spec(root: DatasetRoot, spec: _Spec, out: ListingBuilder) -> None:
-    """Each split's files and CSV rows matched with one Arrow join on the id: a named file is a labelled
+    """Each split's files and CSV rows matched on the id with vector lookups: a named file is a labelled
     input, a named id without a file a missing_file error, a file the CSV does not name an input without label."""
     masks = _masks(root, spec)
     found_any = False
@@ -503,18 +515,14 @@ def _list_spec(root: DatasetRoot, spec: _Spec, out: ListingBuilder) -> None:
         found_any |= bool(csv_path or any(folders))  # the root itself ("") always exists: no sign of the layout
         files = _split_images(root, spec, folders)
         named = _named_rows(root, spec, csv_path, out)
-        rows = named.join(files, "image_id", join_type="full outer")
+        rows, missing = _match(files, named)
         del files, named
-        if masks.num_rows:
-            rows = rows.join(masks, "image_id", join_type="left outer")
-        else:
-            rows = rows.append_column("mask_path", pa.nulls(rows.num_rows, pa.string()))
-        has_file = pc.is_valid(rows["path"])
-        found = rows.filter(has_file)
-        if found.num_rows:
-            out.add_table(_file_rows(root, found, label=found["label"], mask_path=found["mask_path"]))
-        missing = rows.filter(pc.invert(has_file))
+        mask_at = pc.index_in(rows["image_id"], value_set=masks["image_id"])
+        if rows.num_rows:
+            out.add_table(_file_rows(root, rows, label=rows["label"], mask_path=masks["mask_path"].take(mask_at)))
         if missing.num_rows:
+            mask_at = pc.index_in(missing["image_id"], value_set=masks["image_id"])
+            missing = missing.append_column("mask_path", masks["mask_path"].take(mask_at))
             out.add_table(_missing_rows(root, missing, folders or split.image_dirs))
     if not found_any:
         wanted = sorted(
