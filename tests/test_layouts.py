@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 from layout_fixtures import (
     ISIC_ARCHIVE_HEADER,
+    isic_id,
     make_folder,
     make_ham10000,
     make_isic2017,
@@ -513,3 +514,30 @@ def test_ambiguous_root_raises(tmp_path):
     with pytest.raises(LayoutError, match="several layouts"):
         detect_layout(str(tmp_path))
     assert len(list_images(str(tmp_path), "isic2018").records) == 2
+
+
+def test_csv_rows_and_files_matched_both_ways(tmp_path):
+    """An id named twice gives one row per CSV row (the later a duplicate_id), a named id without a file
+    keeps its mask, a file the CSV does not name is an input without label."""
+    info = make_isic2017(tmp_path, n=4, n_masks=4)
+    csv_path = tmp_path / "ISIC-2017_Training_Part3_GroundTruth.csv"
+    with open(csv_path, "a") as f:
+        f.write(f"{isic_id(0)},1,0\n")
+    info.paths[isic_id(1)].unlink()
+    unnamed = write_image(tmp_path / "ISIC-2017_Training_Data" / f"{isic_id(9)}.jpg")
+    listing = list_images(str(tmp_path))
+    rows = by_id(listing)
+    assert sorted(rows) == sorted([isic_id(0), isic_id(0) + "#2", isic_id(1), isic_id(2), isic_id(3), isic_id(9)])
+    assert errors(listing) == {isic_id(0) + "#2": "duplicate_id", isic_id(1): "missing_file"}
+    assert rows[isic_id(0)].label == rows[isic_id(0) + "#2"].label == "melanoma"
+    assert rows[isic_id(1)].label == info.labels[isic_id(1)]
+    assert rows[isic_id(1)].mask_path == str(info.masks[isic_id(1)])
+    assert rows[isic_id(9)].label is None and rows[isic_id(9)].source_path == str(unnamed)
+    assert rows[isic_id(9)].mask_path is None
+    for i in (0, 2, 3):
+        assert rows[isic_id(i)].source_path == str(info.paths[isic_id(i)])
+        assert rows[isic_id(i)].mask_path == str(info.masks[isic_id(i)])
+        assert (rows[isic_id(i)].file_size, rows[isic_id(i)].file_mtime_ns) == (
+            info.paths[isic_id(i)].stat().st_size,
+            info.paths[isic_id(i)].stat().st_mtime_ns,
+        )
