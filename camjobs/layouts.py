@@ -69,9 +69,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from camjobs.config import LAYOUTS
-from camjobs.dataset_root import DatasetRoot, folder_files, visible, walk_files
+from camjobs.dataset_root import FILES_SCHEMA, DatasetRoot, folder_files, visible, walk_files
 from camjobs.errors import UsageError
-from camjobs.listing import DatasetListing, ImageRecord, ListingBuilder
+from camjobs.listing import DatasetListing, ImageRecord, ListingBuilder, file_rows, match_named
 from camjobs.storage import open_filesystem
 
 __all__ = ["DatasetListing", "ImageRecord", "LayoutError", "check_label_column", "detect_layout", "list_images"]
@@ -381,27 +381,7 @@ def _bad_id(image_id: str) -> bool:
     )
 
 
-_FOLLOW = "use --follow-symlinks to allow"
 _CSV_ROWS = 16384  # CSV rows read, labelled and matched against the files at a time
-
-
-def _file_rows(root: DatasetRoot, files: pa.Table, **columns: pa.Array) -> pa.Table:
-    """Listing rows of image files (image_id, path, file_size, file_mtime_ns, escapes) on columns: a file
-    that escapes the root through a symlink is an invalid_path error row."""
-    paths, outside = files["path"], files["escapes"]
-    uri_prefix = "" if root.scheme is None else f"{root.scheme}://"
-    columns |= {
-        "image_id": files["image_id"],
-        "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
-        "file_size": files["file_size"],
-        "file_mtime_ns": files["file_mtime_ns"],
-    }
-    if pc.any(outside).as_py():  # else no error columns at all: null, and no buffer of messages kept
-        nothing = pa.scalar(None, pa.string())
-        message = pc.binary_join_element_wise(paths, ": symlink outside the dataset root; " + _FOLLOW, "")
-        columns["error_type"] = pc.if_else(outside, pa.scalar("invalid_path"), nothing)
-        columns["error_message"] = pc.if_else(outside, message, nothing)
-    return pa.table(columns)
 
 
 def _masks(root: DatasetRoot, spec: _Spec) -> pa.Table:
@@ -434,17 +414,12 @@ def _split_images(root: DatasetRoot, spec: _Spec, folders: list[str]) -> pa.Tabl
             for suffix in spec.skip_stem_suffixes:
                 keep = pc.and_(keep, pc.invert(pc.ends_with(stems, suffix)))
             columns = [stems, batch["path"], batch["size"], batch["mtime_ns"], batch["escapes"]]
-            parts.append(pa.table(columns, names=list(_FILE_COLUMNS)).filter(keep))
-    return pa.concat_tables(parts) if parts else pa.table({n: pa.array([], t) for n, t in _FILE_COLUMNS.items()})
+            parts.append(pa.table(columns, names=_FILE_COLUMNS).filter(keep))
+    empty = pa.table([pa.array([], pa.string()), *FILES_SCHEMA.empty_table().columns], names=_FILE_COLUMNS)
+    return pa.concat_tables(parts) if parts else empty
 
 
-_FILE_COLUMNS = {
-    "image_id": pa.string(),
-    "path": pa.string(),
-    "file_size": pa.int64(),
-    "file_mtime_ns": pa.int64(),
-    "escapes": pa.bool_(),
-}
+_FILE_COLUMNS = ["image_id", "path", "file_size", "file_mtime_ns", "escapes"]  # FILES_SCHEMA's, path's stem first
 
 
 def _named_rows(root: DatasetRoot, spec: _Spec, csv_path: str | None, out: ListingBuilder) -> pa.Table:
@@ -470,18 +445,6 @@ def _named_rows(root: DatasetRoot, spec: _Spec, csv_path: str | None, out: Listi
             ids, labels = [], []
     parts.append(pa.table({"image_id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.string())}))
     return pa.concat_tables(parts)
-
-
-def _match(files: pa.Table, named: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The files with the label of the CSV row naming them (null where none does), and the CSV rows
-    without a file. Vector lookups, not a hash join: an id named twice (rare) takes the join, one row per pair."""
-    if pc.count_distinct(named["image_id"]).as_py() < named.num_rows:
-        rows = named.join(files, "image_id", join_type="full outer")
-        has_file = pc.is_valid(rows["path"])
-        return rows.filter(has_file), rows.filter(pc.invert(has_file)).select(["image_id", "label"])
-    at = pc.index_in(files["image_id"], value_set=named["image_id"])
-    rows = files.append_column("label", named["label"].take(at))
-    return rows, named.filter(pc.invert(pc.is_in(named["image_id"], value_set=files["image_id"])))
 
 
 def _missing_rows(root: DatasetRoot, missing: pa.Table, expected_dirs) -> pa.Table:
@@ -515,11 +478,11 @@ def _list_spec(root: DatasetRoot, spec: _Spec, out: ListingBuilder) -> None:
         found_any |= bool(csv_path or any(folders))  # the root itself ("") always exists: no sign of the layout
         files = _split_images(root, spec, folders)
         named = _named_rows(root, spec, csv_path, out)
-        rows, missing = _match(files, named)
+        rows, missing = match_named(files, named)
         del files, named
         mask_at = pc.index_in(rows["image_id"], value_set=masks["image_id"])
         if rows.num_rows:
-            out.add_table(_file_rows(root, rows, label=rows["label"], mask_path=masks["mask_path"].take(mask_at)))
+            out.add_table(file_rows(root.scheme, rows, label=rows["label"], mask_path=masks["mask_path"].take(mask_at)))
         if missing.num_rows:
             mask_at = pc.index_in(missing["image_id"], value_set=masks["image_id"])
             missing = missing.append_column("mask_path", masks["mask_path"].take(mask_at))
@@ -543,9 +506,9 @@ def _list_folder(root: DatasetRoot, out: ListingBuilder) -> None:
         found += files.num_rows
         image_ids = pc.replace_substring_regex(pc.utf8_slice_codeunits(files["path"], prefix), r"\.[^.]*$", "")
         files = pa.table(
-            [image_ids, files["path"], files["size"], files["mtime_ns"], files["escapes"]], names=list(_FILE_COLUMNS)
+            [image_ids, files["path"], files["size"], files["mtime_ns"], files["escapes"]], names=_FILE_COLUMNS
         )
-        out.add_table(_file_rows(root, files))
+        out.add_table(file_rows(root.scheme, files))
     if not found:
         raise LayoutError(f"no {'/'.join(IMAGE_EXTENSIONS)} images below {root.uri(root.path)}")
 

@@ -2,7 +2,8 @@
 
 camjobs.layouts decides which files and CSV rows are inputs; this module holds what it builds: rows
 gathered a few thousand at a time into record batches (never one Python object per image of the whole
-dataset), the duplicate-id rule applied on columns, and the listing sorted by image_id. Tools that want
+dataset), image files' rows and their match with a CSV's rows on columns (file_rows, match_named), the
+duplicate-id rule applied on columns, and the listing sorted by image_id. Tools that want
 Python objects (training, the label tools, tests) iterate ``DatasetListing.records``; the run takes
 ``DatasetListing.table`` as it is. Plain pyarrow: no torch, no Ray.
 """
@@ -210,3 +211,37 @@ def _fingerprints_equal(ours: pa.Table, theirs: pa.Table) -> pa.Array:
         pc.invert(etag_differs.fill_null(False)),
     )
     return same.fill_null(False)
+
+
+FOLLOW = "use --follow-symlinks to allow"
+
+
+def file_rows(scheme: str | None, files: pa.Table, **columns: pa.Array) -> pa.Table:
+    """Listing rows of image files (image_id, path, file_size, file_mtime_ns, escapes) on columns: a file
+    that escapes the root through a symlink is an invalid_path error row."""
+    paths, outside = files["path"], files["escapes"]
+    uri_prefix = "" if scheme is None else f"{scheme}://"
+    columns |= {
+        "image_id": files["image_id"],
+        "source_path": pc.binary_join_element_wise(uri_prefix, paths, ""),
+        "file_size": files["file_size"],
+        "file_mtime_ns": files["file_mtime_ns"],
+    }
+    if pc.any(outside).as_py():  # else no error columns at all: null, and no buffer of messages kept
+        nothing = pa.scalar(None, pa.string())
+        message = pc.binary_join_element_wise(paths, ": symlink outside the dataset root; " + FOLLOW, "")
+        columns["error_type"] = pc.if_else(outside, pa.scalar("invalid_path"), nothing)
+        columns["error_message"] = pc.if_else(outside, message, nothing)
+    return pa.table(columns)
+
+
+def match_named(files: pa.Table, named: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The files with the label of the CSV row naming them (null where none does), and the CSV rows
+    without a file. Vector lookups, not a hash join: an id named twice (rare) takes the join, one row per pair."""
+    if pc.count_distinct(named["image_id"]).as_py() < named.num_rows:
+        rows = named.join(files, "image_id", join_type="full outer")
+        has_file = pc.is_valid(rows["path"])
+        return rows.filter(has_file), rows.filter(pc.invert(has_file)).select(["image_id", "label"])
+    at = pc.index_in(files["image_id"], value_set=named["image_id"])
+    rows = files.append_column("label", named["label"].take(at))
+    return rows, named.filter(pc.invert(pc.is_in(named["image_id"], value_set=files["image_id"])))
