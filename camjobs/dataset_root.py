@@ -179,3 +179,14 @@ def folder_files(root: DatasetRoot, folder: str) -> Iterator[pa.RecordBatch]:
     batch = batches.flush()
     if batch is not None:
         yield batch
+
+
+def folder_names(root: DatasetRoot, path: str) -> Iterator[tuple[str, pafs.FileType]]:
+    """(name, type) of each entry of a folder, streamed where local; none where there is no such folder."""
+    if root.real_root is None:
+        yield from ((info.base_name, info.type) for info in root.listdir(path))
+    elif os.path.isdir(path):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                kind = pafs.FileType.File if entry.is_file() else pafs.FileType.Unknown
+                yield entry.name, pafs.FileType.Directory if entry.is_dir() else kind

@@ -69,7 +69,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from camjobs.config import LAYOUTS
-from camjobs.dataset_root import FILES_SCHEMA, DatasetRoot, folder_files, visible, walk_files
+from camjobs.dataset_root import FILES_SCHEMA, DatasetRoot, folder_files, folder_names, visible, walk_files
 from camjobs.errors import UsageError
 from camjobs.listing import DatasetListing, ImageRecord, ListingBuilder, file_rows, match_named
 from camjobs.storage import open_filesystem
@@ -298,7 +298,16 @@ def _stem(name: str) -> str:
 
 # --------------------------------------------------------------------------- detection
 def _top_names(root: DatasetRoot) -> dict[str, pafs.FileType]:
-    return {info.base_name: info.type for info in root.listdir(root.path) if visible(info.base_name)}
+    """The root's visible names, but of its image files only a first one and a first ISIC-named one: no
+    marker names an image, and a flat archive's million files would be a million objects here."""
+    top, images = {}, set()
+    for name, kind in filter(lambda entry: visible(entry[0]), folder_names(root, root.path)):
+        if kind == pafs.FileType.File and _is_image(name):
+            if (isic := bool(_ARCHIVE_IMAGE.fullmatch(name))) in images:
+                continue
+            images.add(isic)
+        top[name] = kind
+    return top
 
 
 def _matching_layouts(root: DatasetRoot, top: dict[str, pafs.FileType]) -> list[str]:
