@@ -366,6 +366,8 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
     pending, unopened = listing.table, 0
     if cfg.incremental:
         pending, unopened = match_done(listing.table, done_rows(cfg.output, settings), rehash=cfg.rehash)
+        # From here on only its count and layout: the columns of every listed image go before Ray starts.
+        listing = dataclasses.replace(listing, table=listing.table.select([]))
     listed = time.time()
     log.info(
         "%d inputs (%s layout), model %s (%s)%s",
