@@ -74,6 +74,13 @@ class _Batches:
             column.append(value)
         return self.flush() if len(self.columns[0]) >= BATCH_ROWS else None
 
+    def add_entry(self, root: DatasetRoot, entry: os.DirEntry, folder_escapes: bool) -> pa.RecordBatch | None:
+        """A local file from os.scandir, with the stat scandir already made."""
+        stat = entry.stat()
+        # Only a symlink or a folder outside can lead out of the root: realpath per file is costly.
+        escapes = folder_escapes or (entry.is_symlink() and root.escapes(entry.path))
+        return self.add(entry.path, stat.st_size, stat.st_mtime_ns, escapes)
+
     def flush(self) -> pa.RecordBatch | None:
         if not self.columns[0]:
             return None
@@ -142,10 +149,7 @@ def _walk_local(root: DatasetRoot) -> Iterator[pa.RecordBatch]:
                 if not visible(entry.name):
                     continue
                 if entry.is_file():
-                    stat = entry.stat()
-                    # Only a symlink or a folder outside can lead out of the root: realpath per file is costly.
-                    escapes = folder_escapes or (entry.is_symlink() and root.escapes(entry.path))
-                    batch = batches.add(entry.path, stat.st_size, stat.st_mtime_ns, escapes)
+                    batch = batches.add_entry(root, entry, folder_escapes)
                     if batch is not None:
                         yield batch
                 elif entry.is_dir():
@@ -171,9 +175,7 @@ def folder_files(root: DatasetRoot, folder: str) -> Iterator[pa.RecordBatch]:
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_file():
-                    stat = entry.stat()
-                    escapes = folder_escapes or (entry.is_symlink() and root.escapes(entry.path))
-                    batch = batches.add(entry.path, stat.st_size, stat.st_mtime_ns, escapes)
+                    batch = batches.add_entry(root, entry, folder_escapes)
                     if batch is not None:
                         yield batch
     batch = batches.flush()

@@ -403,7 +403,7 @@ def _prepare(cfg: RunConfig, run_id: str, tuning: Tuning) -> Prepared:
 
 def _build_and_write(cfg: RunConfig, prepared: Prepared, tuning: Tuning, adapt: Adapt | None) -> SinkStats:
     """The planned stages (as `adapt` changes them) over the listing, written through the sink."""
-    if prepared.plan is None or not prepared.pending.num_rows:  # nothing to write: no sink, no Ray Data
+    if prepared.plan is None:  # nothing pending (_prepare): no sink, no Ray Data
         return SinkStats()
     import ray.data
 
